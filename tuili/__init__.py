@@ -1,0 +1,22 @@
+"""tuili (推理): an LLM inference and serving engine."""
+
+import logging
+import os
+
+from tuili.config import EngineConfig
+from tuili.entry import LLM
+from tuili.errors import InvalidParameter, ModelLoadError, PromptTooLong, TuiliError
+from tuili.outputs import CompletionOutput, RequestOutput
+from tuili.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "TuiliError", "InvalidParameter", "ModelLoadError", "PromptTooLong"]
+
+_log = logging.getLogger("tuili")
+if not _log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s tuili: %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(os.environ.get("TUILI_LOG_LEVEL", "INFO").upper())
+    _log.propagate = False

@@ -1,0 +1,60 @@
+"""EngineConfig: every engine option in one place, validated once at start-up.
+
+The CLI builds its flags from these fields, so `tuili ... --flag` and `LLM(flag=...)` are one set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from tuili.errors import InvalidParameter
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EngineConfig:
+    model: str = _opt(DEFAULT_MODEL, "model alias, local GGUF file, local HF folder or hub id")
+    dtype: str = _opt("auto", "weights and activations dtype: auto (bfloat16 on GPU and on CPUs "
+                              "with bf16 units, else float32), float32, bfloat16, float16")
+    device: str = _opt("auto", "auto, cpu or cuda[:N]")
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit) to download")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the "
+                                           "model's context length, capped by the KV cache)")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float = _opt(1.0, "memory for the KV cache on CPU, in GiB")
+    num_kv_blocks: int | None = _opt(None, "exact number of KV-cache blocks (overrides the budget)")
+    max_num_seqs: int = _opt(64, "most sequences in one step")
+    max_num_batched_tokens: int = _opt(1024, "most tokens computed in one step")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
+    seed: int = _opt(0, "seed for requests that give none")
+    num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
+
+    def validate(self) -> EngineConfig:
+        def need(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise InvalidParameter(name, f"got {getattr(self, name)!r}, must be {allowed}")
+
+        need("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
+        need("device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+             "auto, cpu or cuda[:N]")
+        need("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+             "a power of two from 1 to 128")
+        need("kv_cache_memory_gb", self.kv_cache_memory_gb > 0, "> 0")
+        need("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1, ">= 1")
+        need("max_num_seqs", self.max_num_seqs >= 1, ">= 1")
+        need("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1")
+        need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")
+        need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
+        return self
+
+    @classmethod
+    def option_fields(cls):
+        """The options, for building command-line flags."""
+        return fields(cls)

@@ -1,0 +1,251 @@
+"""LLMEngine: step() = schedule -> run -> sample -> update. The only loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tuili.config import EngineConfig
+from tuili.engine.detokenizer import Detokenizer
+from tuili.engine.kv_cache import BlockPool, KVCacheManager
+from tuili.engine.request import Request, Status
+from tuili.engine.runner import ModelRunner
+from tuili.engine.sampler import Sampler, token_logprobs
+from tuili.engine.scheduler import Scheduler
+from tuili.errors import InvalidParameter, PromptTooLong
+from tuili.models import loader
+from tuili.outputs import CompletionOutput, RequestOutput
+from tuili.sampling_params import SamplingParams
+
+log = logging.getLogger("tuili")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    # On CPUs with bf16 matrix units (AMX / AVX512-BF16) bf16 halves the weight bytes per token.
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() == "AVX512" and \
+        _has_cpu_bf16() else torch.float32
+
+
+def _has_cpu_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class _Sample:
+    """One of a request's n samples: its sequence and the streaming state around it."""
+    request: Request
+    group_id: str
+    index: int
+    detok: Detokenizer
+    sent_tokens: int = 0
+
+
+class _Group:
+    """The n samples of one user request."""
+
+    def __init__(self, request_id: str, prompt: str | None, samples: list[_Sample]):
+        self.request_id, self.prompt, self.samples = request_id, prompt, samples
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config.validate()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        start = time.perf_counter()
+        loaded = loader.load(config.model, self.dtype, self.device, config.revision)
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.generation_config = loaded.generation_config
+        self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        num_blocks, self.max_model_len = self._plan_kv_cache()
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
+                                  self.max_model_len, self.dtype, self.device)
+        self.sampler = Sampler(config.seed, self.device)
+        self.groups: dict[str, _Group] = {}
+        self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
+        log.info("loaded %s (%s, %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
+                 str(self.dtype).removeprefix("torch."), self.device, time.perf_counter() - start)
+
+    def _plan_kv_cache(self) -> tuple[int, int]:
+        c, mc = self.config, self.model_config
+        per_block = c.block_size * mc.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
+        num_blocks = c.num_kv_blocks or int(c.kv_cache_memory_gb * 2**30 // per_block)
+        capacity = num_blocks * c.block_size
+        if num_blocks < 1:
+            raise InvalidParameter("kv_cache_memory_gb", f"{c.kv_cache_memory_gb} GiB holds no "
+                                   f"block of {per_block} bytes; raise it")
+        if c.max_model_len is not None and c.max_model_len > capacity:
+            raise InvalidParameter("max_model_len", f"{c.max_model_len} is more than the KV cache's "
+                                   f"{capacity} tokens; lower it or raise kv_cache_memory_gb")
+        max_len = c.max_model_len or min(mc.max_position_embeddings, capacity)
+        if not c.enable_chunked_prefill and c.max_num_batched_tokens < max_len:
+            raise InvalidParameter("max_num_batched_tokens", f"{c.max_num_batched_tokens} < "
+                                   f"max_model_len={max_len}: without chunked prefill a whole prompt "
+                                   "must fit in one step")
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
+                 num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30, max_len)
+        return num_blocks, max_len
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidParameter("prompt", "must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameter("prompt", f"token ids {bad[:5]} are outside [0, {vocab})")
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request; errors (empty or too-long prompt) are raised before anything is queued."""
+        if request_id in self.groups:
+            raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(len(ids), self.max_model_len)
+        samples = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, ids, params, self.eos_token_ids, gen)
+            samples.append(_Sample(req, request_id, i, Detokenizer(self.tokenizer, ids, params)))
+        self.groups[request_id] = _Group(request_id, prompt if isinstance(prompt, str) else None, samples)
+        for s in samples:
+            self.samples[s.request.request_id] = s
+            self.scheduler.add(s.request)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.get(request_id)
+        if group is None:
+            return
+        for s in group.samples:
+            if not s.request.is_finished:
+                self._finish(s.request, "abort")
+        self._forget(group)
+
+    def _forget(self, group: _Group) -> None:
+        del self.groups[group.request_id]
+        for s in group.samples:
+            del self.samples[s.request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that made progress."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for pl in result.prompt_logits:
+            self._add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
+        for req, n in zip(batch.requests, batch.num_new):
+            req.num_computed_tokens += n
+            self.kv.cache_computed_blocks(req)
+        if result.sample_requests:
+            tokens, logprobs = self.sampler(result.sample_logits, result.sample_requests)
+            for req, token, lp in zip(result.sample_requests, tokens, logprobs):
+                self._append_token(req, token, lp)
+        return self._collect({self.samples[req.request_id].group_id for req in batch.requests})
+
+    def _collect(self, group_ids: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for gid in sorted(group_ids, key=lambda g: self.groups[g].samples[0].request.arrival_time):
+            group = self.groups[gid]
+            outputs.append(self._output(group))
+            if group.finished:
+                self._forget(group)
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob) -> None:
+        req.token_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        p, n_out = req.params, req.num_output_tokens
+        sample = self.samples[req.request_id]
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return self._finish(req, "stop")
+            if token in p.stop_token_ids:
+                return self._finish(req, "stop", token)
+        stop = sample.detok.add(token, check_stop=n_out >= p.min_tokens)
+        if stop is not None:
+            return self._finish(req, "stop", stop)
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
+        req.finish(reason, stop_reason)
+        self.scheduler.finish(req)
+
+    def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor, first: int) -> None:
+        if not req.prompt_logprobs:
+            req.prompt_logprobs.append(None)  # the first prompt token has no context
+        targets = torch.tensor(req.token_ids[first:first + logits.shape[0]], device=logits.device)
+        req.prompt_logprobs.extend(token_logprobs(logits, targets, req.params.prompt_logprobs))
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for s in group.samples:
+            r = s.request
+            tokens = r.output_token_ids
+            outputs.append(CompletionOutput(
+                index=s.index, text=s.detok.text, token_ids=list(tokens),
+                finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+                delta_text=s.detok.take_delta(r.is_finished),
+                delta_token_ids=tokens[s.sent_tokens:]))
+            s.sent_tokens = len(tokens)
+        first = group.samples[0].request
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=group.finished,
+            prompt_logprobs=first.prompt_logprobs if first.wants_prompt_logprobs else None,
+            num_cached_tokens=first.num_cached_tokens)
+
+    @property
+    def prefix_cache_stats(self):
+        return self.pool.stats
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+
+__all__ = ["LLMEngine", "Status"]

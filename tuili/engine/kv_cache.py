@@ -1,0 +1,153 @@
+"""The paged KV cache's bookkeeping: fixed-size blocks, ref counts, and the prefix cache.
+
+A full block is identified by a chained hash: hash(parent block's hash, its tokens), so equal
+hashes mean equal whole prefixes. Freed blocks keep their hash and stay findable until they are
+reused; the free queue is in eviction order (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tuili.engine.request import Request
+
+
+def chain_hash(parent: int | None, tokens: list[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found cached
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_caching = enable_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"asked for {n} blocks with {len(self.free)} free")
+        ids = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            self._forget(block)
+            self.ref_counts[block] = 1
+            ids.append(block)
+        return ids
+
+    def release(self, ids: list[int]) -> None:
+        """Drop one reference from each block; unreferenced blocks become free (and evictable)."""
+        for block in ids:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """Blocks of the longest cached prefix of `hashes`, each with a reference taken."""
+        found = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            found.append(block)
+        return found
+
+    def register(self, block: int, h: int) -> None:
+        """Make a full block findable by its hash (first writer wins for duplicates)."""
+        if self.enable_caching and h not in self.cached:
+            self.cached[h] = block
+            self.block_hash[block] = h
+
+    def _forget(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None
+
+    def reset_prefix_cache(self) -> None:
+        for block in range(self.num_blocks):
+            if self.ref_counts[block] == 0:
+                self._forget(block)
+
+
+class KVCacheManager:
+    """Gives requests the blocks they need; the pool stays the only owner of block state."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, req: Request) -> None:
+        """Attach cached blocks of the request's prompt prefix and count them computed.
+
+        The last prompt token is always recomputed (its logits are needed), so only blocks
+        wholly before it can be hits."""
+        if not self.pool.enable_caching or req.wants_prompt_logprobs:
+            return
+        self._hash_full_blocks(req, req.num_tokens - 1)
+        blocks = self.pool.lookup(req.block_hashes[: (req.num_tokens - 1) // self.block_size])
+        req.block_ids = blocks
+        req.num_registered_blocks = len(blocks)
+        req.num_computed_tokens = len(blocks) * self.block_size
+
+    def count_admission(self, req: Request) -> None:
+        """Record a newly admitted request's prefix-cache lookup in the hit counters."""
+        self.pool.stats.queries += req.num_prompt_tokens
+        self.pool.stats.hits += req.num_computed_tokens
+        req.num_cached_tokens = req.num_computed_tokens
+
+    def allocate(self, req: Request, num_new_tokens: int) -> bool:
+        """Ensure blocks for the request's next `num_new_tokens`; False if the pool is short."""
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            req.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def free(self, req: Request) -> None:
+        # Release the tail first so that a prefix's later blocks are evicted before its head.
+        self.pool.release(list(reversed(req.block_ids)))
+        req.block_ids = []
+        req.num_computed_tokens = req.num_registered_blocks = 0
+
+    def cache_computed_blocks(self, req: Request) -> None:
+        """Register the request's newly filled blocks in the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        full = req.num_computed_tokens // self.block_size
+        self._hash_full_blocks(req, req.num_computed_tokens)
+        for i in range(req.num_registered_blocks, full):
+            self.pool.register(req.block_ids[i], req.block_hashes[i])
+        req.num_registered_blocks = max(req.num_registered_blocks, full)
+
+    def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:
+        bs = self.block_size
+        for i in range(len(req.block_hashes), num_tokens // bs):
+            parent = req.block_hashes[i - 1] if i else None
+            req.block_hashes.append(chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs]))
+

@@ -1,0 +1,92 @@
+"""ModelRunner: a scheduled Batch -> flat device tensors -> model -> logits of the rows that need them.
+
+It owns the device tensors: the per-layer KV cache and the rotary tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tuili.engine.request import Request
+from tuili.engine.scheduler import Batch
+from tuili.layers.attention import AttentionMetadata
+from tuili.layers.rotary import RotaryEmbedding
+from tuili.models.config import ModelConfig
+
+
+@dataclass
+class PromptLogits:
+    request: Request
+    logits: torch.Tensor  # [m, vocab]: row j predicts prompt token first_target + j
+    first_target: int
+
+
+@dataclass
+class StepOutput:
+    sample_requests: list[Request] = field(default_factory=list)
+    sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab]
+    prompt_logits: list[PromptLogits] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
+                 block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.block_size = block_size
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = []
+        for attn in model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.kv_caches.append((attn.k_cache, attn.v_cache))
+        self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
+                                    config.rope_scaling, dtype, device)
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> StepOutput:
+        ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
+        out = StepOutput()
+        sample_rows, prompt_rows = [], []
+        bs, row = self.block_size, 0
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            ids.extend(req.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = req.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            tables.append(table)
+            seq_lens.append(end)
+            if i >= batch.num_decodes:
+                prefills.append((row, n, start))
+            if end == req.num_tokens:
+                sample_rows.append(row + n - 1)
+                out.sample_requests.append(req)
+            if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
+                m = min(end, req.num_prompt_tokens - 1) - start
+                prompt_rows.append((req, row, m, start + 1))
+            row += n
+
+        dev = self.device
+        width = max(len(t) for t in tables)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        cos, sin = self.rope.lookup(pos)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            cos=cos, sin=sin,
+            num_decodes=batch.num_decodes,
+            max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
+            prefills=prefills,
+        )
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), meta)
+        if sample_rows:
+            rows = torch.tensor(sample_rows, device=dev)
+            out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
+        for req, start, m, first in prompt_rows:
+            logits = self.model.logits(hidden[start:start + m]).float()
+            out.prompt_logits.append(PromptLogits(req, logits, first))
+        return out

@@ -1,0 +1,28 @@
+"""Errors a user can act on: each names the bad value and what to change."""
+
+
+class TuiliError(Exception):
+    """Base class for tuili's user-facing errors."""
+
+
+class InvalidParameter(TuiliError, ValueError):
+    """A request or configuration value is out of its allowed range."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class ModelLoadError(TuiliError):
+    """A model could not be found, read or understood."""
+
+
+class PromptTooLong(InvalidParameter):
+    def __init__(self, num_tokens: int, max_model_len: int):
+        super().__init__(
+            "prompt",
+            f"the prompt has {num_tokens} tokens, more than max_model_len={max_model_len}; "
+            "shorten it or raise --max-model-len",
+        )
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len

@@ -1,0 +1,67 @@
+"""Plain-torch paged attention and KV-cache store: the CPU path and the GPU kernels' oracle.
+
+Cache layout, per layer: k_cache and v_cache of shape [num_blocks, block_size, kv_heads, head_dim].
+Token t of a sequence lives in block block_table[t // block_size], row t % block_size; the flat
+slot of that row is block_id * block_size + t % block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v ([tokens, kv_heads, head_dim]) into their cache slots."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached rows as [length, kv_heads, head_dim]."""
+    bs = cache.shape[1]
+    blocks = cache.index_select(0, block_table[: (length + bs - 1) // bs])
+    return blocks.flatten(0, 1)[:length]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence. q: [B, heads, d] -> [B, heads, d]."""
+    B, bs = q.shape[0], k_cache.shape[1]
+    nblocks = (max_len + bs - 1) // bs
+    table = block_tables[:, :nblocks]
+    k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, kvh, L, d]
+    v = v_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    mask = None
+    if B > 1:
+        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])
+        mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out.squeeze(2)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                      scale: float) -> torch.Tensor:
+    """Causal attention for one sequence's new tokens q/k/v ([n, heads, d]) that follow
+    `context_len` tokens already in the cache. Returns [n, heads, d]."""
+    n = q.shape[0]
+    if context_len == 0:
+        keys, values, causal, mask = k, v, True, None
+    else:
+        total = context_len + n
+        keys = gather_kv(k_cache, block_table, total)
+        values = gather_kv(v_cache, block_table, total)
+        # Query i sits at position context_len + i and sees keys 0 .. context_len + i.
+        q_pos = torch.arange(context_len, total, device=q.device)[:, None]
+        mask = torch.arange(total, device=q.device)[None, :] <= q_pos
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,57 @@
+"""Attention over the paged KV cache: store this step's K/V, then attend.
+
+The model sees only flat tokens plus an AttentionMetadata; the runner builds one per step.
+Rows are ordered decodes first (one token each), then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuili.kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot of each new token
+    block_tables: torch.Tensor  # [seqs, max_blocks] padded with 0
+    seq_lens: torch.Tensor  # [seqs] cached + new tokens after this step
+    cos: torch.Tensor  # [tokens, 1, head_dim]
+    sin: torch.Tensor
+    num_decodes: int  # the first num_decodes sequences have one new token each
+    max_decode_len: int
+    # Per prefill sequence (python ints, no device syncs): first row, new tokens, cached tokens.
+    prefills: list[tuple[int, int, int]]
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None  # bound by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] -> [tokens, heads * d]."""
+        reference.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        if not meta.prefills:
+            out = reference.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                             meta.seq_lens, meta.max_decode_len, self.scale)
+            return out.flatten(1)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = reference.decode_attention(
+                q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                meta.max_decode_len, self.scale)
+        for i, (start, n, cached) in enumerate(meta.prefills):
+            rows = slice(start, start + n)
+            out[rows] = reference.prefill_attention(
+                q[rows], k[rows], v[rows], self.k_cache, self.v_cache,
+                meta.block_tables[nd + i], cached, self.scale)
+        return out.flatten(1)

@@ -1,0 +1,230 @@
+"""GGUF files: metadata -> ModelConfig, vocabulary -> Tokenizer, tensors -> HF-named torch tensors.
+
+The `gguf` package parses the file and dequantizes blocks; this module maps llama.cpp's names and
+conventions onto HF's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from tuili.errors import ModelLoadError
+from tuili.models.config import ModelConfig
+from tuili.models.tokenizer import Tokenizer
+
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# GGUF architecture -> HF class name
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Pre-tokenizer split patterns by llama.cpp's tokenizer.ggml.pre name.
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class GGUFModel:
+    """An opened GGUF file. Reading is lazy: tensors are dequantized as they are iterated."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        self._check_complete()
+        self.arch = self._get("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: architecture {self.arch!r} is not supported; supported GGUF "
+                f"architectures: {', '.join(ARCHITECTURES)}")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _check_complete(self) -> None:
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            end = t.data_offset + t.n_bytes
+            if end > size:
+                raise ModelLoadError(f"{self.path}: truncated: tensor {t.name!r} ends at byte {end} "
+                                     f"but the file has {size} bytes; download it again")
+
+    def _get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def config(self) -> ModelConfig:
+        a = self.arch
+        get = lambda k, d=None: self._get(f"{a}.{k}", d)  # noqa: E731
+        heads = get("attention.head_count")
+        hidden = get("embedding_length")
+        tokens = self._get("tokenizer.ggml.tokens") or []
+        eos = self._get("tokenizer.ggml.eos_token_id")
+        scaling = None
+        if "rope_freqs.weight" in self.tensors:
+            scaling = {"rope_type": "factors", "factors": self._tensor("rope_freqs.weight")}
+        elif get("rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+        return ModelConfig(
+            architecture=ARCHITECTURES[a],
+            vocab_size=get("vocab_size") or len(tokens),
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_layers=get("block_count"),
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv") or heads,
+            head_dim=get("attention.key_length") or hidden // heads,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=get("rope.freq_base", 10000.0),
+            rope_scaling=scaling,
+            max_position_embeddings=get("context_length", 4096),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            attention_bias="blk.0.attn_q.bias" in self.tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
+            bos_token_id=self._get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=[eos] if eos is not None else [],
+        )
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which tuili cannot "
+                f"read; supported: {', '.join(q.name for q in SUPPORTED_TYPES)}")
+        data = np.asarray(t.data)
+        if t.tensor_type in (Q.F32, Q.F16):
+            array = data.astype(np.float32)
+        else:
+            array = dequantize(data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        return torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named float32 tensors, q/k rows put back in HF's rotate-half order."""
+        c = self.config()
+        for name in self.tensors:
+            hf_name = _hf_name(name)
+            if hf_name is None:
+                continue
+            tensor = self._tensor(name)
+            # llama.cpp's converter interleaves q/k rows for its rope; llama-arch files only.
+            if self.arch in ("llama", "mistral") and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
+                tensor = unpermute_rope_rows(tensor, heads)
+            yield hf_name, tensor
+
+    def tokenizer(self) -> Tokenizer:
+        kind = self._get("tokenizer.ggml.model")
+        tokens = self._get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelLoadError(f"{self.path}: no tokenizer in the file")
+        types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "gpt2":
+            backend = _byte_level_bpe(tokens, self._get("tokenizer.ggml.merges") or [],
+                                      self._get("tokenizer.ggml.pre", "default"))
+            default_bos = False
+        elif kind == "llama":
+            backend = _sentencepiece_bpe(tokens, self._get("tokenizer.ggml.scores"), types,
+                                         self._get("tokenizer.ggml.add_space_prefix", True))
+            default_bos = True
+        else:
+            raise ModelLoadError(f"{self.path}: tokenizer model {kind!r} is not supported "
+                                 "(supported: gpt2-style BPE, llama/SentencePiece)")
+        # Control (3) tokens are special; user-defined (4) ones are matched whole but kept in text.
+        backend.add_tokens([AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+                            for i in range(len(tokens)) if types[i] in (3, 4)])
+        bos_id = self._get("tokenizer.ggml.bos_token_id")
+        eos_id = self._get("tokenizer.ggml.eos_token_id")
+        bos = tokens[bos_id] if bos_id is not None else None
+        if self._get("tokenizer.ggml.add_bos_token", default_bos) and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        return Tokenizer(backend, bos_token=bos, eos_token=tokens[eos_id] if eos_id is not None else None,
+                         chat_template=self._get("tokenizer.chat_template"))
+
+
+def unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: per head, rows (0, d/2, 1, d/2+1, ...) -> (0, 1, ..., d-1)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str) -> str | None:
+    base, _, kind = name.rpartition(".")
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    parts = base.split(".")
+    if parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{kind}"
+    return None  # rope_freqs and the like are read into the config instead
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    llama3 = pre in ("llama3", "llama-bpe", "llama-v3")
+    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=llama3))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if llama3 or pre in ("qwen2", "deepseek-r1-qwen"):
+        pattern = _LLAMA3_PATTERN if llama3 else _QWEN2_PATTERN
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    else:
+        gpt2 = pre_tokenizers.Split(Regex(_GPT2_PATTERN), behavior="isolated")
+        steps = [gpt2, byte_level]
+        if pre == "smollm":  # digits one at a time, then GPT-2's split
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(tokens: list[str], scores, types: list[int], add_space_prefix: bool) -> HFTokenizer:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores = scores if scores is not None else [0.0] * len(tokens)
+    # SentencePiece BPE keeps no merge list: rebuild it, ranking each merge by the merged piece's score.
+    merges = []
+    for piece, piece_id in vocab.items():
+        if types[piece_id] != 1:
+            continue
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                merges.append((scores[piece_id], piece_id, left, right))
+    merges.sort(key=lambda m: (-m[0], m[1]))
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    tok = HFTokenizer(models.BPE(vocab, [(m[2], m[3]) for m in merges], unk_token=unk,
+                                 byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if add_space_prefix:
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    decode_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(decode_steps)
+    return tok

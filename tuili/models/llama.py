@@ -1,0 +1,131 @@
+"""The Llama family: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+
+Checkpoint names follow HF transformers; q/k/v and gate/up load into merged projections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuili.layers.activation import silu_and_mul
+from tuili.layers.attention import Attention, AttentionMetadata
+from tuili.layers.linear import Linear
+from tuili.layers.norm import RMSNorm
+from tuili.layers.rotary import apply_rotary
+from tuili.models.config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv_proj = Linear(c.hidden_size, [self.nh * self.d, self.nkv * self.d, self.nkv * self.d],
+                               bias=c.attention_bias)
+        self.o_proj = Linear(self.nh * self.d, c.hidden_size)
+        self.q_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
+        self.attn = Attention(self.nh, self.nkv, self.d)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x).view(t, self.nh + 2 * self.nkv, self.d)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, meta.cos, meta.sin)
+        k = apply_rotary(k, meta.cos, meta.sin)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = Linear(c.hidden_size, [c.intermediate_size, c.intermediate_size])
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(c)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name -> (our module path, part index of the merged layer)
+    MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [tokens, hidden] after the final norm."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; every parameter (each part of a merged one) must be filled."""
+        params = dict(self.named_parameters())
+        expected = set()
+        for name in params:
+            owner = self.get_submodule(name.rpartition(".")[0])
+            parts = len(owner.out_sizes) if isinstance(owner, Linear) else 1
+            expected |= {f"{name}#{p}" for p in range(parts)}
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            module_name, _, kind = name.rpartition(".")
+            owner, _, leaf = module_name.rpartition(".")
+            if leaf in self.MERGED:
+                merged, part = self.MERGED[leaf]
+                target = f"{owner}.{merged}.{kind}"
+                self.get_submodule(f"{owner}.{merged}").load(kind, tensor, part)
+            else:
+                target, part = name, 0
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                if params[target].shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected "
+                                     f"{tuple(params[target].shape)}")
+                params[target].data.copy_(tensor)
+            loaded.add(f"{target}#{part}")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise KeyError("checkpoint lacks tensors: " + ", ".join(m.split("#")[0] for m in missing[:8]))

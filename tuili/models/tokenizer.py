@@ -1,0 +1,104 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus the special tokens and chat template around it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from tuili.errors import ModelLoadError
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
+                 chat_template: str | None, add_bos: bool = False):
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template = chat_template
+        self.add_bos = add_bos  # prepend BOS when the backend's post-processor does not
+        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Tokenizer:
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelLoadError(f"{folder}: no tokenizer.json (tuili reads fast-tokenizer files)")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a readable tokenizer.json ({e})") from e
+        cfg = _read_json(folder / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").exists():
+            template = _read_json(folder / "chat_template.json").get("chat_template")
+        if isinstance(template, list):  # named templates: take the default
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        encoded = backend.encode("a", add_special_tokens=True).ids
+        bos = _token_str(cfg.get("bos_token"))
+        bos_id = backend.token_to_id(bos) if bos else None
+        add_bos = bool(cfg.get("add_bos_token")) and bos_id is not None and encoded[:1] != [bos_id]
+        return cls(backend, bos_token=bos, eos_token=_token_str(cfg.get("eos_token")),
+                   chat_template=template, add_bos=add_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """Render messages the way HF transformers does (the template adds BOS if it wants one)."""
+        return self._template.render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _token_str(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
