@@ -6,6 +6,7 @@ conventions onto HF's.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,17 @@ _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Open a GGUF file, reusing an earlier parse of the same unchanged file in this process."""
+    st = Path(path).stat()
+    return _open_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFModel:
+    return GGUFModel(path)
 
 
 class GGUFModel:

@@ -13,6 +13,7 @@ from torch import nn
 
 from tuili.layers.activation import silu_and_mul
 from tuili.layers.attention import Attention, AttentionMetadata
+from tuili.layers.embedding import Embedding
 from tuili.layers.linear import Linear
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import apply_rotary
@@ -77,8 +78,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.config = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)

@@ -13,7 +13,7 @@ import torch
 
 from tuili.errors import ModelLoadError
 from tuili.models.config import ModelConfig
-from tuili.models.gguf_file import GGUFModel
+from tuili.models.gguf_file import open_gguf
 from tuili.models.registry import model_class
 from tuili.models.tokenizer import Tokenizer
 
@@ -77,12 +77,10 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     if path.is_dir():
         config, weights, tokenizer, gen = _open_folder(path)
     else:
-        gguf = GGUFModel(path)
+        gguf = open_gguf(path)
         config, weights, tokenizer, gen = gguf.config(), gguf.weights(), gguf.tokenizer(), {}
     cls = model_class(config.architecture, source=str(path))
-    with torch.device("meta"):
-        model = cls(config)
-    model = model.to_empty(device="cpu").to(dtype=torch.float32)
+    model = cls(config)
     try:
         model.load_weights(weights)
     except (KeyError, ValueError) as e:

@@ -1,0 +1,3 @@
+from tuili.cli import main
+
+main()
