@@ -79,6 +79,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(engine_options(args), sampling_params(args), system=args.system)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from tuili.models.export import export_hf_folder
+    from tuili.models.loader import resolve
+
+    path = resolve(args.model)
+    print(export_hf_folder(path, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuili", description="tuili (推理): LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(chat)
     add_sampling_options(chat, max_tokens=512, temperature=0.7, top_p=0.9)
     chat.set_defaults(func=cmd_chat)
+
+    export = sub.add_parser("export", help="write a GGUF model out as an HF folder (safetensors)")
+    export.add_argument("model", help="GGUF file or alias")
+    export.add_argument("out", help="folder to write")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
