@@ -71,7 +71,9 @@ class LLM:
              *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Render each conversation with the model's chat template, then generate."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not messages:
+            raise InvalidParameter("messages", "give at least one message")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = [self.render_chat(c, tools=tools, add_generation_prompt=add_generation_prompt,
                                     **(chat_template_kwargs or {})) for c in conversations]
         return self.generate(prompts, params)
