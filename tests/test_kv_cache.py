@@ -1,0 +1,70 @@
+"""BlockPool and KVCacheManager bookkeeping."""
+
+from tuili.engine.kv_cache import BlockPool, KVCacheManager, chain_hash
+from tuili.engine.request import Request
+from tuili.sampling_params import SamplingParams
+
+
+def request(tokens, rid="r"):
+    return Request(rid, tokens, SamplingParams(), frozenset())
+
+
+def test_allocate_release_and_ref_counts():
+    pool = BlockPool(4, 2)
+    a = pool.allocate(3)
+    assert pool.num_free == 1 and all(pool.ref_counts[b] == 1 for b in a)
+    pool.release(a)
+    assert pool.num_free == 4 and pool.usage == 0.0
+
+
+def test_chained_hash_depends_on_the_whole_prefix():
+    h1 = chain_hash(None, [1, 2])
+    assert chain_hash(h1, [3, 4]) != chain_hash(chain_hash(None, [9, 9]), [3, 4])
+    assert chain_hash(h1, [3, 4]) == chain_hash(chain_hash(None, [1, 2]), [3, 4])
+
+
+def test_prefix_hit_shares_blocks_and_leaves_last_token():
+    kv = KVCacheManager(BlockPool(8, 2))
+    first = request([1, 2, 3, 4, 5])
+    kv.match_prefix(first)
+    assert first.num_computed_tokens == 0
+    assert kv.allocate(first, 5)
+    first.num_computed_tokens = 5
+    kv.cache_computed_blocks(first)
+    second = request([1, 2, 3, 4, 5], "s")
+    kv.match_prefix(second)
+    # Blocks [1,2] and [3,4] hit; token 5 must be recomputed for its logits.
+    assert second.block_ids == first.block_ids[:2] and second.num_computed_tokens == 4
+    assert kv.pool.ref_counts[first.block_ids[0]] == 2
+    whole_blocks = request([1, 2, 3, 4], "t")
+    kv.match_prefix(whole_blocks)
+    assert whole_blocks.num_computed_tokens == 2  # the block holding the last token is recomputed
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    kv = KVCacheManager(BlockPool(3, 2))
+    a = request([1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_computed_blocks(a)
+    blocks = list(a.block_ids)
+    kv.free(a)
+    assert kv.pool.num_free == 3
+    b = request([1, 2, 3, 4, 9], "b")
+    kv.match_prefix(b)
+    assert b.block_ids == blocks[:2]
+    kv.free(b)
+    # Eviction order: the tail block (freed first) goes before the prefix's head.
+    c = request([7, 7, 7], "c")
+    kv.allocate(c, 3)
+    assert blocks[0] not in c.block_ids
+    d = request([1, 2, 3, 4, 9], "d")
+    kv.match_prefix(d)
+    assert d.block_ids == [blocks[0]]  # head survived, the evicted second block did not
+
+
+def test_allocate_refuses_when_short():
+    kv = KVCacheManager(BlockPool(2, 4))
+    r = request(list(range(12)))
+    assert not kv.allocate(r, 12)
+    assert r.block_ids == [] and kv.pool.num_free == 2
