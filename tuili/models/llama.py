@@ -8,13 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tuili.layers.activation import silu_and_mul
 from tuili.layers.attention import Attention, AttentionMetadata
 from tuili.layers.embedding import Embedding
-from tuili.layers.linear import Linear
+from tuili.layers.linear import Linear, linear
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import apply_rotary
 from tuili.models.config import ModelConfig
@@ -34,11 +33,15 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nh + 2 * self.nkv, self.d)
-        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, meta.cos, meta.sin)
-        k = apply_rotary(k, meta.cos, meta.sin)
+        if self.q_norm is None:
+            # q and k sit side by side in the merged output: rotate both in one pass.
+            qk = apply_rotary(qkv[:, : self.nh + self.nkv], meta.cos, meta.sin)
+            q, k = qk.split([self.nh, self.nkv], dim=1)
+        else:
+            q, k = qkv[:, : self.nh], qkv[:, self.nh: self.nh + self.nkv]
+            q = apply_rotary(self.q_norm(q), meta.cos, meta.sin)
+            k = apply_rotary(self.k_norm(k), meta.cos, meta.sin)
+        v = qkv[:, self.nh + self.nkv:]
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -93,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
