@@ -164,3 +164,14 @@ def test_bad_parameter_rejected_with_its_name(name, value):
 def test_min_tokens_above_max_tokens_rejected():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=10, max_tokens=5)
+
+
+def test_abandoned_stream_frees_its_blocks(llm):
+    pool = llm.engine.pool
+    stream = llm.stream("Tell me a long story.", SamplingParams(temperature=0, max_tokens=100))
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert not llm.engine.has_unfinished_requests()
+    assert all(count == 0 for count in pool.ref_counts)

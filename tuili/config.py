@@ -11,6 +11,7 @@ from tuili.errors import InvalidParameter
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "int4")
 
 
 def _opt(default, help: str):
@@ -23,6 +24,9 @@ class EngineConfig:
     dtype: str = _opt("auto", "weights and activations dtype: auto (bfloat16 on GPU and on CPUs "
                               "with bf16 units, else float32), float32, bfloat16, float16")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
+    quantization: str = _opt("auto", "auto: keep a GGUF file's 4-bit weights packed when running "
+                                     "bfloat16 on CPU (int4 kernels), else dequantize; none: "
+                                     "dequantize every weight to dtype; int4: require packing")
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) to download")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the "
                                            "model's context length, capped by the KV cache)")
@@ -42,6 +46,7 @@ class EngineConfig:
                 raise InvalidParameter(name, f"got {getattr(self, name)!r}, must be {allowed}")
 
         need("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
+        need("quantization", self.quantization in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
         need("device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              "auto, cpu or cuda[:N]")
         need("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),

@@ -36,9 +36,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16
-    # On CPUs with bf16 matrix units (AMX / AVX512-BF16) bf16 halves the weight bytes per token.
-    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() == "AVX512" and \
-        _has_cpu_bf16() else torch.float32
+    # On CPUs with bf16 units (AMX / AVX512-BF16) bf16 halves the weight bytes per token and
+    # batches run about twice as fast; elsewhere bf16 is emulated and slower than float32.
+    return torch.bfloat16 if _has_cpu_bf16() else torch.float32
 
 
 def _has_cpu_bf16() -> bool:
@@ -78,7 +78,8 @@ class LLMEngine:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
-        loaded = loader.load(config.model, self.dtype, self.device, config.revision)
+        loaded = loader.load(config.model, self.dtype, self.device, config.revision,
+                             config.quantization)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
@@ -91,8 +92,10 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
-        log.info("loaded %s (%s, %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
-                 str(self.dtype).removeprefix("torch."), self.device, time.perf_counter() - start)
+        weights = "int4 weights" if loaded.quantization == "int4" else "weights"
+        log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
+                 str(self.dtype).removeprefix("torch."), weights, self.device,
+                 time.perf_counter() - start)
 
     def _plan_kv_cache(self) -> tuple[int, int]:
         c, mc = self.config, self.model_config

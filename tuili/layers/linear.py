@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.layers.int4 import Int4Weight, int4_linear, pack
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias). One row of 16-bit floats on CPU goes through matrix-vector: oneDNN's
@@ -17,24 +19,57 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
+    """y = x W^T (+ b). When every part arrives as Int4Weight the layer also keeps W packed in 4 bits:
+    torch's int4 CPU kernel reads a quarter of the bytes but does not reuse them across rows, so it
+    serves up to INT4_MAX_ROWS rows (decode) and the float weight serves the rest (prefill, batches)."""
+
+    INT4_MAX_ROWS = 4
+
     def __init__(self, in_features: int, out_sizes: int | list[int], bias: bool = False):
         super().__init__()
         self.out_sizes = [out_sizes] if isinstance(out_sizes, int) else list(out_sizes)
         out = sum(self.out_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self._int4_parts: dict[int, Int4Weight] = {}
+        self.packed: torch.Tensor | None = None  # int4 weight, when packed
+        self.scales_zeros: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
+            out = int4_linear(x, self.packed, self.scales_zeros)
+            return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias)
 
-    def load(self, name: str, tensor: torch.Tensor, part: int = 0) -> None:
+    def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""
         target = self.weight if name == "weight" else self.bias
-        start = sum(self.out_sizes[:part])
         rows = self.out_sizes[part]
         if tensor.shape[0] != rows or tensor.shape[1:] != target.shape[1:]:
             raise ValueError(
                 f"shape {tuple(tensor.shape)} does not fit part {part} of a layer "
                 f"{tuple(target.shape)} split {self.out_sizes}"
             )
+        if isinstance(tensor, Int4Weight):
+            self._int4_parts[part] = tensor
+            return
+        start = sum(self.out_sizes[:part])
         target.data[start:start + rows].copy_(tensor)
+
+    def finalize(self) -> None:
+        """After loading: pack the 4-bit parts if all parts are 4-bit, else dequantize them."""
+        parts = self._int4_parts
+        self._int4_parts = {}
+        if parts and len(parts) == len(self.out_sizes):
+            self.packed, self.scales_zeros = pack(Int4Weight.cat([parts[i] for i in sorted(parts)]))
+        for part, w in parts.items():
+            start = sum(self.out_sizes[:part])
+            self.weight.data[start:start + self.out_sizes[part]].copy_(w.dequantize())
+
+    def _apply(self, fn, recurse=True):
+        # Packed int4 tensors are bytes, not floats: keep them out of .to(dtype).
+        packed, sz = self.packed, self.scales_zeros
+        self.packed = self.scales_zeros = None
+        result = super()._apply(fn, recurse)
+        self.packed, self.scales_zeros = packed, sz
+        return result

@@ -20,11 +20,14 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from tuili.errors import ModelLoadError
+from tuili.layers.int4 import Int4Weight
 from tuili.models.config import ModelConfig
 from tuili.models.tokenizer import Tokenizer
 
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 # GGUF architecture -> HF class name
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -135,18 +138,29 @@ class GGUFModel:
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         return torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named float32 tensors, q/k rows put back in HF's rotate-half order."""
+    def has_int4_weights(self) -> bool:
+        return any(t.tensor_type in INT4_TYPES for t in self.reader.tensors)
+
+    def weights(self, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+        """HF-named tensors, q/k rows put back in HF's rotate-half order. Float32, except that
+        with int4=True the 4-bit linear weights stay packed as Int4Weight."""
         c = self.config()
         for name in self.tensors:
             hf_name = _hf_name(name)
             if hf_name is None:
                 continue
-            tensor = self._tensor(name)
+            t = self.tensors[name]
+            if int4 and t.tensor_type in INT4_TYPES and name.startswith("blk."):
+                tensor = unpack_q4(np.asarray(t.data), t.tensor_type)
+            else:
+                tensor = self._tensor(name)
             # llama.cpp's converter interleaves q/k rows for its rope; llama-arch files only.
             if self.arch in ("llama", "mistral") and name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
-                tensor = unpermute_rope_rows(tensor, heads)
+                if isinstance(tensor, Int4Weight):
+                    tensor = tensor.permute_rows(lambda x: unpermute_rope_rows(x, heads))
+                else:
+                    tensor = unpermute_rope_rows(tensor, heads)
             yield hf_name, tensor
 
     def tokenizer(self) -> Tokenizer:
@@ -177,6 +191,39 @@ class GGUFModel:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
         return Tokenizer(backend, bos_token=bos, eos_token=tokens[eos_id] if eos_id is not None else None,
                          chat_template=self._get("tokenizer.chat_template"))
+
+
+def unpack_q4(data: np.ndarray, qtype: Q) -> Int4Weight:
+    """GGUF 4-bit blocks ([rows, bytes]) -> q, scale, zero per 32 values: w = (q - 8)*scale + zero."""
+    rows = data.shape[0]
+    f16 = lambda b: b.copy().view(np.float16).astype(np.float32)  # noqa: E731
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        blocks = data.reshape(rows, -1, 18 if qtype == Q.Q4_0 else 20)
+        d = f16(blocks[..., 0:2])
+        qs = blocks[..., 2:18] if qtype == Q.Q4_0 else blocks[..., 4:20]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # low nibbles hold values 0-15
+        zero = np.zeros_like(d) if qtype == Q.Q4_0 else f16(blocks[..., 2:4]) + 8 * d
+        scale = d
+    elif qtype == Q.Q4_K:
+        blocks = data.reshape(rows, -1, 144)
+        d, dmin = f16(blocks[..., 0:2])[..., None], f16(blocks[..., 2:4])[..., None]
+        sc, mn = _q4k_scales(blocks[..., 4:16].astype(np.int32))
+        qs = blocks[..., 16:144].reshape(rows, -1, 4, 32)
+        # Each 32-byte chunk holds two sub-blocks: low nibbles, then high nibbles.
+        q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, -1, 8, 32)
+        scale = d * sc
+        zero = 8 * scale - dmin * mn
+    else:
+        raise ValueError(f"{qtype.name} is not a 4-bit block type")
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
+    return Int4Weight(to(q.astype(np.int32)), to(scale.astype(np.float32)), to(zero.astype(np.float32)))
+
+
+def _q4k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins, each [..., 8, 1]."""
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc[..., None].astype(np.float32), mn[..., None].astype(np.float32)
 
 
 def unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -118,12 +118,16 @@ class LlamaForCausalLM(nn.Module):
             owner, _, leaf = module_name.rpartition(".")
             if leaf in self.MERGED:
                 merged, part = self.MERGED[leaf]
-                target = f"{owner}.{merged}.{kind}"
-                self.get_submodule(f"{owner}.{merged}").load(kind, tensor, part)
+                module_name = f"{owner}.{merged}"
             else:
-                target, part = name, 0
-                if target not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                part = 0
+            target = f"{module_name}.{kind}"
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            module = self.get_submodule(module_name)
+            if isinstance(module, Linear):
+                module.load(kind, tensor, part)
+            else:
                 if params[target].shape != tensor.shape:
                     raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected "
                                      f"{tuple(params[target].shape)}")
@@ -132,3 +136,6 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise KeyError("checkpoint lacks tensors: " + ", ".join(m.split("#")[0] for m in missing[:8]))
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tuili.errors import ModelLoadError
+from tuili.errors import InvalidParameter, ModelLoadError
+from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
 from tuili.models.gguf_file import open_gguf
 from tuili.models.registry import model_class
@@ -34,6 +35,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     generation_config: dict = field(default_factory=dict)
     source: str = ""
+    quantization: str = "none"
 
 
 def resolve(name: str, revision: str | None = None) -> Path:
@@ -72,15 +74,26 @@ def _download(repo_id: str, revision: str | None) -> Path:
             f"model elsewhere and pass its local folder: --model /path/to/folder") from e
 
 
-def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None) -> LoadedModel:
+def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None,
+         quantization: str = "none") -> LoadedModel:
     path = resolve(name, revision)
+    int4 = False
     if path.is_dir():
+        if quantization == "int4":
+            raise InvalidParameter("quantization", "int4 keeps a GGUF file's 4-bit blocks packed; "
+                                   f"{path} is an HF folder of float weights")
         config, weights, tokenizer, gen = _open_folder(path)
     else:
         gguf = open_gguf(path)
-        config, weights, tokenizer, gen = gguf.config(), gguf.weights(), gguf.tokenizer(), {}
+        int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
+        config, weights, tokenizer, gen = gguf.config(), gguf.weights(int4), gguf.tokenizer(), {}
     cls = model_class(config.architecture, source=str(path))
-    model = cls(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype != torch.float16 else torch.float32)
+    try:
+        model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
     try:
         model.load_weights(weights)
     except (KeyError, ValueError) as e:
@@ -92,7 +105,17 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
         if token not in config.eos_token_ids:
             config.eos_token_ids.append(token)
-    return LoadedModel(model, config, tokenizer, gen, str(path))
+    return LoadedModel(model, config, tokenizer, gen, str(path), "int4" if int4 else "none")
+
+
+def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
+    if quantization == "none":
+        return False
+    ok = device.type == "cpu" and dtype == torch.bfloat16 and int4_supported()
+    if quantization == "int4" and not ok:
+        raise InvalidParameter("quantization", "int4 runs on CPU with dtype bfloat16 (this torch "
+                               "build or device/dtype has no int4 kernel); use quantization=none")
+    return ok
 
 
 def _open_folder(folder: Path):
