@@ -132,7 +132,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Queue a request; errors (empty or too-long prompt) are raised before anything is queued."""
-        if request_id in self.groups:
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if request_id in self.groups or any(c in self.samples for c in child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         if not ids:
@@ -140,10 +141,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(len(ids), self.max_model_len)
         samples = []
-        for i in range(params.n):
+        for i, child_id in enumerate(child_ids):
             seed = None if params.seed is None else params.seed + i
             gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, ids, params, self.eos_token_ids, gen)
             samples.append(_Sample(req, request_id, i, Detokenizer(self.tokenizer, ids, params)))
         self.groups[request_id] = _Group(request_id, prompt if isinstance(prompt, str) else None, samples)
