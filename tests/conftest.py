@@ -68,3 +68,11 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 @pytest.fixture(scope="session")
 def hf_reference(hf_model, prompts) -> list[list[int]]:
     return [hf_greedy(hf_model, p, 32) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory, gguf_path):
+    """The GGUF model written out as an HF folder (safetensors, tokenizer.json, ...)."""
+    from tuili.models.export import export_hf_folder
+
+    return export_hf_folder(gguf_path, tmp_path_factory.mktemp("hf") / "smollm2")

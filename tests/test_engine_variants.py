@@ -4,7 +4,6 @@ prefill, block sizes, and the HF-folder load path."""
 import pytest
 
 from tuili import LLM, SamplingParams
-from tuili.models.export import export_hf_folder
 
 from .conftest import MODEL
 
@@ -64,8 +63,8 @@ def test_block_sizes(block_size, prompts, hf_reference):
     assert tokens(llm.generate(prompts, GREEDY_32)) == hf_reference
 
 
-def test_hf_folder_path_equals_gguf_path(tmp_path, gguf_path, llm, prompts):
-    folder = export_hf_folder(gguf_path, tmp_path / "smollm2")
+def test_hf_folder_path_equals_gguf_path(smollm2_folder, llm, prompts):
+    folder = smollm2_folder
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors",
                                                   "tokenizer.json", "tokenizer_config.json"}
     from_folder = LLM(str(folder), dtype="float32")
