@@ -14,7 +14,6 @@ import torch
 from tuili.errors import InvalidParameter, ModelLoadError
 from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
-from tuili.models.gguf_file import open_gguf
 from tuili.models.registry import model_class
 from tuili.models.tokenizer import Tokenizer
 
@@ -84,6 +83,8 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
                                    f"{path} is an HF folder of float weights")
         config, weights, tokenizer, gen = _open_folder(path)
     else:
+        from tuili.models.gguf_file import open_gguf  # the gguf package only when a GGUF is read
+
         gguf = open_gguf(path)
         int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
         config, weights, tokenizer, gen = gguf.config(), gguf.weights(int4), gguf.tokenizer(), {}

@@ -1,0 +1,50 @@
+"""Random-weight HF models of real shapes, saved as folders tuili can load (no checkpoint needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+# name -> (transformers config class, model class, config); layer counts cut to keep tests quick.
+SHAPES = {
+    "llama3-8b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "smollm2-135m": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+        num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, tie_word_embeddings=True)),
+}
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level vocabulary of 256 tokens: enough to run text in and out of a random model."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(sorted(alphabet))}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bfloat16):
+    """Save a random `name`-shaped model to `folder`; return the HF model (on the GPU)."""
+    import transformers
+
+    config_cls, model_cls, cfg = SHAPES[name]
+    config = getattr(transformers, config_cls)(**cfg, num_hidden_layers=num_layers or 4,
+                                               bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = getattr(transformers, model_cls)(config).to(dtype).eval()
+    model.save_pretrained(folder)
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    return model

@@ -1,0 +1,55 @@
+"""The engine on the GPU against HF transformers on the same random weights (bf16): at every greedy
+step, tuili's token is in HF's top-5 or HF's token is in tuili's (bf16 near-ties go either way),
+single and batched, with prefix hits and chunked prefill."""
+
+import pytest
+import torch
+
+from tuili import LLM, SamplingParams
+
+from .random_models import build
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module", params=["llama3-8b", "qwen3-0.6b"])
+def shaped(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = build(request.param, folder)
+    yield request.param, folder, hf
+    del hf
+    torch.cuda.empty_cache()
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 17, 64, 129, 300)]
+
+
+@torch.inference_mode()
+def assert_within_hf_top5(hf, prompt_ids, outs):
+    for ids, out in zip(prompt_ids, outs):
+        gen = out.outputs[0].token_ids
+        logits = hf(input_ids=torch.tensor([ids + gen], device="cuda")).logits[0, len(ids) - 1:-1]
+        hf_top5 = logits.float().topk(5).indices.tolist()
+        ours_top5 = [[t for t, _ in lp.top] for lp in out.outputs[0].logprobs]
+        misses = [i for i, t in enumerate(gen)
+                  if t not in hf_top5[i] and hf_top5[i][0] not in ours_top5[i]]
+        assert not misses, f"positions {misses}: neither token in the other's top-5"
+
+
+@pytest.mark.parametrize("engine_options", [{}, {"max_num_batched_tokens": 64, "block_size": 32}])
+def test_greedy_within_hf_top5(shaped, engine_options):
+    name, folder, hf = shaped
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, **engine_options)
+    ids = prompts(hf.config.vocab_size)
+    assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
+    batched = llm.generate(ids, GREEDY)
+    assert_within_hf_top5(hf, ids, batched)
+    again = llm.generate(ids, GREEDY)  # every prompt now hits the prefix cache
+    assert all(o.num_cached_tokens > 0 for o, p in zip(again, ids) if len(p) > 32)
+    assert_within_hf_top5(hf, ids, again)
