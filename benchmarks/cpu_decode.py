@@ -7,8 +7,10 @@ What is measured (greedy, end-of-sequence ignored, --tokens N new tokens, torch 
 
 - single stream, decode only: one short prompt; rate = (N - 1) / (time from the first new token
   to the last), so prefill and the first token are not counted.
-  * tuili: LLM("smollm2-135m", dtype=...) with its default quantization=auto (on CPU, bfloat16 keeps
-    the GGUF's 4-bit weights packed for int4 kernels; float32 dequantizes); timed over llm.stream().
+  * tuili: LLM("smollm2-135m", dtype=..., quantization=...): float32 and bfloat16 with every weight
+    dequantized (quantization="none"), and bfloat16 with the default quantization="auto", which on
+    CPU keeps the GGUF's 4-bit weights packed for the int4 kernel ("bfloat16+int4"); timed over
+    llm.stream().
   * HF transformers: AutoModelForCausalLM.from_pretrained(folder, gguf_file=..., dtype=...) (weights
     dequantized to dtype); a bare loop of model(input_ids, past_key_values, use_cache=True) + argmax
     under torch.inference_mode, one token per step; only the N - 1 decode steps are timed.
@@ -98,14 +100,16 @@ def tuili_streams(llm, tokens: int, streams: int) -> float:
     return total / elapsed
 
 
-def bench_tuili(dtype: str, args: argparse.Namespace) -> list[Result]:
+def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace) -> list[Result]:
     from tuili import LLM
 
-    llm = LLM("smollm2-135m", dtype=dtype, num_threads=args.threads)
+    llm = LLM("smollm2-135m", dtype=dtype, quantization=quantization, num_threads=args.threads)
+    label = dtype + ("+int4" if llm.engine.runner.model.layers[0].mlp.down_proj.packed is not None
+                     else "")
     single = best_of(lambda: tuili_single(llm, args.tokens), args.repeats)
     many = best_of(lambda: tuili_streams(llm, args.tokens, args.streams), args.repeats)
-    return [Result("tuili", dtype, "single", single),
-            Result("tuili", dtype, f"{args.streams} streams", many)]
+    return [Result("tuili", label, "single", single),
+            Result("tuili", label, f"{args.streams} streams", many)]
 
 
 # ---- HF transformers --------------------------------------------------------------------------
@@ -166,7 +170,9 @@ def run_all(args: argparse.Namespace) -> list[Result]:
     benches: list[Callable[[], list[Result]]] = []
     for engine in args.engines.split(","):
         if engine == "tuili":
-            benches += [lambda d=d: bench_tuili(d, args) for d in dtypes]
+            # bf16 twice: dequantized only, and with the GGUF's 4-bit weights packed (the default)
+            benches += [lambda d=d, q=q: bench_tuili(d, q, args) for d in dtypes
+                        for q in (("none", "auto") if d == "bfloat16" else ("none",))]
         elif engine == "hf":
             benches += [lambda d=d: bench_hf(d, gguf, args) for d in dtypes]
         elif engine == "llamacpp":
@@ -189,11 +195,11 @@ def add_ratios(results: list[Result]) -> float | None:
 
 
 def print_table(results: list[Result], base: float | None, streams: int) -> None:
-    print(f"\n{'engine':<10} {'dtype':<10} {'case':<12} {'tok/s':>9} {'vs HF fp32':>11}")
-    print("-" * 56)
+    print(f"\n{'engine':<10} {'dtype':<14} {'case':<12} {'tok/s':>9} {'vs HF fp32':>11}")
+    print("-" * 60)
     for r in results:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        print(f"{r.engine:<10} {r.dtype:<10} {r.case:<12} {r.tok_s:9.1f} {ratio:>11}")
+        print(f"{r.engine:<10} {r.dtype:<14} {r.case:<12} {r.tok_s:9.1f} {ratio:>11}")
     if base is None:
         print("\n(no HF float32 single-stream result: ratios and targets skipped)")
         return

@@ -37,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(1024, "most tokens computed in one step")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
+    enforce_eager: bool = _opt(False, "on GPU, run decode without CUDA graphs")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
 

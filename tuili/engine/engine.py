@@ -41,6 +41,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _has_cpu_bf16() else torch.float32
 
 
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _has_cpu_bf16() -> bool:
     try:
         flags = open("/proc/cpuinfo").read()
@@ -87,8 +93,9 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        graphs = 0 if config.enforce_eager or not _has_triton() else config.max_num_seqs
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
-                                  self.max_model_len, self.dtype, self.device)
+                                  self.max_model_len, self.dtype, self.device, graphs)
         self.sampler = Sampler(config.seed, self.device)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id

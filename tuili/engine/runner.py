@@ -32,7 +32,8 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
-                 block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device):
+                 block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
+                 cuda_graph_batch: int = 0):
         self.model, self.config, self.device = model, config, device
         self.block_size = block_size
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
@@ -43,9 +44,17 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
                                     config.rope_scaling, dtype, device)
+        self.graphs = None
+        if cuda_graph_batch and device.type == "cuda":
+            from tuili.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch,
+                                       -(-max_model_len // block_size), block_size, device)
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepOutput:
+        if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
+            return StepOutput(list(batch.requests), self.graphs.run(batch.requests))
         ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []

@@ -13,6 +13,11 @@ from torch import nn
 
 from tuili.kernels import reference
 
+try:  # the GPU kernels need Triton, which CPU builds of torch do not bring
+    from tuili.kernels import triton_attention
+except ImportError:
+    triton_attention = None
+
 
 @dataclass
 class AttentionMetadata:
@@ -38,17 +43,23 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] -> [tokens, heads * d]."""
-        reference.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
-        if not meta.prefills:
-            out = reference.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                             meta.seq_lens, meta.max_decode_len, self.scale)
-            return out.flatten(1)
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = reference.decode_attention(
+        gpu = q.is_cuda and triton_attention is not None
+        if gpu:
+            triton_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            reference.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = torch.empty_like(q) if meta.prefills or gpu else None
+        if nd and gpu:
+            triton_attention.decode_attention(q[:nd], self.k_cache, self.v_cache, meta.block_tables,
+                                              meta.seq_lens, self.scale, out=out[:nd])
+        elif nd:
+            decoded = reference.decode_attention(
                 q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
                 meta.max_decode_len, self.scale)
+            if out is None:
+                return decoded.flatten(1)
+            out[:nd] = decoded
         for i, (start, n, cached) in enumerate(meta.prefills):
             rows = slice(start, start + n)
             out[rows] = reference.prefill_attention(

@@ -1,0 +1,79 @@
+"""Each Triton kernel against its torch reference on fresh random inputs, outputs poisoned first."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from tuili.kernels import reference, triton_attention  # noqa: E402
+
+
+def random_cache(num_blocks, block_size, kvh, d, dtype=torch.bfloat16):
+    return (torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype),
+            torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype))
+
+
+def random_tables(seq_lens, block_size, num_blocks):
+    width = max(-(-n // block_size) for n in seq_lens)
+    perm = torch.randperm(num_blocks, device="cuda")
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.long, device="cuda")
+    used = 0
+    for i, n in enumerate(seq_lens):
+        nb = -(-n // block_size)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    return tables
+
+
+@pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (16, 8, 128), (9, 3, 64), (8, 1, 256),
+                                         (12, 12, 64)])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_decode_attention_matches_reference(heads, kvh, d, block_size):
+    torch.manual_seed(heads * 1000 + block_size)
+    seq_lens = [1, 7, block_size, block_size + 1, 333, 1024]
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5
+    k_cache, v_cache = random_cache(num_blocks, block_size, kvh, d)
+    tables = random_tables(seq_lens, block_size, num_blocks)
+    lens = torch.tensor(seq_lens, device="cuda")
+    q = torch.randn(len(seq_lens), heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, out=out)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens,
+                                     max(seq_lens), d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_decode_attention_long_context_and_padding_rows():
+    heads, kvh, d, bs = 32, 8, 128, 16
+    seq_lens = [32768, 0, 5]  # a 32k context, a padding row, a short one
+    num_blocks = sum(-(-n // bs) for n in seq_lens) + 1
+    k_cache, v_cache = random_cache(num_blocks, bs, kvh, d)
+    tables = random_tables([max(n, 1) for n in seq_lens], bs, num_blocks)
+    lens = torch.tensor(seq_lens, device="cuda")
+    q = torch.randn(3, heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, out=out)
+    for i in (0, 2):
+        ref = reference.decode_attention(q[i:i + 1].float(), k_cache.float(), v_cache.float(),
+                                         tables[i:i + 1], lens[i:i + 1], seq_lens[i], d ** -0.5)
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=2e-2, rtol=2e-2)
+    assert torch.all(out[1] == 0)
+
+
+@pytest.mark.parametrize("kvh,d,block_size", [(8, 128, 16), (3, 64, 1), (1, 256, 32)])
+def test_store_kv_matches_reference(kvh, d, block_size):
+    tokens, num_blocks = 37, 64
+    qkv = torch.randn(tokens, 4 * kvh + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
+    k, v = qkv[:, 4 * kvh:5 * kvh], qkv[:, 5 * kvh:]  # strided views, as the model passes them
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:tokens]
+    slots[3] = -1  # a padding row is skipped
+    ours = [torch.full((num_blocks, block_size, kvh, d), float("nan"), device="cuda",
+                       dtype=torch.bfloat16) for _ in range(2)]
+    ref = [c.clone() for c in ours]
+    triton_attention.store_kv(k, v, ours[0], ours[1], slots)
+    keep = slots >= 0
+    reference.store_kv(k[keep], v[keep], ref[0], ref[1], slots[keep])
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
