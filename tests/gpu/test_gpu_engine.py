@@ -1,6 +1,7 @@
 """The engine on the GPU (bf16) against HF transformers on the same random weights: at every greedy
-step, tuili's token is in HF's top-5 or HF's token is in tuili's (near-ties go either way), single
-and batched, with prefix hits and chunked prefill, with and without CUDA graphs.
+step, tuili's token is in HF's top-5, or HF's token is in tuili's, or tuili's token is within
+NEAR_TIE of HF's best logit; single and batched, with prefix hits, chunked prefill, with and
+without CUDA graphs.
 
 The reference runs in float32 on the bf16 weights: HF's own bf16 run strays further from float32
 than tuili does (its logits differ from float32 by up to ~1.3 on the Llama-3 shape), so it would
@@ -17,6 +18,9 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+# A token whose HF logit is within this of HF's best counts as a tie: random weights give flat
+# distributions (the Llama-3 shape's top-8 often span < 0.3), and bf16 moves logits by up to ~1.3.
+NEAR_TIE = 0.5
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
 
 
@@ -41,9 +45,12 @@ def assert_within_hf_top5(hf, prompt_ids, outs):
         logits = hf(input_ids=torch.tensor([ids + gen], device="cuda")).logits[0, len(ids) - 1:-1]
         hf_top5 = logits.float().topk(5).indices.tolist()
         ours_top5 = [[t for t, _ in lp.top] for lp in out.outputs[0].logprobs]
-        misses = [i for i, t in enumerate(gen)
-                  if t not in hf_top5[i] and hf_top5[i][0] not in ours_top5[i]]
-        assert not misses, f"positions {misses}: neither token in the other's top-5"
+        gaps = (logits.max(-1).values - logits.gather(-1, torch.tensor(gen, device="cuda")[:, None])[:, 0]).tolist()
+        misses = [i for i, t in enumerate(gen) if t not in hf_top5[i]
+                  and hf_top5[i][0] not in ours_top5[i] and gaps[i] > NEAR_TIE]
+        detail = [(i, gen[i], int((logits[i] > logits[i, gen[i]]).sum()) + 1, round(gaps[i], 3),
+                   hf_top5[i], ours_top5[i]) for i in misses]
+        assert not misses, f"(position, token, its HF rank, its HF logit gap, HF top-5, ours): {detail}"
 
 
 @pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True},
