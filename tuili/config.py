@@ -31,7 +31,10 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the "
                                            "model's context length, capped by the KV cache)")
     block_size: int = _opt(16, "tokens per KV-cache block")
-    kv_cache_memory_gb: float = _opt(1.0, "memory for the KV cache on CPU, in GiB")
+    kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default: 1 on "
+                                                  "CPU; on GPU what gpu_memory_utilization leaves)")
+    gpu_memory_utilization: float = _opt(0.9, "share of the GPU's memory tuili may use in all: "
+                                              "weights, activations, then the KV cache")
     num_kv_blocks: int | None = _opt(None, "exact number of KV-cache blocks (overrides the budget)")
     max_num_seqs: int = _opt(64, "most sequences in one step")
     max_num_batched_tokens: int = _opt(1024, "most tokens computed in one step")
@@ -52,7 +55,9 @@ class EngineConfig:
              "auto, cpu or cuda[:N]")
         need("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
              "a power of two from 1 to 128")
-        need("kv_cache_memory_gb", self.kv_cache_memory_gb > 0, "> 0")
+        need("kv_cache_memory_gb", self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0,
+             "> 0")
+        need("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]")
         need("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1, ">= 1")
         need("max_num_seqs", self.max_num_seqs >= 1, ">= 1")
         need("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1")

@@ -7,6 +7,8 @@ The reference runs in float32 on the bf16 weights: HF's own bf16 run strays furt
 than tuili does (its logits differ from float32 by up to ~1.3 on the Llama-3 shape), so it would
 be a noisy yardstick."""
 
+import gc
+
 import pytest
 import torch
 
@@ -67,3 +69,19 @@ def test_greedy_within_hf_top5(shaped, engine_options):
     again = llm.generate(ids, GREEDY)  # every prompt now hits the prefix cache
     assert all(o.num_cached_tokens > 0 for o, p in zip(again, ids) if len(p) > 32)
     assert_within_hf_top5(hf, ids, again)
+
+
+def test_kv_cache_sized_from_gpu_memory(shaped):
+    name, folder, hf = shaped
+    gc.collect()  # engines of earlier tests hold memory until collected
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.6,
+              max_num_seqs=4, enforce_eager=True)
+    pool = llm.engine.pool
+    assert pool.num_blocks > 0
+    used_after = total - torch.cuda.mem_get_info()[0]
+    assert used_after <= 0.6 * total * 1.02  # within the target (2% slack for allocator rounding)
+    assert used_after >= 0.6 * total * 0.85  # and the KV cache took most of what was left
+    out = llm.generate([[5, 6, 7]], GREEDY)[0]
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens

@@ -77,3 +77,50 @@ def test_store_kv_matches_reference(kvh, d, block_size):
     reference.store_kv(k[keep], v[keep], ref[0], ref[1], slots[keep])
     for a, b in zip(ours, ref):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+from tuili.kernels import triton_fused  # noqa: E402
+
+
+def poisoned(shape, dtype=torch.bfloat16):
+    return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 576), (37, 4096), (5, 1024), (3, 128)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(rows, n, with_residual):
+    x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(x) if with_residual else None
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    if with_residual:
+        out, new_res = triton_fused.rms_norm(x, w, 1e-5, res)
+        ref_res = x + res
+        assert torch.equal(new_res, ref_res)
+        ref = reference.rms_norm(ref_res, w, 1e-5)
+    else:
+        out, ref = triton_fused.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.97  # the same roundings: nearly all bits equal
+
+
+@pytest.mark.parametrize("rows,d", [(1, 1536), (33, 14336), (4, 3072)])
+def test_silu_and_mul_matches_reference(rows, d):
+    x = torch.randn(rows, 2 * d, device="cuda", dtype=torch.bfloat16)
+    out, ref = triton_fused.silu_and_mul(x), reference.silu_and_mul(x)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("heads,d", [(9 + 3, 64), (32 + 8, 128), (8 + 1, 256)])
+def test_rotary_matches_reference(heads, d):
+    from tuili.layers.rotary import RotaryEmbedding
+
+    tokens = 41
+    qkv = torch.randn(tokens, heads + 4, d, device="cuda", dtype=torch.bfloat16)
+    x = qkv[:, :heads]  # a strided view, as the model passes q and k
+    rope = RotaryEmbedding(d, 4096, 500000.0, None, torch.bfloat16, torch.device("cuda"))
+    cos, sin = rope.lookup(torch.randint(0, 4096, (tokens,), device="cuda"))
+    out, ref = triton_fused.apply_rotary(x, cos, sin), reference.apply_rotary(x, cos, sin)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.97

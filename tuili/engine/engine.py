@@ -12,10 +12,11 @@ from tuili.config import EngineConfig
 from tuili.engine.detokenizer import Detokenizer
 from tuili.engine.kv_cache import BlockPool, KVCacheManager
 from tuili.engine.request import Request, Status
-from tuili.engine.runner import ModelRunner
+from tuili.engine.runner import ModelRunner, profile_activation_bytes
 from tuili.engine.sampler import Sampler, token_logprobs
 from tuili.engine.scheduler import Scheduler
 from tuili.errors import InvalidParameter, PromptTooLong
+from tuili.kernels import HAS_TRITON
 from tuili.models import loader
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
@@ -39,12 +40,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     # On CPUs with bf16 units (AMX / AVX512-BF16) bf16 halves the weight bytes per token and
     # batches run about twice as fast; elsewhere bf16 is emulated and slower than float32.
     return torch.bfloat16 if _has_cpu_bf16() else torch.float32
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def _has_cpu_bf16() -> bool:
@@ -89,11 +84,11 @@ class LLMEngine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
-        num_blocks, self.max_model_len = self._plan_kv_cache()
+        num_blocks, self.max_model_len = self._plan_kv_cache(loaded.model)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
-        graphs = 0 if config.enforce_eager or not _has_triton() else config.max_num_seqs
+        graphs = 0 if config.enforce_eager or not HAS_TRITON else config.max_num_seqs
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device, graphs)
         self.sampler = Sampler(config.seed, self.device)
@@ -104,14 +99,15 @@ class LLMEngine:
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)
 
-    def _plan_kv_cache(self) -> tuple[int, int]:
+    def _plan_kv_cache(self, model: torch.nn.Module) -> tuple[int, int]:
         c, mc = self.config, self.model_config
         per_block = c.block_size * mc.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
-        num_blocks = c.num_kv_blocks or int(c.kv_cache_memory_gb * 2**30 // per_block)
+        num_blocks = c.num_kv_blocks or int(self._kv_budget_bytes(model) // per_block)
         capacity = num_blocks * c.block_size
         if num_blocks < 1:
-            raise InvalidParameter("kv_cache_memory_gb", f"{c.kv_cache_memory_gb} GiB holds no "
-                                   f"block of {per_block} bytes; raise it")
+            raise InvalidParameter("kv_cache_memory_gb", f"the KV-cache budget holds no block of "
+                                   f"{per_block} bytes; raise kv_cache_memory_gb or "
+                                   "gpu_memory_utilization")
         if c.max_model_len is not None and c.max_model_len > capacity:
             raise InvalidParameter("max_model_len", f"{c.max_model_len} is more than the KV cache's "
                                    f"{capacity} tokens; lower it or raise kv_cache_memory_gb")
@@ -123,6 +119,24 @@ class LLMEngine:
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
                  num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30, max_len)
         return num_blocks, max_len
+
+    def _kv_budget_bytes(self, model: torch.nn.Module) -> float:
+        c = self.config
+        if c.kv_cache_memory_gb is not None:
+            return c.kv_cache_memory_gb * 2**30
+        if self.device.type != "cuda" or not HAS_TRITON:
+            return 2**30
+        # What the utilization target leaves after everything in use now (our weights included)
+        # and the activations of the largest step, measured by running one.
+        peak = profile_activation_bytes(model, self.model_config,
+                                        c.max_num_batched_tokens, self.dtype, self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * c.gpu_memory_utilization - (total - free) - peak
+        log.info("GPU memory: %.1f GiB in use, %.2f GiB peak activations for %d tokens, "
+                 "%.1f GiB left for the KV cache at utilization %.2f", (total - free) / 2**30,
+                 peak / 2**30, c.max_num_batched_tokens, max(budget, 0) / 2**30,
+                 c.gpu_memory_utilization)
+        return max(budget, 0)
 
     # ---- requests in and out -------------------------------------------------------------
 

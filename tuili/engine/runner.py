@@ -99,3 +99,34 @@ class ModelRunner:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
+
+
+@torch.inference_mode()
+def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_tokens: int,
+                             dtype: torch.dtype, device: torch.device) -> int:
+    """Peak GPU memory of one prefill step of `num_tokens` tokens, beyond what is allocated now.
+    Runs with a one-block stand-in cache: every slot is -1, so the Triton store writes nothing."""
+    layers = model.attention_layers()
+    stand_in = torch.zeros(1, 1, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
+    for attn in layers:
+        attn.k_cache = attn.v_cache = stand_in
+    rope = RotaryEmbedding(config.head_dim, num_tokens, config.rope_theta, config.rope_scaling,
+                           dtype, device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    cos, sin = rope.lookup(torch.arange(num_tokens, device=device))
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=device),
+        block_tables=torch.zeros(1, 1, dtype=torch.long, device=device),
+        seq_lens=torch.tensor([num_tokens], device=device), cos=cos, sin=sin,
+        num_decodes=0, max_decode_len=0, prefills=[(0, num_tokens, 0)])
+    hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), meta)
+    model.logits(hidden[-1:])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    for attn in layers:
+        attn.k_cache = attn.v_cache = None
+    del hidden, meta, cos, sin, rope, stand_in
+    torch.cuda.empty_cache()
+    return peak

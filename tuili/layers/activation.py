@@ -1,8 +1,10 @@
 import torch
-import torch.nn.functional as F
+
+from tuili.kernels import on_gpu, reference, triton_module
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a merged [gate | up] projection."""
-    d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    if on_gpu(x):
+        return triton_module("triton_fused").silu_and_mul(x)
+    return reference.silu_and_mul(x)

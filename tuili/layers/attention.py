@@ -11,12 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tuili.kernels import reference
-
-try:  # the GPU kernels need Triton, which CPU builds of torch do not bring
-    from tuili.kernels import triton_attention
-except ImportError:
-    triton_attention = None
+from tuili.kernels import on_gpu, reference, triton_module
 
 
 @dataclass
@@ -44,7 +39,8 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] -> [tokens, heads * d]."""
         nd = meta.num_decodes
-        gpu = q.is_cuda and triton_attention is not None
+        gpu = on_gpu(q)
+        triton_attention = triton_module("triton_attention") if gpu else None
         if gpu:
             triton_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from tuili.errors import ModelLoadError
+from tuili.kernels import on_gpu, reference, triton_module
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -54,5 +55,6 @@ class RotaryEmbedding:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    if on_gpu(x) and half & (half - 1) == 0:  # the kernel wants a power-of-two half
+        return triton_module("triton_fused").apply_rotary(x, cos, sin)
+    return reference.apply_rotary(x, cos, sin)
