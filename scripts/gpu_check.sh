@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine: run the GPU tests and the GPU benchmarks in one go, ending with one table.
+# On a GPU machine: run the GPU tests and the GPU benchmarks in one go, each ending with a table.
 # Uses the machine's python3 (torch, transformers and pytest installed); tuili runs from this tree.
+#   scripts/gpu_check.sh                 tests, kernel benchmarks, all workload shapes
+#   SHAPES=smollm2-135m scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -8,7 +10,10 @@ out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-python3 benchmarks/gpu_decode.py --json "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.log"
-bench=${PIPESTATUS[0]}
-echo "gpu tests exit $tests, benchmarks exit $bench"
-exit $(( tests || bench ))
+python3 benchmarks/gpu_kernels.py --json "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.log"
+kernels=${PIPESTATUS[0]}
+python3 benchmarks/gpu_workloads.py --shapes "${SHAPES:-smollm2-135m,qwen3-0.6b,llama3-8b}" \
+  --json "$out/gpu_workloads.json" 2>&1 | tee "$out/gpu_workloads.log"
+workloads=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads"
+exit $(( tests || kernels || workloads ))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tuili import SamplingParams
-from tuili.engine.sampler import apply_penalties, top_k_top_p
+from tuili.engine.sampler import apply_penalties, top_k_top_p, top_k_top_p_sorted
 
 PROMPT = "Write a short poem about the sea:\n"
 
@@ -144,6 +144,21 @@ def test_top_k_top_p_filter():
     out = top_k_top_p(logits, top_k=[0, 2], top_p=[0.7, 1.0])
     kept = torch.isfinite(out)
     assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 3.0, 50.0])  # 50: flat rows need the full sort
+def test_top_k_top_p_without_full_sort_keeps_the_same_tokens(temperature):
+    torch.manual_seed(int(temperature))
+    V = 5000
+    logits = torch.randn(6, V) * 4 / temperature
+    top_k, top_p = [0, 40, 0, 3000, 0, 7], [0.9, 0.8, 1.0, 0.95, 0.5, 1.0]
+    ours = torch.isfinite(top_k_top_p(logits, top_k, top_p))
+    k = [kk or V for kk in top_k]
+    p = torch.tensor([pp if pp < 1 else 2.0 for pp in top_p])[:, None]
+    sorted_ = torch.isfinite(top_k_top_p_sorted(logits, k, p))
+    assert torch.equal(ours, sorted_)
+    assert ours[2].all()  # no filter: every token stays
+    assert ours[5].sum() == 7
 
 
 BAD_PARAMS = [

@@ -40,7 +40,7 @@ class LLM:
         """Run all prompts to completion, batched; outputs come back in prompt order."""
         prompts = _as_list(prompts)
         params = self._params_per_prompt(params, len(prompts))
-        ids = self._add_all(prompts, params)
+        ids = self._add_all(prompts, params, stream=False)
         final: dict[str, RequestOutput] = {}
         try:
             while self.engine.has_unfinished_requests():
@@ -96,12 +96,13 @@ class LLM:
             raise InvalidParameter("params", f"{len(params)} SamplingParams for {count} prompts")
         return list(params)
 
-    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams],
+                 stream: bool = True) -> list[str]:
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         added = []
         try:
             for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, stream)
                 added.append(rid)
         except Exception:
             for rid in added:  # all or nothing: a bad prompt queues none of the batch

@@ -62,6 +62,74 @@ def test_decode_attention_long_context_and_padding_rows():
     assert torch.all(out[1] == 0)
 
 
+@pytest.mark.parametrize("batch,max_len", [(1, None), (1, 200), (64, None), (40, 4097)])
+def test_decode_attention_split_choices(batch, max_len):
+    """One split (large batch), many, and few (a short known length) give the same answer."""
+    heads, kvh, d, bs = 32, 8, 128, 16
+    torch.manual_seed(batch)
+    seq_lens = torch.randint(1, max_len or 3000, (batch,)).tolist()
+    num_blocks = sum(-(-n // bs) for n in seq_lens) + 2
+    k_cache, v_cache = random_cache(num_blocks, bs, kvh, d)
+    tables = random_tables(seq_lens, bs, num_blocks)
+    lens = torch.tensor(seq_lens, device="cuda")
+    q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, out=out,
+                                      max_len=max_len)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens,
+                                     max(seq_lens), d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256), (16, 16, 64)])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_prefill_attention_matches_reference(heads, kvh, d, block_size):
+    """Several sequences in one launch: fresh prompts, cached prefixes and chunks of every size."""
+    torch.manual_seed(heads + d + block_size)
+    new = [1, 7, 130, 300, 64, 1]  # tokens computed this step
+    context = [0, 0, 0, 45, block_size * 3, 1000]  # tokens already in the cache
+    totals = [c + n for c, n in zip(context, new)]
+    num_blocks = sum(-(-t // block_size) for t in totals) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, kvh, d)
+    tables = random_tables(totals, block_size, num_blocks)
+    rows = sum(new)
+    q = torch.randn(rows + 2, heads, d, device="cuda", dtype=torch.bfloat16)  # 2 decode rows first
+    k = torch.randn(rows + 2, kvh, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(rows + 2, kvh, d, device="cuda", dtype=torch.bfloat16)
+    starts, slots, row = [], [], 2
+    for i, (c, n) in enumerate(zip(context, new)):
+        starts.append(row)
+        for p in range(c, c + n):
+            slots.append(tables[i, p // block_size].item() * block_size + p % block_size)
+        row += n
+    reference.store_kv(k[2:], v[2:], k_cache, v_cache, torch.tensor(slots, device="cuda"))
+    seqs = torch.tensor([starts, new, context], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    triton_attention.prefill_attention(q, k_cache, v_cache, tables, seqs, max(new), d ** -0.5, out)
+    assert out[:2].isnan().all()  # rows of other sequences are left alone
+    for i, (start, c, n) in enumerate(zip(starts, context, new)):
+        r = slice(start, start + n)
+        ref = reference.prefill_attention(q[r].float(), k[r].float(), v[r].float(),
+                                          k_cache.float(), v_cache.float(), tables[i], c, d ** -0.5)
+        torch.testing.assert_close(out[r].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_attention_long_prompt():
+    heads, kvh, d, bs, n = 32, 8, 128, 16, 8192
+    k_cache, v_cache = random_cache(n // bs + 1, bs, kvh, d)
+    tables = random_tables([n], bs, n // bs + 1)
+    q = torch.randn(n, heads, d, device="cuda", dtype=torch.bfloat16)
+    seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    triton_attention.prefill_attention(q, k_cache, v_cache, tables, seqs, n, d ** -0.5, out)
+    keys = reference.gather_kv(k_cache, tables[0], n)
+    values = reference.gather_kv(v_cache, tables[0], n)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), is_causal=True,
+        scale=d ** -0.5, enable_gqa=True).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("kvh,d,block_size", [(8, 128, 16), (3, 64, 1), (1, 256, 32)])
 def test_store_kv_matches_reference(kvh, d, block_size):
     tokens, num_blocks = 37, 64

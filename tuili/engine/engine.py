@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,13 +58,15 @@ class _Sample:
     index: int
     detok: Detokenizer
     sent_tokens: int = 0
+    undecoded: list[int] = field(default_factory=list)  # tokens whose text is not built yet
 
 
 class _Group:
     """The n samples of one user request."""
 
-    def __init__(self, request_id: str, prompt: str | None, samples: list[_Sample]):
+    def __init__(self, request_id: str, prompt: str | None, samples: list[_Sample], stream: bool):
         self.request_id, self.prompt, self.samples = request_id, prompt, samples
+        self.stream = stream  # report every step's progress, not only the final output
 
     @property
     def finished(self) -> bool:
@@ -77,6 +79,10 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = pick_device(config.device)
+        if config.max_num_batched_tokens is None:
+            # GPU steps are cheap per token up to several thousand; CPU steps are not.
+            config = self.config = replace(
+                config, max_num_batched_tokens=8192 if self.device.type == "cuda" else 1024)
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
         loaded = loader.load(config.model, self.dtype, self.device, config.revision,
@@ -94,6 +100,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
+        self.owed: set[str] = set()  # groups whose last step's text and outputs are not built yet
         weights = "int4 weights" if loaded.quantization == "int4" else "weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
@@ -151,8 +158,10 @@ class LLMEngine:
             raise InvalidParameter("prompt", f"token ids {bad[:5]} are outside [0, {vocab})")
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request; errors (empty or too-long prompt) are raised before anything is queued."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream: bool = True) -> None:
+        """Queue a request; errors (empty or too-long prompt) are raised before anything is queued.
+        With stream=False, step() reports the request only once it has finished."""
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if request_id in self.groups or any(c in self.samples for c in child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
@@ -167,7 +176,8 @@ class LLMEngine:
             gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             req = Request(child_id, ids, params, self.eos_token_ids, gen)
             samples.append(_Sample(req, request_id, i, Detokenizer(self.tokenizer, ids, params)))
-        self.groups[request_id] = _Group(request_id, prompt if isinstance(prompt, str) else None, samples)
+        self.groups[request_id] = _Group(request_id, prompt if isinstance(prompt, str) else None,
+                                         samples, stream)
         for s in samples:
             self.samples[s.request.request_id] = s
             self.scheduler.add(s.request)
@@ -183,20 +193,26 @@ class LLMEngine:
 
     def _forget(self, group: _Group) -> None:
         del self.groups[group.request_id]
+        self.owed.discard(group.request_id)
         for s in group.samples:
             del self.samples[s.request.request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.owed)
 
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that made progress."""
+        """Run one iteration; return an output for every request that made progress.
+
+        Pipelined: the text and outputs of a step's tokens are built during the next call, while
+        the GPU computes that call's batch, so a step's outputs arrive one call later (a final
+        call with nothing to schedule hands over the last ones)."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        result = self.runner.execute(batch)
+        result = self.runner.execute(batch) if batch else None  # queued on the GPU, not awaited
+        outputs = self._build_owed_outputs()
+        if result is None:
+            return outputs
         for pl in result.prompt_logits:
             self._add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
         for req, n in zip(batch.requests, batch.num_new):
@@ -206,13 +222,17 @@ class LLMEngine:
             tokens, logprobs = self.sampler(result.sample_logits, result.sample_requests)
             for req, token, lp in zip(result.sample_requests, tokens, logprobs):
                 self._append_token(req, token, lp)
-        return self._collect({self.samples[req.request_id].group_id for req in batch.requests})
+        self.owed.update(self.samples[req.request_id].group_id for req in batch.requests)
+        return outputs
 
-    def _collect(self, group_ids: set[str]) -> list[RequestOutput]:
+    def _build_owed_outputs(self) -> list[RequestOutput]:
         outputs = []
-        for gid in sorted(group_ids, key=lambda g: self.groups[g].samples[0].request.arrival_time):
+        owed = sorted(self.owed, key=lambda g: self.groups[g].samples[0].request.arrival_time)
+        self.owed.clear()
+        for gid in owed:
             group = self.groups[gid]
-            outputs.append(self._output(group))
+            if group.stream or group.finished:
+                outputs.append(self._output(group))
             if group.finished:
                 self._forget(group)
         return outputs
@@ -223,14 +243,17 @@ class LLMEngine:
             req.logprobs.append(logprob)
         p, n_out = req.params, req.num_output_tokens
         sample = self.samples[req.request_id]
+        if not p.stop:
+            sample.undecoded.append(token)  # no stop string to look for: decode it later
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in req.eos_token_ids:
                 return self._finish(req, "stop")
             if token in p.stop_token_ids:
                 return self._finish(req, "stop", token)
-        stop = sample.detok.add(token, check_stop=n_out >= p.min_tokens)
-        if stop is not None:
-            return self._finish(req, "stop", stop)
+        if p.stop:
+            stop = sample.detok.add(token, check_stop=n_out >= p.min_tokens)
+            if stop is not None:
+                return self._finish(req, "stop", stop)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or req.num_tokens >= self.max_model_len:
             self._finish(req, "length")
 
@@ -247,6 +270,9 @@ class LLMEngine:
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []
         for s in group.samples:
+            for token in s.undecoded:
+                s.detok.add(token, check_stop=False)
+            s.undecoded.clear()
             r = s.request
             tokens = r.output_token_ids
             outputs.append(CompletionOutput(

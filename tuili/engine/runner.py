@@ -90,10 +90,13 @@ class ModelRunner:
             num_decodes=batch.num_decodes,
             max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
             prefills=prefills,
+            prefill_seqs=torch.tensor(list(zip(*prefills)), dtype=torch.int32, device=dev)
+            if prefills and dev.type == "cuda" else None,
         )
+        # Every host-to-device copy goes before the model: one after it would wait for the GPU.
+        rows = torch.tensor(sample_rows, device=dev) if sample_rows else None
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), meta)
-        if sample_rows:
-            rows = torch.tensor(sample_rows, device=dev)
+        if rows is not None:
             out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
         for req, start, m, first in prompt_rows:
             logits = self.model.logits(hidden[start:start + m]).float()
@@ -105,9 +108,10 @@ class ModelRunner:
 def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_tokens: int,
                              dtype: torch.dtype, device: torch.device) -> int:
     """Peak GPU memory of one prefill step of `num_tokens` tokens, beyond what is allocated now.
-    Runs with a one-block stand-in cache: every slot is -1, so the Triton store writes nothing."""
+    Runs over a stand-in cache of one-token blocks shared by every layer."""
     layers = model.attention_layers()
-    stand_in = torch.zeros(1, 1, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
+    stand_in = torch.zeros(num_tokens, 1, config.num_kv_heads, config.head_dim, dtype=dtype,
+                           device=device)
     for attn in layers:
         attn.k_cache = attn.v_cache = stand_in
     rope = RotaryEmbedding(config.head_dim, num_tokens, config.rope_theta, config.rope_scaling,
@@ -115,12 +119,13 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    cos, sin = rope.lookup(torch.arange(num_tokens, device=device))
+    positions = torch.arange(num_tokens, device=device)
+    cos, sin = rope.lookup(positions)
     meta = AttentionMetadata(
-        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=device),
-        block_tables=torch.zeros(1, 1, dtype=torch.long, device=device),
+        slot_mapping=positions, block_tables=positions[None, :],
         seq_lens=torch.tensor([num_tokens], device=device), cos=cos, sin=sin,
-        num_decodes=0, max_decode_len=0, prefills=[(0, num_tokens, 0)])
+        num_decodes=0, max_decode_len=0, prefills=[(0, num_tokens, 0)],
+        prefill_seqs=torch.tensor([[0], [num_tokens], [0]], dtype=torch.int32, device=device))
     hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), meta)
     model.logits(hidden[-1:])
     torch.cuda.synchronize(device)

@@ -87,17 +87,45 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
+# Nucleus candidates taken with topk before falling back to a full sort of the vocabulary.
+TOP_P_CANDIDATES = 1024
+
+
 def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask all but each row's top_k tokens (0 = all) and its smallest set with mass >= top_p."""
+    """Mask all but each row's top_k tokens (0 = all) and, of those, its smallest set holding
+    top_p of their probability. Only the best max(top_k) tokens, or TOP_P_CANDIDATES when a row
+    has no top_k, are ranked (topk, no full sort); a full sort runs only when those candidates
+    hold less than some row's top_p."""
+    B, V = logits.shape
+    k = [kk if 0 < kk < V else V for kk in top_k]
+    width = min(V, max(min(kk, TOP_P_CANDIDATES) if kk == V else kk for kk in k))
+    values, order = logits.topk(width, dim=-1) if width < V else logits.sort(-1, descending=True)
+    rank = torch.arange(width, device=logits.device)[None, :]
+    drop = rank >= torch.tensor(k, device=logits.device)[:, None]
+    values = values.masked_fill(drop, float("-inf"))
+    # Each row's probabilities over its top_k set, normalised over the whole set even where only
+    # part of it is among the candidates.
+    full_k = torch.tensor([kk == V for kk in k], device=logits.device)[:, None]
+    norm = torch.where(full_k, logits.logsumexp(-1, keepdim=True), values.logsumexp(-1, keepdim=True))
+    probs = (values - norm).exp()
+    p = torch.tensor([pp if pp < 1 else 2.0 for pp in top_p], device=logits.device)[:, None]
+    if width < V and bool(((probs.sum(-1, keepdim=True) < p) & full_k & (p <= 1)).any()):
+        return top_k_top_p_sorted(logits, k, p)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass.
+    drop |= (probs.cumsum(dim=-1) - probs) >= p
+    values = values.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter(-1, order, values)
+    return torch.where(full_k & (p > 1), logits, out)  # rows with neither filter keep every token
+
+
+def top_k_top_p_sorted(logits: torch.Tensor, k: list[int], p: torch.Tensor) -> torch.Tensor:
+    """top_k_top_p over a full sort of each row (the fallback)."""
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if 0 < kk < V else V for kk in top_k], device=logits.device)
     rank = torch.arange(V, device=logits.device)[None, :]
-    drop = rank >= k[:, None]
+    drop = rank >= torch.tensor(k, device=logits.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    p = torch.tensor([pp if pp < 1 else 2.0 for pp in top_p], device=logits.device)[:, None]
-    # Drop a token when the tokens ranked above it already hold top_p of the mass.
     drop |= (probs.cumsum(dim=-1) - probs) >= p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

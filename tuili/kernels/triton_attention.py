@@ -1,14 +1,22 @@
-"""Triton kernels: KV-cache store and paged decode attention. Torch references: kernels/reference.py.
+"""Triton kernels: KV-cache store, paged decode attention (split along the sequence) and paged
+prefill attention (flash-style, causal, variable lengths). Torch references: kernels/reference.py.
 
 Cache layout as in the reference: [num_blocks, block_size, kv_heads, head_dim], contiguous. Rows
 with slot -1 (store) or seq_len 0 (attention) are padding, as in a CUDA-graph batch: skipped.
+Attention runs after this step's K/V are stored, so both kernels read every key from the cache:
+a cached prefix and a chunk computed earlier need no gather.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 32
 
 
 @triton.jit
@@ -36,15 +44,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr, scale,
-                   stride_q, stride_o, stride_table,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
+                   scale, stride_q, stride_o, stride_table,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (sequence, kv head): the GROUP query heads sharing that kv head are the rows
-    # of one small matrix, so each K/V row is read once for all of them (GQA-aware).
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLITS: tl.constexpr):
+    # One program per (sequence, kv head, split): the GROUP query heads sharing the kv head are the
+    # rows of one small matrix, so each K/V row is read once for all of them (GQA-aware), and the
+    # sequence is cut into SPLITS ranges so a batch of one still spreads over the whole GPU.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(len_ptr + seq)
+    per_split = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -54,40 +68,163 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for start in range(0, seq_len, BLOCK_N):
+    qk_scale = scale * 1.4426950408889634
+    for start in range(lo, hi, BLOCK_N):
         pos = start + n
-        valid = pos < seq_len
+        valid = pos < hi
         block = tl.load(table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
         row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
         offs = row[:, None] * HEAD_DIM + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows (seq_len 0) write zeros
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+    empty = l_i == 0.0  # padding rows (seq_len 0) and splits past the end
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if SPLITS == 1:
+        tl.store(out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+    else:
+        num_heads = KV_HEADS * GROUP
+        row = (seq * num_heads + heads) * SPLITS + split
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=(g < GROUP)[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + row, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_o, NUM_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    # Each split's output is normalised over its own range; weight it by its share of the mass.
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * NUM_HEADS + head) * SPLITS
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + row + s)
+    top = tl.max(lse, 0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - top))
+    total = tl.sum(w, 0)
+    parts = tl.load(part_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_o + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device, max_len: int | None = None) -> int:
+    """How many ranges to cut each sequence into so that about two programs run per SM.
+    max_len, when known, stops splitting short contexts finer than 128 tokens a range."""
+    programs = batch * kv_heads
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(2 * sms, programs)))
+    if max_len:
+        splits = min(splits, triton.next_power_of_2(triton.cdiv(max_len, 128)))
+    return max(splits, 1) if programs < sms else 1
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, max_len: int | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, d] (rows contiguous) -> [B, heads, d]."""
     B, heads, d = q.shape
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kvh
     out = torch.empty_like(q) if out is None else out
-    if B:
-        _decode_kernel[(B, kvh)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, scale,
-            q.stride(0), out.stride(0), block_tables.stride(0),
-            KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=64 if d <= 128 else 32)
+    if not B:
+        return out
+    splits = decode_splits(B, kvh, q.device, max_len)
+    part = lse = out  # unused when not split
+    if splits > 1:
+        part = torch.empty(B, heads, splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, heads, splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(B, kvh, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, scale,
+        q.stride(0), out.stride(0), block_tables.stride(0),
+        KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=64 if d <= 128 else 32, SPLITS=splits)
+    if splits > 1:
+        _merge_splits_kernel[(B, heads)](part, lse, out, out.stride(0), NUM_HEADS=heads,
+                                         HEAD_DIM=d, SPLITS=splits)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_ptr, scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs,
+                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (query tile, sequence, head). Query i of a sequence sits at position
+    # context + i and sees keys 0 .. context + i, all read from the paged cache.
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(seqs_ptr + seq)
+    q_len = tl.load(seqs_ptr + num_seqs + seq)
+    context = tl.load(seqs_ptr + 2 * num_seqs + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    kv_head = head // GROUP
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = m < q_len
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + m).to(tl.int64)[:, None] * stride_qt + head * stride_qh
+                + d[None, :], mask=m_valid[:, None], other=0.0)
+    q_pos = context + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    qk_scale = scale * 1.4426950408889634
+    table = table_ptr + seq * stride_table
+    # Keys before the tile's first query are visible to every row: no causal mask there.
+    unmasked_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    hi = context + tl.minimum((tile + 1) * BLOCK_M, q_len)
+    for start in range(0, hi, BLOCK_N):
+        pos = start + n
+        valid = pos < hi
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
+        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
+        offs = row[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if start >= unmasked_end:
+            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_start + m).to(tl.int64)[:, None] * stride_ot + head * stride_oh
+             + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Causal attention for several sequences' new tokens, their K/V already in the cache.
+    q, out: [tokens, heads, d]; seqs: [3, num_seqs] int32 rows (first q row, new tokens, context);
+    block_tables: one row per sequence."""
+    heads, d = q.shape[1], q.shape[2]
+    kvh, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_seqs = seqs.shape[1]
+    block_m, block_n, warps = (128, 64, 8) if d <= 128 else (64, 32, 8)
+    if num_seqs:
+        _prefill_kernel[(triton.cdiv(max_q_len, block_m), num_seqs, heads)](
+            q, k_cache, v_cache, block_tables, seqs, out, scale, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), block_tables.stride(0), num_seqs,
+            KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
     return out

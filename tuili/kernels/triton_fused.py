@@ -74,15 +74,14 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, strid
     base = x_ptr + t * stride_xt + h * stride_xh
     x1 = tl.load(base + j, mask=mask, other=0.0)
     x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
-    c1 = tl.load(cos_ptr + t * stride_c + j).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * stride_c + HALF + j).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_c + j).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_c + HALF + j).to(tl.float32)
-    dt = x1.dtype
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rounding after each product and the sum as torch does
-    o1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
-    o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+    c1 = tl.load(cos_ptr + t * stride_c + j)
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + j)
+    s1 = tl.load(sin_ptr + t * stride_c + j)
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + j)
+    # x * cos + rotate_half(x) * sin in the model dtype, each product and the sum rounded as torch
+    # rounds them (launched with fp fusion off, so no multiply-add contracts the steps).
+    o1 = x1 * c1 - x2 * s1
+    o2 = x2 * c2 + x1 * s2
     out = out_ptr + t * HEADS * 2 * HALF + h * 2 * HALF
     tl.store(out + j, o1, mask=mask)
     tl.store(out + HALF + j, o2, mask=mask)
@@ -96,5 +95,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if tokens:
         _rotary_kernel[(tokens,)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0),
                                   HEADS=heads, HALF=d // 2,
-                                  HEADS_PAD=triton.next_power_of_2(heads))
+                                  HEADS_PAD=triton.next_power_of_2(heads), enable_fp_fusion=False)
     return out

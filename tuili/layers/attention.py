@@ -25,6 +25,8 @@ class AttentionMetadata:
     max_decode_len: int
     # Per prefill sequence (python ints, no device syncs): first row, new tokens, cached tokens.
     prefills: list[tuple[int, int, int]]
+    # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
+    prefill_seqs: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -48,7 +50,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q) if meta.prefills or gpu else None
         if nd and gpu:
             triton_attention.decode_attention(q[:nd], self.k_cache, self.v_cache, meta.block_tables,
-                                              meta.seq_lens, self.scale, out=out[:nd])
+                                              meta.seq_lens, self.scale, out=out[:nd],
+                                              max_len=meta.max_decode_len or None)
         elif nd:
             decoded = reference.decode_attention(
                 q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
@@ -56,6 +59,11 @@ class Attention(nn.Module):
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded
+        if meta.prefills and gpu:
+            triton_attention.prefill_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_seqs,
+                max(n for _, n, _ in meta.prefills), self.scale, out)
+            return out.flatten(1)
         for i, (start, n, cached) in enumerate(meta.prefills):
             rows = slice(start, start + n)
             out[rows] = reference.prefill_attention(

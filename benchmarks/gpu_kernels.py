@@ -1,0 +1,94 @@
+"""GPU kernel benchmarks: paged decode attention bandwidth and paged prefill attention FLOP rate,
+each against the measured ceiling and beside torch's own kernels on the same inputs.
+
+    python benchmarks/gpu_kernels.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_common import cuda_time, measure_ceilings  # noqa: E402
+from tuili.kernels import reference, triton_attention  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # one Llama-3.1-8B layer
+
+
+def paged(seq_lens: list[int]):
+    blocks = sum(-(-n // BLOCK) for n in seq_lens)
+    shape = (blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    perm = torch.randperm(blocks, device="cuda")
+    width = max(-(-n // BLOCK) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.long, device="cuda")
+    used = 0
+    for i, n in enumerate(seq_lens):
+        nb = -(-n // BLOCK)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    return k, v, tables
+
+
+def decode_case(batch: int, context: int, read_bw: float) -> dict:
+    k, v, tables = paged([context] * batch)
+    lens = torch.full((batch,), context, device="cuda")
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    ours = cuda_time(lambda: triton_attention.decode_attention(q, k, v, tables, lens,
+                                                               HEAD_DIM ** -0.5, out=out),
+                     graph=True)
+    ref = cuda_time(lambda: reference.decode_attention(q, k, v, tables, lens, context,
+                                                       HEAD_DIM ** -0.5), repeat=5, graph=True)
+    kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+    return dict(case=f"decode attention, batch {batch}, context {context}", tuili_us=ours * 1e6,
+                torch_us=ref * 1e6, tuili_gbs=kv_bytes / ours / 1e9,
+                of_ceiling=kv_bytes / ours / read_bw)
+
+
+def prefill_case(n: int, peak: float) -> dict:
+    k, v, tables = paged([n])
+    q = torch.randn(n, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    ours = cuda_time(lambda: triton_attention.prefill_attention(q, k, v, tables, seqs, n,
+                                                                HEAD_DIM ** -0.5, out), graph=True)
+    # torch's flash kernel on contiguous [1, heads, n, d] tensors, K/V heads expanded
+    group = HEADS // KV_HEADS
+    keys = reference.gather_kv(k, tables[0], n).repeat_interleave(group, 1).transpose(0, 1)[None]
+    values = reference.gather_kv(v, tables[0], n).repeat_interleave(group, 1).transpose(0, 1)[None]
+    qt = q.transpose(0, 1)[None].contiguous()
+    keys, values = keys.contiguous(), values.contiguous()
+    sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qt, keys, values, is_causal=True))
+    flops = 4 * HEADS * HEAD_DIM * n * (n + 1) / 2
+    return dict(case=f"prefill attention, one {n}-token prompt", tuili_us=ours * 1e6,
+                torch_us=sdpa * 1e6, tuili_tflops=flops / ours / 1e12, of_ceiling=flops / ours / peak)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json")
+    args = p.parse_args()
+    ceilings = measure_ceilings()
+    bw, peak = ceilings["read_bytes_per_s"], ceilings["matmul_flops_per_s"]
+    print(f"ceilings: read {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    rows = [decode_case(1, 8192, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
+            decode_case(1, 128, bw), prefill_case(2048, peak), prefill_case(8192, peak)]
+    print(f"\n{'case':<44} {'tuili us':>9} {'torch us':>9} {'rate':>14} {'of ceiling':>10}")
+    for r in rows:
+        rate = (f"{r['tuili_gbs']:.0f} GB/s" if "tuili_gbs" in r else f"{r['tuili_tflops']:.0f} TFLOP/s")
+        print(f"{r['case']:<44} {r['tuili_us']:9.1f} {r['torch_us']:9.1f} {rate:>14} "
+              f"{r['of_ceiling']:9.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

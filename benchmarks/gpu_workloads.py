@@ -1,0 +1,207 @@
+"""GPU workloads: tuili beside HF transformers on the same random weights of real shapes (bf16),
+each case also as a ratio to the roofline measured in the same run.
+
+Cases (issue 3): batch-1 decode time per token at 128 and 8k context; time to first token of a
+2048-token prompt; 256 requests x (512 in, 256 out) wall time; 256 requests with in/out lengths
+uniform in 100-1024, output tok/s. HF runs a bare forward loop with its KV cache for decode, one
+forward for TTFT, and `generate` on statically padded batches for throughput (a 32- or 64-request
+slice, its rate scaled to the whole workload).
+
+    python benchmarks/gpu_workloads.py [--shapes smollm2-135m,qwen3-0.6b,llama3-8b] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_common import (attention_flops, kv_bytes_per_token, linear_params,  # noqa: E402
+                                   measure_ceilings, now)
+from tests.gpu.random_models import SHAPES, build  # noqa: E402
+from tuili import LLM, SamplingParams  # noqa: E402
+
+FULL_LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28}
+CASES = {"smollm2-135m": ["decode128"],
+         "llama3-8b": ["decode128", "decode8k", "ttft2048", "batch256x512x256"],
+         "qwen3-0.6b": ["decode128", "batch256-uniform"]}
+DECODE_TOKENS = 64
+
+
+def random_prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(2, vocab) for _ in range(n)]
+
+
+def workload(case: str, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths) of a throughput case."""
+    rng = random.Random(0)
+    if case == "batch256x512x256":
+        return [random_prompt(rng, vocab, 512) for _ in range(256)], [256] * 256
+    lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+    return [random_prompt(rng, vocab, i) for i, _ in lengths], [o for _, o in lengths]
+
+
+# ---- HF transformers ---------------------------------------------------------------------------
+
+@torch.inference_mode()
+def hf_decode_ms(model, prompt: list[int]) -> float:
+    best = float("inf")
+    for _ in range(2):
+        out = model(input_ids=torch.tensor([prompt], device="cuda"), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        start = now()
+        for _ in range(DECODE_TOKENS - 1):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        best = min(best, (now() - start) / (DECODE_TOKENS - 1))
+        del out
+    return best * 1e3
+
+
+@torch.inference_mode()
+def hf_ttft_ms(model, prompts: list[list[int]]) -> float:
+    times = []
+    for p in prompts:
+        start = now()
+        model(input_ids=torch.tensor([p], device="cuda"), logits_to_keep=1).logits.argmax(-1).item()
+        times.append(now() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+@torch.inference_mode()
+def hf_throughput(model, prompts: list[list[int]], outs: list[int]) -> float:
+    """Output tok/s of HF generate on one left-padded static batch (tokens a request asked for)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    start = now()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outs),
+                   min_new_tokens=max(outs), do_sample=False, pad_token_id=0)
+    return sum(outs) / (now() - start)
+
+
+# ---- tuili -------------------------------------------------------------------------------------
+
+def tuili_decode_ms(llm: LLM, prompt: list[int]) -> float:
+    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    best = float("inf")
+    for _ in range(2):
+        stamps = []
+        for _ in llm.stream(prompt, params):
+            stamps.append(now())
+        best = min(best, (stamps[-1] - stamps[1]) / (len(stamps) - 2))
+    return best * 1e3
+
+
+def tuili_ttft_ms(llm: LLM, prompts: list[list[int]]) -> float:
+    times = []
+    for p in prompts:
+        start = now()
+        llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
+        times.append(now() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def tuili_throughput(llm: LLM, prompts: list[list[int]], outs: list[int]) -> tuple[float, float]:
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
+    start = now()
+    results = llm.generate(prompts, params)
+    wall = now() - start
+    assert sum(len(r.outputs[0].token_ids) for r in results) == sum(outs)
+    return wall, sum(outs) / wall
+
+
+# ---- one shape ---------------------------------------------------------------------------------
+
+def run_shape(name: str, ceilings: dict) -> list[dict]:
+    cfg = SHAPES[name][2]
+    vocab = cfg["vocab_size"]
+    bw, peak = ceilings["read_bytes_per_s"], ceilings["matmul_flops_per_s"]
+    rng = random.Random(1)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        hf = build(name, Path(tmp), num_layers=FULL_LAYERS[name])
+        config, params = hf.config, linear_params(hf)
+        kv_tok = kv_bytes_per_token(config)
+        print(f"{name}: built and saved in {time.perf_counter() - start:.0f}s", flush=True)
+        prompts = {"decode128": random_prompt(rng, vocab, 128),
+                   "decode8k": random_prompt(rng, vocab, 8192 - DECODE_TOKENS),
+                   "ttft2048": [random_prompt(rng, vocab, 2048) for _ in range(5)]}
+        hf_results = {}
+        for case in CASES[name]:
+            if case.startswith("decode"):
+                hf_results[case] = hf_decode_ms(hf, prompts[case])
+            elif case == "ttft2048":
+                hf_results[case] = hf_ttft_ms(hf, prompts[case])
+            else:
+                ps, outs = workload(case, vocab)
+                n = 32 if name == "llama3-8b" else 64
+                hf_results[case] = hf_throughput(hf, ps[:n], outs[:n])
+            print(f"  HF {case}: {hf_results[case]:.2f}", flush=True)
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        llm = LLM(tmp, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=8192)
+        for case in CASES[name]:
+            hf_value = hf_results[case]
+            if case.startswith("decode"):
+                ctx = len(prompts[case]) + DECODE_TOKENS // 2
+                ms = tuili_decode_ms(llm, prompts[case])
+                floor = (params * 2 + ctx * kv_tok) / bw * 1e3
+                rows.append(dict(shape=name, case=f"batch-1 decode, ~{ctx} context", unit="ms/token",
+                                 tuili=ms, hf=hf_value, speedup=hf_value / ms,
+                                 roofline=f"{floor / ms:.0%} of read bandwidth (floor {floor:.2f} ms)"))
+            elif case == "ttft2048":
+                ms = tuili_ttft_ms(llm, prompts[case])
+                flops = 2 * params * 2048 + attention_flops(config, 2048, 0)
+                rows.append(dict(shape=name, case="time to first token, 2048-token prompt",
+                                 unit="ms", tuili=ms, hf=hf_value, speedup=hf_value / ms,
+                                 roofline=f"{flops / (ms / 1e3) / peak:.0%} of matmul rate"))
+            else:
+                ps, outs = workload(case, vocab)
+                wall, rate = tuili_throughput(llm, ps, outs)
+                flops = sum(2 * params * (len(p) + o) + attention_flops(config, len(p) + o, 0)
+                            for p, o in zip(ps, outs))
+                hf_wall = sum(outs) / hf_value
+                rows.append(dict(shape=name, case=f"{case}: wall s (output tok/s)", unit="s",
+                                 tuili=wall, hf=hf_wall, speedup=hf_wall / wall,
+                                 tuili_tok_s=rate, hf_tok_s=hf_value,
+                                 roofline=f"{flops / wall / peak:.0%} of matmul rate"))
+            print(f"  tuili {rows[-1]['case']}: {rows[-1]['tuili']:.2f}", flush=True)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="smollm2-135m,qwen3-0.6b,llama3-8b")
+    p.add_argument("--json")
+    args = p.parse_args()
+    ceilings = measure_ceilings()
+    print(f"ceilings: read {ceilings['read_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    rows = [r for name in args.shapes.split(",") for r in run_shape(name, ceilings)]
+    print(f"\n{'shape':<13} {'case':<44} {'tuili':>9} {'HF':>9} {'HF/tuili':>8}  roofline")
+    for r in rows:
+        extra = (f" ({r['tuili_tok_s']:.0f} vs {r['hf_tok_s']:.0f} tok/s)" if "tuili_tok_s" in r
+                 else "")
+        print(f"{r['shape']:<13} {r['case']:<44} {r['tuili']:9.2f} {r['hf']:9.2f} "
+              f"{r['speedup']:7.1f}x  {r['roofline']}{extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
