@@ -55,8 +55,11 @@ class PhaseProfiler:
         return cls(engine.model_config, for_torch_device(engine.device), precision, small, rows)
 
     def record_step(self, batch, result, seconds: float) -> None:
-        """Engine hook: a scheduled Batch after it ran (contexts already advanced), its StepOutput."""
-        seqs = [(n, req.num_computed_tokens) for req, n in zip(batch.requests, batch.num_new)]
+        """Engine hook: a scheduled Batch after it ran, and its StepOutput. A request that finished
+        in the step has had its blocks freed (num_computed_tokens back to 0): it computed every
+        token but the one it just sampled."""
+        seqs = [(n, req.num_tokens - 1 if req.is_finished else req.num_computed_tokens)
+                for req, n in zip(batch.requests, batch.num_new)]
         rows = len(result.sample_requests) + sum(p.logits.shape[0] for p in result.prompt_logits)
         self.record(seqs, rows, batch.num_decodes, seconds)
 

@@ -113,7 +113,7 @@ def format_report(r: dict, markdown: bool = False) -> str:
            f"{m['layers']} layers, hidden {m['hidden']}, heads {m['heads']}/{m['kv_heads']} kv",
            f"device {d['name']}: {d['bandwidth_bytes_per_s'] / 1e9:.4g} GB/s, "
            f"{d['peak_flops_compute'] / 1e12:.4g} TFLOP/s {d['compute_dtype']}, ridge "
-           f"{d['ridge']:.1f} FLOP/B, {d['memory_bytes'] / 2**30:.1f} GiB",
+           f"{d['ridge']:.1f} FLOP/B, {d['memory_bytes'] / 1e9:.1f} GB",
            f"weights {p['weights']} (head {p['head']}), KV {p['kv']}; batch {r['batch']}, "
            f"prompt {r['prompt']} tokens, decode at context {r['decode_context']}", "",
            format_table(OP_HEADERS, op_rows(r), markdown), "",
@@ -121,7 +121,7 @@ def format_report(r: dict, markdown: bool = False) -> str:
            f"{_ms(r['prefill']['ttft_floor_s'])} ms, intensity {r['prefill']['intensity']:.3g} FLOP/B",
            f"time-per-output-token floor (decode, batch {r['batch']}): "
            f"{_ms(r['decode']['tpot_floor_s'])} ms -> at most "
-           f"{r['decode']['tokens_per_s_ceiling']:.4g} tok/s, intensity "
+           f"{r['decode']['tokens_per_s_ceiling']:,.0f} tok/s, intensity "
            f"{r['decode']['intensity']:.3g} FLOP/B", "",
            f"memory: weights {mem['weight_bytes'] / 2**30:.2f} GiB, KV {mem['kv_bytes_per_token'] / 1024:.4g} "
            f"KiB/token, {mem['kv_budget_bytes'] / 2**30:.2f} GiB for KV at utilization "

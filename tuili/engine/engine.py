@@ -94,6 +94,11 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
+        self.profiler = None
+        if config.profile:
+            from tuili.analysis.profiler import PhaseProfiler
+
+            self.profiler = PhaseProfiler.for_engine(self)
         weights = "int4 weights" if loaded.quantization == "int4" else "weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
@@ -193,6 +198,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return an output for every request that made progress."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -206,7 +212,10 @@ class LLMEngine:
             tokens, logprobs = self.sampler(result.sample_logits, result.sample_requests)
             for req, token, lp in zip(result.sample_requests, tokens, logprobs):
                 self._append_token(req, token, lp)
-        return self._collect({self.samples[req.request_id].group_id for req in batch.requests})
+        outputs = self._collect({self.samples[req.request_id].group_id for req in batch.requests})
+        if self.profiler is not None:
+            self.profiler.record_step(batch, result, time.perf_counter() - start)
+        return outputs
 
     def _collect(self, group_ids: set[str]) -> list[RequestOutput]:
         outputs = []
