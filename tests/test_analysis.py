@@ -231,7 +231,8 @@ def test_cli_bench_embedding(tmp_path):
 def profiled_llm():
     from tuili import LLM
 
-    return LLM("smollm2-135m", profile=True)
+    # One thread: on a shared 2-core machine two threads collapse under a neighbour's load.
+    return LLM("smollm2-135m", profile=True, num_threads=1)
 
 
 def test_profiler_reports_mbu_of_a_real_run(profiled_llm):
@@ -260,7 +261,8 @@ def test_profiler_reports_mbu_of_a_real_run(profiled_llm):
 
 def test_cli_bench_latency_with_profile(tmp_path):
     out = tmp_path / "lat.json"
-    r = run_cli("bench", "latency", "--profile", "--input-len", "16", "--output-len", "8",
+    r = run_cli("bench", "latency", "--profile", "--num-threads", "1", "--input-len", "16",
+                "--output-len", "8",
                 "--iters", "1", "--output", str(out), "--plot", str(tmp_path / "phases.png"))
     assert r.returncode == 0, r.stderr
     assert "TTFT" in r.stdout and "MBU" in r.stdout

@@ -80,6 +80,7 @@ def add_bench_parser(sub, add_engine_options) -> None:
     op.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     op.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     op.add_argument("--repeats", type=int, default=10)
+    op.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     op.add_argument("--output", default=None, help="write the results as JSON")
     op.set_defaults(func=cmd_bench_op)
 
@@ -147,31 +148,31 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
 def cmd_bench_op(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from tuili.analysis.bench import embedding_lookup, format_lookups
+    from tuili.analysis.bench import TORCH_DTYPES, embedding_lookup, format_lookups, pick_device
     from tuili.analysis.measure import copy_bandwidth
     from tuili.errors import InvalidParameter
 
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
         raise InvalidParameter("tokens", f"got {args.tokens!r}, must be comma-separated integers") from None
     results = embedding_lookup(tokens, args.vocab, args.hidden, args.dtype, args.device,
                                args.repeats)
-    import torch
-
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if args.device == "auto" else args.device)
+    dev = pick_device(args.device)
     peak = copy_bandwidth(dev)
-    table_bytes = args.vocab * args.hidden * {"fp32": 4}.get(args.dtype, 2)
+    item = TORCH_DTYPES[args.dtype].itemsize
     print(f"embedding lookup: [{args.vocab:,} x {args.hidden:,}] {args.dtype} table "
-          f"({table_bytes / 2**20:.0f} MiB) on {dev}; copy bandwidth here {peak / 1e9:.1f} GB/s\n"
-          f"bytes moved = rows read (tokens x hidden x {table_bytes // (args.vocab * args.hidden)} B) "
-          f"+ ids + rows written")
+          f"({args.vocab * args.hidden * item / 2**20:.0f} MiB) on {dev}; copy bandwidth here "
+          f"{peak / 1e9:.1f} GB/s\nbytes moved = rows read (tokens x {args.hidden} x {item} B) + "
+          "ids + rows written")
     print(format_lookups(results, peak))
     if args.output:
         Path(args.output).write_text(json.dumps(
             {"vocab": args.vocab, "hidden": args.hidden, "dtype": args.dtype, "device": str(dev),
-             "copy_bandwidth": peak, "results": [asdict(r) | {"bandwidth": r.bandwidth}
-                                                 for r in results]}, indent=2) + "\n")
+             "copy_bandwidth": peak,
+             "results": [asdict(r) | {"bandwidth": r.bandwidth} for r in results]}, indent=2) + "\n")
         print(f"wrote {args.output}")
-
