@@ -211,6 +211,17 @@ def test_cli_analyze_end_to_end(tmp_path):
     assert r.returncode != 0 and "device: got 'tpu'" in r.stderr
     r = run_cli("analyze", "--model", "llama-2-7b", "--prompt", "99999")
     assert r.returncode != 0 and "prompt: got 99999, must be in [1, 4096]" in r.stderr
+    r = run_cli("analyze", "--model", "llama-2-7b", "--batch", "0")
+    assert r.returncode != 0 and "--batch: got '0', must be an integer >= 1" in r.stderr
+
+
+def test_cli_analyze_on_measured_ceilings(tmp_path):
+    out = tmp_path / "cpu.md"
+    r = run_cli("analyze", "--model", "qwen3-0.6b", "--device", "measure", "--dtype", "int4",
+                "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "(measured here)" in r.stdout and "weights int4 (head bf16)" in r.stdout
+    assert "| phase | operator |" in out.read_text()
 
 
 def test_cli_bench_embedding(tmp_path):

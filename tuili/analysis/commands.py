@@ -9,6 +9,17 @@ from pathlib import Path
 ANALYZE_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4", "fp32")
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}, must be an integer >= 1")
+    return value
+
+
 def add_analyze_parser(sub) -> None:
     p = sub.add_parser("analyze", help="roofline analysis of a model on a device (no weights needed)")
     p.add_argument("--model", default="smollm2-135m",
@@ -22,9 +33,9 @@ def add_analyze_parser(sub) -> None:
                    help="weight format (quantized formats keep a 16-bit LM head and activations)")
     p.add_argument("--kv-dtype", default=None, choices=("bf16", "fp16", "fp8", "fp32"),
                    help="K/V cache format (default: fp8 with --dtype fp8, else 16-bit)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--batch", type=positive, default=1, help="sequences per step")
     p.add_argument("--prompt", type=int, default=512, help="prompt length in tokens")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=positive, default=None,
                    help="context length of the decode step analysed (default: prompt + 1)")
     p.add_argument("--output", default=None, help="write the analysis: .json, .csv or .md")
     p.add_argument("--plot", default=None,
@@ -57,17 +68,17 @@ def add_bench_parser(sub, add_engine_options) -> None:
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     tp = kinds.add_parser("throughput", help="offline throughput: all prompts at once")
-    tp.add_argument("--num-prompts", type=int, default=32)
-    tp.add_argument("--input-len", type=int, default=128)
-    tp.add_argument("--output-len", type=int, default=64)
+    tp.add_argument("--num-prompts", type=positive, default=32)
+    tp.add_argument("--input-len", type=positive, default=128)
+    tp.add_argument("--output-len", type=positive, default=64)
     _add_common(tp, add_engine_options)
     tp.set_defaults(func=cmd_bench_throughput)
 
     lat = kinds.add_parser("latency", help="time to first token and per output token")
-    lat.add_argument("--batch-size", type=int, default=1)
-    lat.add_argument("--input-len", type=int, default=128)
-    lat.add_argument("--output-len", type=int, default=32)
-    lat.add_argument("--iters", type=int, default=3)
+    lat.add_argument("--batch-size", type=positive, default=1)
+    lat.add_argument("--input-len", type=positive, default=128)
+    lat.add_argument("--output-len", type=positive, default=32)
+    lat.add_argument("--iters", type=positive, default=3)
     _add_common(lat, add_engine_options)
     lat.set_defaults(func=cmd_bench_latency)
 
@@ -75,11 +86,11 @@ def add_bench_parser(sub, add_engine_options) -> None:
     op.add_argument("name", choices=["embedding"])
     op.add_argument("--tokens", default="1,4,64,1024,16384",
                     help="comma-separated token counts to look up")
-    op.add_argument("--vocab", type=int, default=32000)
-    op.add_argument("--hidden", type=int, default=4096)
+    op.add_argument("--vocab", type=positive, default=32000)
+    op.add_argument("--hidden", type=positive, default=4096)
     op.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     op.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    op.add_argument("--repeats", type=int, default=10)
+    op.add_argument("--repeats", type=positive, default=10)
     op.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     op.add_argument("--output", default=None, help="write the results as JSON")
     op.set_defaults(func=cmd_bench_op)
