@@ -1,4 +1,4 @@
-"""The `tuili` command: generate, chat."""
+"""The `tuili` command: generate, chat, export, analyze, bench."""
 
 from __future__ import annotations
 
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="GGUF file or alias")
     export.add_argument("out", help="folder to write")
     export.set_defaults(func=cmd_export)
+
+    from tuili.analysis.commands import add_analyze_parser, add_bench_parser
+
+    add_analyze_parser(sub)
+    add_bench_parser(sub, add_engine_options)
     return parser
 
 

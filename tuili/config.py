@@ -44,6 +44,8 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "on GPU, run decode without CUDA graphs")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
+    profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "
+                                "FLOP/s (MFU) against the device's ceilings")
 
     def validate(self) -> EngineConfig:
         def need(name: str, ok: bool, allowed: str) -> None:

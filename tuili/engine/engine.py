@@ -101,6 +101,11 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
         self.owed: set[str] = set()  # groups whose last step's text and outputs are not built yet
+        self.profiler = None
+        if config.profile:
+            from tuili.analysis.profiler import PhaseProfiler
+
+            self.profiler = PhaseProfiler.for_engine(self)
         weights = "int4 weights" if loaded.quantization == "int4" else "weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
@@ -208,6 +213,7 @@ class LLMEngine:
         Pipelined: the text and outputs of a step's tokens are built during the next call, while
         the GPU computes that call's batch, so a step's outputs arrive one call later (a final
         call with nothing to schedule hands over the last ones)."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         result = self.runner.execute(batch) if batch else None  # queued on the GPU, not awaited
         outputs = self._build_owed_outputs()
@@ -223,6 +229,8 @@ class LLMEngine:
             for req, token, lp in zip(result.sample_requests, tokens, logprobs):
                 self._append_token(req, token, lp)
         self.owed.update(self.samples[req.request_id].group_id for req in batch.requests)
+        if self.profiler is not None:
+            self.profiler.record_step(batch, result, time.perf_counter() - start)
         return outputs
 
     def _build_owed_outputs(self) -> list[RequestOutput]:

@@ -1,0 +1,155 @@
+"""FLOPs and bytes of each operator of a Llama-family step, from the ModelConfig alone.
+
+A step computes `new_tokens` tokens for each of its sequences, the last of which ends at
+`context` (the token's own position included). Bytes count what an ideal kernel must move
+between memory and the chip: every weight once per step, each sequence's K/V once per layer,
+and each operator's activations in and out. Norms, rotary and residual adds are left out
+(a few bytes per hidden value, well under 1% of a layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuili.errors import InvalidParameter
+from tuili.models.config import ModelConfig
+
+# Bits per stored weight, scales included.
+WEIGHT_BITS = {
+    "fp32": 32, "bf16": 16, "fp16": 16,
+    "fp8": 8,     # one scale per tensor or channel: negligible
+    "int8": 8,    # per-channel scales: negligible
+    "int4": 4.25,  # 4-bit groups of 128 with a 16-bit scale and zero (GPTQ/AWQ-style)
+    "int4-g32": 5,  # tuili's CPU packing: groups of 32 with a bf16 scale and zero
+}
+# What the multiply runs in: fp8/int8 weights with activations of the same kind (W8A8); 4-bit
+# weights are unpacked and multiplied in bf16 (W4A16).
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "int8": "int8",
+                 "int4": "bf16", "int4-g32": "bf16"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+OP_NAMES = ("embedding", "qkv_proj", "attention", "o_proj", "mlp", "lm_head")
+
+
+def weight_bytes_per_param(fmt: str) -> float:
+    if fmt not in WEIGHT_BITS:
+        raise InvalidParameter("dtype", f"got {fmt!r}, must be one of {', '.join(WEIGHT_BITS)}")
+    return WEIGHT_BITS[fmt] / 8
+
+
+@dataclass
+class Op:
+    """One operator over a whole step (all layers): work and traffic."""
+    name: str
+    flops: float
+    bytes_read: float
+    bytes_written: float
+    compute_dtype: str = "bf16"
+
+    @property
+    def bytes(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte moved."""
+        return self.flops / self.bytes if self.bytes else 0.0
+
+
+@dataclass
+class Precision:
+    """Storage formats of a run: layer weights, the embedding/LM-head table, K/V, activations."""
+    weights: str = "bf16"
+    head: str = "bf16"
+    kv: str = "bf16"
+    activations: str = "bf16"
+
+    @classmethod
+    def for_dtype(cls, dtype: str, kv: str | None = None) -> Precision:
+        """The usual recipe for a weight format: quantized layers keep a 16-bit head and
+        activations; fp8 runs also keep K/V in fp8; fp32 is fp32 throughout."""
+        weight_bytes_per_param(dtype)
+        wide = "fp32" if dtype == "fp32" else ("fp16" if dtype == "fp16" else "bf16")
+        kv = kv or ("fp8" if dtype == "fp8" else wide)
+        return cls(weights=dtype, head=wide, kv=kv, activations=wide)
+
+
+def matmul(name: str, rows: int, k: int, n: int, weight_bytes: float, act_bytes: int,
+           compute_dtype: str = "bf16") -> Op:
+    """[rows, k] @ [k, n]: reads the weight and the input, writes the output."""
+    return Op(name, 2.0 * rows * k * n, k * n * weight_bytes + rows * k * act_bytes,
+              rows * n * act_bytes, compute_dtype)
+
+
+def embedding_gather(tokens: int, hidden: int, table_bytes: float, act_bytes: int) -> Op:
+    """Look up `tokens` rows of a [vocab, hidden] table: no arithmetic, one row read per token."""
+    return Op("embedding", 0.0, tokens * hidden * table_bytes, tokens * hidden * act_bytes)
+
+
+def attention(c: ModelConfig, seqs: list[tuple[int, int]], kv_bytes: float, act_bytes: int,
+              compute_dtype: str = "bf16") -> Op:
+    """Causal attention of every layer for (new_tokens, context) pairs: QK^T and PV over each new
+    token's keys; each sequence's K/V read once, the new K/V written once."""
+    flops = read = written = 0.0
+    nh, nkv, d, layers = c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers
+    for n, ctx in seqs:
+        start = ctx - n
+        keys_seen = n * start + n * (n + 1) / 2  # token at position p sees p + 1 keys
+        flops += 4.0 * nh * d * keys_seen
+        read += 2 * ctx * nkv * d * kv_bytes + n * nh * d * act_bytes
+        written += 2 * n * nkv * d * kv_bytes + n * nh * d * act_bytes
+    return Op("attention", flops * layers, read * layers, written * layers, compute_dtype)
+
+
+def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
+             precision: Precision = Precision()) -> list[Op]:
+    """The operators of one step over (new_tokens, context) pairs; `sampled` rows reach the LM head."""
+    for n, ctx in seqs:
+        if n < 1 or ctx < n:
+            raise InvalidParameter("seqs", f"(new_tokens={n}, context={ctx}): need 1 <= new <= context")
+    t = sum(n for n, _ in seqs)
+    h, layers = c.hidden_size, c.num_layers
+    wb, hb = weight_bytes_per_param(precision.weights), weight_bytes_per_param(precision.head)
+    ab = DTYPE_BYTES[precision.activations]
+    kvb = weight_bytes_per_param(precision.kv)
+    cd = COMPUTE_DTYPE[precision.weights]
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    qkv = matmul("qkv_proj", t, h, q + 2 * kv, wb, ab, cd)
+    o = matmul("o_proj", t, q, h, wb, ab, cd)
+    up = matmul("mlp", t, h, 2 * c.intermediate_size, wb, ab, cd)
+    down = matmul("mlp", t, c.intermediate_size, h, wb, ab, cd)
+    mlp = Op("mlp", up.flops + down.flops, up.bytes_read + down.bytes_read,
+             up.bytes_written + down.bytes_written, cd)
+    layer_ops = [_times(op, layers) for op in (qkv, o, mlp)]
+    head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, COMPUTE_DTYPE[precision.head])
+    return [embedding_gather(t, h, hb, ab), layer_ops[0],
+            attention(c, seqs, kvb, ab, "fp32" if ab == 4 else "bf16"),
+            layer_ops[1], layer_ops[2], head]
+
+
+def _times(op: Op, k: int) -> Op:
+    return Op(op.name, op.flops * k, op.bytes_read * k, op.bytes_written * k, op.compute_dtype)
+
+
+def prefill_ops(c: ModelConfig, batch: int, prompt: int, precision: Precision = Precision()) -> list[Op]:
+    """`batch` prompts of `prompt` tokens each, prefilled in one step."""
+    return step_ops(c, [(prompt, prompt)] * batch, batch, precision)
+
+
+def decode_ops(c: ModelConfig, batch: int, context: int, precision: Precision = Precision()) -> list[Op]:
+    """One decode step of `batch` sequences whose new token sits at position context - 1."""
+    return step_ops(c, [(1, context)] * batch, batch, precision)
+
+
+def num_params(c: ModelConfig) -> dict[str, int]:
+    """Parameter counts: the linear layers, and the embedding/LM-head tables."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    tables = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return {"layers": per_layer * c.num_layers, "tables": tables}
+
+
+def weight_bytes(c: ModelConfig, precision: Precision = Precision()) -> float:
+    """Bytes of all weights as stored."""
+    p = num_params(c)
+    return p["layers"] * weight_bytes_per_param(precision.weights) + \
+        p["tables"] * weight_bytes_per_param(precision.head)
