@@ -1,4 +1,4 @@
-"""The `tuili` command: generate, chat."""
+"""The `tuili` command: generate, chat, export, serve, bench serve."""
 
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(export_hf_folder(path, args.out))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tuili.server.serve import serve
+
+    serve(engine_options(args), args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from tuili.bench.serve import run_from_args
+
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuili", description="tuili (推理): LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="GGUF file or alias")
     export.add_argument("out", help="folder to write")
     export.set_defaults(func=cmd_export)
+
+    from tuili.server.serve import add_server_options  # light: argparse and uvicorn only
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_server_options(serve)
+    add_engine_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from tuili.bench.serve import add_bench_options
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server; report "
+                                                 "TTFT/TPOT/ITL/E2E, throughput and goodput")
+    add_bench_options(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
     return parser
 
 
