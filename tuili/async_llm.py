@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tuili.config import EngineConfig
@@ -90,39 +90,10 @@ class AsyncLLM:
             raise PromptTooLong(len(ids), self.max_model_len)
         return ids
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       observe: Observer | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as steps produce them; outputs that piled up while the
-        consumer was busy come merged into one (their deltas joined). Leaving early aborts it."""
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        self.num_unstarted += 1
-        started = finished = False
-        self._inbox.put(_Add(request_id, prompt_ids, params, loop, sink))
-        try:
-            while not finished:
-                items = [await sink.get()]
-                while not sink.empty():
-                    items.append(sink.get_nowait())
-                outs = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    out, t = item
-                    if observe is not None:
-                        observe(out, t)
-                    outs.append(out)
-                if not started:
-                    started = True
-                    self.num_unstarted -= 1
-                out = _merge(outs)
-                finished = out.finished
-                yield out
-        finally:
-            if not started:
-                self.num_unstarted -= 1
-            if not finished:
-                self._inbox.put(_Abort(request_id))
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 observe: Observer | None = None) -> RequestStream:
+        """Queue the request now; iterate the returned stream for its outputs."""
+        return RequestStream(self, request_id, prompt_ids, params, observe)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -205,6 +176,62 @@ class AsyncLLM:
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
             kv_cache_usage=e.pool.usage, prefix_cache_queries=e.prefix_cache_stats.queries,
             prefix_cache_hits=e.prefix_cache_stats.hits, num_preemptions=e.num_preemptions)
+
+
+class RequestStream:
+    """One request's outputs as an async iterator. Outputs that piled up while the consumer was
+    busy come merged into one (deltas joined). Closing it (or dropping it) before the end aborts
+    the request, as does cancelling a task that waits on it."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams, observe: Observer | None):
+        self.llm, self.request_id, self.observe = llm, request_id, observe
+        self.sink: asyncio.Queue = asyncio.Queue()
+        self.started = self.done = False
+        llm.num_unstarted += 1  # counted at once, so admission limits hold under bursts
+        llm._inbox.put(_Add(request_id, prompt_ids, params, asyncio.get_running_loop(), self.sink))
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            items = [await self.sink.get()]
+        except BaseException:
+            self.close()
+            raise
+        while not self.sink.empty():
+            items.append(self.sink.get_nowait())
+        outs = []
+        for item in items:
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            out, t = item
+            if self.observe is not None:
+                self.observe(out, t)
+            outs.append(out)
+        self._mark_started()
+        out = _merge(outs)
+        if out.finished:
+            self.done = True
+        return out
+
+    def _mark_started(self) -> None:
+        if not self.started:
+            self.started = True
+            self.llm.num_unstarted -= 1
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.llm.abort(self.request_id)
+        self._mark_started()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _deliver(items: list) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuili.errors import InvalidParameter
 from tuili.models.tokenizer import Tokenizer
+from tuili.async_llm import RequestStream
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.server.errors import APIError
 from tuili.server.protocol import ChatCompletionRequest, ChatMessage
@@ -100,7 +101,7 @@ class _Writer:
         return {**self._object("chat.completion", choices),
                 "usage": usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)}
 
-    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
         body, kind = self.body, "chat.completion.chunk"
         extra = {"usage": None} if body.include_usage else {}
         first = {"role": "assistant", "content": "", "refusal": None}
@@ -128,6 +129,8 @@ class _Writer:
                     len(last.prompt_token_ids), n_out, last.num_cached_tokens)})
         except (InvalidParameter, APIError, RuntimeError) as e:
             yield sse_error(e)
+        finally:
+            stream.close()
         yield SSE_DONE
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int) -> dict | None:

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuili.errors import InvalidParameter
+from tuili.async_llm import RequestStream
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.server.errors import APIError
 from tuili.server.protocol import CompletionRequest
@@ -78,7 +79,7 @@ class _Writer:
                 choices.append(self._choice(i * self.body.n + o.index, text, lp, o.finish_reason))
         return {**self._object(choices), "usage": usage(n_prompt, n_out, n_cached)}
 
-    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+    async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         body, n = self.body, self.body.n
         extra = {"usage": None} if body.include_usage else {}
         n_prompt = n_out = n_cached = 0

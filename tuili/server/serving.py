@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from tuili.async_llm import AsyncLLM
+from tuili.async_llm import AsyncLLM, RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
@@ -67,7 +67,7 @@ class ServerState:
                                    f"max_model_len={limit}; shorten the prompt or lower {field}")
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 arrival: float) -> AsyncIterator[RequestOutput]:
+                 arrival: float) -> RequestStream:
         return self.llm.generate(request_id, prompt_ids, params,
                                  observe=self.metrics.timer(arrival))
 
@@ -100,16 +100,26 @@ def sse_error(e: Exception) -> str:
                           else "server_error", "param": getattr(e, "param", None), "code": None}})
 
 
-async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
+async def merge_streams(streams: list[RequestStream]
                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from several requests' streams as they come; one is passed through."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
+    """(prompt index, output) from several requests' streams as they come; one is passed through.
+    Leaving early closes (aborts) whatever has not finished."""
+    try:
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        async for item in _interleave(streams):
+            yield item
+    finally:
+        for s in streams:
+            s.close()
+
+
+async def _interleave(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     inbox: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, stream: RequestStream) -> None:
         try:
             async for out in stream:
                 inbox.put_nowait((i, out))
@@ -133,7 +143,7 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
             t.cancel()
 
 
-async def final_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     final: dict[int, RequestOutput] = {}
     async for i, out in merge_streams(streams):
         if out.finished:
