@@ -178,7 +178,8 @@ def test_completion_stream_with_usage(client, llm, server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
-    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+    with httpx.stream("POST", f"{server.url}/v1/completions",
+                      headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": prompt, "max_tokens": 4, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
@@ -199,8 +200,8 @@ def test_chat_greedy_equals_llm_chat(client, llm):
     assert r.usage.prompt_tokens == len(llm.render_chat(messages))
     assert r.usage.completion_tokens == len(offline.outputs[0].token_ids)
     # max_tokens (the older name) works the same; content parts join to the same text
-    parts = [{"role": "system", "content": [{"type": "text", "text": "You are a terse assistant."}]},
-             {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+             for m in messages]
     r2 = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=20)
     assert r2.choices[0].message.content == c.message.content
 
@@ -275,6 +276,22 @@ def test_tokenize_detokenize_and_info(http, llm):
     assert info["chat_template"] == llm.tokenizer.chat_template
     assert http.get("/version").json()["version"]
     assert http.get("/health").status_code == 200
+
+
+def test_bench_serve_reports_latencies_and_goodput(server, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "tuili", "bench", "serve", "--base-url", server.url,
+                        "--api-key", KEY, "--num-prompts", "4", "--input-len", "8",
+                        "--output-len", "6", "--ignore-eos", "--request-rate", "20",
+                        "--max-concurrency", "2",
+                        "--burstiness", "0.5", "--slo-ttft-ms", "60000", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "completed 4, failed 0" in r.stdout and "TTFT" in r.stdout and "goodput" in r.stdout
+    s = json.loads(out.read_text())
+    assert s["output_tokens"] == 24 and s["goodput"] > 0 and s["config"]["model"] == MODEL
+    assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p99"] and s["itl_ms"]["mean"] > 0
 
 
 # ---- errors over raw HTTP ---------------------------------------------------------------
@@ -393,7 +410,8 @@ def test_disconnect_aborts_and_frees_blocks_and_metrics_move(server, http):
     wait_for(lambda: metrics(server)["tuili:num_requests_running"] == 0, timeout=10)
     after = metrics(server)
     assert after["tuili:kv_cache_usage_perc"] == 0
-    assert 0 < after["tuili:generation_tokens_total"] - before["tuili:generation_tokens_total"] < 900
+    generated = after["tuili:generation_tokens_total"] - before["tuili:generation_tokens_total"]
+    assert 0 < generated < 900
     # a non-streaming request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json={**LONG, "stream": False}, timeout=1.5)

@@ -56,7 +56,7 @@ Observer = Callable[[RequestOutput, float], None]
 
 
 class AsyncLLM:
-    """AsyncLLM("smollm2-135m"); `async for out in llm.generate(rid, ids, params)` in a coroutine."""
+    """AsyncLLM("smollm2-135m"); in a coroutine, `async for out in llm.generate(...)`."""
 
     def __init__(self, model: str | None = None, **options):
         if model is not None:

@@ -68,7 +68,8 @@ def make_prompts(cfg: BenchConfig) -> list[str | list[int]]:
     if cfg.endpoint == "completions":  # token ids give exact input lengths on any tokenizer
         return [[rng.randrange(1000, 20000) for _ in range(cfg.input_len)]
                 for _ in range(cfg.num_prompts)]
-    return [" ".join(rng.choice(WORDS) for _ in range(cfg.input_len)) for _ in range(cfg.num_prompts)]
+    return [" ".join(rng.choice(WORDS) for _ in range(cfg.input_len))
+            for _ in range(cfg.num_prompts)]
 
 
 def _payload(cfg: BenchConfig, prompt) -> dict:
@@ -180,7 +181,8 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float) -
 def format_report(s: dict) -> str:
     lines = [f"completed {s['completed']}, failed {s['failed']} in {s['duration_s']:.2f}s",
              f"request throughput  {s['request_throughput']:.2f} req/s",
-             f"output throughput   {s['output_throughput']:.1f} tok/s ({s['output_tokens']} tokens)"]
+             f"output throughput   {s['output_throughput']:.1f} tok/s "
+             f"({s['output_tokens']} tokens)"]
     if s["goodput"] is not None:
         lines.append(f"goodput             {s['goodput']:.2f} req/s within the SLOs")
     lines.append(f"{'':6}{'mean':>10}{'p50':>10}{'p99':>10}  (ms)")

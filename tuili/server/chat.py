@@ -24,7 +24,8 @@ def render_messages(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[
     """Token ids of the conversation as the model's chat template writes it."""
     plain = [_plain_message(i, m) for i, m in enumerate(messages)]
     try:
-        text = tok.apply_chat_template(plain, tools=tools, add_generation_prompt=add_generation_prompt,
+        text = tok.apply_chat_template(plain, tools=tools,
+                                       add_generation_prompt=add_generation_prompt,
                                        **(template_kwargs or {}))
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise InvalidParameter("messages", f"the chat template rejected them: {e}") from e

@@ -51,8 +51,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         err = e.errors()[0]
         param = _param_name(err["loc"])
         got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
-        raise APIError(400, f"{param}: {err['msg']}{got}", param=param,
-                       code="missing_parameter" if err["type"] == "missing" else "invalid_type") from e
+        code = "missing_parameter" if err["type"] == "missing" else "invalid_type"
+        raise APIError(400, f"{param}: {err['msg']}{got}", param=param, code=code) from e
 
 
 def _param_name(loc: tuple) -> str:
