@@ -252,7 +252,8 @@ def test_vllm_sampling_extras(client, llm):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
                                   extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
-    first = llm.tokenizer.encode(expected, add_special_tokens=False)[0]
+    first = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))[0].outputs[0] \
+        .token_ids[0]
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
                                   extra_body={"stop_token_ids": [first]})
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
