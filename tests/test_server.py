@@ -224,6 +224,22 @@ def test_chat_roles_tools_n_and_seed(client, llm):
     assert a.usage.completion_tokens <= 16
 
 
+def test_stream_n_samples_each_end_once(client):
+    # seeded samples that end at different steps (one on EOS): the early one ends just once
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=N_LONG,
+              temperature=1.0, n=2, seed=SEED_N)
+    whole = client.chat.completions.create(**kw)
+    assert len({c.finish_reason for c in whole.choices}) == 2  # the case this test is about
+    texts, ends = ["", ""], [[], []]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                ends[c.index].append(c.finish_reason)
+    assert texts == [c.message.content for c in whole.choices]
+    assert ends == [[c.finish_reason] for c in whole.choices]
+
+
 def test_chat_stream_with_logprobs_and_usage(client, llm):
     messages = [{"role": "user", "content": "Name three rivers."}]
     chunks = list(client.chat.completions.create(

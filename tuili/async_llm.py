@@ -61,15 +61,21 @@ class AsyncLLM:
     def __init__(self, model: str | None = None, **options):
         if model is not None:
             options["model"] = model
-        self.engine = LLMEngine(EngineConfig(**options))
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
+        config = EngineConfig(**options)
         self.stats = EngineStats()
         self.num_unstarted = 0  # requests taken in that have no output yet (event-loop side)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread = threading.Thread(target=self._run, name="tuili-engine", daemon=True)
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(config,), name="tuili-engine",
+                                        daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
 
     # ---- the event-loop side ---------------------------------------------------------------
 
@@ -105,8 +111,16 @@ class AsyncLLM:
 
     # ---- the engine thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        engine = self.engine
+    def _run(self, config: EngineConfig) -> None:
+        # The engine is built in the thread that runs it: built in another thread, the same
+        # CPU steps measured ~1.4x slower (256 sequences, 2 cores).
+        try:
+            self.engine = engine = LLMEngine(config)
+        except BaseException as e:
+            self._load_error = e
+            return
+        finally:
+            self._ready.set()
         while True:
             if not self._take_commands(block=not engine.has_unfinished_requests()):
                 break

@@ -108,12 +108,16 @@ class _Writer:
         first = {"role": "assistant", "content": "", "refusal": None}
         yield sse({**self._object(kind, [{"index": i, "delta": first, "logprobs": None,
                                           "finish_reason": None} for i in range(body.n)]), **extra})
-        last = None
+        last, ended = None, set()  # ended: samples already sent with their finish_reason
         try:
             async for out in stream:
                 last = out
                 choices = []
                 for o in out.outputs:
+                    if o.index in ended:
+                        continue
+                    if o.finished:
+                        ended.add(o.index)
                     n_new = len(o.delta_token_ids)
                     if not (o.delta_text or o.finished or (n_new and body.logprobs)):
                         continue

@@ -84,11 +84,14 @@ class _Writer:
         extra = {"usage": None} if body.include_usage else {}
         n_prompt = n_out = n_cached = 0
         offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
+        ended: set[int] = set()  # choices already sent with their finish_reason
         try:
             async for i, out in merge_streams(streams):
                 choices = []
                 for o in out.outputs:
                     index = i * n + o.index
+                    if index in ended:  # a sample that finished before the rest of its group
+                        continue
                     first = index not in offsets
                     text = self.tok.decode(out.prompt_token_ids) if first and body.echo else ""
                     if first:
@@ -107,6 +110,8 @@ class _Writer:
                                             offsets[index])
                         offsets[index] += sum(len(t) for t in lp["tokens"])
                     choices.append(self._choice(index, text, lp, o.finish_reason))
+                    if o.finished:
+                        ended.add(index)
                 if choices:
                     yield sse({**self._object(choices), **extra})
             if body.include_usage:
