@@ -4,14 +4,14 @@ import logging
 import os
 
 from tuili.config import EngineConfig
-from tuili.entry import LLM
+from tuili.entry import LLM, AsyncLLM
 from tuili.errors import InvalidParameter, ModelLoadError, PromptTooLong, TuiliError
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "TuiliError", "InvalidParameter", "ModelLoadError", "PromptTooLong"]
+__all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutput",
+           "CompletionOutput", "TuiliError", "InvalidParameter", "ModelLoadError", "PromptTooLong"]
 
 _log = logging.getLogger("tuili")
 if not _log.handlers:

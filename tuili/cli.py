@@ -1,4 +1,4 @@
-"""The `tuili` command: generate, chat, export, analyze, bench."""
+"""The `tuili` command: generate, chat, export, serve, analyze, bench."""
 
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(export_hf_folder(path, args.out))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tuili.server.serve import serve
+
+    serve(engine_options(args), args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from tuili.bench.serve import run_from_args
+
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuili", description="tuili (推理): LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,9 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     from tuili.analysis.commands import add_analyze_parser, add_bench_parser
+    from tuili.server.serve import add_server_options  # light: argparse and uvicorn only
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_server_options(serve)
+    add_engine_options(serve)
+    serve.set_defaults(func=cmd_serve)
 
     add_analyze_parser(sub)
-    add_bench_parser(sub, add_engine_options)
+    bench = add_bench_parser(sub, add_engine_options)
+
+    from tuili.bench.serve import add_bench_options
+
+    bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server; report "
+                                                 "TTFT/TPOT/ITL/E2E, throughput and goodput")
+    add_bench_options(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
     return parser
 
 

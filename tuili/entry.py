@@ -1,4 +1,4 @@
-"""LLM: the offline, synchronous front over the engine."""
+"""LLM: the offline, synchronous front over the engine (AsyncLLM, the server's, is beside it)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import jinja2
 
+from tuili.async_llm import AsyncLLM  # noqa: F401  (the asyncio front, re-exported here)
 from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter

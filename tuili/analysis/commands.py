@@ -63,8 +63,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
-def add_bench_parser(sub, add_engine_options) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, op embedding")
+def add_bench_parser(sub, add_engine_options):
+    """Add `tuili bench`; return its subcommands, for other benchmarks to join."""
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, op embedding, serve")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
     tp = kinds.add_parser("throughput", help="offline throughput: all prompts at once")
@@ -94,6 +95,7 @@ def add_bench_parser(sub, add_engine_options) -> None:
     op.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     op.add_argument("--output", default=None, help="write the results as JSON")
     op.set_defaults(func=cmd_bench_op)
+    return kinds
 
 
 def _add_common(p: argparse.ArgumentParser, add_engine_options) -> None:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (FastAPI): protocol, auth, errors, SSE, metrics."""

@@ -1,0 +1,131 @@
+"""The FastAPI app: routes, API-key check, and the small endpoints (models, tokenizer, health)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import tuili
+from tuili.errors import InvalidParameter
+from tuili.server.chat import create_chat_completion, render_messages
+from tuili.server.completions import create_completion
+from tuili.server.errors import APIError, install_handlers, parse_body
+from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest)
+from tuili.server.serving import ServerState
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        state.llm.shutdown()
+
+    app = FastAPI(title="tuili", version=tuili.__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.tuili = state
+    install_handlers(app)
+    app.include_router(_public_routes(state))
+    app.include_router(_api_routes(state), dependencies=[Depends(_api_key_check(state))])
+    return app
+
+
+def _api_key_check(state: ServerState):
+    expected = state.api_key.encode() if state.api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest takes the same time wherever the first difference is
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            what = "a wrong API key" if header else "no API key (send 'Authorization: Bearer KEY')"
+            raise APIError(401, f"the request has {what}", type="invalid_request_error",
+                           code="invalid_api_key")
+    return check
+
+
+def _public_routes(state: ServerState) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/", include_in_schema=False)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(resources.files("tuili.server").joinpath("chat.html").read_text())
+
+    @r.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if state.draining else 200)
+
+    @r.get("/version")
+    async def version() -> dict:
+        return {"version": tuili.__version__}
+
+    @r.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return r
+
+
+def _api_routes(state: ServerState) -> APIRouter:
+    r = APIRouter()
+    created = int(time.time())
+    tok = state.llm.tokenizer
+
+    @r.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": created, "owned_by": "tuili",
+            "root": state.llm.engine.config.model, "parent": None,
+            "max_model_len": state.llm.max_model_len}]}
+
+    @r.post("/v1/completions")
+    async def completions(request: Request):
+        return await create_completion(state, await parse_body(request, CompletionRequest), request)
+
+    @r.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await parse_body(request, ChatCompletionRequest)
+        return await create_chat_completion(state, body, request)
+
+    @r.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await parse_body(request, TokenizeRequest)
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidParameter("prompt", "give exactly one of prompt and messages")
+        if body.prompt is not None:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            ids = render_messages(tok, body.messages, tools=body.tools, template_kwargs=None,
+                                  add_generation_prompt=body.add_generation_prompt)
+        strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids,
+                "token_strs": strs}
+
+    @r.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await parse_body(request, DetokenizeRequest)
+        state.check_model(body.model)
+        vocab = state.llm.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameter("tokens", f"token ids {bad[:5]} are outside [0, {vocab})")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @r.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse({
+            "tokenizer_class": "tokenizers.Tokenizer", "vocab_size": tok.vocab_size,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "chat_template": tok.chat_template, "model_max_length": state.llm.max_model_len})
+
+    return r

@@ -1,0 +1,153 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streaming or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tuili.errors import InvalidParameter
+from tuili.models.tokenizer import Tokenizer
+from tuili.async_llm import RequestStream
+from tuili.outputs import CompletionOutput, RequestOutput
+from tuili.server.errors import APIError
+from tuili.server.protocol import ChatCompletionRequest, ChatMessage
+from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
+                                  sse_error, unless_disconnected, usage)
+
+
+def render_messages(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[dict] | None,
+                    add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
+    """Token ids of the conversation as the model's chat template writes it."""
+    plain = [_plain_message(i, m) for i, m in enumerate(messages)]
+    try:
+        text = tok.apply_chat_template(plain, tools=tools,
+                                       add_generation_prompt=add_generation_prompt,
+                                       **(template_kwargs or {}))
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        raise InvalidParameter("messages", f"the chat template rejected them: {e}") from e
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _plain_message(i: int, m: ChatMessage) -> dict:
+    """A message as templates expect it: string content (text parts joined), extras kept."""
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidParameter(f"messages[{i}].content[{j}]", f"got a part of type "
+                                       f"{part.get('type')!r}; only text parts are supported")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    out = {**(m.model_extra or {}), "role": m.role, "content": content or ""}
+    if m.role == "developer":
+        out["role"] = "system"
+    return out
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
+                                 request: Request):
+    arrival = time.monotonic()
+    state.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParameter("top_logprobs", "needs logprobs: true")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise InvalidParameter("response_format", f"got {body.response_format.get('type')!r}, "
+                                                  "only 'text' is supported")
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = state.sampling_params(body, max_tokens, logprobs=logprobs)
+    tools = body.tools if body.tool_choice != "none" else None
+    ids = render_messages(state.llm.tokenizer, body.messages, tools=tools,
+                          add_generation_prompt=body.add_generation_prompt,
+                          template_kwargs=body.chat_template_kwargs)
+    state.check_length(state.llm.encode_prompt(ids), params, field)
+    state.admit(1)
+    rid = new_id("chatcmpl")
+    stream = state.generate(rid, ids, params, arrival)
+    writer = _Writer(state, rid, body)
+    if body.stream:
+        return StreamingResponse(writer.stream(stream), media_type="text/event-stream")
+    (final,) = await unless_disconnected(request, final_outputs([stream]))
+    return JSONResponse(writer.response(final))
+
+
+class _Writer:
+    """Turns engine outputs into OpenAI chat.completion objects and chunks."""
+
+    def __init__(self, state: ServerState, rid: str, body: ChatCompletionRequest):
+        self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
+        self.model, self.created = state.model_name, now()
+
+    def _object(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+    def response(self, out: RequestOutput) -> dict:
+        choices = []
+        for o in out.outputs:
+            choices.append({
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text, "refusal": None,
+                            "annotations": []},
+                "logprobs": self._logprobs(o, 0, len(o.token_ids)),
+                "finish_reason": o.finish_reason})
+        n_out = sum(len(o.token_ids) for o in out.outputs)
+        return {**self._object("chat.completion", choices),
+                "usage": usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)}
+
+    async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
+        body, kind = self.body, "chat.completion.chunk"
+        extra = {"usage": None} if body.include_usage else {}
+        first = {"role": "assistant", "content": "", "refusal": None}
+        yield sse({**self._object(kind, [{"index": i, "delta": first, "logprobs": None,
+                                          "finish_reason": None} for i in range(body.n)]), **extra})
+        last, ended = None, set()  # ended: samples already sent with their finish_reason
+        try:
+            async for out in stream:
+                last = out
+                choices = []
+                for o in out.outputs:
+                    if o.index in ended:
+                        continue
+                    if o.finished:
+                        ended.add(o.index)
+                    n_new = len(o.delta_token_ids)
+                    if not (o.delta_text or o.finished or (n_new and body.logprobs)):
+                        continue
+                    end = len(o.token_ids)
+                    choices.append({"index": o.index,
+                                    "delta": {"content": o.delta_text} if o.delta_text else {},
+                                    "logprobs": self._logprobs(o, end - n_new, end),
+                                    "finish_reason": o.finish_reason})
+                if choices:
+                    yield sse({**self._object(kind, choices), **extra})
+            if body.include_usage and last is not None:
+                n_out = sum(len(o.token_ids) for o in last.outputs)
+                yield sse({**self._object(kind, []), "usage": usage(
+                    len(last.prompt_token_ids), n_out, last.num_cached_tokens)})
+        except (InvalidParameter, APIError, RuntimeError) as e:
+            yield sse_error(e)
+        finally:
+            stream.close()
+        yield SSE_DONE
+
+    def _logprobs(self, o: CompletionOutput, start: int, end: int) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        content = []
+        for tid, lp in zip(o.token_ids[start:end], (o.logprobs or [])[start:end]):
+            entry = self._entry(tid, lp.logprob)
+            entry["top_logprobs"] = [self._entry(t, v) for t, v in lp.top]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.tok.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}

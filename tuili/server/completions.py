@@ -1,0 +1,146 @@
+"""POST /v1/completions: prompts as text or token ids, echo, logprobs, n, streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tuili.errors import InvalidParameter
+from tuili.async_llm import RequestStream
+from tuili.outputs import CompletionOutput, RequestOutput
+from tuili.server.errors import APIError
+from tuili.server.protocol import CompletionRequest
+from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, merge_streams, new_id,
+                                  now, sse, sse_error, unless_disconnected, usage)
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidParameter("prompt", "is empty; give a string, strings or token ids")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request):
+    arrival = time.monotonic()
+    state.check_model(body.model)
+    if body.suffix:
+        raise InvalidParameter("suffix", "is not supported; leave it out")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidParameter("best_of", f"got {body.best_of}, only best_of == n ({body.n}) "
+                                          "is supported")
+    params = state.sampling_params(body, body.max_tokens, logprobs=body.logprobs,
+                                   prompt_logprobs=body.logprobs if body.echo else None)
+    prompts = [state.llm.encode_prompt(p) for p in _prompts(body.prompt)]
+    for ids in prompts:
+        state.check_length(ids, params, "max_tokens")
+    state.admit(len(prompts))
+    rid = new_id("cmpl")
+    streams = [state.generate(f"{rid}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
+    writer = _Writer(state, rid, body)
+    if body.stream:
+        return StreamingResponse(writer.stream(streams), media_type="text/event-stream")
+    finals = await unless_disconnected(request, final_outputs(streams))
+    return JSONResponse(writer.response(finals))
+
+
+class _Writer:
+    """Turns engine outputs into OpenAI completion objects and chunks."""
+
+    def __init__(self, state: ServerState, rid: str, body: CompletionRequest):
+        self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
+        self.model, self.created = state.model_name, now()
+
+    def _object(self, choices: list[dict]) -> dict:
+        return {"id": self.rid, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "system_fingerprint": None}
+
+    def _choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def response(self, finals: list[RequestOutput]) -> dict:
+        choices, n_prompt, n_out, n_cached = [], 0, 0, 0
+        for i, out in enumerate(finals):
+            n_prompt += len(out.prompt_token_ids)
+            n_cached += out.num_cached_tokens
+            for o in out.outputs:
+                n_out += len(o.token_ids)
+                text, lp = o.text, None
+                if self.body.echo:
+                    text = self.tok.decode(out.prompt_token_ids) + text
+                if self.body.logprobs is not None:
+                    lp = self._logprobs(out, o, 0, len(o.token_ids), self.body.echo, 0)
+                choices.append(self._choice(i * self.body.n + o.index, text, lp, o.finish_reason))
+        return {**self._object(choices), "usage": usage(n_prompt, n_out, n_cached)}
+
+    async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
+        body, n = self.body, self.body.n
+        extra = {"usage": None} if body.include_usage else {}
+        n_prompt = n_out = n_cached = 0
+        offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
+        ended: set[int] = set()  # choices already sent with their finish_reason
+        try:
+            async for i, out in merge_streams(streams):
+                choices = []
+                for o in out.outputs:
+                    index = i * n + o.index
+                    if index in ended:  # a sample that finished before the rest of its group
+                        continue
+                    first = index not in offsets
+                    text = self.tok.decode(out.prompt_token_ids) if first and body.echo else ""
+                    if first:
+                        offsets[index] = 0
+                        n_prompt += len(out.prompt_token_ids) if o.index == 0 else 0
+                        n_cached += out.num_cached_tokens if o.index == 0 else 0
+                    text += o.delta_text
+                    n_new = len(o.delta_token_ids)
+                    n_out += n_new
+                    if not (text or o.finished or (n_new and body.logprobs is not None)):
+                        continue
+                    lp = None
+                    if body.logprobs is not None:
+                        start = len(o.token_ids) - n_new
+                        lp = self._logprobs(out, o, start, len(o.token_ids), first and body.echo,
+                                            offsets[index])
+                        offsets[index] += sum(len(t) for t in lp["tokens"])
+                    choices.append(self._choice(index, text, lp, o.finish_reason))
+                    if o.finished:
+                        ended.add(index)
+                if choices:
+                    yield sse({**self._object(choices), **extra})
+            if body.include_usage:
+                yield sse({**self._object([]), "usage": usage(n_prompt, n_out, n_cached)})
+        except (InvalidParameter, APIError, RuntimeError) as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+    def _logprobs(self, out: RequestOutput, o: CompletionOutput, start: int, end: int,
+                  with_prompt: bool, offset: int) -> dict:
+        """OpenAI's legacy logprobs object for output tokens [start, end), prompt first if asked."""
+        entries = []  # (token id, logprob or None, top or None)
+        if with_prompt:
+            given = out.prompt_logprobs or []
+            for k, tid in enumerate(out.prompt_token_ids):
+                lp = given[k] if k < len(given) else None  # the first token has none
+                entries.append((tid, lp.logprob if lp else None, lp.top if lp else None))
+        for tid, lp in zip(o.token_ids[start:end], (o.logprobs or [])[start:end]):
+            entries.append((tid, lp.logprob, lp.top))
+        tokens, offsets, pos = [], [], offset
+        for tid, _, _ in entries:
+            tokens.append(self._token(tid))
+            offsets.append(pos)
+            pos += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [None if e[2] is None else
+                                 {self._token(t): v for t, v in e[2]} for e in entries],
+                "text_offset": offsets}
+
+    def _token(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
