@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # float32 like the `llm` fixture, so greedy text through the server must equal LLM.generate.
 # Two sequences at a time and two waiting make a full queue easy to reach.
 SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "2",
-                "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY]
+                "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY,
+                "--profile"]
 
 
 class Server:
@@ -449,6 +450,9 @@ def test_disconnect_aborts_and_frees_blocks_and_metrics_move(server, http):
         assert after[name] - before[name] == delta, name
     assert after['tuili:request_success_total{finished_reason="length"}'] > 0
     assert "tuili:num_preemptions_total" in after and "tuili:prefix_cache_hits_total" in after
+    # --profile: each phase's achieved bandwidth and FLOP rate against the device's ceilings
+    assert after["tuili:profile_decode_steps"] > before["tuili:profile_decode_steps"]
+    assert 0 < after["tuili:profile_decode_mbu"] < 1 and 0 < after["tuili:profile_prefill_mfu"] < 1
 
 
 def test_full_queue_is_503_with_retry_after_and_others_unharmed(server, http):

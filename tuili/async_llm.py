@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
@@ -35,6 +35,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    profile: dict[str, float] = field(default_factory=dict)  # the phase profiler's, with --profile
 
 
 @dataclass
@@ -189,7 +190,8 @@ class AsyncLLM:
         self.stats = EngineStats(
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
             kv_cache_usage=e.pool.usage, prefix_cache_queries=e.prefix_cache_stats.queries,
-            prefix_cache_hits=e.prefix_cache_stats.hits, num_preemptions=e.num_preemptions)
+            prefix_cache_hits=e.prefix_cache_stats.hits, num_preemptions=e.num_preemptions,
+            profile=e.profiler.snapshot() if e.profiler is not None else {})
 
 
 class RequestStream:

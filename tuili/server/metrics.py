@@ -38,6 +38,9 @@ class _EngineCollector:
                 ("tuili:num_preemptions", "Sequences preempted for lack of KV blocks.",
                  s.num_preemptions)):
             yield CounterMetricFamily(name, doc, value=value)
+        for name, value in s.profile.items():  # per phase: MBU, MFU, rates (--profile)
+            yield GaugeMetricFamily(name.replace("tuili_", "tuili:", 1),
+                                    "Phase profiler: " + name.split("_", 3)[-1], value=value)
 
 
 class Metrics:
