@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import urllib.request
 
 from tuili import LLM, SamplingParams
 from tuili.bench.serve import BenchConfig, format_report, make_prompts, run_benchmark
@@ -42,9 +42,10 @@ def start_server(options: dict, port: int) -> subprocess.Popen:
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("the server did not come up in 120s")

@@ -84,18 +84,19 @@ def _payload(cfg: BenchConfig, prompt) -> dict:
     return body
 
 
-async def _one(client, cfg: BenchConfig, prompt) -> RequestResult:
+async def _one(session, cfg: BenchConfig, prompt) -> RequestResult:
     res = RequestResult()
     path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
     start = last = time.perf_counter()
     chunks = 0
     try:
-        async with client.stream("POST", path, json=_payload(cfg, prompt)) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(cfg.base_url.rstrip("/") + path, json=_payload(cfg, prompt)) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for raw in r.content:  # one SSE line at a time
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 data = json.loads(line[6:])
                 if data.get("usage"):
@@ -117,29 +118,28 @@ async def _one(client, cfg: BenchConfig, prompt) -> RequestResult:
     return res
 
 
-async def _resolve_model(client) -> str:
-    r = await client.get("/v1/models")
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+async def _resolve_model(session, base_url: str) -> str:
+    async with session.get(base_url.rstrip("/") + "/v1/models") as r:
+        r.raise_for_status()
+        return (await r.json())["data"][0]["id"]
 
 
 async def run_benchmark(cfg: BenchConfig) -> dict:
-    import httpx
+    import aiohttp  # light on the client's CPU, which shares the machine in local runs
 
     prompts = make_prompts(cfg)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     conns = cfg.max_concurrency or cfg.num_prompts
-    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-    async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=headers,
-                                 timeout=None, limits=limits) as client:
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None),
+                                     connector=aiohttp.TCPConnector(limit=conns)) as session:
         if cfg.model is None:
-            cfg.model = await _resolve_model(client)
+            cfg.model = await _resolve_model(session, cfg.base_url)
         gate = asyncio.Semaphore(conns)
         rng = np.random.default_rng(cfg.seed)
 
         async def limited(prompt):
             async with gate:
-                return await _one(client, cfg, prompt)
+                return await _one(session, cfg, prompt)
 
         start = time.perf_counter()
         tasks = []
