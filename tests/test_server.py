@@ -294,6 +294,8 @@ def test_tokenize_detokenize_and_info(http, llm):
     assert info["chat_template"] == llm.tokenizer.chat_template
     assert http.get("/version").json()["version"]
     assert http.get("/health").status_code == 200
+    page = httpx.get(http.base_url.join("/"))  # the chat page, open without a key
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
 
 def test_bench_serve_reports_latencies_and_goodput(server, tmp_path):

@@ -48,11 +48,19 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        err = errors[0]
         param = _param_name(err["loc"])
-        got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
         code = "missing_parameter" if err["type"] == "missing" else "invalid_type"
-        raise APIError(400, f"{param}: {err['msg']}{got}", param=param, code=code) from e
+        if code == "missing_parameter":
+            raise APIError(400, f"{param}: is required", param=param, code=code) from e
+        # a union field fails once per member: say all of them
+        reasons = dict.fromkeys(x["msg"] for x in errors if _param_name(x["loc"]) == param)
+        message = f"{param}: got {err['input']!r}; " + " or ".join(reasons)
+        raise APIError(400, message, param=param, code=code) from e
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def _param_name(loc: tuple) -> str:
@@ -61,11 +69,10 @@ def _param_name(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part in ("str", "int", "float", "bool", "list[str]", "list[int]", "list[list[int]]",
-                      "list[dict[str,any]]") or "[" in str(part) or "function-" in str(part):
-            break  # pydantic names the union member it tried; the field is enough
+        elif part in _TYPE_TAGS or "[" in part or "-" in part:
+            break  # pydantic's name for the union member it tried: the field is enough
         else:
-            name += ("." if name else "") + str(part)
+            name += ("." if name else "") + part
     return name
 
 
