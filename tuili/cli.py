@@ -8,9 +8,11 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
+from tuili.bench.serve import add_bench_options
 from tuili.config import EngineConfig
 from tuili.errors import TuiliError
 from tuili.sampling_params import SamplingParams
+from tuili.server.serve import add_server_options
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "max_tokens", "min_tokens",
@@ -120,14 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="folder to write")
     export.set_defaults(func=cmd_export)
 
-    from tuili.server.serve import add_server_options  # light: argparse and uvicorn only
-
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_options(serve)
     add_engine_options(serve)
     serve.set_defaults(func=cmd_serve)
-
-    from tuili.bench.serve import add_bench_options
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server; report "
