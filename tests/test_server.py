@@ -8,12 +8,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -23,47 +19,13 @@ openai = pytest.importorskip("openai")
 from tuili import SamplingParams  # noqa: E402
 
 from tests.conftest import MODEL  # noqa: E402
-
-KEY = "test-key-123"
-ROOT = Path(__file__).resolve().parents[1]
+from tests.server_process import (KEY, ROOT, Server, Streamer,  # noqa: E402
+                                  accepts_connections, metrics, wait_for)
 # float32 like the `llm` fixture, so greedy text through the server must equal LLM.generate.
 # Two sequences at a time and two waiting make a full queue easy to reach.
 SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "2",
                 "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY,
                 "--profile"]
-
-
-class Server:
-    def __init__(self, tmp: Path, *flags: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"server-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tuili", "serve", "--model", MODEL, "--port", str(self.port),
-             *flags], stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +45,6 @@ def http(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as c:
         yield c
-
-
-def metrics(server) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def greedy(llm, prompt, n: int) -> str:
@@ -396,28 +341,6 @@ def test_missing_or_wrong_api_key_is_401(server):
 LONG = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
 
 
-class Streamer(threading.Thread):
-    """A streaming client in a thread: reads until told to stop, then drops the connection."""
-
-    def __init__(self, server, body: dict):
-        super().__init__(daemon=True)
-        self.server, self.body = server, body
-        self.chunks, self.status, self.stop_now = 0, None, threading.Event()
-        self.lines: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(timeout=120) as c:
-            with c.stream("POST", f"{self.server.url}/v1/completions", json=self.body,
-                          headers={"Authorization": f"Bearer {KEY}"}) as r:
-                self.status = r.status_code
-                for line in r.iter_lines():
-                    if line:
-                        self.lines.append(line)
-                        self.chunks += 1
-                    if self.stop_now.is_set():
-                        return  # closes the connection mid-stream
-
-
 def test_disconnect_aborts_and_frees_blocks_and_metrics_move(server, http):
     before = metrics(server)
     s = Streamer(server, LONG)
@@ -494,7 +417,7 @@ def test_sigterm_drains_in_flight_request_then_exits(tmp_path):
         st.start()
         wait_for(lambda: st.chunks >= 2)
         s.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: not _accepts(s), timeout=10)  # stops accepting
+        wait_for(lambda: not accepts_connections(s), timeout=10)  # stops accepting
         st.join(60)
         assert st.lines[-1] == "data: [DONE]"
         last = json.loads(st.lines[-2][6:])
@@ -505,11 +428,3 @@ def test_sigterm_drains_in_flight_request_then_exits(tmp_path):
         assert "draining" in log and "Application shutdown complete" in log
     finally:
         s.stop()
-
-
-def _accepts(s: Server) -> bool:
-    try:
-        httpx.get(f"{s.url}/health", timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False

@@ -128,7 +128,7 @@ class AsyncLLM:
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
-                except Exception as e:  # a broken step fails the requests in it, not the server
+                except Exception as e:  # a broken step fails the requests in flight, not the server
                     log.exception("engine step failed")
                     self._fail_all(e)
                     outputs = []

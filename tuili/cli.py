@@ -8,9 +8,11 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
+from tuili.bench.serve import add_bench_options
 from tuili.config import EngineConfig
 from tuili.errors import TuiliError
 from tuili.sampling_params import SamplingParams
+from tuili.server.serve import add_server_options
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "max_tokens", "min_tokens",
@@ -121,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     from tuili.analysis.commands import add_analyze_parser, add_bench_parser
-    from tuili.server.serve import add_server_options  # light: argparse and uvicorn only
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_options(serve)
@@ -130,9 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
     bench = add_bench_parser(sub, add_engine_options)
-
-    from tuili.bench.serve import add_bench_options
-
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server; report "
                                                  "TTFT/TPOT/ITL/E2E, throughput and goodput")
     add_bench_options(bench_serve)

@@ -195,15 +195,17 @@ def format_report(s: dict) -> str:
 
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
-    parser.add_argument("--base-url", default=d.base_url)
+    parser.add_argument("--base-url", default=d.base_url, help="the server (without /v1)")
     parser.add_argument("--model", default=None, help="default: the server's first model")
-    parser.add_argument("--endpoint", choices=("completions", "chat"), default=d.endpoint)
-    parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    parser.add_argument("--endpoint", choices=("completions", "chat"), default=d.endpoint,
+                        help="completions sends token-id prompts; chat sends random words")
+    parser.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests in all")
     parser.add_argument("--request-rate", type=float, default=d.request_rate,
                         help="requests per second (default inf: all at once)")
     parser.add_argument("--burstiness", type=float, default=d.burstiness,
                         help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier")
-    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="most requests in flight (default: no limit)")
     parser.add_argument("--input-len", type=int, default=d.input_len, help="random prompt tokens")
     parser.add_argument("--output-len", type=int, default=d.output_len, help="max_tokens")
     parser.add_argument("--prompt-file", default=None,
@@ -211,8 +213,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="send ignore_eos (vLLM/tuili extension) for exact output lengths")
     parser.add_argument("--temperature", type=float, default=d.temperature)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
+    parser.add_argument("--seed", type=int, default=d.seed, help="for prompts and arrivals")
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
