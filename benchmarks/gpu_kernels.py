@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import cuda_time, measure_ceilings  # noqa: E402
+from tests.gpu.random_models import random_cache, random_tables  # noqa: E402
 from tuili.kernels import reference, triton_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # one Llama-3.1-8B layer
@@ -23,18 +24,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # one Llama-3.1-8B layer
 
 def paged(seq_lens: list[int]):
     blocks = sum(-(-n // BLOCK) for n in seq_lens)
-    shape = (blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    perm = torch.randperm(blocks, device="cuda")
-    width = max(-(-n // BLOCK) for n in seq_lens)
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.long, device="cuda")
-    used = 0
-    for i, n in enumerate(seq_lens):
-        nb = -(-n // BLOCK)
-        tables[i, :nb] = perm[used:used + nb]
-        used += nb
-    return k, v, tables
+    return (*random_cache(blocks, BLOCK, KV_HEADS, HEAD_DIM), random_tables(seq_lens, BLOCK, blocks))
 
 
 def decode_case(batch: int, context: int, read_bw: float) -> dict:

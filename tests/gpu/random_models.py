@@ -48,3 +48,22 @@ def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bf
     model.save_pretrained(folder)
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     return model
+
+
+def random_cache(num_blocks: int, block_size: int, kvh: int, d: int, dtype=torch.bfloat16):
+    """A random paged K and V cache: [num_blocks, block_size, kv_heads, head_dim] each, on the GPU."""
+    return (torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype),
+            torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype))
+
+
+def random_tables(seq_lens: list[int], block_size: int, num_blocks: int) -> torch.Tensor:
+    """Block tables giving each sequence its own blocks, in a shuffled order, padded with 0."""
+    width = max(-(-n // block_size) for n in seq_lens)
+    perm = torch.randperm(num_blocks, device="cuda")
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.long, device="cuda")
+    used = 0
+    for i, n in enumerate(seq_lens):
+        nb = -(-n // block_size)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    return tables

@@ -7,24 +7,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from tests.gpu.random_models import random_cache, random_tables  # noqa: E402
 from tuili.kernels import reference, triton_attention  # noqa: E402
-
-
-def random_cache(num_blocks, block_size, kvh, d, dtype=torch.bfloat16):
-    return (torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype),
-            torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype))
-
-
-def random_tables(seq_lens, block_size, num_blocks):
-    width = max(-(-n // block_size) for n in seq_lens)
-    perm = torch.randperm(num_blocks, device="cuda")
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.long, device="cuda")
-    used = 0
-    for i, n in enumerate(seq_lens):
-        nb = -(-n // block_size)
-        tables[i, :nb] = perm[used:used + nb]
-        used += nb
-    return tables
 
 
 @pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (16, 8, 128), (9, 3, 64), (8, 1, 256),

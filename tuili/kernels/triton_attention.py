@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 
 
