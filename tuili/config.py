@@ -42,6 +42,9 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
     enforce_eager: bool = _opt(False, "on GPU, run decode without CUDA graphs")
+    async_scheduling: bool | None = _opt(None, "plan and queue each step before the last step's "
+                                               "tokens are read back (default: on for GPU, off "
+                                               "for CPU, where it only adds a step per request)")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "

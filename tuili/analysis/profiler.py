@@ -2,7 +2,9 @@
 model, summed per phase into achieved bandwidth (MBU) and FLOP/s (MFU) against the device.
 
 A step is a prefill step (no decode rows), a decode step (only decode rows) or a mixed one
-(both, as chunked prefill schedules them); each kind is its own phase.
+(both, as chunked prefill schedules them); each kind is its own phase. A step's time is the wall
+time of its engine.step() call; with async scheduling that call mostly waits for the step before,
+so where the phase changes one step's time lands in its neighbour's phase.
 """
 
 from __future__ import annotations

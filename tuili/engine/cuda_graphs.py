@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from tuili.engine.request import Request
+from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -28,10 +29,10 @@ class DecodeGraphs:
         self.model, self.rope, self.block_size = model, rope, block_size
         self.sizes = [s for s in SIZES if s < max_batch] + [max_batch]
         long = dict(dtype=torch.long, device=device)
-        self.ids = torch.zeros(max_batch, **long)
-        self.positions = torch.zeros(max_batch, **long)
-        self.slots = torch.full((max_batch,), -1, **long)
-        self.seq_lens = torch.zeros(max_batch, **long)
+        # Per batch size, one flat buffer of ids, positions, slots and lengths: one copy a step.
+        self.inputs = {size: torch.zeros(4, size, **long) for size in self.sizes}
+        for inputs in self.inputs.values():
+            inputs[2].fill_(-1)  # no KV writes while capturing
         self.tables = torch.zeros(max_batch, max_blocks, **long)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -42,12 +43,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _forward(self, size: int) -> torch.Tensor:
-        cos, sin = self.rope.lookup(self.positions[:size])
+        ids, positions, slots, seq_lens = self.inputs[size]
+        cos, sin = self.rope.lookup(positions)
         meta = AttentionMetadata(
-            slot_mapping=self.slots[:size], block_tables=self.tables[:size],
-            seq_lens=self.seq_lens[:size], cos=cos, sin=sin, num_decodes=size,
-            max_decode_len=0, prefills=[])
-        return self.model.logits(self.model(self.ids[:size], meta)).float()
+            slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens, cos=cos,
+            sin=sin, num_decodes=size, max_decode_len=0, prefills=[])
+        return self.model.logits(self.model(ids, meta)).float()
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -69,8 +70,10 @@ class DecodeGraphs:
         log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes),
                  self.max_batch, time.perf_counter() - start)
 
-    def run(self, requests: list[Request]) -> torch.Tensor:
-        """Logits [len(requests), vocab] for a batch of decodes (one new token each)."""
+    def run(self, requests: list[Request], feed: tuple[list[int], list[int]] = ([], []),
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(requests), vocab] for a batch of decodes (one new token each). The input
+        tokens of rows feed[0] are still on the device: rows feed[1] of `tokens`."""
         n, bs = len(requests), self.block_size
         size = next(s for s in self.sizes if s >= n)
         positions = [r.num_computed_tokens for r in requests]
@@ -78,12 +81,12 @@ class DecodeGraphs:
         slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(requests, positions)]
         width = max(len(r.block_ids) for r in requests)
         tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
-        pad = size - n
-        self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad),
-                                   non_blocking=True)
-        self.tables[:n, :width].copy_(torch.tensor(tables), non_blocking=True)
+        pad = [0] * (size - n)
+        inputs = self.inputs[size]
+        inputs.copy_(to_device([ids + pad, positions + pad, slots + [-1] * len(pad),
+                                [p + 1 for p in positions] + pad], torch.long, inputs.device))
+        if feed[0]:
+            copy_rows(inputs[0], feed[0], tokens, feed[1])
+        self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
         self.graphs[size].replay()
         return self.logits[size][:n]

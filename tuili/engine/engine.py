@@ -11,10 +11,11 @@ import torch
 from tuili.config import EngineConfig
 from tuili.engine.detokenizer import Detokenizer
 from tuili.engine.kv_cache import BlockPool, KVCacheManager
-from tuili.engine.request import Request, Status
-from tuili.engine.runner import ModelRunner, profile_activation_bytes
-from tuili.engine.sampler import Sampler, token_logprobs
-from tuili.engine.scheduler import Scheduler
+from tuili.engine.request import PENDING, Request, Status
+from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput, profile_activation_bytes
+from tuili.engine.sampler import SampledTokens, Sampler, token_logprobs
+from tuili.engine.scheduler import Batch, Scheduler
+from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.kernels import HAS_TRITON
 from tuili.models import loader
@@ -61,6 +62,22 @@ class _Sample:
     undecoded: list[int] = field(default_factory=list)  # tokens whose text is not built yet
 
 
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are not read back yet."""
+    requests: list[Request]  # the batch
+    sampled_requests: list[Request]  # those that sampled a token (each has a PENDING one)
+    sampled: SampledTokens | None
+    groups: list[str]  # the groups it advanced, in batch order
+
+    @property
+    def device_tokens(self) -> DeviceTokens | None:
+        if self.sampled is None:
+            return None
+        return DeviceTokens(self.sampled.tokens,
+                            {r.request_id: i for i, r in enumerate(self.sampled_requests)})
+
+
 class _Group:
     """The n samples of one user request."""
 
@@ -98,9 +115,11 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device, graphs)
         self.sampler = Sampler(config.seed, self.device)
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
-        self.owed: set[str] = set()  # groups whose last step's text and outputs are not built yet
+        self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.profiler = None
         if config.profile:
             from tuili.analysis.profiler import PhaseProfiler
@@ -198,47 +217,76 @@ class LLMEngine:
 
     def _forget(self, group: _Group) -> None:
         del self.groups[group.request_id]
-        self.owed.discard(group.request_id)
         for s in group.samples:
             del self.samples[s.request.request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.owed)
+        return self.scheduler.has_unfinished() or self.inflight is not None
 
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return an output for every request that made progress.
 
-        Pipelined: the text and outputs of a step's tokens are built during the next call, while
-        the GPU computes that call's batch, so a step's outputs arrive one call later (a final
-        call with nothing to schedule hands over the last ones)."""
+        Pipelined: a step's tokens are sampled on the device and read back during the next call,
+        so its outputs arrive one call later (a final call with nothing to schedule hands over the
+        last ones). With async scheduling the next batch is even planned and queued before the
+        last tokens are read: the GPU takes them from its own memory and never waits on Python."""
         start = time.perf_counter()
+        outputs = [] if self.async_scheduling else self._resolve()
         batch = self.scheduler.schedule()
-        result = self.runner.execute(batch) if batch else None  # queued on the GPU, not awaited
-        outputs = self._build_owed_outputs()
+        result = None
+        if batch:
+            pending = self.inflight.device_tokens if self.inflight else None
+            result = self.runner.execute(batch, pending)  # queued on the device, not awaited
+            for req, n in zip(batch.requests, batch.num_new):
+                req.num_computed_tokens += n
+        if self.async_scheduling:
+            outputs = self._resolve()
         if result is None:
             return outputs
         for pl in result.prompt_logits:
             self._add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
-        for req, n in zip(batch.requests, batch.num_new):
-            req.num_computed_tokens += n
-            self.kv.cache_computed_blocks(req)
-        if result.sample_requests:
-            tokens, logprobs = self.sampler(result.sample_logits, result.sample_requests)
-            for req, token, lp in zip(result.sample_requests, tokens, logprobs):
-                self._append_token(req, token, lp)
-        self.owed.update(self.samples[req.request_id].group_id for req in batch.requests)
+        self.inflight = self._sample(batch, result)
         if self.profiler is not None:
             self.profiler.record_step(batch, result, time.perf_counter() - start)
         return outputs
 
-    def _build_owed_outputs(self) -> list[RequestOutput]:
+    def _sample(self, batch: Batch, result: StepOutput) -> _InFlight:
+        """Queue sampling for the batch's requests that are still live; each gets a PENDING token."""
+        live = [i for i, r in enumerate(result.sample_requests) if not r.is_finished]
+        reqs = [result.sample_requests[i] for i in live]
+        sampled = None
+        if reqs:
+            logits = result.sample_logits
+            if len(live) < len(result.sample_requests):  # finished while this step was queued
+                logits = logits.index_select(0, to_device(live, torch.long, logits.device))
+            sampled = self.sampler(logits, reqs)
+            for r in reqs:
+                r.token_ids.append(PENDING)
+        groups = dict.fromkeys(self.samples[r.request_id].group_id for r in batch.requests
+                               if r.request_id in self.samples)
+        return _InFlight(list(batch.requests), reqs, sampled, list(groups))
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read back the last step's tokens, apply them (stops, limits, prefix cache) and build
+        the outputs of the requests it advanced."""
+        step, self.inflight = self.inflight, None
+        if step is None:
+            return []
+        if step.sampled is not None:
+            tokens, logprobs = step.sampled.resolve()
+            for req, token, lp in zip(step.sampled_requests, tokens, logprobs):
+                if not req.is_finished:  # not aborted meanwhile
+                    self._append_token(req, token, lp)
+        for req in step.requests:
+            if not req.is_finished:
+                self.kv.cache_computed_blocks(req)
         outputs = []
-        owed = sorted(self.owed, key=lambda g: self.groups[g].samples[0].request.arrival_time)
-        self.owed.clear()
-        for gid in owed:
-            group = self.groups[gid]
+        for gid in step.groups:
+            group = self.groups.get(gid)
+            if group is None:  # aborted
+                continue
             if group.stream or group.finished:
                 outputs.append(self._output(group))
             if group.finished:
@@ -246,7 +294,8 @@ class LLMEngine:
         return outputs
 
     def _append_token(self, req: Request, token: int, logprob) -> None:
-        req.token_ids.append(token)
+        """Put a sampled token in its PENDING place, then check for stops and limits."""
+        req.token_ids[-1] = token
         if logprob is not None:
             req.logprobs.append(logprob)
         p, n_out = req.params, req.num_output_tokens
@@ -272,7 +321,11 @@ class LLMEngine:
     def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor, first: int) -> None:
         if not req.prompt_logprobs:
             req.prompt_logprobs.append(None)  # the first prompt token has no context
-        targets = torch.tensor(req.token_ids[first:first + logits.shape[0]], device=logits.device)
+        known = len(req.prompt_logprobs) - first  # rows recomputed after a preemption
+        if known >= logits.shape[0]:
+            return
+        logits, first = logits[max(known, 0):], first + max(known, 0)
+        targets = to_device(req.token_ids[first:first + logits.shape[0]], torch.long, logits.device)
         req.prompt_logprobs.extend(token_logprobs(logits, targets, req.params.prompt_logprobs))
 
     def _output(self, group: _Group) -> RequestOutput:

@@ -11,6 +11,12 @@ import torch
 from tuili.sampling_params import SamplingParams
 
 
+# The value of a sampled token that is still on its way back from the device. With asynchronous
+# scheduling a request's next step is planned before its last token is read back: that token
+# stands in token_ids as PENDING, and the step takes it straight from the device.
+PENDING = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

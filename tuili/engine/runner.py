@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuili.engine.request import Request
+from tuili.engine.request import PENDING, Request
 from tuili.engine.scheduler import Batch
+from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 from tuili.models.config import ModelConfig
@@ -28,6 +29,19 @@ class StepOutput:
     sample_requests: list[Request] = field(default_factory=list)
     sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab]
     prompt_logits: list[PromptLogits] = field(default_factory=list)
+
+
+@dataclass
+class DeviceTokens:
+    """The last step's sampled tokens, still on the device, and each request's row in them."""
+    tokens: torch.Tensor
+    rows: dict[str, int]
+
+    def feed(self, requests: list[Request]) -> tuple[list[int], list[int]]:
+        """(batch rows, rows here) of the decodes whose input token is still PENDING."""
+        pairs = [(i, self.rows[r.request_id]) for i, r in enumerate(requests)
+                 if r.token_ids[-1] == PENDING]
+        return [i for i, _ in pairs], [j for _, j in pairs]
 
 
 class ModelRunner:
@@ -52,9 +66,13 @@ class ModelRunner:
                                        -(-max_model_len // block_size), block_size, device)
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> StepOutput:
+    def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
+        """Queue the batch on the device; input tokens still PENDING are taken from `pending`."""
+        decodes = batch.requests[: batch.num_decodes]
+        feed = pending.feed(decodes) if pending else ([], [])
         if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
-            return StepOutput(list(batch.requests), self.graphs.run(batch.requests))
+            logits = self.graphs.run(batch.requests, feed, pending.tokens if pending else None)
+            return StepOutput(list(batch.requests), logits)
         ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []
@@ -77,25 +95,25 @@ class ModelRunner:
                 prompt_rows.append((req, row, m, start + 1))
             row += n
 
-        dev = self.device
+        dev, long = self.device, torch.long
         width = max(len(t) for t in tables)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        cos, sin = self.rope.lookup(pos)
+        cos, sin = self.rope.lookup(to_device(positions, long, dev))
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                      dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            slot_mapping=to_device(slots, long, dev),
+            block_tables=to_device([t + [0] * (width - len(t)) for t in tables], long, dev),
+            seq_lens=to_device(seq_lens, long, dev),
             cos=cos, sin=sin,
             num_decodes=batch.num_decodes,
             max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
             prefills=prefills,
-            prefill_seqs=torch.tensor(list(zip(*prefills)), dtype=torch.int32, device=dev)
+            prefill_seqs=to_device(list(zip(*prefills)), torch.int32, dev)
             if prefills and dev.type == "cuda" else None,
         )
-        # Every host-to-device copy goes before the model: one after it would wait for the GPU.
-        rows = torch.tensor(sample_rows, device=dev) if sample_rows else None
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), meta)
+        rows = to_device(sample_rows, long, dev) if sample_rows else None
+        input_ids = to_device(ids, long, dev)
+        if feed[0]:
+            copy_rows(input_ids, feed[0], pending.tokens, feed[1])
+        hidden = self.model(input_ids, meta)
         if rows is not None:
             out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
         for req, start, m, first in prompt_rows:

@@ -2,21 +2,47 @@
 
 Random rows sample by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from p
 exactly. A request with a seed draws its q from its own generator, so its tokens do not depend
-on what else is in the batch.
+on what else is in the batch. Nothing here waits for the GPU: the tokens stay on the device (the
+next step reads them there) and reach the host when SampledTokens.resolve() is called.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tuili.engine.request import Logprob, Request
+from tuili.engine.transfer import HostCopy, to_device
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens, row i for the i-th request sampled."""
+    tokens: torch.Tensor  # [rows] on the device
+    host: HostCopy
+    logprob_rows: list[int]  # rows that asked for logprobs, with how many alternatives each
+    logprob_top: list[int]
+    logprob_parts: list[HostCopy]  # chosen, ranks, top values, top ids of those rows
+
+    def resolve(self) -> tuple[list[int], list[Logprob | None]]:
+        """The tokens (and logprobs) as Python values; waits for the GPU if it is not done."""
+        tokens = self.host.get().tolist()
+        logprobs: list[Logprob | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            parts = [p.get().tolist() for p in self.logprob_parts]
+            found = as_logprobs([tokens[i] for i in self.logprob_rows], *parts)
+            for i, n, lp in zip(self.logprob_rows, self.logprob_top, found):
+                lp.top = lp.top[:n]
+                logprobs[i] = lp
+        return tokens, logprobs
 
 
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Logprob | None]]:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampledTokens:
         logits = logits.float()
         raw = logits
         params = [r.params for r in reqs]
@@ -27,33 +53,31 @@ class Sampler:
         if banned:
             logits = logits.clone() if logits is raw else logits
             for i, ids in banned:
-                logits[i, ids] = float("-inf")
+                logits[i, to_device(ids, torch.long, logits.device)] = float("-inf")
         tokens = logits.argmax(dim=-1)
         if not all(p.temperature == 0 for p in params):
             sampled = self._sample(logits, reqs)
-            greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+            greedy = to_device([p.temperature == 0 for p in params], torch.bool, logits.device)
             tokens = torch.where(greedy, tokens, sampled)
-        token_list = tokens.tolist()
-        logprobs: list[Logprob | None] = [None] * len(reqs)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        parts = []
         if wanted:
-            rows = torch.tensor(wanted, device=logits.device)
-            found = token_logprobs(raw[rows], tokens[rows], max(params[i].logprobs for i in wanted))
-            for i, lp in zip(wanted, found):
-                lp.top = lp.top[: params[i].logprobs]
-                logprobs[i] = lp
-        return token_list, logprobs
+            rows = to_device(wanted, torch.long, logits.device)
+            top_n = max(params[i].logprobs for i in wanted)
+            parts = [HostCopy(t) for t in logprob_tensors(raw[rows], tokens[rows], top_n)]
+        return SampledTokens(tokens, HostCopy(tokens), wanted,
+                             [params[i].logprobs for i in wanted], parts)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         params = [r.params for r in reqs]
         device = logits.device
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        temps = to_device([p.temperature or 1.0 for p in params], torch.float32, device)
         logits = logits / temps[:, None]
         if any(p.top_k or p.top_p < 1 for p in params):
             logits = top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = to_device([p.min_p for p in params], torch.float32, device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
@@ -76,14 +100,14 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     out_counts = torch.zeros(B, V, device=device)
     seen = torch.zeros(B, V, dtype=torch.bool, device=device)
     for i, r in enumerate(reqs):
-        out = torch.tensor(r.output_token_ids, dtype=torch.long, device=device)
+        out = to_device(r.output_token_ids, torch.long, device)
         out_counts[i].index_add_(0, out, torch.ones(len(out), device=device))
-        seen[i, torch.tensor(r.token_ids, dtype=torch.long, device=device)] = True
-    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device)[:, None]
+        seen[i, to_device(r.token_ids, torch.long, device)] = True
+    rep = to_device([r.params.repetition_penalty for r in reqs], torch.float32, device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device)[:, None]
-    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device)[:, None]
+    freq = to_device([r.params.frequency_penalty for r in reqs], torch.float32, device)[:, None]
+    pres = to_device([r.params.presence_penalty for r in reqs], torch.float32, device)[:, None]
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
@@ -101,14 +125,14 @@ def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     width = min(V, max(min(kk, TOP_P_CANDIDATES) if kk == V else kk for kk in k))
     values, order = logits.topk(width, dim=-1) if width < V else logits.sort(-1, descending=True)
     rank = torch.arange(width, device=logits.device)[None, :]
-    drop = rank >= torch.tensor(k, device=logits.device)[:, None]
+    drop = rank >= to_device(k, torch.long, logits.device)[:, None]
     values = values.masked_fill(drop, float("-inf"))
     # Each row's probabilities over its top_k set, normalised over the whole set even where only
     # part of it is among the candidates.
-    full_k = torch.tensor([kk == V for kk in k], device=logits.device)[:, None]
+    full_k = to_device([kk == V for kk in k], torch.bool, logits.device)[:, None]
     norm = torch.where(full_k, logits.logsumexp(-1, keepdim=True), values.logsumexp(-1, keepdim=True))
     probs = (values - norm).exp()
-    p = torch.tensor([pp if pp < 1 else 2.0 for pp in top_p], device=logits.device)[:, None]
+    p = to_device([pp if pp < 1 else 2.0 for pp in top_p], torch.float32, logits.device)[:, None]
     if width < V and bool(((probs.sum(-1, keepdim=True) < p) & full_k & (p <= 1)).any()):
         return top_k_top_p_sorted(logits, k, p)
     # Drop a token when the tokens ranked above it already hold top_p of the mass.
@@ -123,7 +147,7 @@ def top_k_top_p_sorted(logits: torch.Tensor, k: list[int], p: torch.Tensor) -> t
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=logits.device)[None, :]
-    drop = rank >= torch.tensor(k, device=logits.device)[:, None]
+    drop = rank >= to_device(k, torch.long, logits.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     drop |= (probs.cumsum(dim=-1) - probs) >= p
@@ -133,12 +157,20 @@ def top_k_top_p_sorted(logits: torch.Tensor, k: list[int], p: torch.Tensor) -> t
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_n: int) -> list[Logprob]:
     """Per row: the target token's logprob and rank, and the top_n alternatives."""
+    parts = [t.tolist() for t in logprob_tensors(logits, targets, top_n)]
+    return as_logprobs(targets.tolist(), *parts)
+
+
+def logprob_tensors(logits: torch.Tensor, targets: torch.Tensor, top_n: int) -> list[torch.Tensor]:
+    """On the device: each row's target logprob, its rank, the top_n logprobs and their ids."""
     lp = logits.float().log_softmax(dim=-1)
     chosen = lp.gather(-1, targets[:, None])
     ranks = (lp > chosen).sum(dim=-1) + 1
     top_vals, top_ids = lp.topk(top_n, dim=-1) if top_n else (lp[:, :0], targets[:, None][:, :0])
-    out = []
-    for t, c, r, ids, vals in zip(targets.tolist(), chosen[:, 0].tolist(), ranks.tolist(),
-                                  top_ids.tolist(), top_vals.tolist()):
-        out.append(Logprob(t, c, r, list(zip(ids, vals))))
-    return out
+    return [chosen[:, 0], ranks, top_vals, top_ids]
+
+
+def as_logprobs(targets: list[int], chosen: list[float], ranks: list[int],
+                top_vals: list[list[float]], top_ids: list[list[int]]) -> list[Logprob]:
+    return [Logprob(t, c, r, list(zip(ids, vals)))
+            for t, c, r, vals, ids in zip(targets, chosen, ranks, top_vals, top_ids)]

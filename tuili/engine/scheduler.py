@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tuili.config import EngineConfig
 from tuili.engine.kv_cache import KVCacheManager
-from tuili.engine.request import Request, Status
+from tuili.engine.request import PENDING, Request, Status
 
 
 @dataclass
@@ -62,7 +62,8 @@ class Scheduler:
 
     def schedule(self) -> Batch:
         batch, budget = Batch(), self.budget
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        decodes = [r for r in self.running
+                   if r.num_tokens - r.num_computed_tokens == 1 and not self._at_limit(r)]
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         preempted = False
         for group in (decodes, prefills):
@@ -82,6 +83,13 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(batch, budget)
         return batch
+
+    def _at_limit(self, req: Request) -> bool:
+        """Whether the request's last token (maybe still on the device) is its final one: it
+        waits to be finished, not to be computed."""
+        max_tokens = req.params.max_tokens
+        return req.num_tokens >= self.max_model_len or (
+            max_tokens is not None and req.num_output_tokens >= max_tokens)
 
     def _allocate_or_preempt(self, req: Request, n: int, batch: Batch) -> bool:
         while not self.kv.allocate(req, n):
@@ -104,6 +112,8 @@ class Scheduler:
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.token_ids[-1] == PENDING:  # just preempted; resumes once its token is read
+                break
             self.kv.match_prefix(req)
             n = req.num_tokens - req.num_computed_tokens
             if n > budget and self.chunked:

@@ -1,0 +1,48 @@
+"""Host <-> device copies that never make the CPU wait for the GPU's queued work.
+
+`torch.tensor(values, device="cuda")` copies synchronously: the CPU stalls until everything queued
+on the stream has run. Steps are pipelined (the next one is prepared while the GPU computes this
+one), so every copy in the engine goes through here instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or nested lists) as a tensor on `device`, copied without a stream sync (from
+    pinned memory, which torch's host allocator keeps until the copy is done)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor's copy on the host, started now and waited for on first use."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        if tensor.is_cuda:
+            self.host = tensor.to("cpu", non_blocking=True)  # into pinned memory
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.host
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]) -> None:
+    """dst[dst_rows] = src[src_rows] on the device (a plain slice copy when both are 0..n-1)."""
+    n = len(dst_rows)
+    if dst_rows == src_rows == list(range(n)):
+        dst[:n].copy_(src[:n])
+        return
+    index = to_device([dst_rows, src_rows], torch.long, dst.device)
+    dst.index_copy_(0, index[0], src.index_select(0, index[1]))
