@@ -48,7 +48,6 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_
                        KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     # One program per token: its q heads, then (unless padding) its k and v heads.
     t = tl.program_id(0)
-    D: tl.constexpr = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
     c1 = tl.load(cos_ptr + t * stride_c + j)
     c2 = tl.load(cos_ptr + t * stride_c + HALF + j)
@@ -58,20 +57,20 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_
     hq = tl.arange(0, HEADS_PAD)[:, None]
     mq = hq < HEADS
     q1, q2 = _rope_heads(row, hq, mq, q_norm_ptr, eps, c1, c2, s1, s2, j, HALF, HAS_NORM)
-    q_out = q_out_ptr + t.to(tl.int64) * (HEADS * D) + hq * D
+    q_out = q_out_ptr + t.to(tl.int64) * (HEADS * 2 * HALF) + hq * (2 * HALF)
     tl.store(q_out + j, q1, mask=mq)
     tl.store(q_out + HALF + j, q2, mask=mq)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         hk = tl.arange(0, KV_PAD)[:, None]
         mk = hk < KV_HEADS
-        k1, k2 = _rope_heads(row + HEADS * D, hk, mk, k_norm_ptr, eps, c1, c2, s1, s2, j, HALF,
+        k1, k2 = _rope_heads(row + HEADS * 2 * HALF, hk, mk, k_norm_ptr, eps, c1, c2, s1, s2, j, HALF,
                              HAS_NORM)
-        cached = slot * (KV_HEADS * D) + hk * D
+        cached = slot * (KV_HEADS * 2 * HALF) + hk * (2 * HALF)
         tl.store(k_cache_ptr + cached + j, k1, mask=mk)
         tl.store(k_cache_ptr + cached + HALF + j, k2, mask=mk)
-        dv = tl.arange(0, D)[None, :]
-        v = tl.load(row + (HEADS + KV_HEADS) * D + hk * D + dv, mask=mk, other=0.0)
+        dv = tl.arange(0, 2 * HALF)[None, :]
+        v = tl.load(row + (HEADS + KV_HEADS) * 2 * HALF + hk * (2 * HALF) + dv, mask=mk, other=0.0)
         tl.store(v_cache_ptr + cached + dv, v, mask=mk)
 
 
