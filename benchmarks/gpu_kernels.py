@@ -1,5 +1,6 @@
-"""GPU kernel benchmarks: paged decode attention bandwidth and paged prefill attention FLOP rate,
-each against the measured ceiling and beside torch's own kernels on the same inputs.
+"""GPU kernel benchmarks: paged decode attention bandwidth, paged prefill attention FLOP rate and
+the fused rope/norm/KV-store kernel, each against the measured ceiling and beside torch's own
+kernels on the same inputs ("before": the tuili kernels a fused one replaces).
 
     python benchmarks/gpu_kernels.py [--json out.json]
 """
@@ -27,20 +28,78 @@ def paged(seq_lens: list[int]):
     return (*random_cache(blocks, BLOCK, KV_HEADS, HEAD_DIM), random_tables(seq_lens, BLOCK, blocks))
 
 
-def decode_case(batch: int, context: int, read_bw: float) -> dict:
-    k, v, tables = paged([context] * batch)
+def decode_case(batch: int, context: int, read_bw: float, copies: int = 1) -> dict:
+    """copies > 1: one graph runs the kernel over that many caches in turn (timed per launch), so
+    a cache that fits in L2 is not read from L2 on the next replay."""
+    sets = [paged([context] * batch) for _ in range(copies)]
     lens = torch.full((batch,), context, device="cuda")
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
-    ours = cuda_time(lambda: triton_attention.decode_attention(q, k, v, tables, lens,
-                                                               HEAD_DIM ** -0.5, out=out),
-                     graph=True)
+
+    def ours_all():
+        for k, v, tables in sets:
+            triton_attention.decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, out=out)
+
+    ours = cuda_time(ours_all, graph=True) / copies
+    k, v, tables = sets[0]
     ref = cuda_time(lambda: reference.decode_attention(q, k, v, tables, lens, context,
                                                        HEAD_DIM ** -0.5), repeat=5, graph=True)
     kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
-    return dict(case=f"decode attention, batch {batch}, context {context}", tuili_us=ours * 1e6,
-                torch_us=ref * 1e6, tuili_gbs=kv_bytes / ours / 1e9,
+    where = f", {copies} caches per graph" if copies > 1 else ""
+    return dict(case=f"decode attention, batch {batch}, context {context}{where}",
+                tuili_us=ours * 1e6, torch_us=ref * 1e6, tuili_gbs=kv_bytes / ours / 1e9,
                 of_ceiling=kv_bytes / ours / read_bw)
+
+
+def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
+              read_bw: float, repeats: int = 1) -> dict:
+    """Norm (optional), rotary and K/V store in one launch, beside the kernels it replaces
+    (rotary over q and k, or two RMSNorms and two rotaries, then store_kv) and torch's ops.
+    repeats > 1: one graph runs each version that many times (timed per run), so a one-token
+    case measures the kernels rather than the replay of a one-node graph."""
+    from tuili.kernels import triton_fused, triton_rope
+    from tuili.layers.rotary import RotaryEmbedding
+
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    rope = RotaryEmbedding(head_dim, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
+    cos, sin = rope.lookup(torch.randint(0, 8192, (tokens,), device="cuda"))
+    k_cache, v_cache = random_cache(-(-tokens // BLOCK) + 1, BLOCK, kv_heads, head_dim)
+    slots = torch.randperm(k_cache.shape[0] * BLOCK, device="cuda")[:tokens]
+    w = torch.ones(head_dim, dtype=torch.bfloat16, device="cuda")
+    q_part, k_part = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
+    v_part = qkv[:, heads + kv_heads:]
+
+    def fused():
+        triton_rope.rope_and_store(qkv, cos, sin, k_cache, v_cache, slots, heads,
+                                   (w, w) if qk_norm else None, 1e-6)
+
+    def before(ops):
+        def run():
+            if qk_norm:
+                q = ops.apply_rotary(ops.rms_norm(q_part.reshape(-1, head_dim), w, 1e-6)
+                                     .view(tokens, heads, head_dim), cos, sin)
+                k = ops.apply_rotary(ops.rms_norm(k_part.reshape(-1, head_dim), w, 1e-6)
+                                     .view(tokens, kv_heads, head_dim), cos, sin)
+            else:
+                q, k = ops.apply_rotary(qkv[:, :heads + kv_heads], cos, sin).split(
+                    [heads, kv_heads], 1)
+            store = triton_attention.store_kv if ops is triton_fused else reference.store_kv
+            store(k, v_part, k_cache, v_cache, slots)
+            return q
+        return run
+
+    def repeated(fn):
+        return lambda: [fn() for _ in range(repeats)]
+
+    ours = cuda_time(repeated(fused), graph=True) / repeats
+    prev = cuda_time(repeated(before(triton_fused)), graph=True) / repeats
+    ref = cuda_time(repeated(before(reference)), graph=True) / repeats
+    nbytes = 2 * tokens * head_dim * (2 * (heads + 2 * kv_heads) + 2)  # qkv, cos, sin in; q, k, v out
+    norm = "q/k norm + " if qk_norm else ""
+    where = f", {repeats} per graph" if repeats > 1 else ""
+    return dict(case=f"{norm}rope + KV store, {heads}/{kv_heads} heads, {tokens} tokens{where}",
+                tuili_us=ours * 1e6, before_us=prev * 1e6, torch_us=ref * 1e6,
+                tuili_gbs=nbytes / ours / 1e9, of_ceiling=nbytes / ours / read_bw)
 
 
 def prefill_case(n: int, peak: float) -> dict:
@@ -69,12 +128,19 @@ def main() -> None:
     ceilings = measure_ceilings()
     bw, peak = ceilings["read_bytes_per_s"], ceilings["matmul_flops_per_s"]
     print(f"ceilings: read {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
-    rows = [decode_case(1, 8192, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
-            decode_case(1, 128, bw), prefill_case(2048, peak), prefill_case(8192, peak)]
-    print(f"\n{'case':<44} {'tuili us':>9} {'torch us':>9} {'rate':>14} {'of ceiling':>10}")
+    rows = [decode_case(1, 8192, bw), decode_case(1, 8192, bw, copies=4),
+            decode_case(1, 32768, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
+            decode_case(1, 128, bw, copies=8), prefill_case(2048, peak), prefill_case(8192, peak),
+            rope_case(1, HEADS, KV_HEADS, HEAD_DIM, False, bw, repeats=8),
+            rope_case(1, 16, 8, 128, True, bw, repeats=8),  # Qwen3-0.6B
+            rope_case(2048, HEADS, KV_HEADS, HEAD_DIM, False, bw),
+            rope_case(2048, 16, 8, 128, True, bw)]
+    print(f"\n{'case':<56} {'tuili us':>9} {'before us':>9} {'torch us':>9} {'rate':>14} "
+          f"{'of ceiling':>10}")
     for r in rows:
         rate = (f"{r['tuili_gbs']:.0f} GB/s" if "tuili_gbs" in r else f"{r['tuili_tflops']:.0f} TFLOP/s")
-        print(f"{r['case']:<44} {r['tuili_us']:9.1f} {r['torch_us']:9.1f} {rate:>14} "
+        before = f"{r['before_us']:9.1f}" if "before_us" in r else f"{'':9}"
+        print(f"{r['case']:<56} {r['tuili_us']:9.1f} {before} {r['torch_us']:9.1f} {rate:>14} "
               f"{r['of_ceiling']:9.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=2))

@@ -65,6 +65,71 @@ def test_decode_attention_split_choices(batch, max_len):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def assert_decode_rows(out, q, k_cache, v_cache, tables, lens):
+    """Each row against the reference alone (its own length); padding rows must be zeros."""
+    d = q.shape[-1]
+    for i, n in enumerate(lens.tolist()):
+        if n == 0:
+            assert torch.all(out[i] == 0), f"padding row {i} not zeroed"
+            continue
+        ref = reference.decode_attention(q[i:i + 1].float(), k_cache.float(), v_cache.float(),
+                                         tables[i:i + 1], lens[i:i + 1], n, d ** -0.5)
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("config", [(64, 32, 4, 2), (16, 128, 8, 2), (32, 64, 8, 4), (8, 16, 4, 3),
+                                    (1, 64, 4, 3)])
+def test_decode_attention_launch_shapes(config):
+    """Every split count, key block, warp count and pipeline depth the tuning may pick."""
+    heads, kvh, d, bs = 32, 8, 128, 16
+    torch.manual_seed(sum(config))
+    seq_lens = [8192, 0, 1, 700]
+    num_blocks = sum(-(-max(n, 1) // bs) for n in seq_lens) + 2
+    k_cache, v_cache = random_cache(num_blocks, bs, kvh, d)
+    tables = random_tables([max(n, 1) for n in seq_lens], bs, num_blocks)
+    lens = torch.tensor(seq_lens, device="cuda")
+    q = torch.randn(len(seq_lens), heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, out=out,
+                                      config=triton_attention.DecodeConfig(*config))
+    assert_decode_rows(out, q, k_cache, v_cache, tables, lens)
+
+
+def test_decode_attention_repeats_and_graph_replays_reuse_tickets():
+    """One launch merges its own splits: repeated calls agree bit for bit, and a captured graph
+    replayed over new lengths and queries stays right (each launch leaves its counters at 0)."""
+    heads, kvh, d, bs = 32, 8, 128, 16
+    torch.manual_seed(11)
+    capacity = [8192, 3000, 300]
+    num_blocks = sum(-(-n // bs) for n in capacity) + 1
+    k_cache, v_cache = random_cache(num_blocks, bs, kvh, d)
+    tables = random_tables(capacity, bs, num_blocks)
+    lens = torch.tensor([8192, 0, 77], device="cuda")
+    q = torch.randn(3, heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+
+    def run():
+        return triton_attention.decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5,
+                                                 out=out)
+
+    first = run().clone()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        assert torch.equal(run(), first)
+    assert_decode_rows(out, q, k_cache, v_cache, tables, lens)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for new_lens in ([3000, 129, 0], [1, 2999, 300], [8192, 0, 77]):
+        lens.copy_(torch.tensor(new_lens))
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_decode_rows(out, q, k_cache, v_cache, tables, lens)
+    assert torch.all(triton_attention._tickets(torch.cuda.current_device()) == 0)
+
+
 @pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256), (16, 16, 64)])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_prefill_attention_matches_reference(heads, kvh, d, block_size):
@@ -176,3 +241,46 @@ def test_rotary_matches_reference(heads, d):
     out, ref = triton_fused.apply_rotary(x, cos, sin), reference.apply_rotary(x, cos, sin)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
     assert (out == ref).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("heads,kvh,d,qk_norm", [(32, 8, 128, False), (9, 3, 64, False),
+                                                 (8, 1, 256, False), (16, 8, 128, True),
+                                                 (9, 3, 64, True)])
+@pytest.mark.parametrize("tokens", [1, 41])
+def test_rope_and_store_matches_reference(heads, kvh, d, qk_norm, tokens):
+    """Norm (Qwen3), rotary and the K/V store in one launch against the reference ops in turn."""
+    from tuili.kernels import triton_rope
+    from tuili.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(heads + d + tokens)
+    bs, num_blocks = 16, 8
+    qkv = torch.randn(tokens, heads + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
+    rope = RotaryEmbedding(d, 4096, 1e6, None, torch.bfloat16, torch.device("cuda"))
+    cos, sin = rope.lookup(torch.randint(0, 4096, (tokens,), device="cuda"))
+    slots = torch.randperm(num_blocks * bs, device="cuda")[:tokens]
+    if tokens > 1:
+        slots[[3, 17]] = -1  # padding rows: nothing stored
+    weights = (torch.randn(d, device="cuda", dtype=torch.bfloat16),
+               torch.randn(d, device="cuda", dtype=torch.bfloat16)) if qk_norm else None
+    caches = [poisoned((num_blocks, bs, kvh, d)) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q = triton_rope.rope_and_store(qkv, cos, sin, *caches, slots, heads, weights, 1e-6)
+    q_ref, k_ref = qkv[:, :heads], qkv[:, heads:heads + kvh]
+    if qk_norm:
+        q_ref = reference.rms_norm(q_ref, weights[0], 1e-6)
+        k_ref = reference.rms_norm(k_ref, weights[1], 1e-6)
+    q_ref = reference.apply_rotary(q_ref, cos, sin)
+    k_ref = reference.apply_rotary(k_ref, cos, sin)
+    keep = slots >= 0
+    reference.store_kv(k_ref[keep], qkv[keep, heads + kvh:], *ref_caches, slots[keep])
+    assert torch.equal(caches[1].nan_to_num(7.0), ref_caches[1].nan_to_num(7.0))  # v: a copy
+    pairs = [(q, q_ref), (caches[0].nan_to_num(7.0), ref_caches[0].nan_to_num(7.0))]
+    for ours, ref in pairs:
+        assert not ours.isnan().any()
+        if not qk_norm:
+            assert torch.equal(ours, ref)  # rotary alone: every bit as the reference
+        else:
+            # The norm's fp32 sum of squares is added in another order than torch's, which
+            # can move a value across a bf16 rounding boundary, rarely.
+            torch.testing.assert_close(ours, ref, atol=1e-2, rtol=1e-2)
+            assert (ours == ref).float().mean() > 0.999

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from tuili.kernels import on_gpu, reference, triton_module
+from tuili.layers.norm import RMSNorm
+from tuili.layers.rotary import rotate_qk
 
 
 @dataclass
@@ -37,13 +39,29 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def prepare_qkv(self, qkv: torch.Tensor, meta: AttentionMetadata, q_norm: RMSNorm | None = None,
+                    k_norm: RMSNorm | None = None):
+        """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, d]: q and k normalised
+        per head (when norms are given, as in Qwen3) and rotated. On the GPU one kernel does this
+        and also stores k and v in the cache: k and v come back None, so forward() skips its store."""
+        if on_gpu(qkv) and self.head_dim & (self.head_dim - 1) == 0:
+            weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
+            q = triton_module("triton_rope").rope_and_store(
+                qkv, meta.cos, meta.sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                self.num_heads, weights, q_norm.eps if q_norm is not None else 0.0)
+            return q, None, None
+        return rotate_qk(qkv, self.num_heads, self.num_kv_heads, meta.cos, meta.sin, q_norm, k_norm)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] -> [tokens, heads * d]."""
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d], or None when already in the cache
+        (GPU only: the GPU kernels read every key from the cache) -> [tokens, heads * d]."""
         nd = meta.num_decodes
         gpu = on_gpu(q)
         triton_attention = triton_module("triton_attention") if gpu else None
-        if gpu:
+        if k is None:
+            assert gpu, "the CPU path needs this step's k and v"
+        elif gpu:
             triton_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
             reference.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)

@@ -15,7 +15,6 @@ from tuili.layers.attention import Attention, AttentionMetadata
 from tuili.layers.embedding import Embedding
 from tuili.layers.linear import Linear, linear
 from tuili.layers.norm import RMSNorm
-from tuili.layers.rotary import apply_rotary
 from tuili.models.config import ModelConfig
 
 
@@ -33,15 +32,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nh + 2 * self.nkv, self.d)
-        if self.q_norm is None:
-            # q and k sit side by side in the merged output: rotate both in one pass.
-            qk = apply_rotary(qkv[:, : self.nh + self.nkv], meta.cos, meta.sin)
-            q, k = qk.split([self.nh, self.nkv], dim=1)
-        else:
-            q, k = qkv[:, : self.nh], qkv[:, self.nh: self.nh + self.nkv]
-            q = apply_rotary(self.q_norm(q), meta.cos, meta.sin)
-            k = apply_rotary(self.k_norm(k), meta.cos, meta.sin)
-        v = qkv[:, self.nh + self.nkv:]
+        q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
