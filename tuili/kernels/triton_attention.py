@@ -105,7 +105,9 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_o, seq, kv_head, used,
              out.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
-@triton.jit
+# Arguments that change from step to step (a table's width, a view's offset, how many sequences)
+# are not specialised on: each new value would compile another variant mid-run.
+@triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["table_ptr"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
                    ticket_ptr, scale, stride_q, stride_o, stride_table,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -234,7 +236,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table", "num_seqs"],
+            do_not_specialize_on_alignment=["table_ptr"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_ptr, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs,
                     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
