@@ -89,7 +89,7 @@ def sweep_shape(name: str, out) -> None:
               f"  gemv {best_t * 1e6:8.1f} us ({nbytes / best_t / READ_BW:4.0%})  {best}  "
               f"err {err:.1e}  fused {rec['fused_us']:.1f} vs unfused {rec['unfused_us']:.1f} us"
               f" ({rec['fused_best']})", flush=True)
-    del ws
+    ws.clear()
     torch.cuda.empty_cache()
 
 
