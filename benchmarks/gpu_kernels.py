@@ -1,5 +1,6 @@
-"""GPU kernel benchmarks: paged decode attention bandwidth and paged prefill attention FLOP rate,
-each against the measured ceiling and beside torch's own kernels on the same inputs.
+"""GPU kernel benchmarks: paged decode attention bandwidth, paged prefill attention FLOP rate and
+the fused decode GEMVs' weight bandwidth, each against the measured ceiling and beside torch's own
+kernels (for the GEMVs: the norm / SiLU kernel, cuBLAS and an add) on the same inputs.
 
     python benchmarks/gpu_kernels.py [--json out.json]
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import cuda_time, measure_ceilings  # noqa: E402
+from benchmarks.gemv_sweep import fused_vs_unfused  # noqa: E402
 from tests.gpu.random_models import random_cache, random_tables  # noqa: E402
 from tuili.kernels import reference, triton_attention  # noqa: E402
 
@@ -62,6 +64,14 @@ def prefill_case(n: int, peak: float) -> dict:
                 torch_us=sdpa * 1e6, tuili_tflops=flops / ours / 1e12, of_ceiling=flops / ours / peak)
 
 
+def gemv_case(layer: str, m: int, read_bw: float) -> dict:
+    r = fused_vs_unfused(layer, m)
+    fused, unfused = r["fused_us"] or r["unfused_us"], r["unfused_us"]  # None: cuBLAS serves it
+    return dict(case=f"GEMV {layer} +{r['fusion']}, {m} row{'s' if m > 1 else ''}",
+                tuili_us=fused, torch_us=unfused, tuili_gbs=r["weight_bytes"] / fused / 1e3,
+                of_ceiling=r["weight_bytes"] / (fused / 1e6) / read_bw)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
@@ -71,6 +81,9 @@ def main() -> None:
     print(f"ceilings: read {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows = [decode_case(1, 8192, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
             decode_case(1, 128, bw), prefill_case(2048, peak), prefill_case(8192, peak)]
+    rows += [gemv_case(layer, m, bw) for layer in ("llama3-8b/qkv", "llama3-8b/o", "llama3-8b/down",
+                                                   "llama3-8b/lm_head", "smollm2/qkv", "smollm2/down")
+             for m in (1, 8)]
     print(f"\n{'case':<44} {'tuili us':>9} {'torch us':>9} {'rate':>14} {'of ceiling':>10}")
     for r in rows:
         rate = (f"{r['tuili_gbs']:.0f} GB/s" if "tuili_gbs" in r else f"{r['tuili_tflops']:.0f} TFLOP/s")

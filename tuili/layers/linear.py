@@ -1,4 +1,8 @@
-"""Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight."""
+"""Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight.
+
+A projection may take a prologue (the RMSNorm before it, or silu_and_mul of a merged gate/up input)
+and a residual to add: at decode on the GPU all three run inside one Triton GEMV; elsewhere they
+are the separate norm / activation kernels, the matmul and an add."""
 
 from __future__ import annotations
 
@@ -6,16 +10,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.kernels import on_gpu, triton_module
+from tuili.layers.activation import silu_and_mul
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
+from tuili.layers.norm import RMSNorm
+
+GEMV_MAX_ROWS = 8
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fuses_into_gemv(x: torch.Tensor) -> bool:
+    """A decode-sized step on the GPU (<= 8 rows of 16-bit floats): each norm, SiLU and residual add
+    rides in a projection's GEMV as its prologue or epilogue instead of a kernel of its own."""
+    return (on_gpu(x) and x.shape[0] <= GEMV_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias). One row of 16-bit floats on CPU goes through matrix-vector: oneDNN's
     bf16 GEMM is about half as fast as its GEMV at batch 1, and decode at batch 1 is all GEMV."""
     if x.shape[0] == 1 and x.dim() == 2 and weight.dtype != torch.float32 and not x.is_cuda:
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool) -> torch.Tensor:
+    if norm is not None:
+        x = norm(x)
+    return silu_and_mul(x) if gated else x
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm: RMSNorm | None = None, gated: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """prologue(x) @ weight.T (+ bias) (+ residual), where prologue is norm(x) if a norm is given,
+    silu(gate) * up of a merged [gate | up] x if gated, else nothing."""
+    if fuses_into_gemv(x):
+        gemv = triton_module("triton_gemv")
+        kind = gemv.RMS_NORM if norm is not None else gemv.SILU_AND_MUL if gated else gemv.PLAIN
+        config = gemv.default_config(x.shape[0], weight.shape[0], weight.shape[1], kind)
+        if config is not None:
+            return gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
+                             norm.eps if norm is not None else 0.0, gated, config)
+    out = matmul(prologue(x, norm, gated), weight, bias)
+    return out if residual is None else out + residual
 
 
 class Linear(nn.Module):
@@ -35,11 +73,14 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # int4 weight, when packed
         self.scales_zeros: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """prologue(x) W^T (+ b) (+ residual); prologue and residual as in `linear`."""
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
-            out = int4_linear(x, self.packed, self.scales_zeros)
-            return out if self.bias is None else out + self.bias
-        return linear(x, self.weight, self.bias)
+            out = int4_linear(prologue(x, norm, gated), self.packed, self.scales_zeros)
+            out = out if self.bias is None else out + self.bias
+            return out if residual is None else out + residual
+        return linear(x, self.weight, self.bias, norm=norm, gated=gated, residual=residual)
 
     def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""

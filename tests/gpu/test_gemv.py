@@ -1,0 +1,83 @@
+"""The decode GEMV and its fusions against the reference ops (prologue rounded the same way, the dot
+in float32), on odd shapes and 1..8 rows, outputs poisoned first."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from tuili.kernels import reference, triton_gemv  # noqa: E402
+from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
+
+FMA = GemvConfig(block_n=2, block_k=1024)
+DOT = GemvConfig(block_n=32, block_k=256, num_stages=3, use_dot=True)
+
+
+def expected(x, w, bias, residual, norm_w, silu):
+    """The unfused path's roundings: prologue in the model dtype, one rounding after the bias, one
+    after the residual add."""
+    if norm_w is not None:
+        x = reference.rms_norm(x, norm_w, 1e-5)
+    if silu:
+        x = reference.silu_and_mul(x)
+    y = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n,k", [(37, 100), (960, 576), (4113, 1000), (129, 3000)])
+@pytest.mark.parametrize("fusion", ["plain", "norm", "silu+residual", "bias+residual"])
+@pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
+def test_gemv_matches_reference(m, n, k, fusion, config):
+    torch.manual_seed(m * 7 + n + k)
+    silu = fusion.startswith("silu")
+    if config is None and triton_gemv.default_config(m, n, k) is None:
+        pytest.skip("cuBLAS serves this shape")
+    x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if "bias" in fusion else None
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if "residual" in fusion else None
+    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 if fusion == "norm" else None
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, silu, config=config, out=out)
+    ref = expected(x, w, bias, res, norm_w, silu)
+    assert not out.isnan().any()
+    # Only the float32 summation order differs: at most a unit in the last bf16 place, mostly none.
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.9
+
+
+def test_gemv_fp16_and_strided_input():
+    x = torch.randn(3, 2 * 640, device="cuda", dtype=torch.float16)[:, :640]  # a strided view
+    w = torch.randn(300, 640, device="cuda", dtype=torch.float16) * 0.04
+    out = triton_gemv.gemv(x, w)
+    torch.testing.assert_close(out, expected(x, w, None, None, None, False), atol=1e-2, rtol=1e-2)
+
+
+def test_gemv_rejects_bad_shapes():
+    w = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        triton_gemv.gemv(torch.randn(9, 32, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_gemv.gemv(torch.randn(2, 32, device="cuda", dtype=torch.bfloat16), w,
+                         silu_and_mul=True)
+
+
+def test_linear_fused_and_unfused_paths_agree():
+    """The layer API: the same call with 8 rows (GEMV) and 9 rows (norm kernel, cuBLAS, add)."""
+    from tuili.layers.linear import fuses_into_gemv, linear
+    from tuili.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
+    x = torch.randn(9, 1024, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(9, 3000, device="cuda", dtype=torch.bfloat16)
+    assert fuses_into_gemv(x[:8]) and not fuses_into_gemv(x)
+    fused = linear(x[:8], w, norm=norm, residual=res[:8])
+    unfused = linear(x, w, norm=norm, residual=res)[:8]
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
