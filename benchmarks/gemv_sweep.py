@@ -1,5 +1,5 @@
 """Decode GEMV tile sweep: cuBLAS (F.linear) against the Triton GEMV's tile configurations at 1-8
-rows on real layer shapes, and the fused prologues/epilogues against their unfused sequences.
+rows on real layer shapes, and the fused norm prologue and SiLU / residual epilogues against their unfused sequences.
 
 Each case is a CUDA graph of R back-to-back launches over R copies of the weight (R copies take
 >= 200 MB, so the weights stream from HBM and not from L2, as in a whole model); time per launch =
@@ -23,16 +23,16 @@ from benchmarks.gpu_common import cuda_time  # noqa: E402
 from tuili.kernels import reference, triton_fused, triton_gemv  # noqa: E402
 from tuili.kernels.triton_gemv import GemvConfig, gemv  # noqa: E402
 
-# name -> ([out, in] of the weight, the fusion the model uses on it)
+# name -> ([out, in] of the weight, the fusion the model uses on it; "gated": norm + silu_and_mul)
 SHAPES = {
     "llama3-8b/qkv": ((6144, 4096), "norm"), "llama3-8b/o": ((4096, 4096), "residual"),
-    "llama3-8b/gate_up": ((28672, 4096), "norm"), "llama3-8b/down": ((4096, 14336), "silu"),
+    "llama3-8b/gate_up": ((28672, 4096), "gated"), "llama3-8b/down": ((4096, 14336), "residual"),
     "llama3-8b/lm_head": ((128256, 4096), "norm"),
     "smollm2/qkv": ((960, 576), "norm"), "smollm2/o": ((576, 576), "residual"),
-    "smollm2/gate_up": ((3072, 576), "norm"), "smollm2/down": ((576, 1536), "silu"),
+    "smollm2/gate_up": ((3072, 576), "gated"), "smollm2/down": ((576, 1536), "residual"),
     "smollm2/lm_head": ((49152, 576), "norm"),
     "qwen3-0.6b/qkv": ((4096, 1024), "norm"), "qwen3-0.6b/o": ((1024, 2048), "residual"),
-    "qwen3-0.6b/gate_up": ((6144, 1024), "norm"), "qwen3-0.6b/down": ((1024, 3072), "silu"),
+    "qwen3-0.6b/gate_up": ((6144, 1024), "gated"), "qwen3-0.6b/down": ((1024, 3072), "residual"),
 }
 ROWS = (1, 2, 4, 8)
 FMA = [GemvConfig(bn, bk, w, s) for bn, bk, w, s in [
@@ -41,8 +41,7 @@ DOT = [GemvConfig(bn, bk, w, s, use_dot=True) for bn, bk, w, s in [
     (4, 1024, 4, 3), (8, 512, 4, 3), (16, 512, 4, 3), (16, 128, 4, 6), (32, 256, 4, 3),
     (32, 512, 4, 3), (64, 256, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3)]]
 READ_BW = 3.0e12
-KINDS = {"norm": triton_gemv.RMS_NORM, "silu": triton_gemv.SILU_AND_MUL,
-         "residual": triton_gemv.PLAIN}
+FUSIONS = {"norm": (True, False), "gated": (True, True), "residual": (False, False)}  # norm, gated
 
 
 def fits(cfg: GemvConfig, m: int) -> bool:
@@ -107,26 +106,28 @@ def sweep_shape(name: str, out) -> None:
 
 
 def fused_rows(fusion: str, x, ws, norm_w, copies: int, configs) -> dict:
-    """The fusion this layer gets in the model, against norm kernel / cuBLAS / add separately."""
-    m, k = x.shape
-    n = ws[0].shape[0]
-    res = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
-    if fusion == "norm":
-        def fused(i, cfg): return gemv(x, ws[i], norm_weight=norm_w, eps=1e-5, config=cfg)
-        def unfused(i): return F.linear(triton_fused.rms_norm(x, norm_w, 1e-5), ws[i])
-        ref = F.linear(reference.rms_norm(x, norm_w, 1e-5), ws[0])
-    elif fusion == "silu":
-        xg = torch.randn(m, 2 * k, dtype=torch.bfloat16, device="cuda")
-        def fused(i, cfg): return gemv(xg, ws[i], residual=res, silu_and_mul=True, config=cfg)
-        def unfused(i): return F.linear(triton_fused.silu_and_mul(xg), ws[i]) + res
-        ref = F.linear(reference.silu_and_mul(xg), ws[0]) + res
-    else:
-        def fused(i, cfg): return gemv(x, ws[i], residual=res, config=cfg)
-        def unfused(i): return F.linear(x, ws[i]) + res
-        ref = F.linear(x, ws[0]) + res
+    """The fusion this layer gets in the model, against norm kernel / cuBLAS / SiLU / add apart."""
+    m = x.shape[0]
+    rows, k = ws[0].shape
+    norm, gated = FUSIONS[fusion]
+    n = rows // 2 if gated else rows
+    res = torch.randn(m, n, dtype=torch.bfloat16, device="cuda") if fusion == "residual" else None
+    nw = norm_w if norm else None
+
+    def fused(i, cfg):
+        return gemv(x, ws[i], residual=res, norm_weight=nw, eps=1e-5, gated=gated, config=cfg)
+
+    def unfused(i):
+        y = F.linear(triton_fused.rms_norm(x, norm_w, 1e-5) if norm else x, ws[i])
+        y = triton_fused.silu_and_mul(y) if gated else y
+        return y if res is None else y + res
+
+    y = F.linear(reference.rms_norm(x, norm_w, 1e-5) if norm else x, ws[0])
+    y = reference.silu_and_mul(y) if gated else y
+    ref = y if res is None else y + res
     timed = sorted(((tried(lambda i: fused(i, c), copies), c) for c in configs),
                    key=lambda r: r[0])
-    default = triton_gemv.default_config(m, n, k, KINDS[fusion])
+    default = triton_gemv.default_config(m, n, k, norm, gated)
     err = ((fused(0, timed[0][1]).float() - ref.float()).norm() / ref.float().norm()).item()
     return dict(fusion=fusion, fused_us=timed[0][0] * 1e6, fused_best=str(timed[0][1]),
                 unfused_us=per_launch(unfused, copies) * 1e6, fused_rel_err=err,
@@ -142,7 +143,8 @@ def fused_vs_unfused(name: str, m: int) -> dict:
     ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.05 for _ in range(copies)]
     norm_w = torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    default = triton_gemv.default_config(m, n, k, KINDS[fusion])
+    norm, gated = FUSIONS[fusion]
+    default = triton_gemv.default_config(m, n // 2 if gated else n, k, norm, gated)
     r = fused_rows(fusion, x, ws, norm_w, copies, [default]) if default else {}
     return dict(fusion=fusion, weight_bytes=n * k * 2, fused_us=r.get("fused_us"),
                 unfused_us=r.get("unfused_us"))

@@ -22,6 +22,8 @@ from tests.gpu.random_models import random_cache, random_tables  # noqa: E402
 from tuili.kernels import reference, triton_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # one Llama-3.1-8B layer
+GEMV_LAYERS = ("llama3-8b/qkv", "llama3-8b/o", "llama3-8b/gate_up", "llama3-8b/down",
+               "llama3-8b/lm_head", "smollm2/qkv", "smollm2/gate_up", "smollm2/down")
 
 
 def paged(seq_lens: list[int]):
@@ -81,9 +83,7 @@ def main() -> None:
     print(f"ceilings: read {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows = [decode_case(1, 8192, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
             decode_case(1, 128, bw), prefill_case(2048, peak), prefill_case(8192, peak)]
-    rows += [gemv_case(layer, m, bw) for layer in ("llama3-8b/qkv", "llama3-8b/o", "llama3-8b/down",
-                                                   "llama3-8b/lm_head", "smollm2/qkv", "smollm2/down")
-             for m in (1, 8)]
+    rows += [gemv_case(layer, m, bw) for layer in GEMV_LAYERS for m in (1, 8)]
     print(f"\n{'case':<44} {'tuili us':>9} {'torch us':>9} {'rate':>14} {'of ceiling':>10}")
     for r in rows:
         rate = (f"{r['tuili_gbs']:.0f} GB/s" if "tuili_gbs" in r else f"{r['tuili_tflops']:.0f} TFLOP/s")

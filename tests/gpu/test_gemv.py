@@ -16,34 +16,35 @@ FMA = GemvConfig(block_n=2, block_k=1024)
 DOT = GemvConfig(block_n=32, block_k=256, num_stages=3, use_dot=True)
 
 
-def expected(x, w, bias, residual, norm_w, silu):
-    """The unfused path's roundings: prologue in the model dtype, one rounding after the bias, one
-    after the residual add."""
+def expected(x, w, bias, residual, norm_w, gated):
+    """The unfused path's roundings: the norm in the model dtype, one rounding after the bias,
+    silu_and_mul and the residual add as their own kernels round."""
     if norm_w is not None:
         x = reference.rms_norm(x, norm_w, 1e-5)
-    if silu:
-        x = reference.silu_and_mul(x)
     y = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    if gated:
+        y = reference.silu_and_mul(y)
     return y if residual is None else y + residual
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("n,k", [(37, 100), (960, 576), (4113, 1000), (129, 3000)])
-@pytest.mark.parametrize("fusion", ["plain", "norm", "silu+residual", "bias+residual"])
+@pytest.mark.parametrize("fusion", ["plain", "norm", "norm+gated", "gated+bias", "bias+residual"])
 @pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
 def test_gemv_matches_reference(m, n, k, fusion, config):
     torch.manual_seed(m * 7 + n + k)
-    silu = fusion.startswith("silu")
-    if config is None and triton_gemv.default_config(m, n, k) is None:
+    gated, norm = "gated" in fusion, "norm" in fusion
+    if config is None and triton_gemv.default_config(m, n, k, norm, gated) is None:
         pytest.skip("cuBLAS serves this shape")
-    x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if "bias" in fusion else None
+    rows = 2 * n if gated else n
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(rows, device="cuda", dtype=torch.bfloat16) if "bias" in fusion else None
     res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if "residual" in fusion else None
-    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 if fusion == "norm" else None
+    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 if norm else None
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, silu, config=config, out=out)
-    ref = expected(x, w, bias, res, norm_w, silu)
+    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config=config, out=out)
+    ref = expected(x, w, bias, res, norm_w, gated)
     assert not out.isnan().any()
     # Only the float32 summation order differs: at most a unit in the last bf16 place, mostly none.
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
@@ -62,12 +63,11 @@ def test_gemv_rejects_bad_shapes():
     with pytest.raises(ValueError, match="1..8 rows"):
         triton_gemv.gemv(torch.randn(9, 32, device="cuda", dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="does not fit"):
-        triton_gemv.gemv(torch.randn(2, 32, device="cuda", dtype=torch.bfloat16), w,
-                         silu_and_mul=True)
+        triton_gemv.gemv(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), w)
 
 
 def test_linear_fused_and_unfused_paths_agree():
-    """The layer API: the same call with 8 rows (GEMV) and 9 rows (norm kernel, cuBLAS, add)."""
+    """The layer API: the same calls with 8 rows (GEMV) and 9 rows (norm, cuBLAS, SiLU, add)."""
     from tuili.layers.linear import fuses_into_gemv, linear
     from tuili.layers.norm import RMSNorm
 
@@ -80,4 +80,7 @@ def test_linear_fused_and_unfused_paths_agree():
     assert fuses_into_gemv(x[:8]) and not fuses_into_gemv(x)
     fused = linear(x[:8], w, norm=norm, residual=res[:8])
     unfused = linear(x, w, norm=norm, residual=res)[:8]
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
+    fused = linear(x[:8], w, norm=norm, gated=True)
+    unfused = linear(x, w, norm=norm, gated=True)[:8]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)

@@ -1,10 +1,11 @@
-"""Decode GEMV for a few rows (M <= 8): y = prologue(x) @ W^T (+ bias) (+ residual) in one launch.
+"""Decode GEMV for a few rows (M <= 8): y = epilogue(prologue(x) @ W^T (+ bias)) in one launch.
 
-The prologue is RMSNorm(x) or silu_and_mul of a merged [gate | up] x, computed inside each program
-from x (a few thousand elements, re-read from L2); the epilogue adds the residual stream and writes
-the new one. Each step rounds to the model dtype where kernels/reference.py does, so only the dot's
-summation order differs from norm kernel + cuBLAS + add. Each program owns BLOCK_N output columns
-and streams their weight rows once; the weight read is the whole cost at decode.
+The prologue is RMSNorm(x), computed inside each program from x (a few thousand elements, re-read
+from L2). The epilogue is silu(gate) * up of a merged [gate | up] weight (each program computes
+matching gate and up columns), or + residual, writing the new residual stream. Each step rounds to
+the model dtype where kernels/reference.py does, so only the dot's summation order differs from
+norm kernel + cuBLAS + SiLU kernel + add. Each program owns BLOCK_N output columns and streams
+their weight rows once: the weight read is the whole cost at decode.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 8
-PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
+
+
+@triton.jit
+def _accumulate(acc, w, xv, USE_DOT: tl.constexpr):
+    if USE_DOT:  # acc: [BLOCK_N, M_PAD]
+        return acc + tl.dot(w, tl.trans(xv))
+    return acc + tl.sum(xv[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N, K,
                  stride_x, stride_r,
-                 PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
+                 HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -32,7 +39,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N
     k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + m[:, None] * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    if PROLOGUE == 1:  # RMSNorm needs each row's 1/rms before the first normalised element
+    up_rows = w_rows + N * K  # GATED: the up half of the weight follows the gate half
+    if HAS_NORM:  # RMSNorm needs each row's 1/rms before the first normalised element
         kn = tl.arange(0, NORM_BLOCK)
         squares = tl.zeros([M_PAD, NORM_BLOCK], tl.float32)
         for k0 in range(0, K, NORM_BLOCK):
@@ -44,39 +52,38 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N
         acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    acc_up = tl.zeros_like(acc)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
         k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        if PROLOGUE == 2:
-            gate = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
-            up = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0)
-            g = gate.to(tl.float32)
-            # fast division: 2 ulp of float32 vanish in the rounding to 16 bits
-            act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(gate.dtype)
-            xv = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-        else:
-            xv = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
-            if PROLOGUE == 1:
-                nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0)
-                h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
-                xv = (nw[None, :].to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
-        if USE_DOT:
-            acc += tl.dot(w, tl.trans(xv))
-        else:
-            acc += tl.sum(xv[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_NORM:
+            nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0)
+            h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
+            xv = (nw[None, :].to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
+        acc = _accumulate(acc, tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0), xv, USE_DOT)
+        if GATED:
+            acc_up = _accumulate(acc_up, tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0),
+                                 xv, USE_DOT)
     if USE_DOT:
-        y = tl.trans(acc)
-    else:
-        y = acc
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+    dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
-        y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(out_ptr.dtype.element_ty)
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GATED:  # silu_and_mul of the rounded projections, rounded as reference.silu_and_mul
+        g = y.to(tl.float32)
+        # fast division: 2 ulp of float32 vanish in the rounding to 16 bits
+        act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(dtype)
+        y = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:  # the residual add, rounded as a separate add would round it
         r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
     tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
 
 
@@ -89,38 +96,39 @@ class GemvConfig:
     use_dot: bool = False  # tensor-core dot (rows padded by Triton), else FMA and a reduction
 
 
-def default_config(m: int, n: int, k: int, prologue: int = PLAIN) -> GemvConfig | None:
-    """Tiles for an [m, k] x [n, k]^T GEMV by shape, measured on an H100 (benchmarks/gemv_sweep.py);
-    None where cuBLAS (with a separate prologue) is faster."""
-    if k <= 1024 and n >= 32768:
+def default_config(m: int, n: int, k: int, norm: bool = False, gated: bool = False
+                   ) -> GemvConfig | None:
+    """Tiles for m rows of [m, k] x [n, k]^T (n: output columns; a gated weight has 2n rows) by
+    shape, measured on an H100 (benchmarks/gemv_sweep.py); None where cuBLAS and separate kernels
+    are faster."""
+    rows = 2 * n if gated else n
+    if k <= 1024 and rows >= 32768:
         return None  # a short, wide LM head (SmolLM2's): cuBLAS keeps more bytes in flight
-    if m <= 2 and (n * k <= 8 << 20 or (m == 1 and n > k)):
-        return GemvConfig(block_n=2, block_k=1024)
-    if n >= 2 * k:
-        return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
+    if m <= 2 and (rows * k <= 8 << 20 or (m == 1 and rows > k)):
+        return GemvConfig(block_n=1 if gated else 2, block_k=1024)
+    if rows >= 2 * k:
+        return GemvConfig(block_n=32 if gated else 64, block_k=256, num_stages=3, use_dot=True)
     return GemvConfig(block_n=32 if k >= 4096 else 16, block_k=512, num_stages=3, use_dot=True)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, silu_and_mul: bool = False, config: GemvConfig | None = None,
+         eps: float = 0.0, gated: bool = False, config: GemvConfig | None = None,
          out: torch.Tensor | None = None) -> torch.Tensor:
-    """prologue(x) @ weight.T (+ bias) (+ residual) for x of M <= 8 rows. The prologue is
-    rmsnorm(x; norm_weight, eps) if norm_weight is given, silu(gate) * up if silu_and_mul (x is
-    [M, 2K]), else none. weight: [N, K] contiguous; returns [M, N] in x's dtype (into out if given).
-    config: tiles, default_config's when None (which must not be None for this shape then)."""
-    m = x.shape[0]
-    n, k = weight.shape
+    """x: [M <= 8, K], weight: [N, K] contiguous. Returns [M, N] (into out if given):
+    rmsnorm(x; norm_weight, eps) if norm_weight is given, else x, times weight.T, + bias; if gated
+    (weight is a merged [gate | up]), silu(gate) * up, [M, N / 2]; + residual. config: tiles,
+    default_config's when None (which must then not be None for this shape)."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {m}")
-    if x.shape[1] != (2 * k if silu_and_mul else k):
-        raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}"
-                         f"{' (silu_and_mul: x is [M, 2K])' if silu_and_mul else ''}")
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     assert weight.is_contiguous()
-    prologue = RMS_NORM if norm_weight is not None else SILU_AND_MUL if silu_and_mul else PLAIN
-    cfg = config or default_config(m, n, k, prologue)
+    cfg = config or default_config(m, n, k, norm_weight is not None, gated)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.is_contiguous()
@@ -132,8 +140,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, eps, m, n, k, x.stride(0),
         residual.stride(0) if residual is not None else 0,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad), USE_DOT=cfg.use_dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
+        USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

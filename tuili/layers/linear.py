@@ -1,8 +1,8 @@
 """Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight.
 
-A projection may take a prologue (the RMSNorm before it, or silu_and_mul of a merged gate/up input)
-and a residual to add: at decode on the GPU all three run inside one Triton GEMV; elsewhere they
-are the separate norm / activation kernels, the matmul and an add."""
+A projection may take the RMSNorm before it, silu_and_mul of its merged [gate | up] output and a
+residual to add: at decode on the GPU they run inside one Triton GEMV; elsewhere they are the
+separate norm and activation kernels, the matmul and an add."""
 
 from __future__ import annotations
 
@@ -34,25 +34,24 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def prologue(x: torch.Tensor, norm: RMSNorm | None, gated: bool) -> torch.Tensor:
-    if norm is not None:
-        x = norm(x)
-    return silu_and_mul(x) if gated else x
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm: RMSNorm | None = None, gated: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """prologue(x) @ weight.T (+ bias) (+ residual), where prologue is norm(x) if a norm is given,
-    silu(gate) * up of a merged [gate | up] x if gated, else nothing."""
+    """norm(x) (x if no norm) @ weight.T (+ bias), then silu(gate) * up if gated (weight is a
+    merged [gate | up]), then + residual."""
     if fuses_into_gemv(x):
         gemv = triton_module("triton_gemv")
-        kind = gemv.RMS_NORM if norm is not None else gemv.SILU_AND_MUL if gated else gemv.PLAIN
-        config = gemv.default_config(x.shape[0], weight.shape[0], weight.shape[1], kind)
+        n = weight.shape[0] // 2 if gated else weight.shape[0]
+        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm is not None, gated)
         if config is not None:
             return gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
                              norm.eps if norm is not None else 0.0, gated, config)
-    out = matmul(prologue(x, norm, gated), weight, bias)
+    out = matmul(x if norm is None else norm(x), weight, bias)
+    return epilogue(out, gated, residual)
+
+
+def epilogue(out: torch.Tensor, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    out = silu_and_mul(out) if gated else out
     return out if residual is None else out + residual
 
 
@@ -75,11 +74,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """prologue(x) W^T (+ b) (+ residual); prologue and residual as in `linear`."""
+        """norm(x) W^T (+ b), silu-and-mul'ed if gated, + residual: as `linear`."""
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
-            out = int4_linear(prologue(x, norm, gated), self.packed, self.scales_zeros)
-            out = out if self.bias is None else out + self.bias
-            return out if residual is None else out + residual
+            out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
+            return epilogue(out if self.bias is None else out + self.bias, gated, residual)
         return linear(x, self.weight, self.bias, norm=norm, gated=gated, residual=residual)
 
     def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:

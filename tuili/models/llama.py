@@ -56,7 +56,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """down(silu(gate) * up) of norm(x) (+ residual)."""
-        return self.down_proj(self.gate_up_proj(x, norm=norm), gated=True, residual=residual)
+        return self.down_proj(self.gate_up_proj(x, norm=norm, gated=True), residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
