@@ -27,7 +27,7 @@ def expected(x, w, bias, residual, norm_w, gated):
     return y if residual is None else y + residual
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k", [(37, 100), (960, 576), (4113, 1000), (129, 3000)])
 @pytest.mark.parametrize("fusion", ["plain", "norm", "norm+gated", "gated+bias", "bias+residual"])
 @pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
