@@ -67,20 +67,21 @@ def test_gemv_rejects_bad_shapes():
 
 
 def test_linear_fused_and_unfused_paths_agree():
-    """The layer API: the same calls with 8 rows (GEMV) and 9 rows (norm, cuBLAS, SiLU, add)."""
-    from tuili.layers.linear import fuses_into_gemv, linear
+    """The layer API: the same calls with the most rows the GEMV takes and one more (norm kernel,
+    cuBLAS, SiLU kernel, add)."""
+    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, fuses_into_gemv, linear
     from tuili.layers.norm import RMSNorm
 
     torch.manual_seed(0)
     norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
     norm.weight.data.uniform_(0.5, 1.5)
     w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
-    x = torch.randn(9, 1024, device="cuda", dtype=torch.bfloat16)
-    res = torch.randn(9, 3000, device="cuda", dtype=torch.bfloat16)
-    assert fuses_into_gemv(x[:8]) and not fuses_into_gemv(x)
-    fused = linear(x[:8], w, norm=norm, residual=res[:8])
-    unfused = linear(x, w, norm=norm, residual=res)[:8]
+    x = torch.randn(FUSED + 1, 1024, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(FUSED + 1, 3000, device="cuda", dtype=torch.bfloat16)
+    assert fuses_into_gemv(x[:FUSED]) and not fuses_into_gemv(x)
+    fused = linear(x[:FUSED], w, norm=norm, residual=res[:FUSED])
+    unfused = linear(x, w, norm=norm, residual=res)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
-    fused = linear(x[:8], w, norm=norm, gated=True)
-    unfused = linear(x, w, norm=norm, gated=True)[:8]
+    fused = linear(x[:FUSED], w, norm=norm, gated=True)
+    unfused = linear(x, w, norm=norm, gated=True)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)

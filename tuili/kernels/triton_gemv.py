@@ -21,9 +21,12 @@ MAX_ROWS = 8
 
 @triton.jit
 def _accumulate(acc, w, xv, USE_DOT: tl.constexpr):
+    # One return: Triton generates the statements after a constexpr-if's return too.
     if USE_DOT:  # acc: [BLOCK_N, M_PAD]
-        return acc + tl.dot(w, tl.trans(xv))
-    return acc + tl.sum(xv[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        acc += tl.dot(w, tl.trans(xv))
+    else:  # acc: [M_PAD, BLOCK_N]
+        acc += tl.sum(xv[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+    return acc
 
 
 @triton.jit
