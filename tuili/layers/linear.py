@@ -15,9 +15,9 @@ from tuili.layers.activation import silu_and_mul
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
 from tuili.layers.norm import RMSNorm
 
-# The kernel serves up to 8 rows; 1-2 rows were measured faster fused (SmolLM2's decode graph on an
-# H100), 4 and 8 slower with an earlier version of the kernel: raise after measuring again.
-GEMV_MAX_ROWS = 2
+# SmolLM2's whole decode graph on an H100: 938 / 939 / 936 / 934 us at batch 1 / 2 / 4 / 8 unfused,
+# 720 / 774 / 889 / 886 us fused (benchmarks/gpu_decode_graph.py).
+GEMV_MAX_ROWS = 8
 
 
 def fuses_into_gemv(x: torch.Tensor) -> bool:
