@@ -1,6 +1,7 @@
 """GPU kernel benchmarks: paged decode attention bandwidth, paged prefill attention FLOP rate and
-the fused rope/norm/KV-store kernel, each against the measured ceiling and beside torch's own
-kernels on the same inputs ("before": the tuili kernels a fused one replaces).
+the fused rope/norm/KV-store kernel and the fused decode GEMVs' weight bandwidth, each against
+the measured ceiling and beside torch's own kernels on the same inputs ("before": the tuili kernels
+a fused one replaces; for the GEMVs torch is the norm / SiLU kernel, cuBLAS and an add).
 
     python benchmarks/gpu_kernels.py [--json out.json]
 """
@@ -17,10 +18,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import cuda_time, measure_ceilings  # noqa: E402
+from benchmarks.gemv_sweep import fused_vs_unfused  # noqa: E402
 from tests.gpu.random_models import random_cache, random_tables  # noqa: E402
 from tuili.kernels import reference, triton_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # one Llama-3.1-8B layer
+GEMV_LAYERS = ("llama3-8b/qkv", "llama3-8b/o", "llama3-8b/gate_up", "llama3-8b/down",
+               "llama3-8b/lm_head", "smollm2/qkv", "smollm2/gate_up", "smollm2/down")
 
 
 def paged(seq_lens: list[int]):
@@ -121,6 +125,14 @@ def prefill_case(n: int, peak: float) -> dict:
                 torch_us=sdpa * 1e6, tuili_tflops=flops / ours / 1e12, of_ceiling=flops / ours / peak)
 
 
+def gemv_case(layer: str, m: int, read_bw: float) -> dict:
+    r = fused_vs_unfused(layer, m)
+    fused, unfused = r["fused_us"] or r["unfused_us"], r["unfused_us"]  # None: cuBLAS serves it
+    return dict(case=f"GEMV {layer} +{r['fusion']}, {m} row{'s' if m > 1 else ''}",
+                tuili_us=fused, torch_us=unfused, tuili_gbs=r["weight_bytes"] / fused / 1e3,
+                of_ceiling=r["weight_bytes"] / (fused / 1e6) / read_bw)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
@@ -135,6 +147,7 @@ def main() -> None:
             rope_case(1, 16, 8, 128, True, bw, repeats=8),  # Qwen3-0.6B
             rope_case(2048, HEADS, KV_HEADS, HEAD_DIM, False, bw),
             rope_case(2048, 16, 8, 128, True, bw)]
+    rows += [gemv_case(layer, m, bw) for layer in GEMV_LAYERS for m in (1, 8)]
     print(f"\n{'case':<56} {'tuili us':>9} {'before us':>9} {'torch us':>9} {'rate':>14} "
           f"{'of ceiling':>10}")
     for r in rows:

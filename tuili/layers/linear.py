@@ -1,4 +1,8 @@
-"""Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight."""
+"""Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight.
+
+A projection may take the RMSNorm before it, silu_and_mul of its merged [gate | up] output and a
+residual to add: at decode on the GPU they run inside one Triton GEMV; elsewhere they are the
+separate norm and activation kernels, the matmul and an add."""
 
 from __future__ import annotations
 
@@ -6,16 +10,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.kernels import on_gpu, triton_module
+from tuili.layers.activation import silu_and_mul
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
+from tuili.layers.norm import RMSNorm
+
+# SmolLM2's whole decode graph on an H100: 938 / 939 / 936 / 934 us at batch 1 / 2 / 4 / 8 unfused,
+# 720 / 774 / 889 / 886 us fused (benchmarks/gpu_decode_graph.py).
+GEMV_MAX_ROWS = 8
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fuses_into_gemv(x: torch.Tensor) -> bool:
+    """A decode-sized step on the GPU (<= GEMV_MAX_ROWS rows of 16-bit floats): each norm, SiLU and
+    residual add rides in a projection's GEMV as its prologue or epilogue, not a kernel of its own."""
+    return (on_gpu(x) and x.shape[0] <= GEMV_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias). One row of 16-bit floats on CPU goes through matrix-vector: oneDNN's
     bf16 GEMM is about half as fast as its GEMV at batch 1, and decode at batch 1 is all GEMV."""
     if x.shape[0] == 1 and x.dim() == 2 and weight.dtype != torch.float32 and not x.is_cuda:
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm: RMSNorm | None = None, gated: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x) (x if no norm) @ weight.T (+ bias), then silu(gate) * up if gated (weight is a
+    merged [gate | up]), then + residual."""
+    if fuses_into_gemv(x):
+        gemv = triton_module("triton_gemv")
+        n = weight.shape[0] // 2 if gated else weight.shape[0]
+        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm is not None, gated)
+        if config is not None:
+            return gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
+                             norm.eps if norm is not None else 0.0, gated, config)
+    out = matmul(x if norm is None else norm(x), weight, bias)
+    return epilogue(out, gated, residual)
+
+
+def epilogue(out: torch.Tensor, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    out = silu_and_mul(out) if gated else out
+    return out if residual is None else out + residual
 
 
 class Linear(nn.Module):
@@ -35,11 +74,13 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # int4 weight, when packed
         self.scales_zeros: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x) W^T (+ b), silu-and-mul'ed if gated, + residual: as `linear`."""
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
-            out = int4_linear(x, self.packed, self.scales_zeros)
-            return out if self.bias is None else out + self.bias
-        return linear(x, self.weight, self.bias)
+            out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
+            return epilogue(out if self.bias is None else out + self.bias, gated, residual)
+        return linear(x, self.weight, self.bias, norm=norm, gated=gated, residual=residual)
 
     def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""

@@ -10,10 +10,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tuili.layers.activation import silu_and_mul
 from tuili.layers.attention import Attention, AttentionMetadata
 from tuili.layers.embedding import Embedding
-from tuili.layers.linear import Linear, linear
+from tuili.layers.linear import Linear, fuses_into_gemv, linear
 from tuili.layers.norm import RMSNorm
 from tuili.models.config import ModelConfig
 
@@ -29,11 +28,14 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
         self.attn = Attention(self.nh, self.nkv, self.d)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj(attention(qkv_proj(norm(x)))) (+ residual); norm and residual come at decode,
+        where they run inside the two projections' GEMVs."""
         t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, self.nh + 2 * self.nkv, self.d)
+        qkv = self.qkv_proj(x, norm=norm).view(t, self.nh + 2 * self.nkv, self.d)
         q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta), residual=residual)
 
 
 class LlamaMLP(nn.Module):
@@ -42,8 +44,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(c.hidden_size, [c.intermediate_size, c.intermediate_size])
         self.down_proj = Linear(c.intermediate_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate) * up) of norm(x) (+ residual)."""
+        return self.down_proj(self.gate_up_proj(x, norm=norm, gated=True), residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -55,6 +59,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
+        """(x, residual) -> (x, residual): the hidden stream is x + residual, or x alone when
+        residual is None."""
+        if fuses_into_gemv(x):  # decode: norms are GEMV prologues, residual adds GEMV epilogues
+            if residual is not None:
+                x = x + residual
+            x = self.self_attn(x, meta, norm=self.input_layernorm, residual=x)
+            return self.mlp(x, norm=self.post_attention_layernorm, residual=x), None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -78,16 +89,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [tokens, hidden] after the final norm."""
+        """The hidden stream [tokens, hidden] after the last layer; `logits` applies the final norm."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        return x if residual is None else x + residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head (one GEMV at decode)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        return linear(hidden, weight, norm=self.norm)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -1,0 +1,87 @@
+"""The decode GEMV and its fusions against the reference ops (prologue rounded the same way, the dot
+in float32), on odd shapes and 1..8 rows, outputs poisoned first."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from tuili.kernels import reference, triton_gemv  # noqa: E402
+from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
+
+FMA = GemvConfig(block_n=2, block_k=1024)
+DOT = GemvConfig(block_n=32, block_k=256, num_stages=3, use_dot=True)
+
+
+def expected(x, w, bias, residual, norm_w, gated):
+    """The unfused path's roundings: the norm in the model dtype, one rounding after the bias,
+    silu_and_mul and the residual add as their own kernels round."""
+    if norm_w is not None:
+        x = reference.rms_norm(x, norm_w, 1e-5)
+    y = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    if gated:
+        y = reference.silu_and_mul(y)
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(37, 100), (960, 576), (4113, 1000), (129, 3000)])
+@pytest.mark.parametrize("fusion", ["plain", "norm", "norm+gated", "gated+bias", "bias+residual"])
+@pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
+def test_gemv_matches_reference(m, n, k, fusion, config):
+    torch.manual_seed(m * 7 + n + k)
+    gated, norm = "gated" in fusion, "norm" in fusion
+    if config is None and triton_gemv.default_config(m, n, k, norm, gated) is None:
+        pytest.skip("cuBLAS serves this shape")
+    rows = 2 * n if gated else n
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(rows, device="cuda", dtype=torch.bfloat16) if "bias" in fusion else None
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if "residual" in fusion else None
+    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 if norm else None
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config=config, out=out)
+    ref = expected(x, w, bias, res, norm_w, gated)
+    assert not out.isnan().any()
+    # Only the float32 summation order differs: at most a unit in the last bf16 place, mostly none.
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.9
+
+
+def test_gemv_fp16_and_strided_input():
+    x = torch.randn(3, 2 * 640, device="cuda", dtype=torch.float16)[:, :640]  # a strided view
+    w = torch.randn(300, 640, device="cuda", dtype=torch.float16) * 0.04
+    out = triton_gemv.gemv(x, w)
+    torch.testing.assert_close(out, expected(x, w, None, None, None, False), atol=1e-2, rtol=1e-2)
+
+
+def test_gemv_rejects_bad_shapes():
+    w = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        triton_gemv.gemv(torch.randn(9, 32, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_gemv.gemv(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), w)
+
+
+def test_linear_fused_and_unfused_paths_agree():
+    """The layer API: the same calls with the most rows the GEMV takes and one more (norm kernel,
+    cuBLAS, SiLU kernel, add)."""
+    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, fuses_into_gemv, linear
+    from tuili.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
+    x = torch.randn(FUSED + 1, 1024, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(FUSED + 1, 3000, device="cuda", dtype=torch.bfloat16)
+    assert fuses_into_gemv(x[:FUSED]) and not fuses_into_gemv(x)
+    fused = linear(x[:FUSED], w, norm=norm, residual=res[:FUSED])
+    unfused = linear(x, w, norm=norm, residual=res)[:FUSED]
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
+    fused = linear(x[:FUSED], w, norm=norm, gated=True)
+    unfused = linear(x, w, norm=norm, gated=True)[:FUSED]
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)

@@ -1,0 +1,155 @@
+"""Decode GEMV for a few rows (M <= 8): y = epilogue(prologue(x) @ W^T (+ bias)) in one launch.
+
+The prologue is RMSNorm(x), computed inside each program from x (a few thousand elements, re-read
+from L2). The epilogue is silu(gate) * up of a merged [gate | up] weight (each program computes
+matching gate and up columns), or + residual, writing the new residual stream. Each step rounds to
+the model dtype where kernels/reference.py does, so only the dot's summation order differs from
+norm kernel + cuBLAS + SiLU kernel + add. Each program owns BLOCK_N output columns and streams
+their weight rows once: the weight read is the whole cost at decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 8
+
+
+@triton.jit
+def _accumulate(acc, w, xv, USE_DOT: tl.constexpr):
+    # One return: Triton generates the statements after a constexpr-if's return too.
+    if USE_DOT:  # acc: [BLOCK_N, M_PAD]
+        acc += tl.dot(w, tl.trans(xv))
+    else:  # acc: [M_PAD, BLOCK_N]
+        acc += tl.sum(xv[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N, K,
+                 stride_x, stride_r,
+                 HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
+    m = tl.arange(0, M_PAD)
+    m_mask = m < M
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + m[:, None] * stride_x
+    w_rows = w_ptr + n[:, None].to(tl.int64) * K
+    up_rows = w_rows + N * K  # GATED: the up half of the weight follows the gate half
+    if HAS_NORM:  # RMSNorm needs each row's 1/rms before the first normalised element
+        kn = tl.arange(0, NORM_BLOCK)
+        squares = tl.zeros([M_PAD, NORM_BLOCK], tl.float32)
+        for k0 in range(0, K, NORM_BLOCK):
+            v = tl.load(x_rows + (k0 + kn)[None, :], mask=m_mask[:, None] & (k0 + kn < K)[None, :],
+                        other=0.0).to(tl.float32)
+            squares += v * v
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    else:
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    acc_up = tl.zeros_like(acc)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        k_mask = kk < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_NORM:
+            nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0)
+            h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
+            xv = (nw[None, :].to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
+        acc = _accumulate(acc, tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0), xv, USE_DOT)
+        if GATED:
+            acc_up = _accumulate(acc_up, tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0),
+                                 xv, USE_DOT)
+    if USE_DOT:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GATED:  # silu_and_mul of the rounded projections, rounded as reference.silu_and_mul
+        g = y.to(tl.float32)
+        # fast division: 2 ulp of float32 vanish in the rounding to 16 bits
+        act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(dtype)
+        y = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:  # the residual add, rounded as a separate add would round it
+        r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    use_dot: bool = False  # tensor-core dot (rows padded by Triton), else FMA and a reduction
+
+
+def default_config(m: int, n: int, k: int, norm: bool = False, gated: bool = False
+                   ) -> GemvConfig | None:
+    """Tiles for m rows of [m, k] x [n, k]^T (n: output columns; a gated weight has 2n rows) by
+    shape, measured on an H100 (benchmarks/gemv_sweep.py, benchmarks/gpu_kernels.py); None where
+    cuBLAS with separate norm / SiLU kernels is faster."""
+    rows = 2 * n if gated else n
+    big = rows * k > 8 << 20
+    if k <= 1024 and rows >= 32768:
+        return None  # a short, wide LM head (SmolLM2's): cuBLAS keeps more bytes in flight
+    # Every program re-normalises x, which costs more than the kernels it saves on large weights:
+    # Llama-3.1-8B's gate_up 106 us fused vs 92 us apart at 1 row, its qkv 26.6 vs 24.4 at 8 rows.
+    if norm and big and (gated or (m > 2 and rows < 32768)):
+        return None
+    if m <= 2 and (not big or (m == 1 and rows > k)):
+        return GemvConfig(block_n=1 if gated else 2, block_k=1024)
+    if rows >= 2 * k:
+        return GemvConfig(block_n=32 if gated else 64, block_k=256, num_stages=3, use_dot=True)
+    return GemvConfig(block_n=32 if k >= 4096 else 16, block_k=512, num_stages=3, use_dot=True)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0, gated: bool = False, config: GemvConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M <= 8, K], weight: [N, K] contiguous. Returns [M, N] (into out if given):
+    rmsnorm(x; norm_weight, eps) if norm_weight is given, else x, times weight.T, + bias; if gated
+    (weight is a merged [gate | up]), silu(gate) * up, [M, N / 2]; + residual. config: tiles,
+    default_config's when None (which must then not be None for this shape)."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if not 0 < m <= MAX_ROWS:
+        raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {m}")
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    assert weight.is_contiguous()
+    cfg = config or default_config(m, n, k, norm_weight is not None, gated)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.is_contiguous()
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1
+    m_pad = triton.next_power_of_2(m)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, out, bias if bias is not None else out,
+        residual if residual is not None else out,
+        norm_weight if norm_weight is not None else out, eps, m, n, k, x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        HAS_NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
+        USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
