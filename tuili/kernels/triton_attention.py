@@ -242,11 +242,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs,
                     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (query tile, sequence, head). Query i of a sequence sits at position
-    # context + i and sees keys 0 .. context + i, all read from the paged cache.
-    tile = tl.program_id(0)
+    # One program per (head, sequence, query tile). Query i of a sequence sits at position
+    # context + i and sees keys 0 .. context + i, all read from the paged cache. The last tiles
+    # (the most keys under the causal mask) start first, so the short ones fill the tail.
+    head = tl.program_id(0)
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(seqs_ptr + seq)
     q_len = tl.load(seqs_ptr + num_seqs + seq)
     context = tl.load(seqs_ptr + 2 * num_seqs + seq)
@@ -301,7 +302,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_seqs = seqs.shape[1]
     block_m, block_n, warps = (128, 64, 8) if d <= 128 else (64, 32, 8)
     if num_seqs:
-        _prefill_kernel[(triton.cdiv(max_q_len, block_m), num_seqs, heads)](
+        _prefill_kernel[(heads, num_seqs, triton.cdiv(max_q_len, block_m))](
             q, k_cache, v_cache, block_tables, seqs, out, scale, q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0), num_seqs,
             KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
