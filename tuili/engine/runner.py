@@ -82,7 +82,7 @@ class ModelRunner:
             ids.extend(req.token_ids[start:end])
             positions.extend(range(start, end))
             table = req.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            add_slots(slots, table, start, end, bs)
             tables.append(table)
             seq_lens.append(end)
             if i >= batch.num_decodes:
@@ -113,13 +113,29 @@ class ModelRunner:
         input_ids = to_device(ids, long, dev)
         if feed[0]:
             copy_rows(input_ids, feed[0], pending.tokens, feed[1])
-        hidden = self.model(input_ids, meta)
-        if rows is not None:
-            out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
+        if prompt_rows:  # prompt logprobs want every row's logits
+            hidden = self.model(input_ids, meta)
+            if rows is not None:
+                out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
+        else:  # only the sampled rows: the last layer skips the rest
+            hidden = self.model(input_ids, meta, rows)
+            if rows is not None:
+                out.sample_logits = self.model.logits(hidden).float()
         for req, start, m, first in prompt_rows:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
+
+
+def add_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the cache slots of positions start..end-1: one contiguous run per block."""
+    pos = start
+    while pos < end:
+        block = pos // block_size
+        stop = min(end, (block + 1) * block_size)
+        shift = (table[block] - block) * block_size  # slot = position + shift within the block
+        slots.extend(range(pos + shift, stop + shift))
+        pos = stop
 
 
 @torch.inference_mode()

@@ -7,16 +7,30 @@ one), so every copy in the engine goes through here instead.
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list (or nested lists) as a tensor on `device`, copied without a stream sync (from
     pinned memory, which torch's host allocator keeps until the copy is done)."""
-    host = torch.tensor(values, dtype=dtype)
+    host = _host_tensor(values, dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i"}
+
+
+def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
+    # A flat list of ints goes through array.array: about 4x faster than torch.tensor's loop,
+    # which matters for the thousands of ids, positions and slots of a long prompt.
+    code = _ARRAY_CODES.get(dtype)
+    if code and isinstance(values, list) and values and type(values[0]) is int:
+        return torch.frombuffer(array(code, values), dtype=dtype)
+    return torch.tensor(values, dtype=dtype)
 
 
 class HostCopy:
