@@ -174,11 +174,11 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(type(t) is int for t in prompt):  # bool and other int subclasses are out
             raise InvalidParameter("prompt", "must be a string or a list of token ids")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
+        if prompt and (min(prompt) < 0 or max(prompt) >= vocab):
+            bad = [t for t in prompt if not 0 <= t < vocab]
             raise InvalidParameter("prompt", f"token ids {bad[:5]} are outside [0, {vocab})")
         return list(prompt)
 
