@@ -8,6 +8,7 @@ next step reads them there) and reach the host when SampledTokens.resolve() is c
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -97,18 +98,34 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """Repetition penalty over prompt and output (HF's rule); presence/frequency over output."""
     B, V = logits.shape
     device = logits.device
+    # Every request's tokens in one flat copy each, rows repeated on the device: a few launches
+    # for the whole batch, not two per request.
+    outputs, everything, counts = array("q"), array("q"), []
+    for r in reqs:
+        out = r.output_token_ids
+        outputs.extend(out)
+        everything.extend(r.token_ids)
+        counts += [len(out), len(r.token_ids)]
+    sizes = to_device(counts, torch.long, device).view(B, 2)
+    batch_rows = torch.arange(B, device=device)
+    out_rows = batch_rows.repeat_interleave(sizes[:, 0], output_size=len(outputs))
+    all_rows = batch_rows.repeat_interleave(sizes[:, 1], output_size=len(everything))
     out_counts = torch.zeros(B, V, device=device)
+    out_counts.index_put_((out_rows, _flat(outputs, device)), torch.ones(len(outputs), device=device),
+                          accumulate=True)
     seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-    for i, r in enumerate(reqs):
-        out = to_device(r.output_token_ids, torch.long, device)
-        out_counts[i].index_add_(0, out, torch.ones(len(out), device=device))
-        seen[i, to_device(r.token_ids, torch.long, device)] = True
+    seen[all_rows, _flat(everything, device)] = True
     rep = to_device([r.params.repetition_penalty for r in reqs], torch.float32, device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     freq = to_device([r.params.frequency_penalty for r in reqs], torch.float32, device)[:, None]
     pres = to_device([r.params.presence_penalty for r in reqs], torch.float32, device)[:, None]
     return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def _flat(values: array, device: torch.device) -> torch.Tensor:
+    host = torch.frombuffer(values, dtype=torch.int64) if values else torch.zeros(0, dtype=torch.long)
+    return host.to(device, non_blocking=True)
 
 
 # Nucleus candidates taken with topk before falling back to a full sort of the vocabulary.
