@@ -321,10 +321,10 @@ class LLMEngine:
     def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor, first: int) -> None:
         if not req.prompt_logprobs:
             req.prompt_logprobs.append(None)  # the first prompt token has no context
-        known = len(req.prompt_logprobs) - first  # rows recomputed after a preemption
+        known = max(len(req.prompt_logprobs) - first, 0)  # rows recomputed after a preemption
         if known >= logits.shape[0]:
             return
-        logits, first = logits[max(known, 0):], first + max(known, 0)
+        logits, first = logits[known:], first + known
         targets = to_device(req.token_ids[first:first + logits.shape[0]], torch.long, logits.device)
         req.prompt_logprobs.extend(token_logprobs(logits, targets, req.params.prompt_logprobs))
 

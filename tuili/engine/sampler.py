@@ -111,21 +111,16 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     out_rows = batch_rows.repeat_interleave(sizes[:, 0], output_size=len(outputs))
     all_rows = batch_rows.repeat_interleave(sizes[:, 1], output_size=len(everything))
     out_counts = torch.zeros(B, V, device=device)
-    out_counts.index_put_((out_rows, _flat(outputs, device)), torch.ones(len(outputs), device=device),
+    out_counts.index_put_((out_rows, to_device(outputs, torch.long, device)), torch.ones(len(outputs), device=device),
                           accumulate=True)
     seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-    seen[all_rows, _flat(everything, device)] = True
+    seen[all_rows, to_device(everything, torch.long, device)] = True
     rep = to_device([r.params.repetition_penalty for r in reqs], torch.float32, device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     freq = to_device([r.params.frequency_penalty for r in reqs], torch.float32, device)[:, None]
     pres = to_device([r.params.presence_penalty for r in reqs], torch.float32, device)[:, None]
     return logits - freq * out_counts - pres * (out_counts > 0).float()
-
-
-def _flat(values: array, device: torch.device) -> torch.Tensor:
-    host = torch.frombuffer(values, dtype=torch.int64) if values else torch.zeros(0, dtype=torch.long)
-    return host.to(device, non_blocking=True)
 
 
 # Nucleus candidates taken with topk before falling back to a full sort of the vocabulary.

@@ -13,7 +13,7 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list (or nested lists) as a tensor on `device`, copied without a stream sync. From
+    """A host list (nested lists, or an array.array of dtype) as a tensor on `device`, copied without a stream sync. From
     pageable memory the driver stages the bytes before returning, so the host tensor may go at
     once; on the H100 this beat staging through pinned memory (SmolLM2 decode 0.89 vs 0.93 ms a
     step, TTFT the same)."""
@@ -31,7 +31,9 @@ def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
     # which matters for the thousands of ids, positions and slots of a long prompt.
     code = _ARRAY_CODES.get(dtype)
     if code and isinstance(values, list) and values and type(values[0]) is int:
-        return torch.frombuffer(array(code, values), dtype=dtype)
+        values = array(code, values)
+    if isinstance(values, array):
+        return torch.frombuffer(values, dtype=dtype) if values else torch.zeros(0, dtype=dtype)
     return torch.tensor(values, dtype=dtype)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from tuili.errors import ModelLoadError
-from tuili.kernels import on_gpu, reference, triton_module
+from tuili.kernels import reference
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -53,25 +53,18 @@ class RotaryEmbedding:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    if on_gpu(x) and half & (half - 1) == 0:  # the kernel wants a power-of-two half
-        return triton_module("triton_fused").apply_rotary(x, cos, sin)
-    return reference.apply_rotary(x, cos, sin)
-
-
 def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
               sin: torch.Tensor, q_norm: Callable | None = None, k_norm: Callable | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, head_dim], q and k
-    normalised per head (when norms are given, as in Qwen3) and rotated."""
+    normalised per head (when norms are given, as in Qwen3) and rotated. The torch path: on the GPU
+    (power-of-two head dims) triton_rope does this and the KV store in one kernel."""
     nh, nkv = num_heads, num_kv_heads
     if q_norm is None:
         # q and k sit side by side in the merged output: rotate both in one pass.
-        qk = apply_rotary(qkv[:, : nh + nkv], cos, sin)
+        qk = reference.apply_rotary(qkv[:, : nh + nkv], cos, sin)
         q, k = qk.split([nh, nkv], dim=1)
     else:
-        q = apply_rotary(q_norm(qkv[:, :nh]), cos, sin)
-        k = apply_rotary(k_norm(qkv[:, nh: nh + nkv]), cos, sin)
+        q = reference.apply_rotary(q_norm(qkv[:, :nh]), cos, sin)
+        k = reference.apply_rotary(k_norm(qkv[:, nh: nh + nkv]), cos, sin)
     return q, k, qkv[:, nh + nkv:]
