@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpu_common import (attention_flops, kv_bytes_per_token, linear_params,  # noqa: E402
-                                   measure_ceilings, now)
+from benchmarks.gpu_common import (attention_flops, cuda_time, kv_bytes_per_token,  # noqa: E402
+                                   linear_params, measure_ceilings, now)
 from tests.gpu.random_models import SHAPES, build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 
@@ -90,6 +91,14 @@ def hf_throughput(model, prompts: list[list[int]], outs: list[int]) -> float:
 
 # ---- tuili -------------------------------------------------------------------------------------
 
+def cublas_linears_ms(model) -> float:
+    """Every linear layer of the model at batch 1 and nothing else, one CUDA graph of cuBLAS
+    calls: issue 3's yardstick for a whole decode step (5.60 ms for Llama-3.1-8B there)."""
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in ws}
+    return cuda_time(lambda: [F.linear(xs[w.shape[1]], w) for w in ws], repeat=20, graph=True) * 1e3
+
+
 def tuili_decode_ms(llm: LLM, prompt: list[int]) -> float:
     params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
     best = float("inf")
@@ -138,6 +147,9 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                    "ttft2048": [random_prompt(rng, vocab, 2048) for _ in range(5)]}
         hf_results = {}
         for case in CASES[name]:
+            if case == "decode128":
+                linears_ms = cublas_linears_ms(hf)
+                print(f"  cuBLAS linears alone: {linears_ms:.3f} ms", flush=True)
             if case.startswith("decode"):
                 hf_results[case] = hf_decode_ms(hf, prompts[case])
             elif case == "ttft2048":
@@ -161,6 +173,9 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                 rows.append(dict(shape=name, case=f"batch-1 decode, ~{ctx} context", unit="ms/token",
                                  tuili=ms, hf=hf_value, speedup=hf_value / ms,
                                  roofline=f"{floor / ms:.0%} of read bandwidth (floor {floor:.2f} ms)"))
+                if case == "decode128":
+                    rows[-1].update(cublas_linears_ms=linears_ms)
+                    rows[-1]["roofline"] += f"; cuBLAS linears alone {linears_ms:.2f} ms"
             elif case == "ttft2048":
                 ms = tuili_ttft_ms(llm, prompts[case])
                 flops = 2 * params * 2048 + attention_flops(config, 2048, 0)

@@ -85,3 +85,76 @@ def test_linear_fused_and_unfused_paths_agree():
     fused = linear(x[:FUSED], w, norm=norm, gated=True)
     unfused = linear(x, w, norm=norm, gated=True)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
+def test_sums_of_squares_chain(m, config):
+    """A residual GEMV leaves its output's sums of squares in parts; the next GEMV's norm takes its
+    scale from them and matches the reference norm of that output (and the in-kernel pass)."""
+    torch.manual_seed(m)
+    k, n = 1000, 1536
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    h, sumsq = triton_gemv.gemv(x, w1, residual=res, config=config, want_sumsq=True)
+    assert sumsq.dtype == torch.float32 and sumsq.shape[0] == m
+    torch.testing.assert_close(sumsq.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=1e-3)
+    w2 = torch.randn(2 * 700, n, device="cuda", dtype=torch.bfloat16) * n ** -0.5
+    norm_w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    out = torch.full((m, 700), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_gemv.gemv(h, w2, norm_weight=norm_w, eps=1e-5, gated=True, config=config, out=out,
+                     sumsq=sumsq)
+    ref = expected(h, w2, None, None, norm_w, True)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
+    assert (out == ref).float().mean() > 0.9
+    in_kernel = triton_gemv.gemv(h, w2, norm_weight=norm_w, eps=1e-5, gated=True, config=config
+                                 or triton_gemv.default_config(m, 700, n, True, True))
+    assert (out == in_kernel).float().mean() > 0.95
+
+
+def test_layer_api_passes_sums_along():
+    """linear(want_sumsq=True) gives (out, sums) from the GEMV and (out, None) past its row limit."""
+    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, linear
+
+    w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) * 0.06
+    x = torch.randn(FUSED + 1, 256, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(FUSED + 1, 512, device="cuda", dtype=torch.bfloat16)
+    out, sumsq = linear(x[:2], w, residual=res[:2], want_sumsq=True)
+    torch.testing.assert_close(sumsq.sum(1), out.float().pow(2).sum(1), rtol=1e-5, atol=1e-3)
+    out, sumsq = linear(x, w, residual=res, want_sumsq=True)
+    assert sumsq is None and out.shape == (FUSED + 1, 512)
+
+
+@pytest.mark.parametrize("fusion", ["norm+gated", "bias+residual"])
+def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion):
+    """PDL changes when a launch starts, never what it computes: bit-equal outputs, also in a
+    chain of dependent launches replayed from a CUDA graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper")
+    torch.manual_seed(3)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(6)]
+    norm_w = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+
+    def chain():
+        h = x
+        for w in ws:
+            if fusion == "norm+gated":
+                h = triton_gemv.gemv(h, w, norm_weight=norm_w, eps=1e-5, gated=True)
+            else:
+                h = triton_gemv.gemv(h, w[:2048], residual=h)
+        return h
+
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(triton_gemv, "pdl", lambda t, on=on: on)
+        eager = chain()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = chain()
+        captured.fill_(float("nan"))
+        g.replay()
+        assert torch.equal(eager, captured)
+        outs[on] = eager
+    assert torch.equal(outs[True], outs[False])

@@ -284,3 +284,20 @@ def test_rope_and_store_matches_reference(heads, kvh, d, qk_norm, tokens):
             # can move a value across a bf16 rounding boundary, rarely.
             torch.testing.assert_close(ours, ref, atol=1e-2, rtol=1e-2)
             assert (ours == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (8, 151936), (5, 100), (2, 4097)])
+def test_argmax_matches_torch(rows, vocab):
+    """First index on ties (equal maxima in one chunk and across chunks), -inf rows, bf16-like
+    plateaus of equal values."""
+    from tuili.kernels import triton_sampling
+
+    torch.manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, device="cuda").to(torch.bfloat16).float()  # many exact ties
+    x[0, vocab // 2] = x[0, vocab - 1] = x[0].max() + 1  # a tie between chunks
+    if rows > 1:
+        x[1] = float("-inf")
+        x[1, vocab - 2] = x[1, vocab - 3] = 0.0  # a tie within a chunk
+    got = triton_sampling.argmax(x)
+    assert torch.equal(got, x.argmax(-1))
+    assert torch.equal(triton_sampling.argmax(x[:, :vocab - 1]), x[:, :vocab - 1].argmax(-1))

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from tuili.engine.request import Request
+from tuili.engine.sampler import row_argmax
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
@@ -36,6 +37,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(max_batch, max_blocks, **long)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.argmax: dict[int, torch.Tensor] = {}  # each row's greedy token, computed in the graph
         self._capture()
 
     @property
@@ -63,6 +65,7 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.logits[size] = self._forward(size)
+                    self.argmax[size] = row_argmax(self.logits[size])
                 pool = graph.pool()
                 self.graphs[size] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -71,9 +74,10 @@ class DecodeGraphs:
                  self.max_batch, time.perf_counter() - start)
 
     def run(self, requests: list[Request], feed: tuple[list[int], list[int]] = ([], []),
-            tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(requests), vocab] for a batch of decodes (one new token each). The input
-        tokens of rows feed[0] are still on the device: rows feed[1] of `tokens`."""
+            tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [len(requests), vocab] and their argmax [len(requests)] for a batch of decodes
+        (one new token each). The input tokens of rows feed[0] are still on the device: rows
+        feed[1] of `tokens`."""
         n, bs = len(requests), self.block_size
         size = next(s for s in self.sizes if s >= n)
         positions = [r.num_computed_tokens for r in requests]
@@ -89,4 +93,4 @@ class DecodeGraphs:
             copy_rows(inputs[0], feed[0], tokens, feed[1])
         self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
         self.graphs[size].replay()
-        return self.logits[size][:n]
+        return self.logits[size][:n], self.argmax[size][:n]

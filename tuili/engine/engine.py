@@ -258,10 +258,12 @@ class LLMEngine:
         reqs = [result.sample_requests[i] for i in live]
         sampled = None
         if reqs:
-            logits = result.sample_logits
+            logits, argmax = result.sample_logits, result.sample_argmax
             if len(live) < len(result.sample_requests):  # finished while this step was queued
-                logits = logits.index_select(0, to_device(live, torch.long, logits.device))
-            sampled = self.sampler(logits, reqs)
+                rows = to_device(live, torch.long, logits.device)
+                logits = logits.index_select(0, rows)
+                argmax = argmax.index_select(0, rows) if argmax is not None else None
+            sampled = self.sampler(logits, reqs, argmax)
             for r in reqs:
                 r.token_ids.append(PENDING)
         groups = dict.fromkeys(self.samples[r.request_id].group_id for r in batch.requests

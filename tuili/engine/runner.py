@@ -28,6 +28,7 @@ class PromptLogits:
 class StepOutput:
     sample_requests: list[Request] = field(default_factory=list)
     sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab]
+    sample_argmax: torch.Tensor | None = None  # their argmax, when the decode graph computed it
     prompt_logits: list[PromptLogits] = field(default_factory=list)
 
 
@@ -71,8 +72,9 @@ class ModelRunner:
         decodes = batch.requests[: batch.num_decodes]
         feed = pending.feed(decodes) if pending else ([], [])
         if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
-            logits = self.graphs.run(batch.requests, feed, pending.tokens if pending else None)
-            return StepOutput(list(batch.requests), logits)
+            logits, argmax = self.graphs.run(batch.requests, feed,
+                                             pending.tokens if pending else None)
+            return StepOutput(list(batch.requests), logits, argmax)
         ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []

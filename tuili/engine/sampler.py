@@ -15,6 +15,7 @@ import torch
 
 from tuili.engine.request import Logprob, Request
 from tuili.engine.transfer import HostCopy, to_device
+from tuili.kernels import on_gpu, triton_module
 
 
 @dataclass
@@ -43,7 +44,9 @@ class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampledTokens:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request],
+                 argmax: torch.Tensor | None = None) -> SampledTokens:
+        """argmax: logits.argmax(-1) when the caller has it (the decode graph computes it)."""
         logits = logits.float()
         raw = logits
         params = [r.params for r in reqs]
@@ -55,7 +58,7 @@ class Sampler:
             logits = logits.clone() if logits is raw else logits
             for i, ids in banned:
                 logits[i, to_device(ids, torch.long, logits.device)] = float("-inf")
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
         if not all(p.temperature == 0 for p in params):
             sampled = self._sample(logits, reqs)
             greedy = to_device([p.temperature == 0 for p in params], torch.bool, logits.device)
@@ -84,7 +87,14 @@ class Sampler:
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 q[i].exponential_(generator=r.generator)
-        return (probs / q).argmax(dim=-1)
+        return row_argmax(probs / q)
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of a [rows, V] float tensor; on the GPU in parallel chunks of each row."""
+    if on_gpu(x) and x.stride(-1) == 1:
+        return triton_module("triton_sampling").argmax(x)
+    return x.argmax(dim=-1)
 
 
 def _stop_ids(req: Request) -> list[int]:

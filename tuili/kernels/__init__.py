@@ -3,8 +3,10 @@ The Triton modules (`triton_attention`, `triton_fused`) serve CUDA tensors when 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import os
 
 import torch
 
@@ -19,3 +21,17 @@ def on_gpu(t: torch.Tensor) -> bool:
 def triton_module(name: str):
     """A Triton kernel module, imported on first use (CPU builds of torch have no Triton)."""
     return importlib.import_module(f"tuili.kernels.{name}")
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with programmatic dependent launch (Hopper and later):
+    a kernel's programs start while the one before it drains, stream in what depends on nothing
+    earlier (weights), then wait for it (`gdc_wait`). TUILI_PDL=0 turns it off."""
+    return t.is_cuda and _pdl_on(t.device.index if t.device.index is not None
+                                 else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_on(device_index: int) -> bool:
+    return (os.environ.get("TUILI_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)

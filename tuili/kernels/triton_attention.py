@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tuili.kernels import pdl
 
 MAX_SPLITS = 32
 MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: one ticket each
@@ -112,7 +115,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
                    ticket_ptr, scale, stride_q, stride_o, stride_table,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched early (see kernels.pdl): wait for the kernel that stored this step's K/V
+        gdc_launch_dependents()
+        gdc_wait()
     # One program per (sequence, kv head, split): the GROUP query heads sharing the kv head are the
     # rows of one small matrix, so each K/V row is read once for all of them (GQA-aware), and the
     # sequence is cut into SPLITS ranges so a batch of one still spreads over the whole GPU.
@@ -231,8 +237,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), out.stride(0), block_tables.stride(0),
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         MERGE_PAD=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_SIZE=block_size,
-        BLOCK_N=cfg.block_n, SPLITS=cfg.splits, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, SPLITS=cfg.splits, PDL=pdl(q), launch_pdl=pdl(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

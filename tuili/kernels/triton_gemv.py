@@ -1,7 +1,9 @@
 """Decode GEMV for a few rows (M <= 8): y = epilogue(prologue(x) @ W^T (+ bias)) in one launch.
 
-The prologue is RMSNorm(x), computed inside each program from x (a few thousand elements, re-read
-from L2). The epilogue is silu(gate) * up of a merged [gate | up] weight (each program computes
+The prologue is RMSNorm(x). Its scale comes from x's sum of squares per row, which the GEMV that
+wrote x (a residual-add epilogue) leaves behind in parts, one float per program (`want_sumsq`); when
+there are none, each program first sums x itself (a few thousand elements, re-read from L2: on a
+large weight that pass costs more than a separate norm kernel). The epilogue is silu(gate) * up of a merged [gate | up] weight (each program computes
 matching gate and up columns), or + residual, writing the new residual stream. Each step rounds to
 the model dtype where kernels/reference.py does, so only the dot's summation order differs from
 norm kernel + cuBLAS + SiLU kernel + add. Each program owns BLOCK_N output columns and streams
@@ -15,8 +17,15 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tuili.kernels import pdl
 
 MAX_ROWS = 8
+# Programmatic dependent launch pays on small weights (SmolLM2's decode graph 0.68 -> 0.56 ms on
+# an H100) but not on large ones (Llama-3.1-8B's graph 5.71 -> 5.91 ms with every GEMV on it,
+# 5.67 with the next launch released only after the weight loop): those launch plainly.
+PDL_MAX_WEIGHT = 8 << 20
 
 
 @triton.jit
@@ -30,11 +39,26 @@ def _accumulate(acc, w, xv, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N, K,
-                 stride_x, stride_r,
-                 HAS_NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _x_tile(x_rows, norm_w_ptr, kk, k_mask, m_mask, rstd, HAS_NORM: tl.constexpr):
+    """x's columns kk, normalised (rounded as reference.rms_norm) when HAS_NORM."""
+    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if HAS_NORM:
+        nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0)
+        h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
+        xv = (nw[None, :].to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
+    return xv
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr, sumsq_out_ptr,
+                 eps, M, N, K, SUMSQ_PARTS, stride_x, stride_r,
+                 HAS_NORM: tl.constexpr, SUMSQ_IN: tl.constexpr, SUMSQ_OUT: tl.constexpr,
+                 PARTS_BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
+                 BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
+                 PDL: tl.constexpr):
+    if PDL:  # the next kernel may start: it waits for this one before touching its outputs
+        gdc_launch_dependents()
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,7 +67,21 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N
     x_rows = x_ptr + m[:, None] * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
     up_rows = w_rows + N * K  # GATED: the up half of the weight follows the gate half
-    if HAS_NORM:  # RMSNorm needs each row's 1/rms before the first normalised element
+    # The first weight tile depends on no earlier kernel: it streams in before the wait.
+    k_mask = k < K
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+    if GATED:
+        u = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
+    if PDL:
+        gdc_wait()
+    rstd = tl.zeros([M_PAD], tl.float32)
+    if HAS_NORM and SUMSQ_IN:  # RMSNorm needs each row's 1/rms before the first normalised element
+        p = tl.arange(0, PARTS_BLOCK)
+        parts = tl.load(sumsq_ptr + m[:, None] * SUMSQ_PARTS + p[None, :],
+                        mask=m_mask[:, None] & (p < SUMSQ_PARTS)[None, :], other=0.0)
+        rstd = tl.rsqrt(tl.sum(parts, axis=1) / K + eps)
+    elif HAS_NORM:
         kn = tl.arange(0, NORM_BLOCK)
         squares = tl.zeros([M_PAD, NORM_BLOCK], tl.float32)
         for k0 in range(0, K, NORM_BLOCK):
@@ -56,15 +94,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     acc_up = tl.zeros_like(acc)
-    for k0 in range(0, K, BLOCK_K):
+    xv = _x_tile(x_rows, norm_w_ptr, k, k_mask, m_mask, rstd, HAS_NORM)
+    acc = _accumulate(acc, w, xv, USE_DOT)
+    if GATED:
+        acc_up = _accumulate(acc_up, u, xv, USE_DOT)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + k
         k_mask = kk < K
         w_mask = n_mask[:, None] & k_mask[None, :]
-        xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_NORM:
-            nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0)
-            h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
-            xv = (nw[None, :].to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
+        xv = _x_tile(x_rows, norm_w_ptr, kk, k_mask, m_mask, rstd, HAS_NORM)
         acc = _accumulate(acc, tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0), xv, USE_DOT)
         if GATED:
             acc_up = _accumulate(acc_up, tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0),
@@ -88,6 +126,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, eps, M, N
         r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
     tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
+    if SUMSQ_OUT:  # this program's part of each row's sum of squares, for the next RMSNorm
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_out_ptr + m * tl.num_programs(0) + tl.program_id(0), tl.sum(yf * yf, axis=1),
+                 mask=m_mask)
 
 
 @dataclass(frozen=True)
@@ -99,19 +141,26 @@ class GemvConfig:
     use_dot: bool = False  # tensor-core dot (rows padded by Triton), else FMA and a reduction
 
 
-def default_config(m: int, n: int, k: int, norm: bool = False, gated: bool = False
+def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool = False
                    ) -> GemvConfig | None:
     """Tiles for m rows of [m, k] x [n, k]^T (n: output columns; a gated weight has 2n rows) by
     shape, measured on an H100 (benchmarks/gemv_sweep.py, benchmarks/gpu_kernels.py); None where
-    cuBLAS with separate norm / SiLU kernels is faster."""
+    cuBLAS with separate norm / SiLU kernels is faster. norm_pass: each program sums x's squares
+    itself (a norm prologue without the producer's sums)."""
     rows = 2 * n if gated else n
     big = rows * k > 8 << 20
     if k <= 1024 and rows >= 32768:
         return None  # a short, wide LM head (SmolLM2's): cuBLAS keeps more bytes in flight
-    # Every program re-normalises x, which costs more than the kernels it saves on large weights:
+    # Re-normalising x in every program costs more than the kernels it saves on large weights:
     # Llama-3.1-8B's gate_up 106 us fused vs 92 us apart at 1 row, its qkv 26.6 vs 24.4 at 8 rows.
-    if norm and big and (gated or (m > 2 and rows < 32768)):
+    if norm_pass and big and (gated or (m > 2 and rows < 32768)):
         return None
+    if big and k >= 2048:  # Llama-3.1-8B's projections: 1 row 15-338 us, 2-8 rows 15-352 us
+        if m == 1 and rows >= k:
+            return GemvConfig(block_n=4, block_k=2048, num_warps=8)
+        if gated or k < rows < 2 * k:
+            return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
+        return GemvConfig(block_n=32, block_k=512, num_stages=3, use_dot=True)
     if m <= 2 and (not big or (m == 1 and rows > k)):
         return GemvConfig(block_n=1 if gated else 2, block_k=1024)
     if rows >= 2 * k:
@@ -122,11 +171,14 @@ def default_config(m: int, n: int, k: int, norm: bool = False, gated: bool = Fal
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, gated: bool = False, config: GemvConfig | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
+         want_sumsq: bool = False):
     """x: [M <= 8, K], weight: [N, K] contiguous. Returns [M, N] (into out if given):
     rmsnorm(x; norm_weight, eps) if norm_weight is given, else x, times weight.T, + bias; if gated
     (weight is a merged [gate | up]), silu(gate) * up, [M, N / 2]; + residual. config: tiles,
-    default_config's when None (which must then not be None for this shape)."""
+    default_config's when None (which must then not be None for this shape).
+    sumsq: x's sum of squares per row in parts, [M, parts] float32 (summed in any order), for the
+    norm; want_sumsq: also return the output's, as (out, sumsq)."""
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if not 0 < m <= MAX_ROWS:
@@ -136,20 +188,30 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.stride(1) != 1:
         x = x.contiguous()
     assert weight.is_contiguous()
-    cfg = config or default_config(m, n, k, norm_weight is not None, gated)
+    norm_pass = norm_weight is not None and sumsq is None
+    cfg = config or default_config(m, n, k, norm_pass, gated)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.is_contiguous()
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
+    if sumsq is not None:
+        assert sumsq.shape[0] == m and sumsq.dtype == torch.float32 and sumsq.is_contiguous()
+    grid = triton.cdiv(n, cfg.block_n)
+    sumsq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if want_sumsq else None
     m_pad = triton.next_power_of_2(m)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+    use_pdl = pdl(x) and weight.numel() <= PDL_MAX_WEIGHT
+    parts = sumsq.shape[1] if sumsq is not None else 1
+    _gemv_kernel[(grid,)](
         x, weight, out, bias if bias is not None else out,
         residual if residual is not None else out,
-        norm_weight if norm_weight is not None else out, eps, m, n, k, x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        HAS_NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
+        norm_weight if norm_weight is not None else out,
+        sumsq if sumsq is not None else out, sumsq_out if want_sumsq else out,
+        eps, m, n, k, parts, x.stride(0), residual.stride(0) if residual is not None else 0,
+        HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None, SUMSQ_OUT=want_sumsq,
+        PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
-        USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+        USE_DOT=cfg.use_dot, PDL=use_pdl, launch_pdl=use_pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return (out, sumsq_out) if want_sumsq else out

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tuili.kernels import pdl
 
 
 @triton.jit
@@ -45,8 +48,12 @@ def _rope_heads(x_ptr, heads, mask, norm_ptr, eps, c1, c2, s1, s2, j,
 def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr, k_cache_ptr,
                        v_cache_ptr, slot_ptr, eps, stride_t, stride_c,
                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                       KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+                       KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                       PDL: tl.constexpr):
     # One program per token: its q heads, then (unless padding) its k and v heads.
+    if PDL:  # launched early (see kernels.pdl): wait for the QKV projection
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     j = tl.arange(0, HALF)[None, :]
     c1 = tl.load(cos_ptr + t * stride_c + j)
@@ -92,5 +99,6 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
             qkv, cos, sin, q_norm, k_norm, q, k_cache, v_cache, slot_mapping, eps, qkv.stride(0),
             cos.stride(0), HEADS=num_heads, KV_HEADS=kv_heads,
             HEADS_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(kv_heads),
-            HALF=d // 2, HAS_NORM=norm_weights is not None, enable_fp_fusion=False)
+            HALF=d // 2, HAS_NORM=norm_weights is not None, PDL=pdl(qkv), launch_pdl=pdl(qkv),
+            enable_fp_fusion=False)
     return q

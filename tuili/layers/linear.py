@@ -37,19 +37,25 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           norm: RMSNorm | None = None, gated: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           norm: RMSNorm | None = None, norm_sumsq: torch.Tensor | None = None,
+           gated: bool = False, residual: torch.Tensor | None = None, want_sumsq: bool = False):
     """norm(x) (x if no norm) @ weight.T (+ bias), then silu(gate) * up if gated (weight is a
-    merged [gate | up]), then + residual."""
+    merged [gate | up]), then + residual.
+
+    At decode the GEMV that adds a residual can also leave the new stream's sum of squares per row
+    (want_sumsq: returns (out, sums), sums None where no GEMV ran); given to the next projection as
+    norm_sumsq, they spare its norm prologue a pass over x in every program."""
     if fuses_into_gemv(x):
         gemv = triton_module("triton_gemv")
         n = weight.shape[0] // 2 if gated else weight.shape[0]
-        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm is not None, gated)
+        norm_pass = norm is not None and norm_sumsq is None
+        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated)
         if config is not None:
             return gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
-                             norm.eps if norm is not None else 0.0, gated, config)
-    out = matmul(x if norm is None else norm(x), weight, bias)
-    return epilogue(out, gated, residual)
+                             norm.eps if norm is not None else 0.0, gated, config,
+                             sumsq=norm_sumsq if norm is not None else None, want_sumsq=want_sumsq)
+    out = epilogue(matmul(x if norm is None else norm(x), weight, bias), gated, residual)
+    return (out, None) if want_sumsq else out
 
 
 def epilogue(out: torch.Tensor, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
@@ -74,13 +80,16 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # int4 weight, when packed
         self.scales_zeros: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None,
+                norm_sumsq: torch.Tensor | None = None, gated: bool = False,
+                residual: torch.Tensor | None = None, want_sumsq: bool = False):
         """norm(x) W^T (+ b), silu-and-mul'ed if gated, + residual: as `linear`."""
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
             out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
-            return epilogue(out if self.bias is None else out + self.bias, gated, residual)
-        return linear(x, self.weight, self.bias, norm=norm, gated=gated, residual=residual)
+            out = epilogue(out if self.bias is None else out + self.bias, gated, residual)
+            return (out, None) if want_sumsq else out
+        return linear(x, self.weight, self.bias, norm=norm, norm_sumsq=norm_sumsq, gated=gated,
+                      residual=residual, want_sumsq=want_sumsq)
 
     def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""

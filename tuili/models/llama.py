@@ -29,17 +29,19 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.nh, self.nkv, self.d)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                norm_sumsq: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, want_sumsq: bool = False):
         """o_proj(attention(qkv_proj(norm(x)))) (+ residual); norm and residual come at decode,
-        where they run inside the two projections' GEMVs. Given `rows`, o_proj runs on those
-        rows alone (every token's K/V is stored all the same)."""
+        where they run inside the two projections' GEMVs (see `linear` for the sums of squares).
+        Given `rows`, o_proj runs on those rows alone (every token's K/V is stored all the same)."""
         t = x.shape[0]
-        qkv = self.qkv_proj(x, norm=norm).view(t, self.nh + 2 * self.nkv, self.d)
+        qkv = self.qkv_proj(x, norm=norm, norm_sumsq=norm_sumsq).view(t, self.nh + 2 * self.nkv,
+                                                                      self.d)
         q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm)
         out = self.attn(q, k, v, meta)
         if rows is not None:
             out = out.index_select(0, rows)
-        return self.o_proj(out, residual=residual)
+        return self.o_proj(out, residual=residual, want_sumsq=want_sumsq)
 
 
 class LlamaMLP(nn.Module):
@@ -49,9 +51,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                norm_sumsq: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                want_sumsq: bool = False):
         """down(silu(gate) * up) of norm(x) (+ residual)."""
-        return self.down_proj(self.gate_up_proj(x, norm=norm, gated=True), residual=residual)
+        gate_up = self.gate_up_proj(x, norm=norm, norm_sumsq=norm_sumsq, gated=True)
+        return self.down_proj(gate_up, residual=residual, want_sumsq=want_sumsq)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -66,12 +70,6 @@ class LlamaDecoderLayer(nn.Module):
                 rows: torch.Tensor | None = None):
         """(x, residual) -> (x, residual): the hidden stream is x + residual, or x alone when
         residual is None. Given `rows`, only those rows come out (see LlamaForCausalLM)."""
-        if fuses_into_gemv(x):  # decode: norms are GEMV prologues, residual adds GEMV epilogues
-            if residual is not None:
-                x = x + residual
-            kept = x if rows is None else x.index_select(0, rows)
-            x = self.self_attn(x, meta, norm=self.input_layernorm, residual=kept, rows=rows)
-            return self.mlp(x, norm=self.post_attention_layernorm, residual=x), None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -81,6 +79,18 @@ class LlamaDecoderLayer(nn.Module):
             residual = residual.index_select(0, rows)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def decode(self, x: torch.Tensor, sumsq: torch.Tensor | None, meta: AttentionMetadata,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, sumsq) -> (x, sumsq) for a decode-sized step (`fuses_into_gemv`): x is the whole
+        stream; the norms are GEMV prologues scaled by sumsq (x's sums of squares in parts, left by
+        the GEMV that wrote x; None: the prologue sums them itself), the residual adds GEMV
+        epilogues, which leave the new stream's sums."""
+        kept = x if rows is None else x.index_select(0, rows)
+        h, h_sumsq = self.self_attn(x, meta, norm=self.input_layernorm, norm_sumsq=sumsq,
+                                    residual=kept, rows=rows, want_sumsq=True)
+        return self.mlp(h, norm=self.post_attention_layernorm, norm_sumsq=h_sumsq, residual=h,
+                        want_sumsq=True)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -95,6 +105,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
+        # The last decode stream and its sums of squares, for the final norm in `logits`.
+        self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,14 +116,22 @@ class LlamaForCausalLM(nn.Module):
         prompt that is ~3% of the prefill's matmuls saved)."""
         x, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1
+        if fuses_into_gemv(x):
+            for i, layer in enumerate(self.layers):
+                x, residual = layer.decode(x, residual, meta, rows if i == last else None)
+            self._final = (x, residual)
+            return x
+        self._final = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, meta, rows if i == last else None)
         return x if residual is None else x + residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm and the LM head (one GEMV at decode)."""
+        """The final norm and the LM head (one GEMV at decode). When `hidden` is the very stream
+        the last decode forward returned, the norm takes the sums of squares its GEMV left."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight, norm=self.norm)
+        sumsq = self._final[1] if self._final is not None and self._final[0] is hidden else None
+        return linear(hidden, weight, norm=self.norm, norm_sumsq=sumsq)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
