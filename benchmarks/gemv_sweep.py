@@ -114,8 +114,12 @@ def fused_rows(fusion: str, x, ws, norm_w, copies: int, configs) -> dict:
     res = torch.randn(m, n, dtype=torch.bfloat16, device="cuda") if fusion == "residual" else None
     nw = norm_w if norm else None
 
+    # As in the model: the norm's scale comes from the sums of squares the producing GEMV left.
+    sumsq = x.float().pow(2).sum(1, keepdim=True) if norm else None
+
     def fused(i, cfg):
-        return gemv(x, ws[i], residual=res, norm_weight=nw, eps=1e-5, gated=gated, config=cfg)
+        return gemv(x, ws[i], residual=res, norm_weight=nw, eps=1e-5, gated=gated, config=cfg,
+                    sumsq=sumsq)
 
     def unfused(i):
         y = F.linear(triton_fused.rms_norm(x, norm_w, 1e-5) if norm else x, ws[i])
@@ -127,7 +131,7 @@ def fused_rows(fusion: str, x, ws, norm_w, copies: int, configs) -> dict:
     ref = y if res is None else y + res
     timed = sorted(((tried(lambda i: fused(i, c), copies), c) for c in configs),
                    key=lambda r: r[0])
-    default = triton_gemv.default_config(m, n, k, norm, gated)
+    default = triton_gemv.default_config(m, n, k, False, gated)
     err = ((fused(0, timed[0][1]).float() - ref.float()).norm() / ref.float().norm()).item()
     return dict(fusion=fusion, fused_us=timed[0][0] * 1e6, fused_best=str(timed[0][1]),
                 unfused_us=per_launch(unfused, copies) * 1e6, fused_rel_err=err,
@@ -144,7 +148,7 @@ def fused_vs_unfused(name: str, m: int) -> dict:
     norm_w = torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     norm, gated = FUSIONS[fusion]
-    default = triton_gemv.default_config(m, n // 2 if gated else n, k, norm, gated)
+    default = triton_gemv.default_config(m, n // 2 if gated else n, k, False, gated)
     r = fused_rows(fusion, x, ws, norm_w, copies, [default]) if default else {}
     return dict(fusion=fusion, weight_bytes=n * k * 2, fused_us=r.get("fused_us"),
                 unfused_us=r.get("unfused_us"))
