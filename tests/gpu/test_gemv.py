@@ -127,23 +127,26 @@ def test_layer_api_passes_sums_along():
 
 
 @pytest.mark.parametrize("fusion", ["norm+gated", "bias+residual"])
-def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion):
+@pytest.mark.parametrize("k", [2048, 4096], ids=["early-release", "late-release"])
+def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k):
     """PDL changes when a launch starts, never what it computes: bit-equal outputs, also in a
-    chain of dependent launches replayed from a CUDA graph."""
+    chain of dependent launches replayed from a CUDA graph (small weights release the next
+    launch at their start, large ones after their weight loop)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper")
     torch.manual_seed(3)
-    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
-    ws = [torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(6)]
-    norm_w = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+    x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(2 * k, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(6)]
+    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
 
     def chain():
         h = x
         for w in ws:
             if fusion == "norm+gated":
-                h = triton_gemv.gemv(h, w, norm_weight=norm_w, eps=1e-5, gated=True)
+                sumsq = h.float().pow(2).sum(1, keepdim=True)  # as a producing GEMV leaves them
+                h = triton_gemv.gemv(h, w, norm_weight=norm_w, eps=1e-5, gated=True, sumsq=sumsq)
             else:
-                h = triton_gemv.gemv(h, w[:2048], residual=h)
+                h = triton_gemv.gemv(h, w[:k], residual=h)
         return h
 
     outs = {}

@@ -22,10 +22,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from tuili.kernels import pdl
 
 MAX_ROWS = 8
-# Programmatic dependent launch pays on small weights (SmolLM2's decode graph 0.68 -> 0.56 ms on
-# an H100) but not on large ones (Llama-3.1-8B's graph 5.71 -> 5.91 ms with every GEMV on it,
-# 5.67 with the next launch released only after the weight loop): those launch plainly.
-PDL_MAX_WEIGHT = 8 << 20
+# Programmatic dependent launch (kernels.pdl): a GEMV over a small weight lets the next kernel
+# launch as soon as it starts (SmolLM2's decode graph 0.68 -> 0.56 ms on an H100; 0.62 ms when
+# released after the weight loop); one over a large weight only after its weight loop
+# (Llama-3.1-8B's graph 5.71 ms without PDL, 5.67 so, 5.91 released at the start).
+EARLY_RELEASE_MAX_WEIGHT = 8 << 20
 
 
 @triton.jit
@@ -56,8 +57,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
                  PARTS_BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
-                 PDL: tl.constexpr):
-    if PDL:  # the next kernel may start: it waits for this one before touching its outputs
+                 PDL: tl.constexpr, EARLY_RELEASE: tl.constexpr):
+    if PDL and EARLY_RELEASE:  # the next kernel may start; it waits for this one's outputs
         gdc_launch_dependents()
     m = tl.arange(0, M_PAD)
     m_mask = m < M
@@ -107,6 +108,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
         if GATED:
             acc_up = _accumulate(acc_up, tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0),
                                  xv, USE_DOT)
+    if PDL and not EARLY_RELEASE:
+        gdc_launch_dependents()
     if USE_DOT:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -200,7 +203,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     grid = triton.cdiv(n, cfg.block_n)
     sumsq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if want_sumsq else None
     m_pad = triton.next_power_of_2(m)
-    use_pdl = pdl(x) and weight.numel() <= PDL_MAX_WEIGHT
+    use_pdl = pdl(x)
     parts = sumsq.shape[1] if sumsq is not None else 1
     _gemv_kernel[(grid,)](
         x, weight, out, bias if bias is not None else out,
@@ -212,6 +215,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
-        USE_DOT=cfg.use_dot, PDL=use_pdl, launch_pdl=use_pdl, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        USE_DOT=cfg.use_dot, PDL=use_pdl, EARLY_RELEASE=weight.numel() <= EARLY_RELEASE_MAX_WEIGHT,
+        launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, sumsq_out) if want_sumsq else out
