@@ -55,6 +55,17 @@ def decode_case(batch: int, context: int, read_bw: float, copies: int = 1) -> di
                 of_ceiling=kv_bytes / ours / read_bw)
 
 
+def read_case(nbytes: int, read_bw: float, copies: int = 4) -> dict:
+    """A plain torch sum over nbytes, one graph running it over `copies` buffers in turn: the
+    read ceiling at that size (a kernel reading a few tens of MB ramps up and drains in a time
+    comparable to the read itself), to set beside the decode-attention rows."""
+    xs = [torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+    t = cuda_time(lambda: [x.sum(dtype=torch.float32) for x in xs], graph=True) / copies
+    return dict(case=f"read of {nbytes / 1e6:.1f} MB alone (torch sum), {copies} per graph",
+                tuili_us=t * 1e6, torch_us=t * 1e6, tuili_gbs=nbytes / t / 1e9,
+                of_ceiling=nbytes / t / read_bw)
+
+
 def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
               read_bw: float, repeats: int = 1) -> dict:
     """Norm (optional), rotary and K/V store in one launch, beside the kernels it replaces
@@ -144,6 +155,7 @@ def main() -> None:
     bw, peak = ceilings["read_bytes_per_s"], ceilings["matmul_flops_per_s"]
     print(f"ceilings: read {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows = [decode_case(1, 8192, bw), decode_case(1, 8192, bw, copies=4),
+            read_case(8192 * KV_HEADS * HEAD_DIM * 2 * 2, bw),
             decode_case(1, 32768, bw), decode_case(16, 8192, bw), decode_case(64, 2048, bw),
             decode_case(1, 128, bw, copies=8), prefill_case(2048, peak), prefill_case(8192, peak),
             rope_case(1, HEADS, KV_HEADS, HEAD_DIM, False, bw, repeats=8),

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from tuili.engine.request import Request
 from tuili.engine.sampler import row_argmax
-from tuili.engine.transfer import copy_rows, to_device
+from tuili.engine.transfer import copy_rows, to_device, upload
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -35,6 +35,7 @@ class DecodeGraphs:
         for inputs in self.inputs.values():
             inputs[2].fill_(-1)  # no KV writes while capturing
         self.tables = torch.zeros(max_batch, max_blocks, **long)
+        self._tables_held: list[list[int]] = []  # what the first rows of self.tables hold now
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.argmax: dict[int, torch.Tensor] = {}  # each row's greedy token, computed in the graph
@@ -87,10 +88,12 @@ class DecodeGraphs:
         tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
         pad = [0] * (size - n)
         inputs = self.inputs[size]
-        inputs.copy_(to_device([ids + pad, positions + pad, slots + [-1] * len(pad),
-                                [p + 1 for p in positions] + pad], torch.long, inputs.device))
+        upload(inputs, [ids + pad, positions + pad, slots + [-1] * len(pad),
+                        [p + 1 for p in positions] + pad])
         if feed[0]:
             copy_rows(inputs[0], feed[0], tokens, feed[1])
-        self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
+        if tables != self._tables_held:  # a batch keeps its tables for block_size steps
+            self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
+            self._tables_held = tables
         self.graphs[size].replay()
         return self.logits[size][:n], self.argmax[size][:n]

@@ -23,6 +23,12 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def upload(dst: torch.Tensor, values) -> None:
+    """dst.copy_(values) for host values (as to_device takes them) of dst's shape, copied as
+    to_device copies but straight into dst: no stream sync, no device temporary to copy again."""
+    dst.copy_(_host_tensor(values, dst.dtype).view(dst.shape), non_blocking=True)
+
+
 _ARRAY_CODES = {torch.int64: "q", torch.int32: "i"}
 
 
