@@ -14,6 +14,7 @@ from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 
 FMA = GemvConfig(block_n=2, block_k=1024)
 DOT = GemvConfig(block_n=32, block_k=256, num_stages=3, use_dot=True)
+WHOLE = GemvConfig(block_n=2, block_k=4096, num_warps=8)  # each row in one tile (k <= 4096)
 
 
 def expected(x, w, bias, residual, norm_w, gated):
@@ -30,7 +31,7 @@ def expected(x, w, bias, residual, norm_w, gated):
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k", [(37, 100), (960, 576), (4113, 1000), (129, 3000)])
 @pytest.mark.parametrize("fusion", ["plain", "norm", "norm+gated", "gated+bias", "bias+residual"])
-@pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
+@pytest.mark.parametrize("config", [None, FMA, DOT, WHOLE], ids=["default", "fma", "dot", "whole"])
 def test_gemv_matches_reference(m, n, k, fusion, config):
     torch.manual_seed(m * 7 + n + k)
     gated, norm = "gated" in fusion, "norm" in fusion
@@ -88,7 +89,7 @@ def test_linear_fused_and_unfused_paths_agree():
 
 
 @pytest.mark.parametrize("m", [1, 5, 8])
-@pytest.mark.parametrize("config", [None, FMA, DOT], ids=["default", "fma", "dot"])
+@pytest.mark.parametrize("config", [None, FMA, DOT, WHOLE], ids=["default", "fma", "dot", "whole"])
 def test_sums_of_squares_chain(m, config):
     """A residual GEMV leaves its output's sums of squares in parts; the next GEMV's norm takes its
     scale from them and matches the reference norm of that output (and the in-kernel pass)."""
@@ -128,14 +129,15 @@ def test_layer_api_passes_sums_along():
 
 @pytest.mark.parametrize("fusion", ["norm+gated", "bias+residual"])
 @pytest.mark.parametrize("k", [2048, 4096], ids=["early-release", "late-release"])
-def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k):
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k, m):
     """PDL changes when a launch starts, never what it computes: bit-equal outputs, also in a
     chain of dependent launches replayed from a CUDA graph (small weights release the next
     launch at their start, large ones after their weight loop)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper")
     torch.manual_seed(3)
-    x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ws = [torch.randn(2 * k, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(6)]
     norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
 

@@ -158,9 +158,12 @@ def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool 
     # Llama-3.1-8B's gate_up 106 us fused vs 92 us apart at 1 row, its qkv 26.6 vs 24.4 at 8 rows.
     if norm_pass and big and (gated or (m > 2 and rows < 32768)):
         return None
-    if big and k >= 2048:  # Llama-3.1-8B's projections: 1 row 15-338 us, 2-8 rows 15-352 us
-        if m == 1 and rows >= k:
-            return GemvConfig(block_n=4, block_k=2048, num_warps=8)
+    if big and k >= 2048:  # Llama-3.1-8B's projections: 1 row 14-335 us, 2-8 rows 15-352 us
+        if m == 1 and rows >= k:  # the whole row in one tile, all of it loaded before gdc_wait
+            return (GemvConfig(block_n=2, block_k=4096, num_warps=8) if k <= 4096
+                    else GemvConfig(block_n=4, block_k=2048, num_warps=8))
+        if m == 1:  # a long reduction (down: 44.0 us vs 46.1 for the 32 x 512 dot tiles)
+            return GemvConfig(block_n=4, block_k=1024)
         if gated or k < rows < 2 * k:
             return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
         return GemvConfig(block_n=32, block_k=512, num_stages=3, use_dot=True)
