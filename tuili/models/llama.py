@@ -117,9 +117,10 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1
         if fuses_into_gemv(x):
+            sumsq = None  # the embedding leaves none: the first norm sums x itself
             for i, layer in enumerate(self.layers):
-                x, residual = layer.decode(x, residual, meta, rows if i == last else None)
-            self._final = (x, residual)
+                x, sumsq = layer.decode(x, sumsq, meta, rows if i == last else None)
+            self._final = (x, sumsq)
             return x
         self._final = None
         for i, layer in enumerate(self.layers):
