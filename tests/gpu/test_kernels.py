@@ -130,6 +130,46 @@ def test_decode_attention_repeats_and_graph_replays_reuse_tickets():
     assert torch.all(triton_attention._tickets(torch.cuda.current_device()) == 0)
 
 
+def test_decode_attention_sees_the_key_stored_just_before_it():
+    """The decode step's launch order, captured in a graph as the engine runs it (with programmatic
+    dependent launch on Hopper): rotary + K/V store, then attention. Each sequence's newest key and
+    value hold NaN until the first kernel stores them; the attention must read them after that."""
+    from tuili.kernels import triton_rope
+    from tuili.layers.rotary import RotaryEmbedding
+
+    heads, kvh, d, bs = 32, 8, 128, 16
+    torch.manual_seed(5)
+    seq_lens = [1, 64, 65, 100, 2049, 8192]  # one split; several, the last one short; all 32
+    num_blocks = sum(-(-n // bs) for n in seq_lens) + 1
+    caches = list(random_cache(num_blocks, bs, kvh, d))
+    tables = random_tables(seq_lens, bs, num_blocks)
+    lens = torch.tensor(seq_lens, device="cuda")
+    positions = lens - 1
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+    qkv = torch.randn(len(seq_lens), heads + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
+    rope = RotaryEmbedding(d, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
+    cos, sin = rope.lookup(positions)
+    out = torch.empty(len(seq_lens), heads, d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        q = triton_rope.rope_and_store(qkv, cos, sin, *caches, slots, heads)
+        triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5, out=out)
+        return q
+
+    q = step()  # compiles, and allocates the split counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = step()
+    for _ in range(3):
+        for c in caches:
+            c.view(-1, kvh, d)[slots] = float("nan")
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        assert_decode_rows(out, q, *caches, tables, lens)
+
+
 @pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256), (16, 16, 64)])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_prefill_attention_matches_reference(heads, kvh, d, block_size):

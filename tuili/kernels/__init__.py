@@ -23,12 +23,25 @@ def triton_module(name: str):
     return importlib.import_module(f"tuili.kernels.{name}")
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return _sms(_index(device))
+
+
 def pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with programmatic dependent launch (Hopper and later):
     a kernel's programs start while the one before it drains, stream in what depends on nothing
     earlier (weights), then wait for it (`gdc_wait`). TUILI_PDL=0 turns it off."""
-    return t.is_cuda and _pdl_on(t.device.index if t.device.index is not None
-                                 else torch.cuda.current_device())
+    return t.is_cuda and _pdl_on(_index(t.device))
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tuili.kernels import pdl
+from tuili.kernels import num_sms, pdl
 
 MAX_SPLITS = 32
 MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: one ticket each
@@ -49,23 +49,31 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _attend_range(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, lo, hi, qk_scale,
+def _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values start .. start + BLOCK_N of one sequence (rows past hi: zeros), and which
+    rows are keys."""
+    pos = start + tl.arange(0, BLOCK_N)
+    valid = pos < hi
+    block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
+    row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
+    offs = row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, qk_scale,
                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr):
     """Online softmax of the q rows over keys lo..hi of one sequence: (acc, row max, row sum)."""
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + n
-        valid = pos < hi
-        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
-        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
-        offs = row[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        k, v, valid = _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS,
+                               HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,6 +83,21 @@ def _attend_range(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, lo, hi, qk_sc
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len,
+                  qk_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  PDL: tl.constexpr):
+    """Attention of the q rows over all seq_len keys, written to out_rows (zeros when none)."""
+    if PDL:  # wait for the kernel that stored this step's K/V
+        gdc_wait()
+    q = tl.load(q_rows, mask=live, other=0.0)
+    acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, 0, seq_len,
+                                  qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -116,17 +139,19 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched early (see kernels.pdl): wait for the kernel that stored this step's K/V
-        gdc_launch_dependents()
-        gdc_wait()
     # One program per (sequence, kv head, split): the GROUP query heads sharing the kv head are the
     # rows of one small matrix, so each K/V row is read once for all of them (GQA-aware), and the
-    # sequence is cut into SPLITS ranges so a batch of one still spreads over the whole GPU.
+    # sequence is cut into up to SPLITS ranges of whole BLOCK_N tiles so a batch of one still
+    # spreads over the whole GPU. Lengths and block tables are the step's inputs, not the previous
+    # kernel's outputs: they are read before waiting for it, and a split with no keys ends at once.
+    if PDL:  # launched early (see kernels.pdl)
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(len_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+    used = tl.cdiv(seq_len, per_split)  # splits that hold keys; 0 for a padding row
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
     g = tl.arange(0, GROUP_PAD)
@@ -135,40 +160,34 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
     live = (g < GROUP)[:, None]
     qk_scale = scale * 1.4426950408889634
     table = table_ptr + seq * stride_table
+    q_rows = q_ptr + seq * stride_q + heads[:, None] * HEAD_DIM + d[None, :]
+    out_rows = out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :]
     if SPLITS == 1:
-        q = tl.load(q_ptr + seq * stride_q + heads[:, None] * HEAD_DIM + d[None, :], mask=live,
-                    other=0.0)
+        _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len,
+                      qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD, PDL)
+    elif used <= 1:  # one range (or none: a padding row gets zeros): split 0 writes the output
+        if split == 0:
+            _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head,
+                          seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
+                          PDL)
+    elif lo < hi:
+        if PDL:
+            gdc_wait()
+        q = tl.load(q_rows, mask=live, other=0.0)
         acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi,
                                       qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padding rows (seq_len 0): zeros
-        tl.store(out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=live)
-    else:
         rows = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
-        if lo < hi:  # splits past the end (and padding rows) hold no keys and write nothing
-            q = tl.load(q_ptr + seq * stride_q + heads[:, None] * HEAD_DIM + d[None, :],
-                        mask=live, other=0.0)
-            acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi,
-                                          qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                          GROUP_PAD)
-            tl.store(part_ptr + rows[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None],
-                     mask=live)
-            tl.store(lse_ptr + rows, m_i + tl.log2(l_i), mask=g < GROUP)
+        tl.store(part_ptr + rows[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=live)
+        tl.store(lse_ptr + rows, m_i + tl.log2(l_i), mask=g < GROUP)
         # The split that arrives last merges: every thread's stores above come before the
         # release of the ticket (barrier, then an acq_rel add), and it resets the ticket to 0 for
         # the next launch (or graph replay).
         tl.debug_barrier()
         ticket = ticket_ptr + seq * KV_HEADS + kv_head
-        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            used = tl.cdiv(seq_len, tl.maximum(per_split, 1))
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == used - 1:
             _merge_splits(part_ptr, lse_ptr, out_ptr, stride_o, seq, kv_head, used,
                           KV_HEADS * GROUP, GROUP, MERGE_PAD, HEAD_DIM, SPLITS)
             tl.store(ticket, 0)
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
@@ -194,7 +213,7 @@ def decode_splits(batch: int, kv_heads: int, device: torch.device, max_len: int 
     """How many ranges to cut each sequence into so that about two programs run per SM.
     max_len, when known, stops splitting short contexts finer than 128 tokens a range."""
     programs = batch * kv_heads
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(2 * sms, programs)))
     if max_len:
         splits = min(splits, triton.next_power_of_2(triton.cdiv(max_len, 128)))
@@ -276,15 +295,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
     unmasked_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     hi = context + tl.minimum((tile + 1) * BLOCK_M, q_len)
     for start in range(0, hi, BLOCK_N):
-        pos = start + n
-        valid = pos < hi
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
-        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
-        offs = row[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        k, v, valid = _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS,
+                               HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if start >= unmasked_end:
+            pos = start + n
             s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
