@@ -77,7 +77,8 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bo
 
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     rope = RotaryEmbedding(head_dim, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
-    cos, sin = rope.lookup(torch.randint(0, 8192, (tokens,), device="cuda"))
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    cos, sin = rope.lookup(positions)
     k_cache, v_cache = random_cache(-(-tokens // BLOCK) + 1, BLOCK, kv_heads, head_dim)
     slots = torch.randperm(k_cache.shape[0] * BLOCK, device="cuda")[:tokens]
     w = torch.ones(head_dim, dtype=torch.bfloat16, device="cuda")
@@ -85,8 +86,8 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bo
     v_part = qkv[:, heads + kv_heads:]
 
     def fused():
-        triton_rope.rope_and_store(qkv, cos, sin, k_cache, v_cache, slots, heads,
-                                   (w, w) if qk_norm else None, 1e-6)
+        triton_rope.rope_and_store(qkv, positions, rope.cos, rope.sin, k_cache, v_cache, slots,
+                                   heads, (w, w) if qk_norm else None, 1e-6)
 
     def before(ops):
         def run():

@@ -148,11 +148,10 @@ def test_decode_attention_sees_the_key_stored_just_before_it():
     slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
     qkv = torch.randn(len(seq_lens), heads + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
     rope = RotaryEmbedding(d, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
-    cos, sin = rope.lookup(positions)
     out = torch.empty(len(seq_lens), heads, d, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        q = triton_rope.rope_and_store(qkv, cos, sin, *caches, slots, heads)
+        q = triton_rope.rope_and_store(qkv, positions, rope.cos, rope.sin, *caches, slots, heads)
         triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5, out=out)
         return q
 
@@ -296,7 +295,8 @@ def test_rope_and_store_matches_reference(heads, kvh, d, qk_norm, tokens):
     bs, num_blocks = 16, 8
     qkv = torch.randn(tokens, heads + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
     rope = RotaryEmbedding(d, 4096, 1e6, None, torch.bfloat16, torch.device("cuda"))
-    cos, sin = rope.lookup(torch.randint(0, 4096, (tokens,), device="cuda"))
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    cos, sin = rope.lookup(positions)
     slots = torch.randperm(num_blocks * bs, device="cuda")[:tokens]
     if tokens > 1:
         slots[[3, 17]] = -1  # padding rows: nothing stored
@@ -304,7 +304,8 @@ def test_rope_and_store_matches_reference(heads, kvh, d, qk_norm, tokens):
                torch.randn(d, device="cuda", dtype=torch.bfloat16)) if qk_norm else None
     caches = [poisoned((num_blocks, bs, kvh, d)) for _ in range(2)]
     ref_caches = [c.clone() for c in caches]
-    q = triton_rope.rope_and_store(qkv, cos, sin, *caches, slots, heads, weights, 1e-6)
+    q = triton_rope.rope_and_store(qkv, positions, rope.cos, rope.sin, *caches, slots, heads,
+                                   weights, 1e-6)
     q_ref, k_ref = qkv[:, :heads], qkv[:, heads:heads + kvh]
     if qk_norm:
         q_ref = reference.rms_norm(q_ref, weights[0], 1e-6)

@@ -47,10 +47,9 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions, slots, seq_lens = self.inputs[size]
-        cos, sin = self.rope.lookup(positions)
         meta = AttentionMetadata(
-            slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens, cos=cos,
-            sin=sin, num_decodes=size, max_decode_len=0, prefills=[])
+            slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens,
+            positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
         return self.model.logits(self.model(ids, meta)).float()
 
     @torch.inference_mode()

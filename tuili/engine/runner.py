@@ -99,12 +99,11 @@ class ModelRunner:
 
         dev, long = self.device, torch.long
         width = max(len(t) for t in tables)
-        cos, sin = self.rope.lookup(to_device(positions, long, dev))
         meta = AttentionMetadata(
             slot_mapping=to_device(slots, long, dev),
             block_tables=to_device([t + [0] * (width - len(t)) for t in tables], long, dev),
             seq_lens=to_device(seq_lens, long, dev),
-            cos=cos, sin=sin,
+            positions=to_device(positions, long, dev), rope=self.rope,
             num_decodes=batch.num_decodes,
             max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
             prefills=prefills,
@@ -156,10 +155,9 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     positions = torch.arange(num_tokens, device=device)
-    cos, sin = rope.lookup(positions)
     meta = AttentionMetadata(
         slot_mapping=positions, block_tables=positions[None, :],
-        seq_lens=torch.tensor([num_tokens], device=device), cos=cos, sin=sin,
+        seq_lens=torch.tensor([num_tokens], device=device), positions=positions, rope=rope,
         num_decodes=0, max_decode_len=0, prefills=[(0, num_tokens, 0)],
         prefill_seqs=torch.tensor([[0], [num_tokens], [0]], dtype=torch.int32, device=device))
     hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), meta)
@@ -168,6 +166,6 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     peak = torch.cuda.max_memory_allocated(device) - base
     for attn in layers:
         attn.k_cache = attn.v_cache = None
-    del hidden, meta, cos, sin, rope, stand_in
+    del hidden, meta, rope, stand_in
     torch.cuda.empty_cache()
     return peak

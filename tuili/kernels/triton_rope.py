@@ -1,7 +1,8 @@
 """One Triton launch between the QKV projection and attention: per-head RMSNorm of q and k
 (Qwen3's q_norm/k_norm, optional), rotary on q and k, and the store of k and v into the paged
 cache (slot -1: padding, skipped). Returns q rotated; k rotated goes only to the cache, from where
-the attention kernels read every key.
+the attention kernels read every key. Each token's cos and sin are read from the whole tables at
+its position, so no gather runs before it.
 
 References: rms_norm, apply_rotary and store_kv in kernels/reference.py. The kernel rounds to the
 model dtype where they do (launched with fp fusion off, so no multiply-add contracts two steps).
@@ -45,8 +46,8 @@ def _rope_heads(x_ptr, heads, mask, norm_ptr, eps, c1, c2, s1, s2, j,
 
 
 @triton.jit
-def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr, k_cache_ptr,
-                       v_cache_ptr, slot_ptr, eps, stride_t, stride_c,
+def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
+                       k_cache_ptr, v_cache_ptr, slot_ptr, eps, stride_t,
                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                        KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
                        PDL: tl.constexpr):
@@ -56,10 +57,11 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_
         gdc_wait()
     t = tl.program_id(0)
     j = tl.arange(0, HALF)[None, :]
-    c1 = tl.load(cos_ptr + t * stride_c + j)
-    c2 = tl.load(cos_ptr + t * stride_c + HALF + j)
-    s1 = tl.load(sin_ptr + t * stride_c + j)
-    s2 = tl.load(sin_ptr + t * stride_c + HALF + j)
+    at = tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)  # the token's row of the cos/sin tables
+    c1 = tl.load(cos_ptr + at + j)
+    c2 = tl.load(cos_ptr + at + HALF + j)
+    s1 = tl.load(sin_ptr + at + j)
+    s2 = tl.load(sin_ptr + at + HALF + j)
     row = qkv_ptr + t.to(tl.int64) * stride_t
     hq = tl.arange(0, HEADS_PAD)[:, None]
     mq = hq < HEADS
@@ -81,23 +83,25 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_
         tl.store(v_cache_ptr + cached + dv, v, mask=mk)
 
 
-def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                   norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   num_heads: int, norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
                    eps: float = 0.0) -> torch.Tensor:
-    """qkv: [tokens, heads + 2 * kv_heads, d], each token's row contiguous; cos, sin:
-    [tokens, 1, d]; norm_weights: (q_norm, k_norm) weights of d each, or None. Stores k (normalised,
-    rotated) and v at their slots; returns q (normalised, rotated) as [tokens, heads, d]."""
+    """qkv: [tokens, heads + 2 * kv_heads, d], each token's row contiguous; positions: [tokens];
+    cos, sin: [max_len, d] tables (RotaryEmbedding's); norm_weights: (q_norm, k_norm) weights of d
+    each, or None. Stores k (normalised, rotated) and v at their slots; returns q (normalised,
+    rotated) as [tokens, heads, d]."""
     tokens, rows, d = qkv.shape
     kv_heads = (rows - num_heads) // 2
-    assert qkv.stride(2) == 1 and qkv.stride(1) == d and cos.stride(-1) == 1 and d % 2 == 0
+    assert qkv.stride(2) == 1 and qkv.stride(1) == d and d % 2 == 0
+    assert cos.shape[-1] == d and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.shape[-2:] == (kv_heads, d) and k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty((tokens, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if tokens:
         q_norm, k_norm = norm_weights if norm_weights is not None else (qkv, qkv)
         _rope_store_kernel[(tokens,)](
-            qkv, cos, sin, q_norm, k_norm, q, k_cache, v_cache, slot_mapping, eps, qkv.stride(0),
-            cos.stride(0), HEADS=num_heads, KV_HEADS=kv_heads,
+            qkv, positions, cos, sin, q_norm, k_norm, q, k_cache, v_cache, slot_mapping, eps,
+            qkv.stride(0), HEADS=num_heads, KV_HEADS=kv_heads,
             HEADS_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(kv_heads),
             HALF=d // 2, HAS_NORM=norm_weights is not None, PDL=pdl(qkv), launch_pdl=pdl(qkv),
             enable_fp_fusion=False)

@@ -7,13 +7,14 @@ Rows are ordered decodes first (one token each), then prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from tuili.kernels import on_gpu, reference, triton_module
 from tuili.layers.norm import RMSNorm
-from tuili.layers.rotary import rotate_qk
+from tuili.layers.rotary import RotaryEmbedding, rotate_qk
 
 
 @dataclass
@@ -21,14 +22,19 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat cache slot of each new token
     block_tables: torch.Tensor  # [seqs, max_blocks] padded with 0
     seq_lens: torch.Tensor  # [seqs] cached + new tokens after this step
-    cos: torch.Tensor  # [tokens, 1, head_dim]
-    sin: torch.Tensor
+    positions: torch.Tensor  # [tokens] position of each new token
+    rope: RotaryEmbedding  # cos/sin of every position; the GPU kernels look theirs up in place
     num_decodes: int  # the first num_decodes sequences have one new token each
     max_decode_len: int
     # Per prefill sequence (python ints, no device syncs): first row, new tokens, cached tokens.
     prefills: list[tuple[int, int, int]]
     # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
     prefill_seqs: torch.Tensor | None = None
+
+    @cached_property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the new tokens' positions [tokens, 1, head_dim], for the torch path."""
+        return self.rope.lookup(self.positions)
 
 
 class Attention(nn.Module):
@@ -47,10 +53,10 @@ class Attention(nn.Module):
         if on_gpu(qkv) and self.head_dim & (self.head_dim - 1) == 0:
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
             q = triton_module("triton_rope").rope_and_store(
-                qkv, meta.cos, meta.sin, self.k_cache, self.v_cache, meta.slot_mapping,
-                self.num_heads, weights, q_norm.eps if q_norm is not None else 0.0)
+                qkv, meta.positions, meta.rope.cos, meta.rope.sin, self.k_cache, self.v_cache,
+                meta.slot_mapping, self.num_heads, weights, q_norm.eps if q_norm is not None else 0.0)
             return q, None, None
-        return rotate_qk(qkv, self.num_heads, self.num_kv_heads, meta.cos, meta.sin, q_norm, k_norm)
+        return rotate_qk(qkv, self.num_heads, self.num_kv_heads, *meta.cos_sin, q_norm, k_norm)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
