@@ -163,3 +163,56 @@ def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k, 
         assert torch.equal(eager, captured)
         outs[on] = eager
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", [None, FMA, DOT, WHOLE], ids=["default", "fma", "dot", "whole"])
+def test_rope_epilogue_matches_projection_then_rope_and_store(heads, kvh, d, m, config):
+    """The QKV GEMV with the rotary + K/V-store epilogue against the same GEMV's plain output, then
+    reference.apply_rotary and store_kv: every bit the same (the epilogue rounds as torch does),
+    padding rows (slot -1) store nothing, outputs and caches poisoned first."""
+    from tuili.kernels.triton_gemv import RopeStore
+    from tuili.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(heads + m + d)
+    k, n = 1024, (heads + 2 * kvh) * d
+    cfg = config or triton_gemv.default_config(m, n, k, True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m == 3 else None
+    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    rope = RotaryEmbedding(d, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
+    positions = torch.randint(0, 8192, (m,), device="cuda")
+    bs, num_blocks = 16, 4
+    slots = torch.randperm(num_blocks * bs, device="cuda")[:m]
+    if m > 2:
+        slots[1] = -1
+    caches = [torch.full((num_blocks, bs, kvh, d), float("nan"), device="cuda",
+                         dtype=torch.bfloat16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    store = RopeStore(positions, rope.cos, rope.sin, slots, *caches, heads)
+    assert store.fits(cfg)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=cfg, out=out, rope=store)
+    qkv = triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=cfg).view(m, -1, d)
+    qk = reference.apply_rotary(qkv[:, :heads + kvh], *rope.lookup(positions))
+    keep = slots >= 0
+    reference.store_kv(qk[keep, heads:], qkv[keep, heads + kvh:], *ref_caches, slots[keep])
+    assert torch.equal(out.view(m, -1, d)[:, :heads], qk[:, :heads])
+    for ours, ref in zip(caches, ref_caches):
+        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+def test_rope_epilogue_refuses_tiles_across_heads():
+    from tuili.kernels.triton_gemv import RopeStore
+
+    cache = torch.zeros(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    table = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(1, dtype=torch.long, device="cuda")
+    store = RopeStore(ids, table, table, ids, cache, cache, 2)
+    assert not store.fits(GemvConfig(block_n=1, block_k=1024))
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4 * 64, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rotary epilogue"):
+        triton_gemv.gemv(x, w, config=GemvConfig(block_n=128, block_k=256), rope=store)

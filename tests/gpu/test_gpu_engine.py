@@ -85,3 +85,25 @@ def test_kv_cache_sized_from_gpu_memory(shaped):
     assert used_after >= 0.6 * total * 0.85  # and the KV cache took most of what was left
     out = llm.generate([[5, 6, 7]], GREEDY)[0]
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True}])
+def test_rotary_in_the_qkv_epilogue_changes_no_token(shaped, monkeypatch, engine_options):
+    """The QKV GEMV's rotary + K/V-store epilogue (default) and the separate rope kernel
+    (TUILI_QKV_ROPE=0) round alike: the same greedy tokens and logprobs, single and batched."""
+    name, folder, hf = shaped
+    if name == "qwen3-0.6b":
+        pytest.skip("q/k norms keep the rope kernel")
+    ids = prompts(hf.config.vocab_size)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TUILI_QKV_ROPE", flag)
+        llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2,
+                  max_num_seqs=8, **engine_options)
+        results[flag] = [llm.generate(ids[:1], GREEDY)[0]] + llm.generate(ids, GREEDY)
+        del llm
+        gc.collect()
+    for fused, apart in zip(results["1"], results["0"]):
+        assert fused.outputs[0].token_ids == apart.outputs[0].token_ids
+        assert ([lp.top for lp in fused.outputs[0].logprobs]
+                == [lp.top for lp in apart.outputs[0].logprobs])

@@ -48,3 +48,10 @@ def pdl(t: torch.Tensor) -> bool:
 def _pdl_on(device_index: int) -> bool:
     return (os.environ.get("TUILI_PDL", "1") != "0"
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def rope_in_qkv() -> bool:
+    """Whether a decode GEMV of a QKV projection also applies rotary and stores K/V in its epilogue
+    (triton_gemv.RopeStore), so that no kernel runs between it and attention. TUILI_QKV_ROPE=0
+    leaves both to the rope kernel (read at each call: graphs captured after a change follow it)."""
+    return os.environ.get("TUILI_QKV_ROPE", "1") != "0"
