@@ -32,9 +32,14 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: launches are
+# shaped as on an H100.
+INTERPRETER_SMS = 132
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device."""
-    return _sms(_index(device))
+    """Streaming multiprocessors of a CUDA device (INTERPRETER_SMS for a CPU one)."""
+    return _sms(_index(device)) if device.type == "cuda" else INTERPRETER_SMS
 
 
 def pdl(t: torch.Tensor) -> bool:

@@ -191,13 +191,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
 
 
 @functools.cache
-def _tickets(device_index: int) -> torch.Tensor:
+def _tickets(device: torch.device) -> torch.Tensor:
     """Arrival counters of the split programs, one per (sequence, kv head); every launch leaves
     them at 0. One buffer per device, so decode launches on one device must not overlap."""
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("decode_attention must run once before a CUDA graph captures it "
                            "(its counters are allocated and zeroed on first use)")
-    return torch.zeros(MAX_SPLIT_PROGRAMS, dtype=torch.int32, device=torch.device("cuda", device_index))
+    return torch.zeros(MAX_SPLIT_PROGRAMS, dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not B:
         return out
     cfg = config or decode_config(B, kvh, d, q.device, max_len)
-    tickets = _tickets(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    tickets = _tickets(q.device)
     part = lse = out  # unused when not split
     if cfg.splits > 1:
         if B * kvh > tickets.numel():

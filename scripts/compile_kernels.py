@@ -1,0 +1,164 @@
+"""Compile every Triton kernel for Hopper (sm_90) without a GPU, as the engine launches them for the
+Llama-3.1-8B and SmolLM2 shapes (1 and 8 rows, with programmatic dependent launch), and print each
+one's registers, spills and SASS size: a compile error or a new spill shows before a GPU run.
+
+    python scripts/compile_kernels.py
+
+Needs Triton (its wheel carries ptxas and cuobjdump); no CUDA driver. A stand-in driver tells
+Triton the target, and every `kernel[grid](...)` compiles (Triton's warm-up) instead of launching.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # hidden, intermediate, heads, kv heads, head dim, vocabulary
+    "llama3-8b": (4096, 14336, 32, 8, 128, 128256),
+    "smollm2": (576, 1536, 9, 3, 64, 49152),
+}
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+WHERE = ["?"]  # what the engine is launching now, for the table
+
+
+class Hopper:
+    """The driver Triton asks for a target: an H100's, with no device behind it."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+def compile_launches(log: list) -> None:
+    """kernel[grid](...) compiles the kernel for these arguments and launches nothing."""
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            log.append((WHERE[0], self.fn.__name__, kernel))
+            return kernel
+        return launch
+    JITFunction.__getitem__ = getitem
+
+
+def resources(kernel) -> tuple[int, int, int]:
+    """Registers per thread, local-memory stack bytes (spills) and SASS instructions."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([BIN / "cuobjdump", "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([BIN / "nvdisasm", "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return regs, stack, len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
+
+
+def at(what: str) -> None:
+    WHERE[0] = WHERE[0].split(":")[0] + ": " + what
+
+
+def launch_all() -> None:
+    """One decode step's kernels per shape and row count (and TUILI_QKV_ROPE=0's rope kernel),
+    prefill attention, Qwen3's q/k-norm rope kernel and the sampling argmax."""
+    from tuili import kernels
+    from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
+    from tuili.layers.rotary import RotaryEmbedding
+
+    for module in (triton_attention, triton_gemv, triton_rope):
+        module.pdl = lambda t: True
+    bf = torch.bfloat16
+    for name, (hidden, inter, heads, kvh, d, vocab) in SHAPES.items():
+        rope = RotaryEmbedding(d, 256, 5e5, None, bf, torch.device("cpu"))
+        caches = [torch.zeros(64, 16, kvh, d, dtype=bf) for _ in range(2)]
+        qkv_w = torch.empty((heads + 2 * kvh) * d, hidden, dtype=bf)
+        weights = dict(o=torch.empty(hidden, heads * d, dtype=bf),
+                       gate_up=torch.empty(2 * inter, hidden, dtype=bf),
+                       down=torch.empty(hidden, inter, dtype=bf),
+                       lm_head=torch.empty(vocab, hidden, dtype=bf))
+        norm = torch.ones(hidden, dtype=bf)
+        for m in (1, 8):
+            x = torch.zeros(m, hidden, dtype=bf)
+            sums = torch.ones(m, 4, dtype=torch.float32)
+            ids = torch.arange(m)
+            store = triton_gemv.RopeStore(ids, rope.cos, rope.sin, ids, *caches, heads)
+            cfg = triton_gemv.default_config(m, qkv_w.shape[0], hidden)
+            WHERE[0] = f"{name}, {m} row{'s' if m > 1 else ''}:"
+            if store.fits(cfg):
+                at("qkv + rope + KV store")
+                q = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums, rope=store)
+            at("qkv")
+            qkv = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums)
+            at("rope + KV store")
+            q = triton_rope.rope_and_store(qkv.view(m, -1, d), ids, rope.cos, rope.sin, *caches,
+                                           ids, heads)
+            lens = torch.full((m,), 300)
+            tables = torch.zeros(m, 19, dtype=torch.long)
+            at("decode attention")
+            attn = triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5)
+            at("o + residual")
+            triton_gemv.gemv(attn.view(m, -1), weights["o"], residual=x, want_sumsq=True)
+            if triton_gemv.default_config(m, inter, hidden, False, True):
+                at("gate_up + SiLU")
+                act = triton_gemv.gemv(x, weights["gate_up"], norm_weight=norm, eps=1e-5,
+                                       gated=True, sumsq=sums)
+                at("down + residual")
+                triton_gemv.gemv(act, weights["down"], residual=x, want_sumsq=True)
+            if triton_gemv.default_config(m, vocab, hidden):
+                at("lm_head")
+                triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
+            at("argmax")
+            triton_sampling.argmax(torch.zeros(m, vocab))
+        n = 300
+        WHERE[0] = f"{name}, a {n}-token prompt: prefill attention"
+        q = torch.zeros(n, heads, d, dtype=bf)
+        seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32)
+        triton_attention.prefill_attention(q, *caches, torch.zeros(1, 19, dtype=torch.long), seqs,
+                                           n, d ** -0.5, torch.empty_like(q))
+    WHERE[0] = "qwen3-0.6b, 5 rows: q/k norm + rope + KV store"
+    qkv = torch.zeros(5, 16 + 2 * 8, 128, dtype=bf)
+    rope = RotaryEmbedding(128, 256, 1e6, None, bf, torch.device("cpu"))
+    caches = [torch.zeros(4, 16, 8, 128, dtype=bf) for _ in range(2)]
+    ids = torch.arange(5)
+    w = torch.ones(128, dtype=bf)
+    triton_rope.rope_and_store(qkv, ids, rope.cos, rope.sin, *caches, ids, 16, (w, w), 1e-6)
+    assert kernels.num_sms(torch.device("cpu")) == kernels.INTERPRETER_SMS
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    driver.set_active(Hopper())
+    log: list = []
+    compile_launches(log)
+    launch_all()
+    seen = {}
+    for where, name, kernel in log:
+        seen.setdefault(kernel.hash, (where, name, kernel))
+    print(f"{'launch':<50} {'kernel':<20} {'warps':>5} {'regs':>5} {'spill B':>7} {'SASS':>6}")
+    for where, name, kernel in seen.values():
+        regs, stack, sass = resources(kernel)
+        print(f"{where:<50} {name:<20} {kernel.metadata.num_warps:5d} {regs:5d} {stack:7d} "
+              f"{sass:6d}")
+    print(f"compiled {len(seen)} kernel variants for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
