@@ -5,13 +5,15 @@
 #   SHAPES=smollm2-135m scripts/gpu_check.sh
 #   PARTS=kernels,workloads scripts/gpu_check.sh   (any of tests, kernels, workloads; all three,
 #                                                  the default, take 7-10 minutes on an H100)
+#   PARTS=ab AB=TUILI_QKV_ROPE=1,0 scripts/gpu_check.sh   a switch A/B'd in one process per shape
+#                                                  (benchmarks/gpu_ab.py; SHAPES as above)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 parts=",${PARTS:-tests,kernels,workloads},"
-tests=0 kernels=0 workloads=0
+tests=0 kernels=0 workloads=0 ab=0
 if [[ $parts == *,tests,* ]]; then
   python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}
@@ -25,5 +27,13 @@ if [[ $parts == *,workloads,* ]]; then
     --json "$out/gpu_workloads.json" 2>&1 | tee "$out/gpu_workloads.log"
   workloads=${PIPESTATUS[0]}
 fi
-echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads"
-exit $(( tests || kernels || workloads ))
+if [[ $parts == *,ab,* ]]; then
+  IFS=, read -ra ab_shapes <<< "${SHAPES:-smollm2-135m,llama3-8b}"
+  for shape in "${ab_shapes[@]}"; do
+    python3 benchmarks/gpu_ab.py --shape "$shape" --env "${AB:-TUILI_QKV_ROPE=1,0}" 2>&1 \
+      | tee -a "$out/gpu_ab.log"
+    (( ab = ab || PIPESTATUS[0] ))
+  done
+fi
+echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads, A/B exit $ab"
+exit $(( tests || kernels || workloads || ab ))
