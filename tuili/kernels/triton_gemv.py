@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tuili.kernels import num_sms, pdl
+from tuili.kernels.triton_rope import rotate
 
 MAX_ROWS = 8
 # Programmatic dependent launch (kernels.pdl): a GEMV over a small weight lets the next kernel
@@ -74,11 +75,6 @@ def _rope_columns(pid, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATED_HE
 
 
 @triton.jit
-def _rounded_product(a, b):
-    return (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype).to(tl.float32)
-
-
-@triton.jit
 def _rope_store(y1, y2, first, partner, m, m_mask, out_ptr, N, pos_ptr, cos_ptr, sin_ptr,
                 slot_ptr, k_cache_ptr, v_cache_ptr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
@@ -97,9 +93,7 @@ def _rope_store(y1, y2, first, partner, m, m_mask, out_ptr, N, pos_ptr, cos_ptr,
         c2 = tl.load(cos_ptr + at + HEAD_DIM // 2 + j)
         s1 = tl.load(sin_ptr + at + j)
         s2 = tl.load(sin_ptr + at + HEAD_DIM // 2 + j)
-        # x * cos + rotate_half(x) * sin, each product and the sum rounded as torch rounds them
-        r1 = (_rounded_product(y1, c1) - _rounded_product(y2, s1)).to(y1.dtype)
-        r2 = (_rounded_product(y2, c2) + _rounded_product(y1, s2)).to(y1.dtype)
+        r1, r2 = rotate(y1, y2, c1, c2, s1, s2)
         if head < Q_HEADS:
             dst = out_ptr + m[:, None] * N + first + i
             mask = m_mask[:, None]

@@ -33,16 +33,30 @@ def _head_rms_norm(x1, x2, w_ptr, eps, j, HALF: tl.constexpr):
 
 
 @triton.jit
+def _rounded_product(a, b):
+    return (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype).to(tl.float32)
+
+
+@triton.jit
+def rotate(x1, x2, c1, c2, s1, s2):
+    """x * cos + rotate_half(x) * sin for x given as its two halves (and cos, sin as theirs): each
+    product and the sum rounded to x's dtype as torch rounds them."""
+    r1 = (_rounded_product(x1, c1) - _rounded_product(x2, s1)).to(x1.dtype)
+    r2 = (_rounded_product(x2, c2) + _rounded_product(x1, s2)).to(x1.dtype)
+    return r1, r2
+
+
+@triton.jit
 def _rope_heads(x_ptr, heads, mask, norm_ptr, eps, c1, c2, s1, s2, j,
                 HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     """Rows `heads` of one token (each 2 * HALF wide, from x_ptr), normalised if HAS_NORM, then
-    rotated: x * cos + rotate_half(x) * sin, each product and the sum rounded as torch does."""
+    rotated."""
     base = x_ptr + heads * (2 * HALF)
     x1 = tl.load(base + j, mask=mask, other=0.0)
     x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
     if HAS_NORM:
         x1, x2 = _head_rms_norm(x1, x2, norm_ptr, eps, j, HALF)
-    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    return rotate(x1, x2, c1, c2, s1, s2)
 
 
 @triton.jit

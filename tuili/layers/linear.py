@@ -63,6 +63,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                             rope=fused_rope)
             return (out, fused_rope is not None) if rope is not None else out
     out = epilogue(matmul(x if norm is None else norm(x), weight, bias), gated, residual)
+    return unfused_result(out, want_sumsq, rope)
+
+
+def unfused_result(out: torch.Tensor, want_sumsq: bool, rope):
+    """What `linear` returns where no GEMV ran: no sums of squares, no rotary or K/V store done."""
     if rope is not None:
         return out, False
     return (out, None) if want_sumsq else out
@@ -97,9 +102,7 @@ class Linear(nn.Module):
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
             out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
             out = epilogue(out if self.bias is None else out + self.bias, gated, residual)
-            if rope is not None:
-                return out, False
-            return (out, None) if want_sumsq else out
+            return unfused_result(out, want_sumsq, rope)
         return linear(x, self.weight, self.bias, norm=norm, norm_sumsq=norm_sumsq, gated=gated,
                       residual=residual, want_sumsq=want_sumsq, rope=rope)
 
