@@ -169,9 +169,10 @@ def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k, 
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("config", [None, FMA, DOT, WHOLE], ids=["default", "fma", "dot", "whole"])
 def test_rope_epilogue_matches_projection_then_rope_and_store(heads, kvh, d, m, config):
-    """The QKV GEMV with the rotary + K/V-store epilogue against the same GEMV's plain output, then
-    reference.apply_rotary and store_kv: every bit the same (the epilogue rounds as torch does),
-    padding rows (slot -1) store nothing, outputs and caches poisoned first."""
+    """The QKV GEMV with the rotary + K/V-store epilogue against the same tiles' plain output,
+    then reference.apply_rotary and store_kv (the epilogue rounds as torch does; a program's rows
+    are paired differently, so the dot's float32 sums may land a bf16 unit apart), padding rows
+    (slot -1) store nothing, outputs and caches poisoned first."""
     from tuili.kernels.triton_gemv import RopeStore
     from tuili.layers.rotary import RotaryEmbedding
 
@@ -199,9 +200,14 @@ def test_rope_epilogue_matches_projection_then_rope_and_store(heads, kvh, d, m, 
     qk = reference.apply_rotary(qkv[:, :heads + kvh], *rope.lookup(positions))
     keep = slots >= 0
     reference.store_kv(qk[keep, heads:], qkv[keep, heads + kvh:], *ref_caches, slots[keep])
-    assert torch.equal(out.view(m, -1, d)[:, :heads], qk[:, :heads])
-    for ours, ref in zip(caches, ref_caches):
-        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
+    pairs = [(out.view(m, -1, d)[:, :heads], qk[:, :heads])]
+    pairs += [(ours.nan_to_num(7.0), ref.nan_to_num(7.0)) for ours, ref in zip(caches, ref_caches)]
+    for ours, ref in pairs:
+        assert not ours.isnan().any()
+        torch.testing.assert_close(ours, ref, atol=2e-2, rtol=1e-2)
+        assert (ours == ref).float().mean() > 0.9
+    unstored = caches[0].view(-1, kvh, d)[slots[slots >= 0]].isnan()
+    assert not unstored.any() and caches[0].isnan().sum() == (num_blocks * bs - keep.sum()) * kvh * d
 
 
 def test_rope_epilogue_refuses_tiles_across_heads():

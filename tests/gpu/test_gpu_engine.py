@@ -88,22 +88,38 @@ def test_kv_cache_sized_from_gpu_memory(shaped):
 
 
 @pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True}])
-def test_rotary_in_the_qkv_epilogue_changes_no_token(shaped, monkeypatch, engine_options):
-    """The QKV GEMV's rotary + K/V-store epilogue (default) and the separate rope kernel
-    (TUILI_QKV_ROPE=0) round alike: the same greedy tokens and logprobs, single and batched."""
+def test_rope_kernel_path_within_hf_top5(shaped, monkeypatch, engine_options):
+    """TUILI_QKV_ROPE=0: the rope kernel between the QKV projection and attention, instead of the
+    projection's epilogue (the default, which test_greedy_within_hf_top5 runs), single and
+    batched."""
     name, folder, hf = shaped
     if name == "qwen3-0.6b":
-        pytest.skip("q/k norms keep the rope kernel")
+        pytest.skip("q/k norms always take the rope kernel")
+    monkeypatch.setenv("TUILI_QKV_ROPE", "0")
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
+              **engine_options)
     ids = prompts(hf.config.vocab_size)
-    results = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("TUILI_QKV_ROPE", flag)
-        llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2,
-                  max_num_seqs=8, **engine_options)
-        results[flag] = [llm.generate(ids[:1], GREEDY)[0]] + llm.generate(ids, GREEDY)
-        del llm
-        gc.collect()
-    for fused, apart in zip(results["1"], results["0"]):
-        assert fused.outputs[0].token_ids == apart.outputs[0].token_ids
-        assert ([lp.top for lp in fused.outputs[0].logprobs]
-                == [lp.top for lp in apart.outputs[0].logprobs])
+    assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
+    assert_within_hf_top5(hf, ids, llm.generate(ids, GREEDY))
+
+
+def test_qkv_epilogue_carries_the_rotary_at_decode(shaped, monkeypatch):
+    """By default a decode step's QKV projections rotate and store K/V themselves: the rope kernel
+    runs only for prompts (and for q/k norms)."""
+    from tuili.kernels import triton_rope
+
+    name, folder, hf = shaped
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
+              enforce_eager=True)
+    calls = []
+    rope_and_store = triton_rope.rope_and_store
+    monkeypatch.setattr(triton_rope, "rope_and_store",
+                        lambda qkv, *a, **k: calls.append(qkv.shape[0]) or rope_and_store(qkv, *a, **k))
+    llm.generate([[5, 6, 7] * 20], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    layers = hf.config.num_hidden_layers
+    assert calls[:layers] == [60] * layers  # the prompt
+    decodes = calls[layers:]
+    if name == "qwen3-0.6b":
+        assert len(decodes) >= 3 * layers and set(decodes) == {1}
+    else:
+        assert decodes == []  # three decode steps (or more, when queued ahead), none
