@@ -160,9 +160,10 @@ def test_prefill_attention():
 
 
 def test_decode_step_through_the_gpu_code_path(monkeypatch):
-    """A small Llama's decode step with every GPU-only branch taken (GEMVs with the norms and the
-    QKV rotary + K/V-store epilogue, Triton decode attention) matches the torch path: logits and
-    the K/V written to the cache."""
+    """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)
+    with every GPU-only branch taken (GEMVs with the norms and the QKV rotary + K/V-store
+    epilogue, Triton decode and prefill attention) matches the torch path: logits and the K/V
+    written to the cache."""
     import tuili.layers.attention as attention
     import tuili.layers.linear as linear
     import tuili.models.llama as llama
@@ -180,18 +181,22 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
             m.weight.data.uniform_(0.5, 1.5)
     rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
     start = [torch.randn(8, 4, 2, 64) for _ in range(2)]
-    lens = torch.tensor([5, 9])
-    tables = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    slots = tables.gather(1, ((lens - 1) // 4)[:, None])[:, 0] * 4 + (lens - 1) % 4
+    lens = torch.tensor([5, 9, 7])  # two decodes; a chunk of 3 after 4 cached tokens
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]])
+    positions = torch.tensor([4, 8, 4, 5, 6])
+    rows = torch.tensor([0, 1, 2, 2, 2])
+    slots = tables[rows, positions // 4] * 4 + positions % 4
     meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
-                             positions=lens - 1, rope=rope, num_decodes=2, max_decode_len=9,
-                             prefills=[])
+                             positions=positions, rope=rope, num_decodes=2, max_decode_len=9,
+                             prefills=[(2, 3, 4)],
+                             prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
 
     def step():
         attn = model.attention_layers()[0]
         attn.k_cache, attn.v_cache = (t.clone() for t in start)
         with torch.inference_mode():
-            return model.logits(model(torch.tensor([7, 100]), meta)), attn.k_cache, attn.v_cache
+            ids = torch.tensor([7, 100, 3, 50, 201])
+            return model.logits(model(ids, meta)), attn.k_cache, attn.v_cache
 
     expected = step()
     calls = []
