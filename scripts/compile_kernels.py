@@ -124,7 +124,7 @@ def launch_all() -> None:
                 at("lm_head")
                 triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
             at("argmax")
-            triton_sampling.argmax(torch.zeros(m, vocab))
+            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))  # the decode graph's logits
         n = 300
         WHERE[0] = f"{name}, a {n}-token prompt: prefill attention"
         q = torch.zeros(n, heads, d, dtype=bf)

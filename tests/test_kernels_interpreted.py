@@ -159,6 +159,22 @@ def test_prefill_attention():
         torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_argmax():
+    """First index on ties within a chunk and across chunks, in one launch; the counters the
+    chunks arrive on are left at 0, so a second launch agrees."""
+    from tuili.kernels import triton_sampling
+
+    torch.manual_seed(0)
+    vocab = 3 * triton_sampling.CHUNK + 5
+    x = torch.randn(3, vocab).to(torch.bfloat16).float()  # many exact ties
+    x[0, 10] = x[0, vocab - 1] = x[0].max() + 1  # across chunks
+    x[1] = float("-inf")
+    x[1, 7] = x[1, 9] = 0.0  # within a chunk
+    got = triton_sampling.argmax(x)
+    assert torch.equal(got, x.argmax(-1))
+    assert torch.equal(triton_sampling.argmax(x), got)
+
+
 def test_decode_step_through_the_gpu_code_path(monkeypatch):
     """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)
     with every GPU-only branch taken (GEMVs with the norms and the QKV rotary + K/V-store

@@ -337,17 +337,28 @@ def test_rope_and_store_matches_reference(heads, kvh, d, qk_norm, tokens):
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (8, 151936), (5, 100), (2, 4097)])
-def test_argmax_matches_torch(rows, vocab):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_matches_torch(rows, vocab, dtype):
     """First index on ties (equal maxima in one chunk and across chunks), -inf rows, bf16-like
-    plateaus of equal values."""
+    plateaus of equal values; bf16 logits read as they are. Repeated launches and graph replays
+    agree (the last chunk of each row leaves its counter at 0)."""
     from tuili.kernels import triton_sampling
 
     torch.manual_seed(rows * vocab)
-    x = torch.randn(rows, vocab, device="cuda").to(torch.bfloat16).float()  # many exact ties
+    x = torch.randn(rows, vocab, device="cuda").to(torch.bfloat16).to(dtype)  # many exact ties
     x[0, vocab // 2] = x[0, vocab - 1] = x[0].max() + 1  # a tie between chunks
     if rows > 1:
         x[1] = float("-inf")
         x[1, vocab - 2] = x[1, vocab - 3] = 0.0  # a tie within a chunk
     got = triton_sampling.argmax(x)
-    assert torch.equal(got, x.argmax(-1))
-    assert torch.equal(triton_sampling.argmax(x[:, :vocab - 1]), x[:, :vocab - 1].argmax(-1))
+    assert torch.equal(got, x.float().argmax(-1))
+    assert torch.equal(triton_sampling.argmax(x), got)
+    assert torch.equal(triton_sampling.argmax(x[:, :vocab - 1]), x[:, :vocab - 1].float().argmax(-1))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_sampling.argmax(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x, dtype=torch.float32).to(torch.bfloat16).to(dtype))
+        captured.fill_(-1)
+        graph.replay()
+        assert torch.equal(captured, x.float().argmax(-1))

@@ -50,7 +50,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens,
             positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
-        return self.model.logits(self.model(ids, meta)).float()
+        return self.model.logits(self.model(ids, meta))
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -61,7 +61,7 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for size in tqdm(sorted(self.sizes, reverse=True), desc="capturing decode CUDA graphs",
                              leave=False):
-                self._forward(size)  # warm-up: compile kernels, settle allocations
+                row_argmax(self._forward(size))  # warm-up: compile kernels, settle allocations
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.logits[size] = self._forward(size)

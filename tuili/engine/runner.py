@@ -27,7 +27,7 @@ class PromptLogits:
 @dataclass
 class StepOutput:
     sample_requests: list[Request] = field(default_factory=list)
-    sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab]
+    sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab], model dtype
     sample_argmax: torch.Tensor | None = None  # their argmax, when the decode graph computed it
     prompt_logits: list[PromptLogits] = field(default_factory=list)
 
@@ -117,11 +117,11 @@ class ModelRunner:
         if prompt_rows:  # prompt logprobs want every row's logits
             hidden = self.model(input_ids, meta)
             if rows is not None:
-                out.sample_logits = self.model.logits(hidden.index_select(0, rows)).float()
+                out.sample_logits = self.model.logits(hidden.index_select(0, rows))
         else:  # only the sampled rows: the last layer skips the rest
             hidden = self.model(input_ids, meta, rows)
             if rows is not None:
-                out.sample_logits = self.model.logits(hidden).float()
+                out.sample_logits = self.model.logits(hidden)
         for req, start, m, first in prompt_rows:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))

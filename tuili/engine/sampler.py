@@ -46,16 +46,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request],
                  argmax: torch.Tensor | None = None) -> SampledTokens:
-        """argmax: logits.argmax(-1) when the caller has it (the decode graph computes it)."""
-        logits = logits.float()
+        """logits: in the model's dtype (cast to float32 only where a row needs more than its
+        argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it)."""
         raw = logits
         params = [r.params for r in reqs]
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
-            logits = apply_penalties(logits.clone(), reqs)
+            logits = apply_penalties(logits.to(torch.float32, copy=True), reqs)
         banned = [(i, _stop_ids(r)) for i, r in enumerate(reqs)
                   if r.num_output_tokens < r.params.min_tokens]
         if banned:
-            logits = logits.clone() if logits is raw else logits
+            logits = logits.to(torch.float32, copy=True) if logits is raw else logits
             for i, ids in banned:
                 logits[i, to_device(ids, torch.long, logits.device)] = float("-inf")
         tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
@@ -76,7 +76,7 @@ class Sampler:
         params = [r.params for r in reqs]
         device = logits.device
         temps = to_device([p.temperature or 1.0 for p in params], torch.float32, device)
-        logits = logits / temps[:, None]
+        logits = logits.float() / temps[:, None]
         if any(p.top_k or p.top_p < 1 for p in params):
             logits = top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = logits.softmax(dim=-1)

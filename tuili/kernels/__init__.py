@@ -60,3 +60,15 @@ def rope_in_qkv() -> bool:
     (triton_gemv.RopeStore), so that no kernel runs between it and attention. TUILI_QKV_ROPE=0
     leaves both to the rope kernel (read at each call: graphs captured after a change follow it)."""
     return os.environ.get("TUILI_QKV_ROPE", "1") != "0"
+
+
+@functools.cache
+def arrival_counters(device: torch.device, kernel: str, size: int = 4096) -> torch.Tensor:
+    """Zeroed int32 counters for `kernel`'s programs to take arrival tickets from (the last to
+    arrive finishes the work and sets its counter back to 0), one buffer per kernel and device,
+    so launches of one kernel on one device must not overlap. Allocated on first use, which must
+    come before a CUDA graph captures the kernel."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{kernel} must run once before a CUDA graph captures it (its "
+                           "counters are allocated and zeroed on first use)")
+    return torch.zeros(size, dtype=torch.int32, device=device)

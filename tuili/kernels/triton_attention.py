@@ -10,7 +10,6 @@ a cached prefix and a chunk computed earlier need no gather.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tuili.kernels import num_sms, pdl
+from tuili.kernels import arrival_counters, num_sms, pdl
 
 MAX_SPLITS = 32
 MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: one ticket each
@@ -190,14 +189,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
             tl.store(ticket, 0)
 
 
-@functools.cache
 def _tickets(device: torch.device) -> torch.Tensor:
-    """Arrival counters of the split programs, one per (sequence, kv head); every launch leaves
-    them at 0. One buffer per device, so decode launches on one device must not overlap."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("decode_attention must run once before a CUDA graph captures it "
-                           "(its counters are allocated and zeroed on first use)")
-    return torch.zeros(MAX_SPLIT_PROGRAMS, dtype=torch.int32, device=device)
+    """Arrival counters of the split programs, one per (sequence, kv head)."""
+    return arrival_counters(device, "decode_attention", MAX_SPLIT_PROGRAMS)
 
 
 @dataclass(frozen=True)
