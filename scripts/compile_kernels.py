@@ -124,7 +124,10 @@ def launch_all() -> None:
                 at("lm_head")
                 triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
             at("argmax")
-            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))  # the decode graph's logits
+            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))
+            at("argmax, also into the graph's input ids")
+            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf),
+                                   also=torch.zeros(m, dtype=torch.long))
         n = 300
         WHERE[0] = f"{name}, a {n}-token prompt: prefill attention"
         q = torch.zeros(n, heads, d, dtype=bf)

@@ -160,8 +160,9 @@ def test_prefill_attention():
 
 
 def test_argmax():
-    """First index on ties within a chunk and across chunks, in one launch; the counters the
-    chunks arrive on are left at 0, so a second launch agrees."""
+    """First index on ties within a chunk and across chunks, in one launch (also written to a
+    second tensor when asked); the counters the chunks arrive on are left at 0, so a second
+    launch agrees."""
     from tuili.kernels import triton_sampling
 
     torch.manual_seed(0)
@@ -172,7 +173,9 @@ def test_argmax():
     x[1, 7] = x[1, 9] = 0.0  # within a chunk
     got = triton_sampling.argmax(x)
     assert torch.equal(got, x.argmax(-1))
-    assert torch.equal(triton_sampling.argmax(x), got)
+    also = torch.full((3,), -1)
+    assert torch.equal(triton_sampling.argmax(x, also), got)
+    assert torch.equal(also, got)
 
 
 def test_decode_step_through_the_gpu_code_path(monkeypatch):

@@ -123,3 +123,20 @@ def test_qkv_epilogue_carries_the_rotary_at_decode(shaped, monkeypatch):
         assert len(decodes) >= 3 * layers and set(decodes) == {1}
     else:
         assert decodes == []  # three decode steps (or more, when queued ahead), none
+
+
+def test_decode_graph_feeds_its_own_greedy_tokens(shaped, monkeypatch):
+    """Batch 1, greedy: after the first decode step, each graph replay finds its input token where
+    the previous replay's argmax wrote it, so no device copy runs between graphs; tokens as HF's."""
+    from tuili.engine import cuda_graphs
+
+    name, folder, hf = shaped
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8)
+    copies = []
+    copy_rows = cuda_graphs.copy_rows
+    monkeypatch.setattr(cuda_graphs, "copy_rows", lambda *a: copies.append(a[1]) or copy_rows(*a))
+    ids = prompts(hf.config.vocab_size)[:1]
+    out = llm.generate(ids, GREEDY)
+    assert copies == [[0]]  # the first decode step's token came from the prompt step's sampler
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+    assert_within_hf_top5(hf, ids, out)

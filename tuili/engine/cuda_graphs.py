@@ -3,6 +3,10 @@
 Captured once at start-up over static input buffers; a replay launches the whole model (all
 layers, the LM head) with one CPU call, so at batch 1 the GPU never waits on Python between
 kernels. Padding rows have slot -1 (no KV write) and length 0 (attention writes zeros).
+
+Each graph's greedy argmax also writes its own input-id row: when the next step replays the same
+graph for the same requests in the same rows, fed with those greedy tokens, their ids are in
+place already and only positions, slots and lengths are uploaded (no device copy between graphs).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.logits[size] = self._forward(size)
-                    self.argmax[size] = row_argmax(self.logits[size])
+                    self.argmax[size] = row_argmax(self.logits[size], also=self.inputs[size][0])
                 pool = graph.pool()
                 self.graphs[size] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -87,10 +91,14 @@ class DecodeGraphs:
         tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
         pad = [0] * (size - n)
         inputs = self.inputs[size]
-        upload(inputs, [ids + pad, positions + pad, slots + [-1] * len(pad),
-                        [p + 1 for p in positions] + pad])
-        if feed[0]:
-            copy_rows(inputs[0], feed[0], tokens, feed[1])
+        rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]
+        if (tokens is not None and tokens.data_ptr() == self.argmax[size].data_ptr()
+                and feed[0] == feed[1] == list(range(n))):
+            upload(inputs[1:], rest)  # every id is this graph's last argmax, already in place
+        else:
+            upload(inputs, [ids + pad] + rest)
+            if feed[0]:
+                copy_rows(inputs[0], feed[0], tokens, feed[1])
         if tables != self._tables_held:  # a batch keeps its tables for block_size steps
             self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
             self._tables_held = tables

@@ -90,11 +90,15 @@ class Sampler:
         return row_argmax(probs / q)
 
 
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of a [rows, V] float tensor; on the GPU in parallel chunks of each row."""
+def row_argmax(x: torch.Tensor, also: torch.Tensor | None = None) -> torch.Tensor:
+    """x.argmax(-1) of a [rows, V] float tensor; on the GPU in parallel chunks of each row.
+    also: a second tensor to write the result to (in the same launch on the GPU)."""
     if on_gpu(x) and x.stride(-1) == 1:
-        return triton_module("triton_sampling").argmax(x)
-    return x.argmax(dim=-1)
+        return triton_module("triton_sampling").argmax(x, also)
+    out = x.argmax(dim=-1)
+    if also is not None:
+        also.copy_(out)
+    return out
 
 
 def _stop_ids(req: Request) -> list[int]:

@@ -17,8 +17,8 @@ MAX_ROWS = 4096  # rows one launch serves: one arrival counter each
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, val_ptr, idx_ptr, ticket_ptr, out_ptr, V, stride_x, CHUNKS,
-                   CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+def _argmax_kernel(x_ptr, val_ptr, idx_ptr, ticket_ptr, out_ptr, also_ptr, V, stride_x, CHUNKS,
+                   CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, ALSO: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -37,14 +37,18 @@ def _argmax_kernel(x_ptr, val_ptr, idx_ptr, ticket_ptr, out_ptr, V, stride_x, CH
         vals = tl.load(val_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
         top = tl.max(vals, 0)
         pick = tl.minimum(tl.min(tl.where(vals == top, c, CHUNKS_PAD), 0), CHUNKS - 1)
-        tl.store(out_ptr + row, tl.load(idx_ptr + row * CHUNKS + pick))
+        token = tl.load(idx_ptr + row * CHUNKS + pick)
+        tl.store(out_ptr + row, token)
+        if ALSO:
+            tl.store(also_ptr + row, token)
         tl.store(ticket_ptr + row, 0)
 
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
+def argmax(x: torch.Tensor, also: torch.Tensor | None = None) -> torch.Tensor:
     """x: [rows, V] float or 16-bit, rows contiguous -> [rows] int64 indices of each row's
-    maximum. One launch; launches on one device must not overlap (they share counters)."""
+    maximum, also written to `also` (int64, contiguous) when given. One launch; launches on one
+    device must not overlap (they share counters)."""
     rows, V = x.shape
     assert x.stride(1) == 1
     if rows > MAX_ROWS:
@@ -56,7 +60,10 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
     idx = torch.empty(rows, chunks, dtype=torch.long, device=x.device)
     tickets = arrival_counters(x.device, "argmax", MAX_ROWS)
-    _argmax_kernel[(rows, chunks)](x, vals, idx, tickets, out, V, x.stride(0), chunks,
-                                   CHUNK=CHUNK, CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)),
-                                   num_warps=8)
+    if also is not None:
+        assert also.shape == (rows,) and also.dtype == torch.long and also.is_contiguous()
+    _argmax_kernel[(rows, chunks)](x, vals, idx, tickets, out, also if also is not None else out,
+                                   V, x.stride(0), chunks, CHUNK=CHUNK,
+                                   CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)),
+                                   ALSO=also is not None, num_warps=8)
     return out
