@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tuili.engine.request import Request
 from tuili.engine.sampler import row_argmax
-from tuili.engine.transfer import copy_rows, to_device, upload
+from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -102,5 +102,6 @@ class DecodeGraphs:
         if tables != self._tables_held:  # a batch keeps its tables for block_size steps
             self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
             self._tables_held = tables
+        readbacks_done(inputs.device)  # the replay rewrites the outputs the last step reads back
         self.graphs[size].replay()
         return self.logits[size][:n], self.argmax[size][:n]

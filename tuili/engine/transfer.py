@@ -7,6 +7,7 @@ one), so every copy in the engine goes through here instead.
 
 from __future__ import annotations
 
+import functools
 from array import array
 
 import torch
@@ -44,14 +45,23 @@ def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
 
 
 class HostCopy:
-    """A device tensor's copy on the host, started now and waited for on first use."""
+    """A device tensor's copy on the host, started now and waited for on first use.
+
+    The copy runs on a stream of its own, after the work queued so far: the next step's uploads
+    and kernels, queued behind it on the main stream, need not wait for it. A kernel that will
+    overwrite the tensor in place (a CUDA graph's static output) must come after
+    `readbacks_done`; memory from the allocator is held until the copy is done."""
 
     def __init__(self, tensor: torch.Tensor):
         self.event = None
         if tensor.is_cuda:
-            self.host = tensor.to("cpu", non_blocking=True)  # into pinned memory
-            self.event = torch.cuda.Event()
-            self.event.record()
+            side = _readback_stream(tensor.device)
+            side.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(side):
+                self.host = tensor.to("cpu", non_blocking=True)  # into pinned memory
+                self.event = torch.cuda.Event()
+                self.event.record(side)
+            tensor.record_stream(side)
         else:
             self.host = tensor
 
@@ -60,6 +70,17 @@ class HostCopy:
             self.event.synchronize()
             self.event = None
         return self.host
+
+
+@functools.cache
+def _readback_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def readbacks_done(device: torch.device) -> None:
+    """Make the current stream's next work wait for the host copies started so far on device."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_readback_stream(device))
 
 
 def copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]) -> None:
