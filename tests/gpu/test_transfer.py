@@ -18,10 +18,11 @@ def test_host_copy_sees_earlier_work_and_precedes_later_writes():
         big = big @ big.T / 4096
     x += 1
     copies = [HostCopy(x[:8])]
-    x += 1
+    readbacks_done(x.device)
+    x += 1  # queued after the first copy is done
     copies.append(HostCopy(x[:8]))
     readbacks_done(x.device)
-    x.fill_(-1.0)  # queued after both copies are done
+    x.fill_(-1.0)  # and after the second
     assert copies[0].get().tolist() == [1.0] * 8
     assert copies[1].get().tolist() == [2.0] * 8
     torch.cuda.synchronize()
