@@ -30,7 +30,7 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, head dim, vocabulary
     "smollm2": (576, 1536, 9, 3, 64, 49152),
 }
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-WHERE = ["?"]  # what the engine is launching now, for the table
+WHERE = {"model": "?", "launch": "?"}  # what the engine is launching now, for the table
 
 
 class Hopper:
@@ -51,7 +51,7 @@ def compile_launches(log: list) -> None:
     def getitem(self, grid):
         def launch(*args, **kwargs):
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
-            log.append((WHERE[0], self.fn.__name__, kernel))
+            log.append((f"{WHERE['model']}: {WHERE['launch']}", self.fn.__name__, kernel))
             return kernel
         return launch
     JITFunction.__getitem__ = getitem
@@ -68,10 +68,6 @@ def resources(kernel) -> tuple[int, int, int]:
                               check=True).stdout
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     return regs, stack, len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
-
-
-def at(what: str) -> None:
-    WHERE[0] = WHERE[0].split(":")[0] + ": " + what
 
 
 def launch_all() -> None:
@@ -99,42 +95,42 @@ def launch_all() -> None:
             ids = torch.arange(m)
             store = triton_gemv.RopeStore(ids, rope.cos, rope.sin, ids, *caches, heads)
             cfg = triton_gemv.default_config(m, qkv_w.shape[0], hidden)
-            WHERE[0] = f"{name}, {m} row{'s' if m > 1 else ''}:"
+            WHERE["model"] = f"{name}, {m} row{'s' if m > 1 else ''}"
             if store.fits(cfg):
-                at("qkv + rope + KV store")
+                WHERE["launch"] = "qkv + rope + KV store"
                 q = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums, rope=store)
-            at("qkv")
+            WHERE["launch"] = "qkv"
             qkv = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums)
-            at("rope + KV store")
+            WHERE["launch"] = "rope + KV store"
             q = triton_rope.rope_and_store(qkv.view(m, -1, d), ids, rope.cos, rope.sin, *caches,
                                            ids, heads)
             lens = torch.full((m,), 300)
             tables = torch.zeros(m, 19, dtype=torch.long)
-            at("decode attention")
+            WHERE["launch"] = "decode attention"
             attn = triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5)
-            at("o + residual")
+            WHERE["launch"] = "o + residual"
             triton_gemv.gemv(attn.view(m, -1), weights["o"], residual=x, want_sumsq=True)
             if triton_gemv.default_config(m, inter, hidden, False, True):
-                at("gate_up + SiLU")
+                WHERE["launch"] = "gate_up + SiLU"
                 act = triton_gemv.gemv(x, weights["gate_up"], norm_weight=norm, eps=1e-5,
                                        gated=True, sumsq=sums)
-                at("down + residual")
+                WHERE["launch"] = "down + residual"
                 triton_gemv.gemv(act, weights["down"], residual=x, want_sumsq=True)
             if triton_gemv.default_config(m, vocab, hidden):
-                at("lm_head")
+                WHERE["launch"] = "lm_head"
                 triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
-            at("argmax")
+            WHERE["launch"] = "argmax"
             triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))
-            at("argmax, also into the graph's input ids")
+            WHERE["launch"] = "argmax, also into the graph's input ids"
             triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf),
                                    also=torch.zeros(m, dtype=torch.long))
         n = 300
-        WHERE[0] = f"{name}, a {n}-token prompt: prefill attention"
+        WHERE.update(model=f"{name}, a {n}-token prompt", launch="prefill attention")
         q = torch.zeros(n, heads, d, dtype=bf)
         seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32)
         triton_attention.prefill_attention(q, *caches, torch.zeros(1, 19, dtype=torch.long), seqs,
                                            n, d ** -0.5, torch.empty_like(q))
-    WHERE[0] = "qwen3-0.6b, 5 rows: q/k norm + rope + KV store"
+    WHERE.update(model="qwen3-0.6b, 5 rows", launch="q/k norm + rope + KV store")
     qkv = torch.zeros(5, 16 + 2 * 8, 128, dtype=bf)
     rope = RotaryEmbedding(128, 256, 1e6, None, bf, torch.device("cpu"))
     caches = [torch.zeros(4, 16, 8, 128, dtype=bf) for _ in range(2)]
@@ -154,10 +150,10 @@ def main() -> int:
     seen = {}
     for where, name, kernel in log:
         seen.setdefault(kernel.hash, (where, name, kernel))
-    print(f"{'launch':<50} {'kernel':<20} {'warps':>5} {'regs':>5} {'spill B':>7} {'SASS':>6}")
+    print(f"{'launch':<58} {'kernel':<20} {'warps':>5} {'regs':>5} {'spill B':>7} {'SASS':>6}")
     for where, name, kernel in seen.values():
         regs, stack, sass = resources(kernel)
-        print(f"{where:<50} {name:<20} {kernel.metadata.num_warps:5d} {regs:5d} {stack:7d} "
+        print(f"{where:<58} {name:<20} {kernel.metadata.num_warps:5d} {regs:5d} {stack:7d} "
               f"{sass:6d}")
     print(f"compiled {len(seen)} kernel variants for sm_90")
     return 0

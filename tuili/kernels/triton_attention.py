@@ -85,14 +85,20 @@ def _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, qk_scale,
 
 
 @triton.jit
+def _wait_for_q(q_rows, live, PDL: tl.constexpr):
+    """The q rows, once the kernel that wrote them and stored this step's K/V is done."""
+    if PDL:
+        gdc_wait()
+    return tl.load(q_rows, mask=live, other=0.0)
+
+
+@triton.jit
 def _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len,
                   qk_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
                   PDL: tl.constexpr):
     """Attention of the q rows over all seq_len keys, written to out_rows (zeros when none)."""
-    if PDL:  # wait for the kernel that stored this step's K/V
-        gdc_wait()
-    q = tl.load(q_rows, mask=live, other=0.0)
+    q = _wait_for_q(q_rows, live, PDL)
     acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, 0, seq_len,
                                   qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -170,9 +176,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
                           seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
                           PDL)
     elif lo < hi:
-        if PDL:
-            gdc_wait()
-        q = tl.load(q_rows, mask=live, other=0.0)
+        q = _wait_for_q(q_rows, live, PDL)
         acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi,
                                       qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
         rows = (seq * KV_HEADS * GROUP + heads) * SPLITS + split

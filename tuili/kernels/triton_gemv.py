@@ -123,19 +123,18 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     pid = tl.program_id(0)
-    if ROPE:  # BLOCK_N columns and their BLOCK_N partners, as gate and up when GATED
+    # GATED and ROPE: BLOCK_N columns and their BLOCK_N partners, `partner` rows further on
+    if ROPE:
         first, partner = _rope_columns(pid, BLOCK_N, HEAD_DIM, Q_HEADS + KV_HEADS)
         n = first + tl.arange(0, BLOCK_N)
     else:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        partner = N  # GATED: the up half of the weight follows the gate half
     n_mask = n < N
     k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + m[:, None] * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    if ROPE:
-        up_rows = w_rows + partner * K
-    else:
-        up_rows = w_rows + N * K  # GATED: the up half of the weight follows the gate half
+    up_rows = w_rows + partner * K
     # The first weight tile depends on no earlier kernel: it streams in before the wait.
     k_mask = k < K
     w_mask = n_mask[:, None] & k_mask[None, :]
@@ -184,10 +183,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if ROPE:
-            acc_up += tl.load(bias_ptr + partner + n).to(tl.float32)[None, :]
+        if GATED or ROPE:
+            up_bias = tl.load(bias_ptr + partner + n, mask=n_mask, other=0.0)
+            acc_up += up_bias.to(tl.float32)[None, :]
     y = acc.to(dtype)
     if GATED:  # silu_and_mul of the rounded projections, rounded as reference.silu_and_mul
         g = y.to(tl.float32)
@@ -308,7 +306,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             raise ValueError(f"rotary epilogue: {n} columns of heads of {head_dim} in tiles of "
                              f"{cfg.block_n}")
         assert rope.k_cache.is_contiguous() and rope.v_cache.is_contiguous()
-        assert rope.cos.shape[-1] == head_dim and rope.cos.is_contiguous() and rope.sin.is_contiguous()
+        assert rope.cos.shape[-1] == head_dim
+        assert rope.cos.is_contiguous() and rope.sin.is_contiguous()
     grid = triton.cdiv(n, cfg.block_n)
     sumsq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if want_sumsq else None
     m_pad = triton.next_power_of_2(m)
