@@ -330,5 +330,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         KV_HEADS=kv_heads, PDL=use_pdl,
         EARLY_RELEASE=(weight.numel() <= EARLY_RELEASE_MAX_WEIGHT
                        or grid * cfg.num_warps <= ONE_WAVE_WARPS_PER_SM * num_sms(x.device)),
-        launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # the rotation rounds each product as torch does; contracted multiply-adds would not
+        enable_fp_fusion=rope is None)
     return (out, sumsq_out) if want_sumsq else out
