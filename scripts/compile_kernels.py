@@ -71,8 +71,8 @@ def resources(kernel) -> tuple[int, int, int]:
 
 
 def launch_all() -> None:
-    """One decode step's kernels per shape and row count (and TUILI_QKV_ROPE=0's rope kernel),
-    prefill attention, Qwen3's q/k-norm rope kernel and the sampling argmax."""
+    """One decode step's kernels per shape and row count (the rope kernel and TUILI_QKV_ROPE=1's
+    epilogue both), prefill attention, Qwen3's q/k-norm rope kernel and the sampling argmax."""
     from tuili import kernels
     from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
     from tuili.layers.rotary import RotaryEmbedding

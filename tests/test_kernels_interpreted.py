@@ -178,11 +178,12 @@ def test_argmax():
     assert torch.equal(also, got)
 
 
-def test_decode_step_through_the_gpu_code_path(monkeypatch):
+@pytest.mark.parametrize("qkv_rope", ["0", "1"])
+def test_decode_step_through_the_gpu_code_path(monkeypatch, qkv_rope):
     """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)
-    with every GPU-only branch taken (GEMVs with the norms and the QKV rotary + K/V-store
-    epilogue, Triton decode and prefill attention) matches the torch path: logits and the K/V
-    written to the cache."""
+    with every GPU-only branch taken (GEMVs with the norms, the rope kernel or, with
+    TUILI_QKV_ROPE=1, the QKV rotary + K/V-store epilogue, Triton decode and prefill attention)
+    matches the torch path: logits and the K/V written to the cache."""
     import tuili.layers.attention as attention
     import tuili.layers.linear as linear
     import tuili.models.llama as llama
@@ -224,9 +225,11 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     for module in (linear, llama):
         monkeypatch.setattr(module, "fuses_into_gemv", lambda x: x.shape[0] <= 8)
     monkeypatch.setattr(attention, "on_gpu", lambda t: True)
+    monkeypatch.setenv("TUILI_QKV_ROPE", qkv_rope)
     for ours, ref in zip(step(), expected):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
-    assert isinstance(calls[0], RopeStore)  # the QKV projection carried the rotary and the store
+    # with the epilogue, the QKV projection carried the rotary and the store
+    assert isinstance(calls[0], RopeStore) == (qkv_rope == "1")
     assert len(calls) == 5  # qkv, o, gate_up, down, the LM head: all GEMVs
 
 

@@ -88,14 +88,14 @@ def test_kv_cache_sized_from_gpu_memory(shaped):
 
 
 @pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True}])
-def test_rope_kernel_path_within_hf_top5(shaped, monkeypatch, engine_options):
-    """TUILI_QKV_ROPE=0: the rope kernel between the QKV projection and attention, instead of the
-    projection's epilogue (the default, which test_greedy_within_hf_top5 runs), single and
-    batched."""
+def test_qkv_rope_epilogue_within_hf_top5(shaped, monkeypatch, engine_options):
+    """TUILI_QKV_ROPE=1: the QKV projection's epilogue rotates and stores K/V, instead of the rope
+    kernel between the projection and attention (the default, which test_greedy_within_hf_top5
+    runs), single and batched."""
     name, folder, hf = shaped
     if name == "qwen3-0.6b":
         pytest.skip("q/k norms always take the rope kernel")
-    monkeypatch.setenv("TUILI_QKV_ROPE", "0")
+    monkeypatch.setenv("TUILI_QKV_ROPE", "1")
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
               **engine_options)
     ids = prompts(hf.config.vocab_size)
@@ -104,11 +104,12 @@ def test_rope_kernel_path_within_hf_top5(shaped, monkeypatch, engine_options):
 
 
 def test_qkv_epilogue_carries_the_rotary_at_decode(shaped, monkeypatch):
-    """By default a decode step's QKV projections rotate and store K/V themselves: the rope kernel
-    runs only for prompts (and for q/k norms)."""
+    """With TUILI_QKV_ROPE=1 a decode step's QKV projections rotate and store K/V themselves: the
+    rope kernel runs only for prompts (and for q/k norms)."""
     from tuili.kernels import triton_rope
 
     name, folder, hf = shaped
+    monkeypatch.setenv("TUILI_QKV_ROPE", "1")
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
               enforce_eager=True)
     calls = []

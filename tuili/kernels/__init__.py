@@ -57,9 +57,11 @@ def _pdl_on(device_index: int) -> bool:
 
 def rope_in_qkv() -> bool:
     """Whether a decode GEMV of a QKV projection also applies rotary and stores K/V in its epilogue
-    (triton_gemv.RopeStore), so that no kernel runs between it and attention. TUILI_QKV_ROPE=0
-    leaves both to the rope kernel (read at each call: graphs captured after a change follow it)."""
-    return os.environ.get("TUILI_QKV_ROPE", "1") != "0"
+    (triton_gemv.RopeStore), so that no kernel runs between it and attention: TUILI_QKV_ROPE=1.
+    Off by default: in decode graphs on an H100 it saved nothing over the rope kernel, which PDL
+    already overlaps with the projection's tail (BENCHMARKS.md, sixth session). Read at each call:
+    graphs captured after a change follow it."""
+    return os.environ.get("TUILI_QKV_ROPE", "0") == "1"
 
 
 @functools.cache
