@@ -5,15 +5,17 @@
 #   SHAPES=smollm2-135m scripts/gpu_check.sh
 #   PARTS=kernels,workloads scripts/gpu_check.sh   (any of tests, kernels, workloads; all three,
 #                                                  the default, take 7-10 minutes on an H100)
-#   PARTS=ab AB=TUILI_QKV_ROPE=1,0 scripts/gpu_check.sh   a switch A/B'd in one process per shape
+#   PARTS=ab AB=TUILI_QKV_ROPE=0,1 scripts/gpu_check.sh   a switch A/B'd in one process per shape
 #                                                  (benchmarks/gpu_ab.py; SHAPES as above)
+#   PARTS=gaps scripts/gpu_check.sh                whether the GPU waits on Python between batch-1
+#                                                  decode steps (benchmarks/gpu_step_gaps.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 parts=",${PARTS:-tests,kernels,workloads},"
-tests=0 kernels=0 workloads=0 ab=0
+tests=0 kernels=0 workloads=0 ab=0 gaps=0
 if [[ $parts == *,tests,* ]]; then
   python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}
@@ -30,10 +32,16 @@ fi
 if [[ $parts == *,ab,* ]]; then
   IFS=, read -ra ab_shapes <<< "${SHAPES:-smollm2-135m,llama3-8b}"
   for shape in "${ab_shapes[@]}"; do
-    python3 benchmarks/gpu_ab.py --shape "$shape" --env "${AB:-TUILI_QKV_ROPE=1,0}" 2>&1 \
+    python3 benchmarks/gpu_ab.py --shape "$shape" --env "${AB:-TUILI_QKV_ROPE=0,1}" 2>&1 \
       | tee -a "$out/gpu_ab.log"
     (( ab = ab || PIPESTATUS[0] ))
   done
 fi
-echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads, A/B exit $ab"
-exit $(( tests || kernels || workloads || ab ))
+if [[ $parts == *,gaps,* ]]; then
+  python3 benchmarks/gpu_step_gaps.py --shapes "${SHAPES:-smollm2-135m,llama3-8b}" 2>&1 \
+    | grep -v "capturing decode CUDA graphs\|Writing model shards" | tee "$out/gpu_step_gaps.log"
+  gaps=${PIPESTATUS[0]}
+fi
+echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads," \
+  "A/B exit $ab, step gaps exit $gaps"
+exit $(( tests || kernels || workloads || ab || gaps ))
