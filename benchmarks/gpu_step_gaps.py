@@ -79,6 +79,7 @@ class PhaseTimer:
 
     def __init__(self):
         self.total = defaultdict(float)
+        self.order = []  # (owner, attr, name) as wrapped
         self._undo = []
 
     def wrap(self, owner, attr: str, name: str) -> None:
@@ -92,6 +93,7 @@ class PhaseTimer:
             finally:
                 self.total[name] += time.perf_counter() - start
 
+        self.order.append((owner, attr, name))
         setattr(owner, attr, timed)  # on a class, a plain function binds as a method
         self._undo.append((owner, attr, real if own else None))
 
@@ -111,22 +113,31 @@ def stream_ms(llm: LLM, prompt: list[int], tokens: int) -> float:
 
 
 def host_phases(llm: LLM, prompt: list[int], tokens: int) -> None:
+    """Host time per decode step in each engine phase; counted from the third output on, so the
+    prompt's step (eager, and waited for) is left out."""
     engine = llm.engine
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "execute", "execute (inputs + launch)")
     timer.wrap(torch.cuda.CUDAGraph, "replay", "  of which graph launch")
+    timer.wrap(engine, "_sample", "sample (queue)")
     timer.wrap(engine, "_resolve", "resolve (read-back + outputs)")
     timer.wrap(transfer.HostCopy, "get", "  of which waiting for the GPU")
-    timer.wrap(engine, "_sample", "sample (queue)")
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    names = [name for *_, name in timer.order]
     try:
-        ms = stream_ms(llm, prompt, tokens)
+        steps, start = 0, 0.0
+        for i, _ in enumerate(llm.stream(prompt, params)):
+            if i == 2:
+                timer.total.clear()
+                start = time.perf_counter()
+            steps += i > 2
+        wall = time.perf_counter() - start
     finally:
         timer.undo()
-    steps = tokens - 1
-    print(f"  host, per step ({ms * 1e3:.0f} us a token, wrappers on):")
-    for name, seconds in timer.total.items():
-        print(f"    {name:34s} {seconds / steps * 1e6:8.1f} us")
+    print(f"  host, per decode step ({wall / steps * 1e6:.0f} us a step, wrappers on):")
+    for name in names:
+        print(f"    {name:34s} {timer.total[name] / steps * 1e6:8.1f} us")
 
 
 def launch_costs(graph: torch.cuda.CUDAGraph) -> None:
@@ -148,6 +159,26 @@ def launch_costs(graph: torch.cuda.CUDAGraph) -> None:
           f"take milliseconds here)")
 
 
+def upload_costs(device: torch.device) -> None:
+    """Host time of a step-sized input upload behind a sleeping GPU: from pageable memory (as
+    transfer.upload copies) and from pinned memory. Milliseconds mean the copy waited for the
+    stream, so the GPU would idle while the host finishes preparing the step after it."""
+    dst = torch.zeros(3, 1, dtype=torch.long, device=device)
+    pinned = torch.zeros(3, 1, dtype=torch.long).pin_memory()
+    costs = defaultdict(list)
+    for _ in range(5):
+        for label, copy in (("pageable", lambda: transfer.upload(dst, [[5], [6], [7]])),
+                            ("pinned", lambda: dst.copy_(pinned, non_blocking=True))):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(50_000_000)
+            start = time.perf_counter()
+            copy()
+            costs[label].append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+    print("  input upload on the host behind a busy GPU: " + ", ".join(
+        f"{k} {statistics.median(v) * 1e6:.1f} us" for k, v in costs.items()))
+
+
 def run_shape(name: str, tokens: int) -> None:
     folder = Path(tempfile.mkdtemp())
     vocab = build(name, folder, num_layers=FULL_LAYERS[name]).config.vocab_size
@@ -164,6 +195,7 @@ def run_shape(name: str, tokens: int) -> None:
     summary("graph replays", step_gaps(gpu_timeline(lambda: [graph.replay() for _ in range(tokens)])))
     host_phases(llm, prompt, tokens)
     launch_costs(graph)
+    upload_costs(llm.engine.runner.device)
     gc.collect()
     gc.freeze()
     print(f"  after gc.freeze(): stream {stream_ms(llm, prompt, tokens):.3f} ms a token")

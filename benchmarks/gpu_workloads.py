@@ -110,6 +110,14 @@ def tuili_decode_ms(llm: LLM, prompt: list[int]) -> float:
     return best * 1e3
 
 
+def replay_ms(llm: LLM) -> tuple[float, int]:
+    """The batch-1 decode graph replayed alone over the inputs of the last decode step (whose
+    request has finished: its KV slot is written again, nothing reads it), and that step's context
+    length. Free of host noise, so two contexts' replays give attention's share of a step."""
+    graphs = llm.engine.runner.graphs
+    return cuda_time(graphs.graphs[1].replay, repeat=50) * 1e3, int(graphs.inputs[1][3, 0])
+
+
 def tuili_ttft_ms(llm: LLM, prompts: list[list[int]]) -> float:
     times = []
     for p in prompts:
@@ -126,6 +134,20 @@ def tuili_throughput(llm: LLM, prompts: list[list[int]], outs: list[int]) -> tup
     wall = now() - start
     assert sum(len(r.outputs[0].token_ids) for r in results) == sum(outs)
     return wall, sum(outs) / wall
+
+
+def attention_share(name: str, replays: dict, kv_tok: int, layers: int, bw: float) -> dict:
+    """Decode attention inside the model: what the longer context adds to a batch-1 graph replay
+    (only attention reads more) against the extra K/V bytes it reads. Alone in a graph the kernel
+    also shows its ramp-up and drain, which in the model overlap the kernels beside it (PDL)."""
+    (short, short_ctx), (long, long_ctx) = replays["decode128"], replays["decode8k"]
+    extra_bytes = (long_ctx - short_ctx) * kv_tok
+    us = (long - short) * 1e3 / layers
+    return dict(shape=name, case="decode attention in the step, 8k vs 128 keys", unit="us/layer",
+                tuili=us, hf=None, speedup=None,
+                roofline=f"{extra_bytes / ((long - short) / 1e3) / bw:.0%} of read bandwidth "
+                         f"({extra_bytes / layers / 1e6:.1f} MB a layer; replays {short:.3f} ms at "
+                         f"{short_ctx} keys, {long:.3f} ms at {long_ctx})")
 
 
 # ---- one shape ---------------------------------------------------------------------------------
@@ -164,6 +186,7 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
         torch.cuda.empty_cache()
 
         llm = LLM(tmp, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=8192)
+        replays = {}
         for case in CASES[name]:
             hf_value = hf_results[case]
             if case.startswith("decode"):
@@ -173,9 +196,13 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                 rows.append(dict(shape=name, case=f"batch-1 decode, ~{ctx} context", unit="ms/token",
                                  tuili=ms, hf=hf_value, speedup=hf_value / ms,
                                  roofline=f"{floor / ms:.0%} of read bandwidth (floor {floor:.2f} ms)"))
+                replays[case] = replay_ms(llm)
+                rows[-1].update(replay_ms=replays[case][0], replay_context=replays[case][1])
                 if case == "decode128":
                     rows[-1].update(cublas_linears_ms=linears_ms)
                     rows[-1]["roofline"] += f"; cuBLAS linears alone {linears_ms:.2f} ms"
+                if case == "decode8k" and "decode128" in replays:
+                    rows.append(attention_share(name, replays, kv_tok, config.num_hidden_layers, bw))
             elif case == "ttft2048":
                 ms = tuili_ttft_ms(llm, prompts[case])
                 flops = 2 * params * 2048 + attention_flops(config, 2048, 0)
@@ -212,8 +239,8 @@ def main() -> None:
     for r in rows:
         extra = (f" ({r['tuili_tok_s']:.0f} vs {r['hf_tok_s']:.0f} tok/s)" if "tuili_tok_s" in r
                  else "")
-        print(f"{r['shape']:<13} {r['case']:<44} {r['tuili']:9.2f} {r['hf']:9.2f} "
-              f"{r['speedup']:7.1f}x  {r['roofline']}{extra}")
+        hf = f"{r['hf']:9.2f} {r['speedup']:7.1f}x" if r["hf"] is not None else f"{'-':>9} {'':8}"
+        print(f"{r['shape']:<13} {r['case']:<44} {r['tuili']:9.2f} {hf}  {r['roofline']}{extra}")
     if args.json:
         Path(args.json).write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=2))
 
