@@ -160,15 +160,17 @@ def launch_costs(graph: torch.cuda.CUDAGraph) -> None:
 
 
 def upload_costs(device: torch.device) -> None:
-    """Host time of a step-sized input upload behind a sleeping GPU: from pageable memory (as
-    transfer.upload copies) and from pinned memory. Milliseconds mean the copy waited for the
-    stream, so the GPU would idle while the host finishes preparing the step after it."""
+    """Host time of a step-sized input upload behind a sleeping GPU: transfer.upload (the values
+    made a tensor, copied from pageable memory), and the copy alone of a ready pinned tensor.
+    Milliseconds would mean the copy waited for the stream, so the GPU would idle while the host
+    finishes preparing the step after it."""
     dst = torch.zeros(3, 1, dtype=torch.long, device=device)
     pinned = torch.zeros(3, 1, dtype=torch.long).pin_memory()
     costs = defaultdict(list)
     for _ in range(5):
-        for label, copy in (("pageable", lambda: transfer.upload(dst, [[5], [6], [7]])),
-                            ("pinned", lambda: dst.copy_(pinned, non_blocking=True))):
+        for label, copy in (("transfer.upload", lambda: transfer.upload(dst, [[5], [6], [7]])),
+                            ("a ready pinned tensor's copy",
+                             lambda: dst.copy_(pinned, non_blocking=True))):
             torch.cuda.synchronize()
             torch.cuda._sleep(50_000_000)
             start = time.perf_counter()
