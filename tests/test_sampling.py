@@ -146,19 +146,27 @@ def test_top_k_top_p_filter():
     assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
 
 
-@pytest.mark.parametrize("temperature", [0.5, 3.0, 50.0])  # 50: flat rows need the full sort
-def test_top_k_top_p_without_full_sort_keeps_the_same_tokens(temperature):
+# 50: flat rows need the full sort. may_wait=False is the GPU's policy (no reading the device to
+# choose): rows with top_p and no top_k take the full sort at once.
+@pytest.mark.parametrize("may_wait", [True, False])
+@pytest.mark.parametrize("temperature", [0.5, 3.0, 50.0])
+def test_top_k_top_p_without_full_sort_keeps_the_same_tokens(temperature, may_wait):
     torch.manual_seed(int(temperature))
     V = 5000
     logits = torch.randn(6, V) * 4 / temperature
     top_k, top_p = [0, 40, 0, 3000, 0, 7], [0.9, 0.8, 1.0, 0.95, 0.5, 1.0]
-    ours = torch.isfinite(top_k_top_p(logits, top_k, top_p))
+    ours = torch.isfinite(top_k_top_p(logits, top_k, top_p, may_wait))
     k = [kk or V for kk in top_k]
     p = torch.tensor([pp if pp < 1 else 2.0 for pp in top_p])[:, None]
     sorted_ = torch.isfinite(top_k_top_p_sorted(logits, k, p))
     assert torch.equal(ours, sorted_)
     assert ours[2].all()  # no filter: every token stays
     assert ours[5].sum() == 7
+    # without a top_p-only row, both policies rank candidates only; still the same tokens
+    kk, pp = [40, 0, 7], [0.8, 1.0, 1.0]
+    assert torch.equal(torch.isfinite(top_k_top_p(logits[:3], kk, pp, may_wait)),
+                       torch.isfinite(top_k_top_p_sorted(logits[:3], [40, V, 7],
+                                                         torch.tensor([[0.8], [2.0], [2.0]]))))
 
 
 BAD_PARAMS = [

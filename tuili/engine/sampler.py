@@ -141,13 +141,22 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 TOP_P_CANDIDATES = 1024
 
 
-def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
+                may_wait: bool | None = None) -> torch.Tensor:
     """Mask all but each row's top_k tokens (0 = all) and, of those, its smallest set holding
     top_p of their probability. Only the best max(top_k) tokens, or TOP_P_CANDIDATES when a row
-    has no top_k, are ranked (topk, no full sort); a full sort runs only when those candidates
-    hold less than some row's top_p."""
+    has no top_k, are ranked (topk, no full sort). A row with top_p but no top_k may need more
+    than its candidates; whether it does is known only on the device. On the CPU (may_wait) the
+    answer is read and a full sort runs only when needed. On the GPU, reading it would make the
+    host wait for the step, and the pipeline would drain every step, so such rows take the full
+    sort at once."""
     B, V = logits.shape
     k = [kk if 0 < kk < V else V for kk in top_k]
+    open_top_p = any(kk == V and pp < 1 for kk, pp in zip(k, top_p))
+    may_wait = not logits.is_cuda if may_wait is None else may_wait
+    p = to_device([pp if pp < 1 else 2.0 for pp in top_p], torch.float32, logits.device)[:, None]
+    if open_top_p and not may_wait:
+        return top_k_top_p_sorted(logits, k, p)
     width = min(V, max(min(kk, TOP_P_CANDIDATES) if kk == V else kk for kk in k))
     values, order = logits.topk(width, dim=-1) if width < V else logits.sort(-1, descending=True)
     rank = torch.arange(width, device=logits.device)[None, :]
@@ -158,8 +167,8 @@ def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     full_k = to_device([kk == V for kk in k], torch.bool, logits.device)[:, None]
     norm = torch.where(full_k, logits.logsumexp(-1, keepdim=True), values.logsumexp(-1, keepdim=True))
     probs = (values - norm).exp()
-    p = to_device([pp if pp < 1 else 2.0 for pp in top_p], torch.float32, logits.device)[:, None]
-    if width < V and bool(((probs.sum(-1, keepdim=True) < p) & full_k & (p <= 1)).any()):
+    if (width < V and open_top_p
+            and bool(((probs.sum(-1, keepdim=True) < p) & full_k & (p <= 1)).any())):
         return top_k_top_p_sorted(logits, k, p)
     # Drop a token when the tokens ranked above it already hold top_p of the mass.
     drop |= (probs.cumsum(dim=-1) - probs) >= p
