@@ -21,17 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpu_common import cuda_time  # noqa: E402
-from benchmarks.gpu_workloads import tuili_decode_ms  # noqa: E402
+from benchmarks.gpu_workloads import FULL_LAYERS, replay_ms, tuili_decode_ms  # noqa: E402
 from tests.gpu.random_models import build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 
-LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama3-8b", choices=sorted(LAYERS))
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(FULL_LAYERS))
     p.add_argument("--env", required=True, help="NAME=value1,value2,...")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
@@ -39,7 +35,7 @@ def main() -> None:
     values = values.split(",")
 
     folder = Path(tempfile.mkdtemp())
-    vocab = build(args.shape, folder, num_layers=LAYERS[args.shape]).config.vocab_size
+    vocab = build(args.shape, folder, num_layers=FULL_LAYERS[args.shape]).config.vocab_size
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", max_num_seqs=8, max_model_len=9000,
@@ -58,8 +54,7 @@ def main() -> None:
             replays = []
             for prompt in (short, long):  # the cache holds the prompt: replays attend over it
                 llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-                replays.append(min(cuda_time(graphs.graphs[1].replay, repeat=50)
-                                   for _ in range(3)) * 1e3)
+                replays.append(min(replay_ms(llm)[0] for _ in range(3)))
             decode = tuili_decode_ms(llm, short)
             results[value].append((*replays, decode))
             tokens.setdefault(value, llm.generate([short], greedy)[0].outputs[0].token_ids)
