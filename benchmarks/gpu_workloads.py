@@ -2,7 +2,7 @@
 each case also as a ratio to the roofline measured in the same run.
 
 Cases (issue 3): batch-1 decode time per token at 128 and 8k context; time to first token of a
-2048-token prompt; 256 requests x (512 in, 256 out) wall time; 256 requests with in/out lengths
+128- and a 2048-token prompt (and of the same prompts with the prefill CUDA graphs set aside); 256 requests x (512 in, 256 out) wall time; 256 requests with in/out lengths
 uniform in 100-1024, output tok/s. HF runs a bare forward loop with its KV cache for decode, one
 forward for TTFT, and `generate` on statically padded batches for throughput (a 32- or 64-request
 slice, its rate scaled to the whole workload).
@@ -31,8 +31,8 @@ from tests.gpu.random_models import SHAPES, build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 
 FULL_LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28}
-CASES = {"smollm2-135m": ["decode128"],
-         "llama3-8b": ["decode128", "decode8k", "ttft2048", "batch256x512x256"],
+CASES = {"smollm2-135m": ["decode128", "ttft128"],
+         "llama3-8b": ["decode128", "decode8k", "ttft128", "ttft2048", "batch256x512x256"],
          "qwen3-0.6b": ["decode128", "batch256-uniform"]}
 DECODE_TOKENS = 64
 
@@ -171,7 +171,8 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
         print(f"{name}: built and saved in {time.perf_counter() - start:.0f}s", flush=True)
         prompts = {"decode128": random_prompt(rng, vocab, 128),
                    "decode8k": random_prompt(rng, vocab, 8192 - DECODE_TOKENS),
-                   "ttft2048": [random_prompt(rng, vocab, 2048) for _ in range(5)]}
+                   **{f"ttft{n}": [random_prompt(rng, vocab, n) for _ in range(5)]
+                      for n in (128, 2048)}}
         hf_results = {}
         for case in CASES[name]:
             if case == "decode128":
@@ -179,7 +180,7 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                 print(f"  cuBLAS linears alone: {linears_ms:.3f} ms", flush=True)
             if case.startswith("decode"):
                 hf_results[case] = hf_decode_ms(hf, prompts[case])
-            elif case == "ttft2048":
+            elif case.startswith("ttft"):
                 hf_results[case] = hf_ttft_ms(hf, prompts[case])
             else:
                 ps, outs = workload(case, vocab)
@@ -208,12 +209,19 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                     rows[-1]["roofline"] += f"; cuBLAS linears alone {linears_ms:.2f} ms"
                 if case == "decode8k" and "decode128" in replays:
                     rows.append(attention_share(name, replays, kv_tok, config.num_hidden_layers, bw))
-            elif case == "ttft2048":
+            elif case.startswith("ttft"):
+                n = len(prompts[case][0])
                 ms = tuili_ttft_ms(llm, prompts[case])
-                flops = 2 * params * 2048 + attention_flops(config, 2048, 0)
-                rows.append(dict(shape=name, case="time to first token, 2048-token prompt",
+                runner = llm.engine.runner  # the same prompts with the prefill run eagerly
+                graphs, runner.prefill_graphs = runner.prefill_graphs, None
+                eager_ms = tuili_ttft_ms(llm, prompts[case])
+                runner.prefill_graphs = graphs
+                flops = 2 * params * n + attention_flops(config, n, 0)
+                rows.append(dict(shape=name, case=f"time to first token, {n}-token prompt",
                                  unit="ms", tuili=ms, hf=hf_value, speedup=hf_value / ms,
-                                 roofline=f"{flops / (ms / 1e3) / peak:.0%} of matmul rate"))
+                                 tuili_eager_prefill=eager_ms,
+                                 roofline=f"{flops / (ms / 1e3) / peak:.0%} of matmul rate; "
+                                          f"eager prefill {eager_ms:.2f} ms"))
             else:
                 ps, outs = workload(case, vocab)
                 wall, rate = tuili_throughput(llm, ps, outs)

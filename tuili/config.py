@@ -41,7 +41,10 @@ class EngineConfig:
                                                     "1024 on CPU, 8192 on GPU)")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
-    enforce_eager: bool = _opt(False, "on GPU, run decode without CUDA graphs")
+    enforce_eager: bool = _opt(False, "on GPU, run every step eagerly, without CUDA graphs")
+    max_prefill_graph_tokens: int = _opt(2048, "on GPU, prefill steps of up to this many tokens "
+                                               "(and 8 sequences, no decodes among them) replay "
+                                               "CUDA graphs; 0: eager")
     async_scheduling: bool | None = _opt(None, "plan and queue each step before the last step's "
                                                "tokens are read back (default: on for GPU, off "
                                                "for CPU, where it only adds a step per request)")
@@ -69,6 +72,7 @@ class EngineConfig:
         need("max_num_batched_tokens",
              self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, ">= 1")
         need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")
+        need("max_prefill_graph_tokens", self.max_prefill_graph_tokens >= 0, ">= 0")
         need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
         return self
 

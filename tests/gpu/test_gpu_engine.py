@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tuili import LLM, SamplingParams
+from tuili.engine.cuda_graphs import PrefillGraphs
 
 from .random_models import build
 
@@ -57,11 +58,17 @@ def assert_within_hf_top5(hf, prompt_ids, outs):
 
 @pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True},
                                             {"max_num_batched_tokens": 64, "block_size": 32}])
-def test_greedy_within_hf_top5(shaped, engine_options):
+def test_greedy_within_hf_top5(shaped, engine_options, monkeypatch):
     name, folder, hf = shaped
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
               **engine_options)
-    assert (llm.engine.runner.graphs is None) == engine_options.get("enforce_eager", False)
+    eager = engine_options.get("enforce_eager", False)
+    assert (llm.engine.runner.graphs is None) == eager
+    assert (llm.engine.runner.prefill_graphs is None) == eager
+    replayed = []  # the token count of each prefill step that replayed a graph
+    real_run = PrefillGraphs.run
+    monkeypatch.setattr(PrefillGraphs, "run",
+                        lambda self, ids, *rest: replayed.append(len(ids)) or real_run(self, ids, *rest))
     ids = prompts(hf.config.vocab_size)
     assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
     batched = llm.generate(ids, GREEDY)
@@ -69,15 +76,20 @@ def test_greedy_within_hf_top5(shaped, engine_options):
     again = llm.generate(ids, GREEDY)  # every prompt now hits the prefix cache
     assert all(o.num_cached_tokens > 0 for o, p in zip(again, ids) if len(p) > 32)
     assert_within_hf_top5(hf, ids, again)
+    # Single and batched prompts, prefix hits and (with 64-token steps) chunks all replayed graphs.
+    assert bool(replayed) != eager and all(n <= llm.engine.prefill_graph_tokens for n in replayed)
 
 
-def test_kv_cache_sized_from_gpu_memory(shaped):
+@pytest.mark.parametrize("eager", [True, False])
+def test_kv_cache_sized_from_gpu_memory(shaped, eager):
+    """Weights, the profiled step's activations, the KV cache and (not eager) the CUDA graphs'
+    memory pool all fit in the share asked for."""
     name, folder, hf = shaped
     gc.collect()  # engines of earlier tests hold memory until collected
     torch.cuda.empty_cache()
     total = torch.cuda.mem_get_info()[1]
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.6,
-              max_num_seqs=4, enforce_eager=True)
+              max_num_seqs=4, enforce_eager=eager)
     pool = llm.engine.pool
     assert pool.num_blocks > 0
     used_after = total - torch.cuda.mem_get_info()[0]
@@ -85,6 +97,10 @@ def test_kv_cache_sized_from_gpu_memory(shaped):
     assert used_after >= 0.6 * total * 0.85  # and the KV cache took most of what was left
     out = llm.generate([[5, 6, 7]], GREEDY)[0]
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+    # A step of the most tokens (run eagerly: past the prefill graphs) stays within it too.
+    steps = llm.engine.config.max_num_batched_tokens
+    llm.generate([[5 + i % 100 for i in range(steps)]], SamplingParams(max_tokens=2))
+    assert total - torch.cuda.mem_get_info()[0] <= 0.6 * total * 1.02
 
 
 @pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True}])

@@ -1,18 +1,24 @@
-"""CUDA graphs for decode: one graph per batch size, replayed with the batch padded to the next size.
+"""CUDA graphs: one per batch size for decode, one per token count for prefill steps; a step
+replays the graph of the next size up, padded.
 
 Captured once at start-up over static input buffers; a replay launches the whole model (all
-layers, the LM head) with one CPU call, so at batch 1 the GPU never waits on Python between
-kernels. Padding rows have slot -1 (no KV write) and length 0 (attention writes zeros).
+layers, and for decode the LM head) with one CPU call. At batch 1 the GPU then never waits on
+Python between kernels, and a short prompt's prefill, which eager launches would leave
+host-bound (an 8B-shaped model's 32 layers take ~13 ms of launches, its 128-token prefill ~6 ms
+of GPU time), runs at the GPU's pace. Padding rows have slot -1 (no KV write) and, for decode,
+length 0 (attention writes zeros); padding prefill sequences have no new tokens.
 
-Each graph's greedy argmax also writes its own input-id row: when the next step replays the same
-graph for the same requests in the same rows, fed with those greedy tokens, their ids are in
-place already and only positions, slots and lengths are uploaded (no device copy between graphs).
+Each decode graph's greedy argmax also writes its own input-id row: when the next step replays
+the same graph for the same requests in the same rows, fed with those greedy tokens, their ids
+are in place already and only positions, slots and lengths are uploaded (no device copy between
+graphs).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from array import array
 
 import torch
 from tqdm import tqdm
@@ -26,11 +32,36 @@ from tuili.layers.rotary import RotaryEmbedding
 log = logging.getLogger("tuili")
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+PREFILL_SIZES = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+PREFILL_SEQS = 8  # sequences one prefill step may hold to replay a graph
+
+
+def capture(sizes: list[int], forward, desc: str, pool=None, reset=None):
+    """One CUDA graph of forward(size) per size, largest first, all in one memory pool (`pool`, or
+    a new one); each size runs once before its capture to compile kernels and settle
+    allocations, after reset(size) (when given) readies its inputs.
+    -> ({size: graph}, {size: forward's outputs}, the pool)."""
+    graphs, outputs = {}, {}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for size in tqdm(sorted(sizes, reverse=True), desc=desc, leave=False):
+            if reset is not None:
+                reset(size)
+            forward(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs[size] = forward(size)
+            pool = graph.pool()
+            graphs[size] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs, outputs, pool
 
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_batch: int,
-                 max_blocks: int, block_size: int, device: torch.device):
+                 max_blocks: int, block_size: int, device: torch.device, pool=None):
         self.model, self.rope, self.block_size = model, rope, block_size
         self.sizes = [s for s in SIZES if s < max_batch] + [max_batch]
         long = dict(dtype=torch.long, device=device)
@@ -40,42 +71,27 @@ class DecodeGraphs:
             inputs[2].fill_(-1)  # no KV writes while capturing
         self.tables = torch.zeros(max_batch, max_blocks, **long)
         self._tables_held: list[list[int]] = []  # what the first rows of self.tables hold now
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.argmax: dict[int, torch.Tensor] = {}  # each row's greedy token, computed in the graph
-        self._capture()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.graphs, outputs, self.pool = capture(self.sizes, self._forward,
+                                                      "capturing decode CUDA graphs", pool)
+        # Each size's logits and its rows' greedy tokens, computed in the graph.
+        self.logits = {size: out[0] for size, out in outputs.items()}
+        self.argmax = {size: out[1] for size, out in outputs.items()}
+        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes),
+                 self.max_batch, time.perf_counter() - start)
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions, slots, seq_lens = self.inputs[size]
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens,
             positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
-        return self.model.logits(self.model(ids, meta))
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        start = time.perf_counter()
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in tqdm(sorted(self.sizes, reverse=True), desc="capturing decode CUDA graphs",
-                             leave=False):
-                row_argmax(self._forward(size))  # warm-up: compile kernels, settle allocations
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[size] = self._forward(size)
-                    self.argmax[size] = row_argmax(self.logits[size], also=self.inputs[size][0])
-                pool = graph.pool()
-                self.graphs[size] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes),
-                 self.max_batch, time.perf_counter() - start)
+        logits = self.model.logits(self.model(ids, meta))
+        return logits, row_argmax(logits, also=ids)
 
     def run(self, requests: list[Request], feed: tuple[list[int], list[int]] = ([], []),
             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +121,79 @@ class DecodeGraphs:
         readbacks_done(inputs.device)  # the replay rewrites the outputs the last step reads back
         self.graphs[size].replay()
         return self.logits[size][:n], self.argmax[size][:n]
+
+
+class PrefillGraphs:
+    """Graphs of the model's forward over prefill steps (no decodes among them) of up to
+    PREFILL_SEQS sequences and max_tokens tokens; the step's tokens are padded to the next
+    captured count. A graph puts out the hidden states of the rows the step samples (the last
+    layer runs its o_proj and MLP on those alone, as eagerly); the LM head runs after it, on as
+    many rows as are sampled, or not at all for a chunk that samples none."""
+
+    def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_tokens: int,
+                 max_blocks: int, device: torch.device):
+        self.model, self.rope = model, rope
+        self.sizes = [s for s in PREFILL_SIZES if s < max_tokens] + [max_tokens]
+        long = dict(dtype=torch.long, device=device)
+        # ids, positions and slots of a step of t tokens, back to back in the first 3t entries
+        # (one copy a step), then the sampled rows; each graph reads its own views.
+        self.tokens = torch.zeros(3 * self.max_tokens + PREFILL_SEQS, **long)
+        self.seqs = torch.zeros(3, PREFILL_SEQS, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(PREFILL_SEQS, max_blocks, **long)
+        self.seq_lens = torch.zeros(PREFILL_SEQS, **long)  # decode's input: unused here
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.graphs, self.hidden, self.pool = capture(
+                self.sizes, self._forward, "capturing prefill CUDA graphs", reset=self._reset)
+        log.info("captured %d prefill CUDA graphs (up to %d tokens, %d sequences) in %.1fs",
+                 len(self.sizes), self.max_tokens, PREFILL_SEQS, time.perf_counter() - start)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def fits(self, num_tokens: int, num_seqs: int) -> bool:
+        return num_tokens <= self.max_tokens and num_seqs <= PREFILL_SEQS
+
+    def _views(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, positions, slots = self.tokens[:3 * size].view(3, size)
+        return ids, positions, slots, self.tokens[3 * size:3 * size + PREFILL_SEQS]
+
+    def _reset(self, size: int) -> None:
+        self.tokens.zero_()
+        self._views(size)[2].fill_(-1)  # no KV writes while capturing
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, positions, slots, rows = self._views(size)
+        # prefills stands in for the sequences (their real sizes are in seqs, on the device):
+        # the attention kernel's launch covers any sequence of up to `size` new tokens.
+        meta = AttentionMetadata(
+            slot_mapping=slots, block_tables=self.tables, seq_lens=self.seq_lens,
+            positions=positions, rope=self.rope, num_decodes=0, max_decode_len=0,
+            prefills=[(0, size, 0)], prefill_seqs=self.seqs)
+        return self.model(ids, meta, rows)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int],
+            prefills: list[tuple[int, int, int]], tables: list[list[int]],
+            sample_rows: list[int]) -> torch.Tensor:
+        """The hidden states [len(sample_rows), hidden] of a prefill step (`fits`): the flat
+        tokens' ids, positions and cache slots, each sequence's (first row, new tokens, cached
+        tokens) and block table, and the rows to sample."""
+        n = len(ids)
+        size = next(s for s in self.sizes if s >= n)
+        pad, seq_pad = size - n, PREFILL_SEQS - len(prefills)
+        flat = array("q", ids)
+        flat.extend([0] * pad)
+        flat.extend(positions)
+        flat.extend([0] * pad)
+        flat.extend(slots)
+        flat.extend([-1] * pad)
+        flat.extend(sample_rows)
+        flat.extend([0] * (PREFILL_SEQS - len(sample_rows)))
+        upload(self.tokens[:len(flat)], flat)
+        upload(self.seqs, [list(col) + [0] * seq_pad for col in zip(*prefills)])
+        width = max(len(t) for t in tables)
+        self.tables[:len(tables), :width].copy_(
+            to_device([t + [0] * (width - len(t)) for t in tables], torch.long, self.tokens.device))
+        self.graphs[size].replay()
+        return self.hidden[size][:len(sample_rows)]

@@ -107,13 +107,17 @@ class LLMEngine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        # CUDA graphs: decode batches up to max_num_seqs, prefill steps up to this many tokens.
+        eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
+        self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
+                                                        config.max_num_batched_tokens)
         num_blocks, self.max_model_len = self._plan_kv_cache(loaded.model)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
-        graphs = 0 if config.enforce_eager or not HAS_TRITON else config.max_num_seqs
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
-                                  self.max_model_len, self.dtype, self.device, graphs)
+                                  self.max_model_len, self.dtype, self.device,
+                                  0 if eager else config.max_num_seqs, self.prefill_graph_tokens)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
@@ -158,14 +162,17 @@ class LLMEngine:
         if self.device.type != "cuda" or not HAS_TRITON:
             return 2**30
         # What the utilization target leaves after everything in use now (our weights included)
-        # and the activations of the largest step, measured by running one.
-        peak = profile_activation_bytes(model, self.model_config,
-                                        c.max_num_batched_tokens, self.dtype, self.device)
+        # and the activations of the largest step, measured by running one, and of the largest
+        # prefill graph, whose memory pool is the graphs' own.
+        peak = sum(profile_activation_bytes(model, self.model_config, tokens, self.dtype,
+                                            self.device)
+                   for tokens in (c.max_num_batched_tokens, self.prefill_graph_tokens) if tokens)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * c.gpu_memory_utilization - (total - free) - peak
-        log.info("GPU memory: %.1f GiB in use, %.2f GiB peak activations for %d tokens, "
-                 "%.1f GiB left for the KV cache at utilization %.2f", (total - free) / 2**30,
-                 peak / 2**30, c.max_num_batched_tokens, max(budget, 0) / 2**30,
+        log.info("GPU memory: %.1f GiB in use, %.2f GiB peak activations (steps of %d tokens, "
+                 "prefill graphs of %d), %.1f GiB left for the KV cache at utilization %.2f",
+                 (total - free) / 2**30, peak / 2**30, c.max_num_batched_tokens,
+                 self.prefill_graph_tokens, max(budget, 0) / 2**30,
                  c.gpu_memory_utilization)
         return max(budget, 0)
 

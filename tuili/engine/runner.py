@@ -1,4 +1,5 @@
 """ModelRunner: a scheduled Batch -> flat device tensors -> model -> logits of the rows that need them.
+On the GPU, decode steps and prefill steps that fit replay CUDA graphs (cuda_graphs.py).
 
 It owns the device tensors: the per-layer KV cache and the rotary tables.
 """
@@ -48,7 +49,7 @@ class DeviceTokens:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
-                 cuda_graph_batch: int = 0):
+                 cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0):
         self.model, self.config, self.device = model, config, device
         self.block_size = block_size
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
@@ -59,12 +60,19 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
                                     config.rope_scaling, dtype, device)
-        self.graphs = None
-        if cuda_graph_batch and device.type == "cuda":
-            from tuili.engine.cuda_graphs import DecodeGraphs
+        self.graphs = self.prefill_graphs = None
+        max_blocks = -(-max_model_len // block_size)
+        if device.type == "cuda" and (cuda_graph_batch or prefill_graph_tokens):
+            from tuili.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
-            self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch,
-                                       -(-max_model_len // block_size), block_size, device)
+            pool = None  # one memory pool for all graphs: they never run at the same time
+            if prefill_graph_tokens:
+                self.prefill_graphs = PrefillGraphs(model, self.rope, prefill_graph_tokens,
+                                                    max_blocks, device)
+                pool = self.prefill_graphs.pool
+            if cuda_graph_batch:
+                self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch, max_blocks,
+                                           block_size, device, pool)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
@@ -97,6 +105,12 @@ class ModelRunner:
                 prompt_rows.append((req, row, m, start + 1))
             row += n
 
+        if (self.prefill_graphs and not batch.num_decodes and not prompt_rows
+                and self.prefill_graphs.fits(row, len(prefills))):
+            hidden = self.prefill_graphs.run(ids, positions, slots, prefills, tables, sample_rows)
+            if sample_rows:
+                out.sample_logits = self.model.logits(hidden)
+            return out
         dev, long = self.device, torch.long
         width = max(len(t) for t in tables)
         meta = AttentionMetadata(

@@ -52,12 +52,12 @@ class Sampler:
         params = [r.params for r in reqs]
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = apply_penalties(logits.to(torch.float32, copy=True), reqs)
-        banned = [(i, _stop_ids(r)) for i, r in enumerate(reqs)
-                  if r.num_output_tokens < r.params.min_tokens]
-        if banned:
+        banned = [i * logits.shape[1] + t for i, r in enumerate(reqs)
+                  if r.num_output_tokens < r.params.min_tokens for t in _stop_ids(r)]
+        if banned:  # flat indices into the rows: one fill for the batch
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
-            for i, ids in banned:
-                logits[i, to_device(ids, torch.long, logits.device)] = float("-inf")
+            logits.view(-1).index_fill_(0, to_device(banned, torch.long, logits.device),
+                                        float("-inf"))
         tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
         if not all(p.temperature == 0 for p in params):
             sampled = self._sample(logits, reqs)
@@ -120,15 +120,18 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         outputs.extend(out)
         everything.extend(r.token_ids)
         counts += [len(out), len(r.token_ids)]
+    # Flat indices row * V + token (index_put_ with accumulate would wait for the GPU; the
+    # flat index_add_ and index_fill_ do not).
     sizes = to_device(counts, torch.long, device).view(B, 2)
-    batch_rows = torch.arange(B, device=device)
-    out_rows = batch_rows.repeat_interleave(sizes[:, 0], output_size=len(outputs))
-    all_rows = batch_rows.repeat_interleave(sizes[:, 1], output_size=len(everything))
-    out_counts = torch.zeros(B, V, device=device)
-    out_counts.index_put_((out_rows, to_device(outputs, torch.long, device)), torch.ones(len(outputs), device=device),
-                          accumulate=True)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-    seen[all_rows, to_device(everything, torch.long, device)] = True
+    batch_rows = torch.arange(B, device=device) * V
+    out_flat = batch_rows.repeat_interleave(sizes[:, 0], output_size=len(outputs))
+    out_flat += to_device(outputs, torch.long, device)
+    all_flat = batch_rows.repeat_interleave(sizes[:, 1], output_size=len(everything))
+    all_flat += to_device(everything, torch.long, device)
+    out_counts = torch.zeros(B * V, device=device).index_add_(
+        0, out_flat, torch.ones(len(outputs), device=device)).view(B, V)
+    seen = torch.zeros(B * V, dtype=torch.bool, device=device).index_fill_(0, all_flat, True)
+    seen = seen.view(B, V)
     rep = to_device([r.params.repetition_penalty for r in reqs], torch.float32, device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)

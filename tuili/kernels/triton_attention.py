@@ -319,11 +319,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     heads, d = q.shape[1], q.shape[2]
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs = seqs.shape[1]
-    block_m, block_n, warps = (128, 64, 8) if d <= 128 else (64, 32, 8)
+    # Swept on an H100 at 2048 tokens, head dim 128 (48 shapes): 128 x 64 tiles with 4 warps and
+    # 3 stages took 122 us, 7% under the 8 warps and 2 stages used before; the best was 121 us.
+    block_m, block_n, warps, stages = (128, 64, 4, 3) if d <= 128 else (64, 32, 8, 2)
     if num_seqs:
         _prefill_kernel[(heads, num_seqs, triton.cdiv(max_q_len, block_m))](
             q, k_cache, v_cache, block_tables, seqs, out, scale, q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0), num_seqs,
             KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out
