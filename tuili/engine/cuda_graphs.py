@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from tuili.engine.request import Request
+from tuili.engine.runner import pad_tables
 from tuili.engine.sampler import row_argmax
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
 from tuili.layers.attention import AttentionMetadata
@@ -103,8 +104,7 @@ class DecodeGraphs:
         positions = [r.num_computed_tokens for r in requests]
         ids = [r.token_ids[p] for r, p in zip(requests, positions)]
         slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(requests, positions)]
-        width = max(len(r.block_ids) for r in requests)
-        tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
+        tables = pad_tables([r.block_ids for r in requests])
         pad = [0] * (size - n)
         inputs = self.inputs[size]
         rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]
@@ -116,7 +116,7 @@ class DecodeGraphs:
             if feed[0]:
                 copy_rows(inputs[0], feed[0], tokens, feed[1])
         if tables != self._tables_held:  # a batch keeps its tables for block_size steps
-            self.tables[:n, :width].copy_(to_device(tables, torch.long, inputs.device))
+            self.tables[:n, :len(tables[0])].copy_(to_device(tables, torch.long, inputs.device))
             self._tables_held = tables
         readbacks_done(inputs.device)  # the replay rewrites the outputs the last step reads back
         self.graphs[size].replay()
@@ -192,8 +192,8 @@ class PrefillGraphs:
         flat.extend([0] * (PREFILL_SEQS - len(sample_rows)))
         upload(self.tokens[:len(flat)], flat)
         upload(self.seqs, [list(col) + [0] * seq_pad for col in zip(*prefills)])
-        width = max(len(t) for t in tables)
-        self.tables[:len(tables), :width].copy_(
-            to_device([t + [0] * (width - len(t)) for t in tables], torch.long, self.tokens.device))
+        tables = pad_tables(tables)
+        self.tables[:len(tables), :len(tables[0])].copy_(
+            to_device(tables, torch.long, self.tokens.device))
         self.graphs[size].replay()
         return self.hidden[size][:len(sample_rows)]

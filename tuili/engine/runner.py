@@ -112,10 +112,9 @@ class ModelRunner:
                 out.sample_logits = self.model.logits(hidden)
             return out
         dev, long = self.device, torch.long
-        width = max(len(t) for t in tables)
         meta = AttentionMetadata(
             slot_mapping=to_device(slots, long, dev),
-            block_tables=to_device([t + [0] * (width - len(t)) for t in tables], long, dev),
+            block_tables=to_device(pad_tables(tables), long, dev),
             seq_lens=to_device(seq_lens, long, dev),
             positions=to_device(positions, long, dev), rope=self.rope,
             num_decodes=batch.num_decodes,
@@ -140,6 +139,12 @@ class ModelRunner:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
+
+
+def pad_tables(tables: list[list[int]]) -> list[list[int]]:
+    """Block tables as rows of one width (the widest), padded with block 0 (never read)."""
+    width = max(len(t) for t in tables)
+    return [t + [0] * (width - len(t)) for t in tables]
 
 
 def add_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
