@@ -100,12 +100,12 @@ def cublas_linears_ms(model) -> float:
 
 
 def tuili_decode_ms(llm: LLM, prompt: list[int], tokens: int = DECODE_TOKENS,
-                    rounds: int = 2) -> float:
-    """Time between streamed tokens as a client sees them, the best of `rounds` greedy streams.
-    Stamped without a device sync: a token reaches the host only after the GPU made it, and a sync
-    at each output would stall the pipeline (the engine queues the next step before it hands over
-    this one's tokens)."""
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+                    rounds: int = 2, **sampling) -> float:
+    """Time between streamed tokens as a client sees them, the best of `rounds` streams (greedy
+    unless `sampling` says otherwise). Stamped without a device sync: a token reaches the host
+    only after the GPU made it, and a sync at each output would stall the pipeline (the engine
+    queues the next step before it hands over this one's tokens)."""
+    params = SamplingParams(**{"temperature": 0, **sampling}, max_tokens=tokens, ignore_eos=True)
     best = float("inf")
     for _ in range(rounds):
         stamps = []
@@ -113,6 +113,20 @@ def tuili_decode_ms(llm: LLM, prompt: list[int], tokens: int = DECODE_TOKENS,
             stamps.append(time.perf_counter())
         best = min(best, (stamps[-1] - stamps[1]) / (len(stamps) - 2))
     return best * 1e3
+
+
+def sampled_decode(name: str, llm: LLM, prompt: list[int]) -> dict:
+    """Batch-1 decode with top_p 0.9 at temperature 0.7, with the sampling graphs and without
+    (the same kernels launched one by one), beside greedy, in one process."""
+    graphs = llm.engine.runner.graphs
+    greedy = tuili_decode_ms(llm, prompt)
+    ms = tuili_decode_ms(llm, prompt, temperature=0.7, top_p=0.9)
+    sampler_for, graphs.sampler_for = graphs.sampler_for, lambda n: None
+    eager_ms = tuili_decode_ms(llm, prompt, temperature=0.7, top_p=0.9)
+    graphs.sampler_for = sampler_for
+    return dict(shape=name, case="batch-1 decode, top_p 0.9, temperature 0.7", unit="ms/token",
+                tuili=ms, hf=None, speedup=None, tuili_eager_sampling=eager_ms, tuili_greedy=greedy,
+                roofline=f"greedy {greedy:.3f} ms; sampling launched eagerly {eager_ms:.3f} ms")
 
 
 def replay_ms(llm: LLM) -> tuple[float, int]:
@@ -207,6 +221,7 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                 if case == "decode128":
                     rows[-1].update(cublas_linears_ms=linears_ms)
                     rows[-1]["roofline"] += f"; cuBLAS linears alone {linears_ms:.2f} ms"
+                    rows.append(sampled_decode(name, llm, prompts[case]))
                 if case == "decode8k" and "decode128" in replays:
                     rows.append(attention_share(name, replays, kv_tok, config.num_hidden_layers, bw))
             elif case.startswith("ttft"):

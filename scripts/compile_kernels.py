@@ -72,7 +72,7 @@ def resources(kernel) -> tuple[int, int, int]:
 
 def launch_all() -> None:
     """One decode step's kernels per shape and row count (the rope kernel and TUILI_QKV_ROPE=1's
-    epilogue both), prefill attention, Qwen3's q/k-norm rope kernel and the sampling argmax."""
+    epilogue both), prefill attention, Qwen3's q/k-norm rope kernel and the sampling kernels."""
     from tuili import kernels
     from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
     from tuili.layers.rotary import RotaryEmbedding
@@ -124,6 +124,13 @@ def launch_all() -> None:
             WHERE["launch"] = "argmax, also into the graph's input ids"
             triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf),
                                    also=torch.zeros(m, dtype=torch.long))
+            WHERE["launch"] = "sample: candidates, then the race"
+            f, i = torch.ones(m), torch.ones(m, dtype=torch.long)
+            triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * 50, f * 2, f * 0, i,
+                                   1024)
+            WHERE["launch"] = "sample: the race alone (no filters)"
+            triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * vocab, f * 2, f * 0,
+                                   i, 1)
         n = 300
         WHERE.update(model=f"{name}, a {n}-token prompt", launch="prefill attention")
         q = torch.zeros(n, heads, d, dtype=bf)

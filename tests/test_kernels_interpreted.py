@@ -178,6 +178,51 @@ def test_argmax():
     assert torch.equal(also, got)
 
 
+def test_sample():
+    """Every filter kind in one launch (the whole row sorted, as a top_p row without top_k needs):
+    no token outside the torch path's support, greedy rows take the argmax, frequencies near the
+    distribution; a top_k row draws the same token from topk candidates as from the sort."""
+    from tuili import SamplingParams
+    from tuili.engine.request import Request
+    from tuili.engine.sampler import Sampler, filtered_probs
+    from tuili.kernels import triton_sampling
+
+    torch.manual_seed(0)
+    vocab, draws = 300, 150
+    kinds = [dict(temperature=0.8), dict(top_k=20), dict(temperature=0.7, top_p=0.8),
+             dict(top_k=50, top_p=0.9, seed=5), dict(min_p=0.1), dict(temperature=0)]
+    params = [SamplingParams(**k) for k in kinds]
+    reqs = [Request(f"{i}.{j}", [1], p, frozenset(), p.seed and p.seed + j)
+            for i, p in enumerate(params) for j in range(draws)]
+    logits = torch.randn(vocab) * 2
+    x = logits.repeat(len(reqs), 1)
+    floats, ints, width = Sampler(0, x.device).row_params(reqs, vocab)
+    assert width == vocab
+    f, i = torch.tensor(floats), torch.tensor(ints)
+    rows = (f[0], i[0], f[1], f[2], i[1])
+    tokens = triton_sampling.sample(x, x.argmax(-1), *rows, width).view(len(kinds), draws)
+    expected = filtered_probs(logits[None].repeat(len(kinds), 1), params)
+    expected /= expected.sum(-1, keepdim=True)
+    for kind, got, ref in zip(kinds, tokens, expected):
+        freq = torch.bincount(got, minlength=vocab).double() / draws
+        assert not (freq[ref == 0] > 0).any(), kind
+        noise = 0.5 * (2 / torch.pi) ** 0.5 * (ref * (1 - ref) / draws).sqrt().sum()
+        assert 0.5 * (freq - ref).abs().sum() <= 2 * noise + 0.02, kind
+    assert (tokens[-1] == logits.argmax()).all()
+    seeded = slice(3 * draws, 4 * draws)  # top_k 50: 64 topk candidates are enough
+    narrow = triton_sampling.sample(x[seeded], x[seeded].argmax(-1), *(r[seeded] for r in rows), 64)
+    assert torch.equal(narrow, tokens[3])
+    # Rows with no filter (temperature, min_p, greedy) alone: one race launch, no candidates.
+    plain = [0, 4, 5]
+    take = torch.cat([torch.arange(k * draws, (k + 1) * draws) for k in plain])
+    assert Sampler(0, x.device).row_params([reqs[j] for j in take.tolist()], vocab)[2] == 1
+    alone = triton_sampling.sample(x[take], x[take].argmax(-1), *(r[take] for r in rows), 1)
+    for k, got in zip(plain, alone.view(len(plain), draws)):
+        assert (expected[k][got] > 0).all(), kinds[k]
+    assert len(set(alone[:draws].tolist())) > 20
+    assert (alone[-draws:] == logits.argmax()).all()
+
+
 @pytest.mark.parametrize("qkv_rope", ["0", "1"])
 def test_decode_step_through_the_gpu_code_path(monkeypatch, qkv_rope):
     """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)

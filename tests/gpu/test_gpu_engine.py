@@ -27,6 +27,15 @@ NEAR_TIE = 0.5
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
 
 
+@pytest.fixture(autouse=True)
+def free_engines():
+    """Each test's engine (an 8B-shaped model's weights, its KV cache and graphs) goes before the
+    next test builds one."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="module", params=["llama3-8b", "qwen3-0.6b"])
 def shaped(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
@@ -157,3 +166,54 @@ def test_decode_graph_feeds_its_own_greedy_tokens(shaped, monkeypatch):
     assert copies == [[0]]  # the first decode step's token came from the prompt step's sampler
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
     assert_within_hf_top5(hf, ids, out)
+
+
+def test_sampled_decode_replays_sampling_graphs(shaped, monkeypatch):
+    """Decode steps with temperature, top-k, top-p and min-p sample in a graph of the width their
+    filters need, feeding the next replay's ids in place (no copy at batch 1); seeded tokens are
+    the same as with the sampling kernels launched one by one, and top-k keeps to the top k."""
+    from tuili.engine import cuda_graphs
+
+    name, folder, hf = shaped
+    # No prefix cache: a rerun computes the same logits (a prefix hit changes the prefill's shapes).
+    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
+              enable_prefix_caching=False)
+    graphs = llm.engine.runner.graphs
+    vocab = hf.config.vocab_size
+    widths = []
+    real_for = graphs.sampler_for
+
+    def sampler_for(n):
+        sample = real_for(n)
+        return lambda floats, ints, width: widths.append(width) or sample(floats, ints, width)
+
+    monkeypatch.setattr(graphs, "sampler_for", sampler_for)
+    copies = []
+    copy_rows = cuda_graphs.copy_rows
+    monkeypatch.setattr(cuda_graphs, "copy_rows", lambda *a: copies.append(a[1]) or copy_rows(*a))
+    ids = prompts(vocab)
+    common = dict(max_tokens=16, ignore_eos=True, logprobs=0)
+    kinds = [SamplingParams(temperature=0.7, top_p=0.9, seed=1, **common),
+             SamplingParams(temperature=1.0, top_k=40, seed=2, **common),
+             SamplingParams(temperature=1.0, min_p=0.2, seed=3, **common),
+             SamplingParams(temperature=0.8, top_k=2000, top_p=0.5, seed=4, **common)]
+    alone = llm.generate(ids[:1], kinds[0])[0].outputs[0].token_ids
+    assert copies == [[0]]  # after the first decode step, each found its ids in place
+    assert set(widths) == {vocab}
+    assert llm.generate(ids[:1], kinds[0])[0].outputs[0].token_ids == alone
+    cases = [([0], {vocab}),  # top_p without top_k: the whole row, sorted
+             ([1], {min(vocab, 1024)}),  # top_k: topk candidates, no sort
+             ([2], {1}),  # min_p alone: no candidates, the race over the whole row
+             ([1, 2, 3], {vocab})]  # a top_k past the candidates: a full sort
+    results = []
+    for rows, want in cases:
+        widths.clear()
+        out = llm.generate([ids[i] for i in rows], [kinds[i] for i in rows])
+        assert set(widths) == want, (rows, widths)
+        results.append([o.outputs[0].token_ids for o in out])
+    ranks = [lp.rank for lp in out[0].outputs[0].logprobs]  # the top_k 40 request
+    assert all(r <= 40 for r in ranks), ranks
+    monkeypatch.setattr(graphs, "sampler_for", lambda n: None)  # the same kernels, eagerly
+    for (rows, _), tokens in zip(cases, results):
+        out = llm.generate([ids[i] for i in rows], [kinds[i] for i in rows])
+        assert [o.outputs[0].token_ids for o in out] == tokens

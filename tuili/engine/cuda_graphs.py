@@ -12,6 +12,11 @@ Each decode graph's greedy argmax also writes its own input-id row: when the nex
 the same graph for the same requests in the same rows, fed with those greedy tokens, their ids
 are in place already and only positions, slots and lengths are uploaded (no device copy between
 graphs).
+
+Decode batches of up to SAMPLE_BATCH rows also sample in a graph (one per batch size and candidate
+width, over the decode graph's logits): temperature, top-k, top-p and min-p cost one parameter
+upload and one replay instead of a dozen launches, so at batch 1 a sampled stream keeps the GPU as
+busy as a greedy one. The sampled tokens go to the input-id row as the argmax does.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from tqdm import tqdm
 
 from tuili.engine.request import Request
 from tuili.engine.runner import pad_tables
-from tuili.engine.sampler import row_argmax
+from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
+from tuili.kernels import triton_module
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -35,6 +41,7 @@ log = logging.getLogger("tuili")
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 PREFILL_SIZES = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 PREFILL_SEQS = 8  # sequences one prefill step may hold to replay a graph
+SAMPLE_BATCH = 32  # decode batches up to this size sample in a graph too
 
 
 def capture(sizes: list[int], forward, desc: str, pool=None, reset=None):
@@ -79,8 +86,23 @@ class DecodeGraphs:
         # Each size's logits and its rows' greedy tokens, computed in the graph.
         self.logits = {size: out[0] for size, out in outputs.items()}
         self.argmax = {size: out[1] for size, out in outputs.items()}
-        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes),
-                 self.max_batch, time.perf_counter() - start)
+        # Sampling graphs: per size, the rows' parameters (floats: 1 / temperature, top_p, min_p;
+        # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one).
+        vocab = self.logits[self.sizes[0]].shape[1]
+        self.widths = sorted({1, min(vocab, CANDIDATES), vocab})
+        self.sample_params = {
+            size: (torch.zeros(3, size, dtype=torch.float32, device=device),
+                   torch.zeros(2, size, **long))
+            for size in self.sizes if size <= SAMPLE_BATCH}
+        keys = [(size, width) for size in self.sample_params for width in self.widths]
+        with torch.inference_mode():
+            self.sample_graphs, self.sampled, self.pool = capture(
+                keys, self._sample, "capturing sampling CUDA graphs", self.pool)
+        # The outputs that also wrote a size's input ids (see run).
+        self._fills = {t.data_ptr(): size for size, t in self.argmax.items()}
+        self._fills.update({t.data_ptr(): key[0] for key, t in self.sampled.items()})
+        log.info("captured %d decode CUDA graphs (batch 1..%d) and %d sampling graphs in %.1fs",
+                 len(self.sizes), self.max_batch, len(keys), time.perf_counter() - start)
 
     @property
     def max_batch(self) -> int:
@@ -93,6 +115,33 @@ class DecodeGraphs:
             positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
         logits = self.model.logits(self.model(ids, meta))
         return logits, row_argmax(logits, also=ids)
+
+    def _sample(self, key: tuple[int, int]) -> torch.Tensor:
+        size, width = key
+        floats, ints = self.sample_params[size]
+        tokens = triton_module("triton_sampling").sample(
+            self.logits[size], self.argmax[size], floats[0], ints[0], floats[1], floats[2], ints[1],
+            width)
+        self.inputs[size][0].copy_(tokens)
+        return tokens
+
+    def sampler_for(self, n: int) -> GraphSample | None:
+        """For the batch of n rows that `run` just replayed, a function that samples its logits
+        by a graph (given Sampler.row_params), or None where the batch is too big for one."""
+        size = next(s for s in self.sizes if s >= n)
+        if size not in self.sample_params:
+            return None
+
+        def sample(floats: list[list[float]], ints: list[list[int]], width: int) -> torch.Tensor:
+            params_f, params_i = self.sample_params[size]
+            pad = size - n
+            upload(params_f, [row + [0.0] * pad for row in floats])  # padding rows: greedy
+            upload(params_i, [row + [1] * pad for row in ints])
+            readbacks_done(params_f.device)
+            self.sample_graphs[size, width].replay()
+            return self.sampled[size, width][:n]
+
+        return sample
 
     def run(self, requests: list[Request], feed: tuple[list[int], list[int]] = ([], []),
             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +157,9 @@ class DecodeGraphs:
         pad = [0] * (size - n)
         inputs = self.inputs[size]
         rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]
-        if (tokens is not None and tokens.data_ptr() == self.argmax[size].data_ptr()
+        if (tokens is not None and self._fills.get(tokens.data_ptr()) == size
                 and feed[0] == feed[1] == list(range(n))):
-            upload(inputs[1:], rest)  # every id is this graph's last argmax, already in place
+            upload(inputs[1:], rest)  # every id is this size's last token, already in place
         else:
             upload(inputs, [ids + pad] + rest)
             if feed[0]:
@@ -195,5 +244,6 @@ class PrefillGraphs:
         tables = pad_tables(tables)
         self.tables[:len(tables), :len(tables[0])].copy_(
             to_device(tables, torch.long, self.tokens.device))
+        readbacks_done(self.tokens.device)  # the replay may reuse memory other graphs' outputs hold
         self.graphs[size].replay()
         return self.hidden[size][:len(sample_rows)]

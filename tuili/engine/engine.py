@@ -204,8 +204,7 @@ class LLMEngine:
         samples = []
         for i, child_id in enumerate(child_ids):
             seed = None if params.seed is None else params.seed + i
-            gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            req = Request(child_id, ids, params, self.eos_token_ids, gen)
+            req = Request(child_id, ids, params, self.eos_token_ids, seed)
             samples.append(_Sample(req, request_id, i, Detokenizer(self.tokenizer, ids, params)))
         self.groups[request_id] = _Group(request_id, prompt if isinstance(prompt, str) else None,
                                          samples, stream)
@@ -265,12 +264,13 @@ class LLMEngine:
         reqs = [result.sample_requests[i] for i in live]
         sampled = None
         if reqs:
-            logits, argmax = result.sample_logits, result.sample_argmax
+            logits, argmax, graph = result.sample_logits, result.sample_argmax, result.sample_graph
             if len(live) < len(result.sample_requests):  # finished while this step was queued
                 rows = to_device(live, torch.long, logits.device)
                 logits = logits.index_select(0, rows)
                 argmax = argmax.index_select(0, rows) if argmax is not None else None
-            sampled = self.sampler(logits, reqs, argmax)
+                graph = None
+            sampled = self.sampler(logits, reqs, argmax, graph)
             for r in reqs:
                 r.token_ids.append(PENDING)
         groups = dict.fromkeys(self.samples[r.request_id].group_id for r in batch.requests

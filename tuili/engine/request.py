@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from tuili.sampling_params import SamplingParams
 
 
@@ -39,7 +37,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: frozenset[int]
-    generator: torch.Generator | None = None  # set when the request has a seed
+    seed: int | None = None  # this sequence's own seed (the request's, plus its index in n)
     arrival_time: float = field(default_factory=time.monotonic)
 
     status: Status = Status.WAITING

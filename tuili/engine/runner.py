@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuili.engine.request import PENDING, Request
+from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
@@ -30,6 +31,7 @@ class StepOutput:
     sample_requests: list[Request] = field(default_factory=list)
     sample_logits: torch.Tensor | None = None  # [len(sample_requests), vocab], model dtype
     sample_argmax: torch.Tensor | None = None  # their argmax, when the decode graph computed it
+    sample_graph: GraphSample | None = None  # samples them by a graph (DecodeGraphs.sampler_for)
     prompt_logits: list[PromptLogits] = field(default_factory=list)
 
 
@@ -82,7 +84,8 @@ class ModelRunner:
         if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
             logits, argmax = self.graphs.run(batch.requests, feed,
                                              pending.tokens if pending else None)
-            return StepOutput(list(batch.requests), logits, argmax)
+            return StepOutput(list(batch.requests), logits, argmax,
+                              self.graphs.sampler_for(len(batch)))
         ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []

@@ -1,19 +1,25 @@
 """Logits -> tokens for a batch: penalties, min_tokens, temperature, top-k/p, min-p, seeds, logprobs.
 
-Random rows sample by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from p
-exactly. A request with a seed draws its q from its own generator, so its tokens do not depend
-on what else is in the batch. Nothing here waits for the GPU: the tokens stay on the device (the
-next step reads them there) and reach the host when SampledTokens.resolve() is called.
+Random rows draw by a race: the argmax of the scaled logits plus independent noise (Gumbel on the
+GPU, in triton_sampling; on the CPU, the equivalent argmax of p / q with q ~ Exp(1)), which draws
+from the filtered softmax exactly. A request with a seed draws its noise from that seed and the
+number of tokens it has, so its tokens do not depend on what else is in the batch. Nothing here
+waits for the GPU: the tokens stay on the device (the next step reads them there) and reach the
+host when SampledTokens.resolve() is called. On the GPU a decode step's sampling can replay a CUDA
+graph (`graph`, from the decode graphs) when no row needs penalties or min_tokens.
 """
 
 from __future__ import annotations
 
+import random
 from array import array
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from tuili.engine.request import Logprob, Request
+from tuili.sampling_params import SamplingParams
 from tuili.engine.transfer import HostCopy, to_device
 from tuili.kernels import on_gpu, triton_module
 
@@ -40,14 +46,23 @@ class SampledTokens:
         return tokens, logprobs
 
 
+# Per-row parameters as the GPU path takes them: floats (1 / temperature, top_p, min_p) and ints
+# (top_k, seed), one list per field, and how many candidates to rank.
+RowParams = tuple[list[list[float]], list[list[int]], int]
+GraphSample = Callable[[list[list[float]], list[list[int]], int], torch.Tensor]
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rng = random.Random(seed)  # the GPU path's seeds for rows that bring none
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request],
-                 argmax: torch.Tensor | None = None) -> SampledTokens:
+                 argmax: torch.Tensor | None = None,
+                 graph: GraphSample | None = None) -> SampledTokens:
         """logits: in the model's dtype (cast to float32 only where a row needs more than its
-        argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it)."""
+        argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it);
+        graph: samples these logits by replaying a CUDA graph, given row_params."""
         raw = logits
         params = [r.params for r in reqs]
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
@@ -58,11 +73,14 @@ class Sampler:
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
             logits.view(-1).index_fill_(0, to_device(banned, torch.long, logits.device),
                                         float("-inf"))
-        tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
-        if not all(p.temperature == 0 for p in params):
-            sampled = self._sample(logits, reqs)
-            greedy = to_device([p.temperature == 0 for p in params], torch.bool, logits.device)
-            tokens = torch.where(greedy, tokens, sampled)
+        if all(p.temperature == 0 for p in params):
+            tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
+        elif on_gpu(logits) and graph is not None and logits is raw:
+            tokens = graph(*self.row_params(reqs, logits.shape[1]))
+        elif on_gpu(logits):
+            tokens = self._sample_gpu(logits, reqs, argmax if logits is raw else None)
+        else:
+            tokens = self._sample(logits, reqs)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         parts = []
         if wanted:
@@ -72,22 +90,68 @@ class Sampler:
         return SampledTokens(tokens, HostCopy(tokens), wanted,
                              [params[i].logprobs for i in wanted], parts)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def row_params(self, reqs: list[Request], vocab: int) -> RowParams:
+        """The GPU path's per-row parameters (see triton_sampling.sample) and candidate width:
+        1 without filters, CANDIDATES when every filtered row has a top_k within it, else the
+        whole vocabulary (sorted)."""
         params = [r.params for r in reqs]
-        device = logits.device
-        temps = to_device([p.temperature or 1.0 for p in params], torch.float32, device)
-        logits = logits.float() / temps[:, None]
-        if any(p.top_k or p.top_p < 1 for p in params):
-            logits = top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
-        probs = logits.softmax(dim=-1)
-        if any(p.min_p > 0 for p in params):
-            min_p = to_device([p.min_p for p in params], torch.float32, device)
-            probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p if p.top_p < 1 else 2.0 for p in params]
+        floats = [[1 / p.temperature if p.temperature else 0.0 for p in params], top_p,
+                  [p.min_p for p in params]]
+        seeds = [self.rng.getrandbits(63) if r.seed is None
+                 else draw_seed(r.seed, r.num_output_tokens) for r in reqs]
+        filtered = [(k, pp) for k, pp, p in zip(top_k, top_p, params)
+                    if p.temperature and (k < vocab or pp < 1)]
+        width = 1
+        if filtered:
+            fits = all(k <= CANDIDATES for k, _ in filtered)
+            width = min(vocab, CANDIDATES) if fits else vocab
+        return floats, [top_k, seeds], width
+
+    def _sample_gpu(self, logits: torch.Tensor, reqs: list[Request],
+                    argmax: torch.Tensor | None) -> torch.Tensor:
+        floats, ints, width = self.row_params(reqs, logits.shape[1])
+        f = to_device(floats, torch.float32, logits.device)
+        i = to_device(ints, torch.long, logits.device)
+        greedy = argmax if argmax is not None else row_argmax(logits)
+        return triton_module("triton_sampling").sample(logits, greedy, f[0], i[0], f[1], f[2], i[1],
+                                                       width)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The torch path (the CPU's)."""
+        probs = filtered_probs(logits, [r.params for r in reqs])
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
-            if r.generator is not None:
-                q[i].exponential_(generator=r.generator)
-        return row_argmax(probs / q)
+            if r.seed is not None:
+                own = torch.Generator(device=q.device).manual_seed(
+                    draw_seed(r.seed, r.num_output_tokens))
+                q[i].exponential_(generator=own)
+        greedy = to_device([r.params.temperature == 0 for r in reqs], torch.bool, logits.device)
+        return torch.where(greedy, row_argmax(logits), row_argmax(probs / q))
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's distribution after temperature (0 counts as 1), top-k, top-p and min-p: what
+    the torch path draws from, and the GPU kernels' reference."""
+    device = logits.device
+    temps = to_device([p.temperature or 1.0 for p in params], torch.float32, device)
+    logits = logits.float() / temps[:, None]
+    if any(p.top_k or p.top_p < 1 for p in params):
+        logits = top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return probs
+
+
+def draw_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for a seeded request's draw at output position `step` (splitmix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
 
 
 def row_argmax(x: torch.Tensor, also: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,14 +204,14 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
-# Nucleus candidates taken with topk before falling back to a full sort of the vocabulary.
-TOP_P_CANDIDATES = 1024
+# Candidates ranked with topk before a full sort of the vocabulary is needed.
+CANDIDATES = 1024
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
                 may_wait: bool | None = None) -> torch.Tensor:
     """Mask all but each row's top_k tokens (0 = all) and, of those, its smallest set holding
-    top_p of their probability. Only the best max(top_k) tokens, or TOP_P_CANDIDATES when a row
+    top_p of their probability. Only the best max(top_k) tokens, or CANDIDATES when a row
     has no top_k, are ranked (topk, no full sort). A row with top_p but no top_k may need more
     than its candidates; whether it does is known only on the device. On the CPU (may_wait) the
     answer is read and a full sort runs only when needed. On the GPU, reading it would make the
@@ -160,7 +224,7 @@ def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
     p = to_device([pp if pp < 1 else 2.0 for pp in top_p], torch.float32, logits.device)[:, None]
     if open_top_p and not may_wait:
         return top_k_top_p_sorted(logits, k, p)
-    width = min(V, max(min(kk, TOP_P_CANDIDATES) if kk == V else kk for kk in k))
+    width = min(V, max(min(kk, CANDIDATES) if kk == V else kk for kk in k))
     values, order = logits.topk(width, dim=-1) if width < V else logits.sort(-1, descending=True)
     rank = torch.arange(width, device=logits.device)[None, :]
     drop = rank >= to_device(k, torch.long, logits.device)[:, None]
