@@ -30,9 +30,8 @@ from tqdm import tqdm
 
 from tuili.engine.request import Request
 from tuili.engine.runner import pad_tables
-from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax
+from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax, sample_on_gpu
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
-from tuili.kernels import triton_module
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -118,10 +117,8 @@ class DecodeGraphs:
 
     def _sample(self, key: tuple[int, int]) -> torch.Tensor:
         size, width = key
-        floats, ints = self.sample_params[size]
-        tokens = triton_module("triton_sampling").sample(
-            self.logits[size], self.argmax[size], floats[0], ints[0], floats[1], floats[2], ints[1],
-            width)
+        tokens = sample_on_gpu(self.logits[size], self.argmax[size], *self.sample_params[size],
+                               width)
         self.inputs[size][0].copy_(tokens)
         return tokens
 

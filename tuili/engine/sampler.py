@@ -115,8 +115,7 @@ class Sampler:
         f = to_device(floats, torch.float32, logits.device)
         i = to_device(ints, torch.long, logits.device)
         greedy = argmax if argmax is not None else row_argmax(logits)
-        return triton_module("triton_sampling").sample(logits, greedy, f[0], i[0], f[1], f[2], i[1],
-                                                       width)
+        return sample_on_gpu(logits, greedy, f, i, width)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """The torch path (the CPU's)."""
@@ -144,6 +143,14 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         min_p = to_device([p.min_p for p in params], torch.float32, device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     return probs
+
+
+def sample_on_gpu(logits: torch.Tensor, greedy: torch.Tensor, floats: torch.Tensor,
+                  ints: torch.Tensor, width: int) -> torch.Tensor:
+    """triton_sampling.sample over row_params as device tensors ([3, rows] float32: 1 /
+    temperature, top_p, min_p; [2, rows] int64: top_k, seed)."""
+    return triton_module("triton_sampling").sample(logits, greedy, floats[0], ints[0], floats[1],
+                                                   floats[2], ints[1], width)
 
 
 def draw_seed(seed: int, step: int) -> int:
