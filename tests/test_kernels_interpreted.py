@@ -178,10 +178,11 @@ def test_argmax():
     assert torch.equal(also, got)
 
 
-def test_sample():
+def test_sample(monkeypatch):
     """Every filter kind in one launch (the whole row sorted, as a top_p row without top_k needs):
     no token outside the torch path's support, greedy rows take the argmax, frequencies near the
-    distribution; a top_k row draws the same token from topk candidates as from the sort."""
+    distribution; the same tokens when the candidates are cut into several chunks; a top_k row
+    draws the same token from topk candidates as from the sort."""
     from tuili import SamplingParams
     from tuili.engine.request import Request
     from tuili.engine.sampler import Sampler, filtered_probs
@@ -209,6 +210,9 @@ def test_sample():
         noise = 0.5 * (2 / torch.pi) ** 0.5 * (ref * (1 - ref) / draws).sqrt().sum()
         assert 0.5 * (freq - ref).abs().sum() <= 2 * noise + 0.02, kind
     assert (tokens[-1] == logits.argmax()).all()
+    monkeypatch.setattr(triton_sampling, "NUCLEUS_BLOCK", 64)  # 5 chunks a row
+    chunked = triton_sampling.sample(x, x.argmax(-1), *rows, width).view(len(kinds), draws)
+    assert torch.equal(chunked, tokens)
     seeded = slice(3 * draws, 4 * draws)  # top_k 50: 64 topk candidates are enough
     narrow = triton_sampling.sample(x[seeded], x[seeded].argmax(-1), *(r[seeded] for r in rows), 64)
     assert torch.equal(narrow, tokens[3])

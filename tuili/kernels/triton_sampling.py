@@ -9,9 +9,11 @@ sample: a random token per row under temperature, top-k, top-p and min-p, drawn 
 race (the argmax of logit / T + G, G ~ Gumbel(0, 1), is a draw from softmax(logit / T)). The noise
 comes from Philox keyed by the row's seed and the token id, so a row's draw depends on its seed
 alone: not on the batch, on how the candidates were found, or on CUDA graph replays. Rows with a
-top-k or top-p filter walk their candidates in order (`nucleus`): the top k from topk, or for a
-top-p nucleus with no top-k the whole row, sorted; rows with no filter race over the whole row,
-chunked as argmax is. No launch waits for the host, so a CUDA graph can hold them all.
+top-k or top-p filter keep their candidates in rank order (`nucleus`): the top k from topk, or for
+a top-p nucleus with no top-k the whole row, sorted; the candidates are cut into chunks, one
+launch sums each chunk's mass and the next races within each chunk, knowing the mass ranked above
+it, so a long nucleus spreads over the GPU. Rows with no filter race over the whole row, chunked
+as argmax is. No launch waits for the host, so a CUDA graph can hold them all.
 Reference: tuili.engine.sampler.filtered_probs (the torch path's distribution).
 """
 
@@ -25,7 +27,7 @@ from tuili.kernels import arrival_counters
 
 CHUNK = 4096
 MAX_ROWS = 4096  # rows one launch serves: one arrival counter each
-NUCLEUS_BLOCK = 4096  # candidates a nucleus program takes at a time
+NUCLEUS_BLOCK = 1024  # candidates a nucleus program takes (many programs a row)
 
 
 @triton.jit
@@ -120,58 +122,85 @@ def _row_chunks(x: torch.Tensor, out: torch.Tensor, also: torch.Tensor | None = 
 
 
 @triton.jit
-def _nucleus_kernel(val_ptr, order_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr, top_p_ptr,
-                    min_p_ptr, seed_ptr, out_ptr, floor_ptr, BLOCK: tl.constexpr):
-    """One row: its candidates' logits `val` (sorted, largest first) and their token ids `order`.
-    Writes the row's token, or (no filter) the floor of a race over the whole row."""
-    row = tl.program_id(0)
+def _filter_row(val_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr, top_p_ptr, row):
+    """A row's candidates (logits, sorted largest first), its top scaled logit, how many
+    candidates its top-k keeps, its top_p and whether it walks them (not greedy, has a filter)."""
     inv_t = tl.load(inv_t_ptr + row)
     k = tl.load(top_k_ptr + row)
     p = tl.load(top_p_ptr + row)
     vals = val_ptr + row.to(tl.int64) * stride_c
-    order = order_ptr + row.to(tl.int64) * stride_c
     top = tl.load(vals).to(tl.float32) * inv_t
+    walks = (inv_t != 0) & ((k < V) | (p <= 1))
+    return vals, inv_t, top, tl.minimum(k, W), p, walks
+
+
+@triton.jit
+def _nucleus_mass_kernel(val_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr, top_p_ptr, mass_ptr,
+                         CHUNKS, BLOCK: tl.constexpr):
+    """Per (row, chunk of BLOCK ranks): the chunk's softmax mass, unnormalised (exp(s - top))."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    vals, inv_t, top, n, p, walks = _filter_row(val_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr,
+                                                top_p_ptr, row)
+    if walks:
+        r = chunk * BLOCK + tl.arange(0, BLOCK)
+        s = tl.load(vals + r, mask=r < n, other=float("-inf")).to(tl.float32) * inv_t
+        tl.store(mass_ptr + row * CHUNKS + chunk, tl.sum(tl.exp(s - top), 0))
+
+
+@triton.jit
+def _nucleus_kernel(val_ptr, order_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr, top_p_ptr,
+                    min_p_ptr, seed_ptr, mass_ptr, best_ptr, token_ptr, ticket_ptr, out_ptr,
+                    floor_ptr, CHUNKS, CHUNKS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (row, chunk of BLOCK ranks) of the candidates `val` (sorted, largest first) and their
+    token ids `order`: the race among the chunk's tokens that the row's filters keep. The row's
+    last chunk to arrive writes the row's token. Chunk 0 also writes the floor of a race over
+    the whole row: the min-p floor for a row with no other filter, +inf for the rest."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    vals, inv_t, top, n, p, walks = _filter_row(val_ptr, stride_c, W, V, inv_t_ptr, top_k_ptr,
+                                                top_p_ptr, row)
     # min-p keeps tokens of at least min_p times the top probability: a floor on scaled logits.
     min_p = tl.load(min_p_ptr + row)
     floor = tl.where(min_p > 0, top + tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
-    if inv_t == 0:  # greedy: the caller takes the argmax
-        tl.store(floor_ptr + row, float("inf"))
-    elif (k >= V) & (p > 1):  # no filter: the race over the whole row, above the floor
-        tl.store(floor_ptr + row, floor)
-    else:
-        tl.store(floor_ptr + row, float("inf"))
+    if chunk == 0:
+        tl.store(floor_ptr + row, tl.where(walks | (inv_t == 0), float("inf"), floor))
+    if walks:
         # Probabilities are normalised over the top-k set (the whole row without one: then the
-        # candidates are the whole row, sorted).
-        n = tl.minimum(k, W)
-        ranks = tl.arange(0, BLOCK)
-        total = 0.0
-        for r0 in range(0, n, BLOCK):
-            s = tl.load(vals + r0 + ranks, mask=r0 + ranks < n, other=float("-inf"))
-            total += tl.sum(tl.exp(s.to(tl.float32) * inv_t - top), 0)
-        lse = top + tl.log(total)
-        # In rank order, a token stays while the tokens ranked above it hold less than top_p;
-        # once they hold top_p, no later token can stay, and the walk stops.
-        seed = tl.load(seed_ptr + row)
-        mass = 0.0
+        # candidates are the whole row, sorted). A token stays while the tokens ranked above it
+        # hold less than top_p: a chunk whose predecessors hold top_p keeps none.
+        c = tl.arange(0, CHUNKS_PAD)
+        masses = tl.load(mass_ptr + row * CHUNKS + c, mask=c * BLOCK < n, other=0.0,
+                         cache_modifier=".cg")
+        total = tl.sum(masses, 0)
+        before = tl.sum(tl.where(c < chunk, masses, 0.0), 0) / total
         best = float("-inf")
-        best_token = tl.load(order)
-        start = 0
-        while (start < n) & (mass < p):
-            r = start + ranks
+        best_token = tl.full((), 0, tl.int64) + V
+        if (chunk * BLOCK < n) & (before < p):
+            lse = top + tl.log(total)
+            r = chunk * BLOCK + tl.arange(0, BLOCK)
             s = tl.load(vals + r, mask=r < n, other=float("-inf")).to(tl.float32) * inv_t
             prob = tl.exp(s - lse)
-            above = mass + tl.cumsum(prob, 0) - prob
-            tokens = tl.load(order + r, mask=r < n, other=0)
+            above = before + tl.cumsum(prob, 0) - prob
+            tokens = tl.load(order_ptr + row.to(tl.int64) * stride_c + r, mask=r < n, other=0)
             keep = (r < n) & (above < p) & (s >= floor)
-            score = tl.where(keep, s + _gumbel(seed, tokens.to(tl.int32)), float("-inf"))
-            chunk_best = tl.max(score, 0)
-            chunk_token = tl.min(tl.where(score == chunk_best, tokens, V), 0)
-            if chunk_best > best:
-                best = chunk_best
-                best_token = chunk_token
-            mass += tl.sum(prob, 0)
-            start += BLOCK
-        tl.store(out_ptr + row, best_token)
+            score = tl.where(keep, s + _gumbel(tl.load(seed_ptr + row), tokens.to(tl.int32)),
+                             float("-inf"))
+            best = tl.max(score, 0)
+            best_token = tl.min(tl.where(score == best, tokens, V), 0)
+        tl.store(best_ptr + row * CHUNKS + chunk, best)
+        tl.store(token_ptr + row * CHUNKS + chunk, best_token)
+        # The row's last chunk to arrive picks the best one (as in _argmax_kernel).
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu") == CHUNKS - 1:
+            bests = tl.load(best_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"),
+                            cache_modifier=".cg")
+            winner = tl.max(bests, 0)
+            pick = tl.minimum(tl.min(tl.where(bests == winner, c, CHUNKS_PAD), 0), CHUNKS - 1)
+            token = tl.load(token_ptr + row * CHUNKS + pick, cache_modifier=".cg")
+            # Rank 0 always stays (nothing ranks above it), so some chunk has a token.
+            tl.store(out_ptr + row, tl.minimum(token, V - 1))
+            tl.store(ticket_ptr + row, 0)
 
 
 def sample(x: torch.Tensor, greedy: torch.Tensor, inv_t: torch.Tensor, top_k: torch.Tensor,
@@ -191,9 +220,20 @@ def sample(x: torch.Tensor, greedy: torch.Tensor, inv_t: torch.Tensor, top_k: to
     if width == 1:  # no filters: one launch
         _row_chunks(x, out, race=(inv_t, min_p, seed, greedy))
         return torch.where(inv_t == 0, greedy, out)
+    if rows > MAX_ROWS:
+        raise ValueError(f"sample of {rows} rows: at most {MAX_ROWS}")
     vals, order = x.sort(-1, descending=True) if width >= V else x.topk(width, dim=-1)
+    block = NUCLEUS_BLOCK
+    chunks = triton.cdiv(vals.shape[1], block)
+    mass = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+    best = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+    token = torch.empty(rows, chunks, dtype=torch.long, device=x.device)
     floor = torch.empty(rows, dtype=torch.float32, device=x.device)
-    _nucleus_kernel[(rows,)](vals, order, vals.stride(0), vals.shape[1], V, inv_t, top_k, top_p,
-                             min_p, seed, out, floor, BLOCK=NUCLEUS_BLOCK, num_warps=8)
+    args = (vals, vals.stride(0), vals.shape[1], V, inv_t, top_k, top_p)
+    _nucleus_mass_kernel[(rows, chunks)](*args, mass, chunks, BLOCK=block, num_warps=4)
+    _nucleus_kernel[(rows, chunks)](
+        vals, order, *args[1:], min_p, seed, mass, best, token,
+        arrival_counters(x.device, "nucleus", MAX_ROWS), out, floor, chunks,
+        CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), BLOCK=block, num_warps=4)
     _row_chunks(x, out, race=(inv_t, floor, seed))
     return torch.where(inv_t == 0, greedy, out)
