@@ -121,9 +121,9 @@ def sampled_decode(name: str, llm: LLM, prompt: list[int]) -> dict:
     graphs = llm.engine.runner.graphs
     greedy = tuili_decode_ms(llm, prompt)
     ms = tuili_decode_ms(llm, prompt, temperature=0.7, top_p=0.9)
-    sampler_for, graphs.sampler_for = graphs.sampler_for, lambda n: None
+    graphs.sampler_for = lambda n: None  # shadows the method until deleted
     eager_ms = tuili_decode_ms(llm, prompt, temperature=0.7, top_p=0.9)
-    graphs.sampler_for = sampler_for
+    del graphs.sampler_for
     return dict(shape=name, case="batch-1 decode, top_p 0.9, temperature 0.7", unit="ms/token",
                 tuili=ms, hf=None, speedup=None, tuili_eager_sampling=eager_ms, tuili_greedy=greedy,
                 roofline=f"greedy {greedy:.3f} ms; sampling launched eagerly {eager_ms:.3f} ms")
@@ -137,12 +137,20 @@ def replay_ms(llm: LLM) -> tuple[float, int]:
     return cuda_time(graphs.graphs[1].replay, repeat=50) * 1e3, int(graphs.inputs[1][3, 0])
 
 
-def tuili_ttft_ms(llm: LLM, prompts: list[list[int]]) -> float:
+def tuili_ttft_ms(llm: LLM, prompts: list[list[int]], prefill_graphs: bool = True) -> float:
+    """Median time to first token; prefill_graphs=False runs the prefills eagerly. (The graphs
+    are held only in this frame meanwhile: a reference left in the caller would keep the whole
+    engine, KV cache included, alive after it is deleted.)"""
+    runner = llm.engine.runner
+    graphs = runner.prefill_graphs
+    if not prefill_graphs:
+        runner.prefill_graphs = None
     times = []
     for p in prompts:
         start = now()
         llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
         times.append(now() - start)
+    runner.prefill_graphs = graphs
     return sorted(times)[len(times) // 2] * 1e3
 
 
@@ -227,10 +235,7 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
             elif case.startswith("ttft"):
                 n = len(prompts[case][0])
                 ms = tuili_ttft_ms(llm, prompts[case])
-                runner = llm.engine.runner  # the same prompts with the prefill run eagerly
-                graphs, runner.prefill_graphs = runner.prefill_graphs, None
-                eager_ms = tuili_ttft_ms(llm, prompts[case])
-                runner.prefill_graphs = graphs
+                eager_ms = tuili_ttft_ms(llm, prompts[case], prefill_graphs=False)
                 flops = 2 * params * n + attention_flops(config, n, 0)
                 rows.append(dict(shape=name, case=f"time to first token, {n}-token prompt",
                                  unit="ms", tuili=ms, hf=hf_value, speedup=hf_value / ms,

@@ -3,8 +3,9 @@
 # Uses the machine's python3 (torch, transformers and pytest installed); tuili runs from this tree.
 #   scripts/gpu_check.sh                 tests, kernel benchmarks, all workload shapes
 #   SHAPES=smollm2-135m scripts/gpu_check.sh
-#   PARTS=kernels,workloads scripts/gpu_check.sh   (any of tests, kernels, workloads; all three,
-#                                                  the default, take 7-10 minutes on an H100)
+#   PARTS=kernels,workloads scripts/gpu_check.sh   (any of tests, kernels, workloads; all three
+#                                                  are the default. On an H100 the tests take
+#                                                  about 9 minutes, kernels 2, workloads 6)
 #   PARTS=ab AB=TUILI_QKV_ROPE=0,1 scripts/gpu_check.sh   a switch A/B'd in one process per shape
 #                                                  (benchmarks/gpu_ab.py; SHAPES as above)
 #   PARTS=gaps scripts/gpu_check.sh                whether the GPU waits on Python between batch-1
