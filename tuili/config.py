@@ -42,8 +42,8 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
     enforce_eager: bool = _opt(False, "on GPU, run every step eagerly, without CUDA graphs")
-    max_prefill_graph_tokens: int = _opt(2048, "on GPU, prefill steps of up to this many tokens "
-                                               "(and 8 sequences, no decodes among them) replay "
+    max_prefill_graph_tokens: int = _opt(2048, "on GPU, steps with prefills of up to this many "
+                                               "tokens and 8 sequences (decodes included) replay "
                                                "CUDA graphs; 0: eager")
     async_scheduling: bool | None = _opt(None, "plan and queue each step before the last step's "
                                                "tokens are read back (default: on for GPU, off "

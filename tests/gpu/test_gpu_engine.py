@@ -74,10 +74,14 @@ def test_greedy_within_hf_top5(shaped, engine_options, monkeypatch):
     eager = engine_options.get("enforce_eager", False)
     assert (llm.engine.runner.graphs is None) == eager
     assert (llm.engine.runner.prefill_graphs is None) == eager
-    replayed = []  # the token count of each prefill step that replayed a graph
+    replayed = []  # (token count, sequences) of each step that replayed a prefill graph
     real_run = PrefillGraphs.run
-    monkeypatch.setattr(PrefillGraphs, "run",
-                        lambda self, ids, *rest: replayed.append(len(ids)) or real_run(self, ids, *rest))
+
+    def run(self, ids, positions, slots, seqs, *rest):
+        replayed.append((len(ids), seqs))
+        return real_run(self, ids, positions, slots, seqs, *rest)
+
+    monkeypatch.setattr(PrefillGraphs, "run", run)
     ids = prompts(hf.config.vocab_size)
     assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
     batched = llm.generate(ids, GREEDY)
@@ -86,7 +90,10 @@ def test_greedy_within_hf_top5(shaped, engine_options, monkeypatch):
     assert all(o.num_cached_tokens > 0 for o, p in zip(again, ids) if len(p) > 32)
     assert_within_hf_top5(hf, ids, again)
     # Single and batched prompts, prefix hits and (with 64-token steps) chunks all replayed graphs.
-    assert bool(replayed) != eager and all(n <= llm.engine.prefill_graph_tokens for n in replayed)
+    assert bool(replayed) != eager and all(n <= llm.engine.prefill_graph_tokens for n, _ in replayed)
+    if "max_num_batched_tokens" in engine_options:  # chunks beside decodes: mixed steps replayed
+        assert any(any(new == 1 and cached > 0 for _, new, cached in seqs)
+                   and any(new > 1 for _, new, _ in seqs) for _, seqs in replayed)
 
 
 @pytest.mark.parametrize("eager", [True, False])

@@ -1,5 +1,5 @@
-"""CUDA graphs: one per batch size for decode, one per token count for prefill steps; a step
-replays the graph of the next size up, padded.
+"""CUDA graphs: one per batch size for decode, one per token count for steps with prefills (their
+decodes, if any, as one-token sequences); a step replays the graph of the next size up, padded.
 
 Captured once at start-up over static input buffers; a replay launches the whole model (all
 layers, and for decode the LM head) with one CPU call. At batch 1 the GPU then never waits on
@@ -170,9 +170,10 @@ class DecodeGraphs:
 
 
 class PrefillGraphs:
-    """Graphs of the model's forward over prefill steps (no decodes among them) of up to
-    PREFILL_SEQS sequences and max_tokens tokens; the step's tokens are padded to the next
-    captured count. A graph puts out the hidden states of the rows the step samples (the last
+    """Graphs of the model's forward over steps with prefills of up to PREFILL_SEQS sequences
+    and max_tokens tokens, decodes among them taken as sequences of one new token (so a request
+    arriving while others decode does not drop the step to eager launches); the step's tokens
+    are padded to the next captured count. A graph puts out the hidden states of the rows the step samples (the last
     layer runs its o_proj and MLP on those alone, as eagerly); the LM head runs after it, on as
     many rows as are sampled, or not at all for a chunk that samples none."""
 
@@ -221,10 +222,12 @@ class PrefillGraphs:
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             prefills: list[tuple[int, int, int]], tables: list[list[int]],
-            sample_rows: list[int]) -> torch.Tensor:
-        """The hidden states [len(sample_rows), hidden] of a prefill step (`fits`): the flat
-        tokens' ids, positions and cache slots, each sequence's (first row, new tokens, cached
-        tokens) and block table, and the rows to sample."""
+            sample_rows: list[int], feed: tuple[list[int], list[int]] = ([], []),
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states [len(sample_rows), hidden] of a step (`fits`): the flat tokens' ids,
+        positions and cache slots, each sequence's (first row, new tokens, cached tokens) and
+        block table, and the rows to sample. The ids of rows feed[0] are still on the device:
+        rows feed[1] of `tokens`."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
         pad, seq_pad = size - n, PREFILL_SEQS - len(prefills)
@@ -237,6 +240,8 @@ class PrefillGraphs:
         flat.extend(sample_rows)
         flat.extend([0] * (PREFILL_SEQS - len(sample_rows)))
         upload(self.tokens[:len(flat)], flat)
+        if feed[0]:
+            copy_rows(self.tokens[:size], feed[0], tokens, feed[1])
         upload(self.seqs, [list(col) + [0] * seq_pad for col in zip(*prefills)])
         tables = pad_tables(tables)
         self.tables[:len(tables), :len(tables[0])].copy_(

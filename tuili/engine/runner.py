@@ -1,5 +1,5 @@
 """ModelRunner: a scheduled Batch -> flat device tensors -> model -> logits of the rows that need them.
-On the GPU, decode steps and prefill steps that fit replay CUDA graphs (cuda_graphs.py).
+On the GPU, decode steps and steps with prefills that fit replay CUDA graphs (cuda_graphs.py).
 
 It owns the device tensors: the per-layer KV cache and the rotary tables.
 """
@@ -86,7 +86,7 @@ class ModelRunner:
                                              pending.tokens if pending else None)
             return StepOutput(list(batch.requests), logits, argmax,
                               self.graphs.sampler_for(len(batch)))
-        ids, positions, slots, tables, seq_lens, prefills = [], [], [], [], [], []
+        ids, positions, slots, tables, seq_lens, seqs = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []
         bs, row = self.block_size, 0
@@ -98,8 +98,7 @@ class ModelRunner:
             add_slots(slots, table, start, end, bs)
             tables.append(table)
             seq_lens.append(end)
-            if i >= batch.num_decodes:
-                prefills.append((row, n, start))
+            seqs.append((row, n, start))
             if end == req.num_tokens:
                 sample_rows.append(row + n - 1)
                 out.sample_requests.append(req)
@@ -108,12 +107,15 @@ class ModelRunner:
                 prompt_rows.append((req, row, m, start + 1))
             row += n
 
-        if (self.prefill_graphs and not batch.num_decodes and not prompt_rows
-                and self.prefill_graphs.fits(row, len(prefills))):
-            hidden = self.prefill_graphs.run(ids, positions, slots, prefills, tables, sample_rows)
+        # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken
+        # as sequences of one new token.
+        if self.prefill_graphs and not prompt_rows and self.prefill_graphs.fits(row, len(seqs)):
+            hidden = self.prefill_graphs.run(ids, positions, slots, seqs, tables, sample_rows,
+                                             feed, pending.tokens if pending else None)
             if sample_rows:
                 out.sample_logits = self.model.logits(hidden)
             return out
+        prefills = seqs[batch.num_decodes:]
         dev, long = self.device, torch.long
         meta = AttentionMetadata(
             slot_mapping=to_device(slots, long, dev),
