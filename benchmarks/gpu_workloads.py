@@ -2,8 +2,10 @@
 each case also as a ratio to the roofline measured in the same run.
 
 Cases (issue 3): batch-1 decode time per token at 128 and 8k context; time to first token of a
-128- and a 2048-token prompt (and of the same prompts with the prefill CUDA graphs set aside); 256 requests x (512 in, 256 out) wall time; 256 requests with in/out lengths
-uniform in 100-1024, output tok/s. HF runs a bare forward loop with its KV cache for decode, one
+128- and a 2048-token prompt (and of the same prompts with the prefill CUDA graphs set aside); a
+128-token prompt arriving beside 3 decoding streams (tuili alone: its TTFT and the streams' longest
+gap, the mixed step in a graph and eagerly); 256 requests x (512 in, 256 out) wall time; 256
+requests with in/out lengths uniform in 100-1024, output tok/s. HF runs a bare forward loop with its KV cache for decode, one
 forward for TTFT, and `generate` on statically padded batches for throughput (a 32- or 64-request
 slice, its rate scaled to the whole workload).
 
@@ -31,8 +33,9 @@ from tests.gpu.random_models import SHAPES, build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 
 FULL_LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28}
-CASES = {"smollm2-135m": ["decode128", "ttft128"],
-         "llama3-8b": ["decode128", "decode8k", "ttft128", "ttft2048", "batch256x512x256"],
+CASES = {"smollm2-135m": ["decode128", "ttft128", "arrival"],
+         "llama3-8b": ["decode128", "decode8k", "ttft128", "ttft2048", "arrival",
+                       "batch256x512x256"],
          "qwen3-0.6b": ["decode128", "batch256-uniform"]}
 DECODE_TOKENS = 64
 
@@ -154,6 +157,48 @@ def tuili_ttft_ms(llm: LLM, prompts: list[list[int]], prefill_graphs: bool = Tru
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def arrival(llm: LLM, vocab: int, trials: int = 5, mixed_graphs: bool = True) -> tuple[float, float]:
+    """A 128-token prompt arriving while 3 streams decode: its time to first token and the
+    longest gap between the first stream's tokens around it (ms, medians of `trials`).
+    mixed_graphs=False runs the step that holds the prompt and the decodes eagerly (prefill
+    graphs only for steps without decodes, as before they took decodes)."""
+    eng = llm.engine
+    graphs = eng.runner.prefill_graphs
+    if not mixed_graphs:
+        graphs.fits = lambda n, seqs: seqs == 1 and type(graphs).fits(graphs, n, seqs)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for k in range(trials):
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        for i in range(3):
+            eng.add_request(f"s{k}.{i}", torch.randint(2, vocab, (40,), generator=g).tolist(), params)
+        stamps, firsts = [], []
+
+        def step():  # stamps the first stream's tokens and the new prompt's
+            for o in eng.step():
+                if o.request_id == f"s{k}.0":
+                    stamps.append(now())
+                if o.request_id == f"n{k}" and o.outputs[0].token_ids:
+                    firsts.append(now())
+
+        for _ in range(30):
+            step()
+        start = now()
+        eng.add_request(f"n{k}", torch.randint(2, vocab, (128,), generator=g).tolist(),
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        for _ in range(12):
+            step()
+        ttft = firsts[0] - start
+        for rid in [f"s{k}.{i}" for i in range(3)] + [f"n{k}"]:
+            eng.abort_request(rid)
+        while eng.has_unfinished_requests():
+            eng.step()
+        results.append((ttft * 1e3, max(b - a for a, b in zip(stamps, stamps[1:])) * 1e3))
+    if not mixed_graphs:
+        del graphs.fits
+    return tuple(sorted(r[i] for r in results)[trials // 2] for i in (0, 1))
+
+
 def tuili_throughput(llm: LLM, prompts: list[list[int]], outs: list[int]) -> tuple[float, float]:
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
     start = now()
@@ -197,6 +242,8 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
                       for n in (128, 2048)}}
         hf_results = {}
         for case in CASES[name]:
+            if case == "arrival":  # tuili alone
+                continue
             if case == "decode128":
                 linears_ms = cublas_linears_ms(hf)
                 print(f"  cuBLAS linears alone: {linears_ms:.3f} ms", flush=True)
@@ -216,8 +263,19 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
         llm = LLM(tmp, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=8192)
         replays = {}
         for case in CASES[name]:
-            hf_value = hf_results[case]
-            if case.startswith("decode"):
+            hf_value = hf_results.get(case)
+            if case == "arrival":
+                ttft, gap = arrival(llm, vocab)
+                eager_ttft, eager_gap = arrival(llm, vocab, mixed_graphs=False)
+                rows.append(dict(shape=name, case="128-token prompt beside 3 streams: TTFT",
+                                 unit="ms", tuili=ttft, hf=None, speedup=None,
+                                 tuili_eager_mixed=eager_ttft,
+                                 roofline=f"mixed step eager: {eager_ttft:.2f} ms"))
+                rows.append(dict(shape=name, case="... the streams' longest token gap",
+                                 unit="ms", tuili=gap, hf=None, speedup=None,
+                                 tuili_eager_mixed=eager_gap,
+                                 roofline=f"mixed step eager: {eager_gap:.2f} ms"))
+            elif case.startswith("decode"):
                 ctx = len(prompts[case]) + DECODE_TOKENS // 2
                 ms = tuili_decode_ms(llm, prompts[case])
                 floor = (params * 2 + ctx * kv_tok) / bw * 1e3
