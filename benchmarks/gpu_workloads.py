@@ -5,9 +5,9 @@ Cases (issue 3): batch-1 decode time per token at 128 and 8k context; time to fi
 128- and a 2048-token prompt (and of the same prompts with the prefill CUDA graphs set aside); a
 128-token prompt arriving beside 3 decoding streams (tuili alone: its TTFT and the streams' longest
 gap, the mixed step in a graph and eagerly); 256 requests x (512 in, 256 out) wall time; 256
-requests with in/out lengths uniform in 100-1024, output tok/s. HF runs a bare forward loop with its KV cache for decode, one
-forward for TTFT, and `generate` on statically padded batches for throughput (a 32- or 64-request
-slice, its rate scaled to the whole workload).
+requests with in/out lengths uniform in 100-1024, output tok/s. HF runs a bare forward loop with
+its KV cache for decode, one forward for TTFT, and `generate` on statically padded batches for
+throughput (a 32- or 64-request slice, its rate scaled to the whole workload).
 
     python benchmarks/gpu_workloads.py [--shapes smollm2-135m,qwen3-0.6b,llama3-8b] [--json F]
 """
@@ -171,7 +171,8 @@ def arrival(llm: LLM, vocab: int, trials: int = 5, mixed_graphs: bool = True) ->
     for k in range(trials):
         params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
         for i in range(3):
-            eng.add_request(f"s{k}.{i}", torch.randint(2, vocab, (40,), generator=g).tolist(), params)
+            prompt = torch.randint(2, vocab, (40,), generator=g).tolist()
+            eng.add_request(f"s{k}.{i}", prompt, params)
         stamps, firsts = [], []
 
         def step():  # stamps the first stream's tokens and the new prompt's

@@ -173,9 +173,10 @@ class PrefillGraphs:
     """Graphs of the model's forward over steps with prefills of up to PREFILL_SEQS sequences
     and max_tokens tokens, decodes among them taken as sequences of one new token (so a request
     arriving while others decode does not drop the step to eager launches); the step's tokens
-    are padded to the next captured count. A graph puts out the hidden states of the rows the step samples (the last
-    layer runs its o_proj and MLP on those alone, as eagerly); the LM head runs after it, on as
-    many rows as are sampled, or not at all for a chunk that samples none."""
+    are padded to the next captured count. A graph puts out the hidden states of the rows the
+    step samples (the last layer runs its o_proj and MLP on those alone, as eagerly); the LM
+    head runs after it, on as many rows as are sampled, or not at all for a chunk that samples
+    none."""
 
     def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_tokens: int,
                  max_blocks: int, device: torch.device):
@@ -221,7 +222,7 @@ class PrefillGraphs:
         return self.model(ids, meta, rows)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
-            prefills: list[tuple[int, int, int]], tables: list[list[int]],
+            seqs: list[tuple[int, int, int]], tables: list[list[int]],
             sample_rows: list[int], feed: tuple[list[int], list[int]] = ([], []),
             tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden states [len(sample_rows), hidden] of a step (`fits`): the flat tokens' ids,
@@ -230,7 +231,7 @@ class PrefillGraphs:
         rows feed[1] of `tokens`."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        pad, seq_pad = size - n, PREFILL_SEQS - len(prefills)
+        pad, seq_pad = size - n, PREFILL_SEQS - len(seqs)
         flat = array("q", ids)
         flat.extend([0] * pad)
         flat.extend(positions)
@@ -242,7 +243,7 @@ class PrefillGraphs:
         upload(self.tokens[:len(flat)], flat)
         if feed[0]:
             copy_rows(self.tokens[:size], feed[0], tokens, feed[1])
-        upload(self.seqs, [list(col) + [0] * seq_pad for col in zip(*prefills)])
+        upload(self.seqs, [list(col) + [0] * seq_pad for col in zip(*seqs)])
         tables = pad_tables(tables)
         self.tables[:len(tables), :len(tables[0])].copy_(
             to_device(tables, torch.long, self.tokens.device))

@@ -90,7 +90,7 @@ class ModelRunner:
         out = StepOutput()
         sample_rows, prompt_rows = [], []
         bs, row = self.block_size, 0
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
+        for req, n in zip(batch.requests, batch.num_new):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             ids.extend(req.token_ids[start:end])
             positions.extend(range(start, end))
