@@ -61,15 +61,15 @@ def decode_case(batch: int, context: int, read_bw: float, copies: int = 1) -> di
 @triton.jit
 def _paged_read_kernel(k_ptr, v_ptr, table, out, per_split, KV_HEADS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum one (kv head, split) range of a paged cache as the decode kernel walks it, no math."""
+    """Sum one (kv head, split) range of a paged cache, read as the decode kernel reads it (its
+    own tile loader), no math."""
     kv_head, split = tl.program_id(0), tl.program_id(1)
     acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for start in range(split * per_split, (split + 1) * per_split, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        block = tl.load(table + pos // BLOCK_SIZE)
-        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
-        offs = row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        acc += tl.load(k_ptr + offs).to(tl.float32) + tl.load(v_ptr + offs).to(tl.float32)
+    lo = split * per_split
+    for start in range(lo, lo + per_split, BLOCK_N):
+        k, v, _ = triton_attention._kv_tile(k_ptr, v_ptr, table, kv_head, start, lo + per_split,
+                                            KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+        acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(out + kv_head * tl.num_programs(1) + split, tl.sum(acc))
 
 

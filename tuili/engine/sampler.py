@@ -221,9 +221,9 @@ def top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
     top_p of their probability. Only the best max(top_k) tokens, or CANDIDATES when a row
     has no top_k, are ranked (topk, no full sort). A row with top_p but no top_k may need more
     than its candidates; whether it does is known only on the device. On the CPU (may_wait) the
-    answer is read and a full sort runs only when needed. On the GPU, reading it would make the
-    host wait for the step, and the pipeline would drain every step, so such rows take the full
-    sort at once."""
+    answer is read and a full sort runs only when needed. On the GPU (where this serves as the
+    kernels' reference: the engine samples there in triton_sampling) reading it would make the
+    host wait, so such rows take the full sort at once."""
     B, V = logits.shape
     k = [kk if 0 < kk < V else V for kk in top_k]
     open_top_p = any(kk == V and pp < 1 for kk, pp in zip(k, top_p))
