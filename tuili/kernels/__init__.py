@@ -1,5 +1,7 @@
 """Kernels. `reference` holds the plain-torch version of each: the CPU path and the test oracle.
-The Triton modules (`triton_attention`, `triton_fused`) serve CUDA tensors when Triton is there."""
+The Triton modules (`triton_attention`, `triton_fused`, `triton_gemv`, `triton_rope`,
+`triton_sampling`) serve CUDA tensors when Triton is there; `tuning` holds the GPU traits their
+launch shapes are chosen by."""
 
 from __future__ import annotations
 
@@ -27,19 +29,12 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@functools.cache
-def _sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-# Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: launches are
-# shaped as on an H100.
-INTERPRETER_SMS = 132
-
-
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (INTERPRETER_SMS for a CPU one)."""
-    return _sms(_index(device)) if device.type == "cuda" else INTERPRETER_SMS
+    """Streaming multiprocessors of a CUDA device (an H100's 132 for a CPU one: under Triton's
+    interpreter, TRITON_INTERPRET=1, the kernels run on CPU tensors, launches shaped as there)."""
+    from tuili.kernels.tuning import gpu_traits
+
+    return gpu_traits(device).sms
 
 
 def pdl(t: torch.Tensor) -> bool:

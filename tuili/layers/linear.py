@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuili.kernels import on_gpu, triton_module
+from tuili.kernels.tuning import gpu_traits
 from tuili.layers.activation import silu_and_mul
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
 from tuili.layers.norm import RMSNorm
@@ -54,7 +55,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         gemv = triton_module("triton_gemv")
         n = weight.shape[0] // 2 if gated else weight.shape[0]
         norm_pass = norm is not None and norm_sumsq is None
-        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated)
+        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated,
+                                     gpu_traits(x.device))
         if config is not None:
             fused_rope = rope if rope is not None and rope.fits(config) else None
             out = gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
