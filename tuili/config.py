@@ -36,7 +36,8 @@ class EngineConfig:
     gpu_memory_utilization: float = _opt(0.9, "share of the GPU's memory tuili may use in all: "
                                               "weights, activations, then the KV cache")
     num_kv_blocks: int | None = _opt(None, "exact number of KV-cache blocks (overrides the budget)")
-    max_num_seqs: int = _opt(64, "most sequences in one step")
+    max_num_seqs: int | None = _opt(None, "most sequences in one step (default: 256 on GPU, as "
+                                          "vLLM; 64 on CPU)")
     max_num_batched_tokens: int | None = _opt(None, "most tokens computed in one step (default: "
                                                     "1024 on CPU, 8192 on GPU)")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
@@ -68,7 +69,7 @@ class EngineConfig:
              "> 0")
         need("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]")
         need("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1, ">= 1")
-        need("max_num_seqs", self.max_num_seqs >= 1, ">= 1")
+        need("max_num_seqs", self.max_num_seqs is None or self.max_num_seqs >= 1, ">= 1")
         need("max_num_batched_tokens",
              self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, ">= 1")
         need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")

@@ -10,7 +10,8 @@ import torch
 
 from tuili.config import EngineConfig
 from tuili.engine.detokenizer import Detokenizer
-from tuili.engine.kv_cache import BlockPool, KVCacheManager
+from tuili.engine.cuda_graphs import PREFILL_SEQS
+from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
 from tuili.engine.request import PENDING, Request, Status
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput, profile_activation_bytes
 from tuili.engine.sampler import SampledTokens, Sampler, token_logprobs
@@ -96,10 +97,12 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = pick_device(config.device)
-        if config.max_num_batched_tokens is None:
-            # GPU steps are cheap per token up to several thousand; CPU steps are not.
-            config = self.config = replace(
-                config, max_num_batched_tokens=8192 if self.device.type == "cuda" else 1024)
+        # Device defaults: GPU steps are cheap per token up to several thousand and per sequence
+        # up to hundreds (BENCHMARKS.md, eleventh session); CPU steps are not.
+        gpu = self.device.type == "cuda"
+        config = self.config = replace(
+            config, max_num_batched_tokens=config.max_num_batched_tokens or (8192 if gpu else 1024),
+            max_num_seqs=config.max_num_seqs or (256 if gpu else 64))
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
         loaded = loader.load(config.model, self.dtype, self.device, config.revision,
@@ -125,6 +128,8 @@ class LLMEngine:
         self.samples: dict[str, _Sample] = {}  # by the sequence's own request id
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.profiler = None
+        if self.device.type == "cuda" and HAS_TRITON:
+            self._warm_up()
         if config.profile:
             from tuili.analysis.profiler import PhaseProfiler
 
@@ -133,6 +138,26 @@ class LLMEngine:
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)
+
+    def _warm_up(self) -> None:
+        """Run requests of each kind end to end before any user's (an eager prefill of more
+        prompts than a prefill graph holds, a graph prefill, graph decodes; greedy, top-p, top-k
+        and min-p rows), so that the kernels launched outside the captured graphs compile now:
+        on an H200 the first requests after start-up otherwise waited on Triton compilations."""
+        kinds = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                 SamplingParams(max_tokens=3, top_p=0.9, ignore_eos=True, seed=0),
+                 SamplingParams(max_tokens=3, top_k=5, ignore_eos=True, seed=0),
+                 SamplingParams(max_tokens=3, min_p=0.1, ignore_eos=True, seed=0)]
+        vocab = self.model_config.vocab_size
+        for wave, count in enumerate((PREFILL_SEQS + 2, 2)):
+            for i in range(count):
+                prompt = [(7 * i + j) % vocab for j in range(1 + 5 * i)]
+                self.add_request(f"warm-up-{wave}-{i}", prompt, kinds[i % len(kinds)],
+                                 stream=False)
+            while self.has_unfinished_requests():
+                self.step()
+        self.pool.reset_prefix_cache()
+        self.pool.stats = PrefixCacheStats()
 
     def _plan_kv_cache(self, model: torch.nn.Module) -> tuple[int, int]:
         c, mc = self.config, self.model_config
@@ -296,9 +321,10 @@ class LLMEngine:
             group = self.groups.get(gid)
             if group is None:  # aborted
                 continue
-            if group.stream or group.finished:
-                outputs.append(self._output(group))
-            if group.finished:
+            finished = group.finished
+            if group.stream or finished:
+                outputs.append(self._output(group, finished))
+            if finished:
                 self._forget(group)
         return outputs
 
@@ -337,16 +363,16 @@ class LLMEngine:
         targets = to_device(req.token_ids[first:first + logits.shape[0]], torch.long, logits.device)
         req.prompt_logprobs.extend(token_logprobs(logits, targets, req.params.prompt_logprobs))
 
-    def _output(self, group: _Group) -> RequestOutput:
+    def _output(self, group: _Group, finished: bool) -> RequestOutput:
         outputs = []
         for s in group.samples:
             for token in s.undecoded:
                 s.detok.add(token, check_stop=False)
             s.undecoded.clear()
             r = s.request
-            tokens = r.output_token_ids
+            tokens = r.output_token_ids  # a copy: the request's list grows on
             outputs.append(CompletionOutput(
-                index=s.index, text=s.detok.text, token_ids=list(tokens),
+                index=s.index, text=s.detok.text, token_ids=tokens,
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                 logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
                 delta_text=s.detok.take_delta(r.is_finished),
@@ -355,7 +381,7 @@ class LLMEngine:
         first = group.samples[0].request
         return RequestOutput(
             request_id=group.request_id, prompt=group.prompt,
-            prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=group.finished,
+            prompt_token_ids=first.prompt_token_ids, outputs=outputs, finished=finished,
             prompt_logprobs=first.prompt_logprobs if first.wants_prompt_logprobs else None,
             num_cached_tokens=first.num_cached_tokens)
 
