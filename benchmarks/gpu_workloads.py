@@ -32,11 +32,12 @@ from benchmarks.gpu_common import (attention_flops, cuda_time, kv_bytes_per_toke
 from tests.gpu.random_models import SHAPES, build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 
-FULL_LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28}
+FULL_LAYERS = {"smollm2-135m": 30, "llama3-8b": 32, "qwen3-0.6b": 28, "qwen2.5-7b": 28}
 CASES = {"smollm2-135m": ["decode128", "ttft128", "arrival"],
          "llama3-8b": ["decode128", "decode8k", "ttft128", "ttft2048", "arrival",
                        "batch256x512x256"],
-         "qwen3-0.6b": ["decode128", "batch256-uniform"]}
+         "qwen3-0.6b": ["decode128", "batch256-uniform"],
+         "qwen2.5-7b": ["decode128"]}
 DECODE_TOKENS = 64
 
 
@@ -261,7 +262,7 @@ def run_shape(name: str, ceilings: dict) -> list[dict]:
         gc.collect()
         torch.cuda.empty_cache()
 
-        llm = LLM(tmp, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=8192)
+        llm = LLM(tmp, dtype="bfloat16", device="cuda", max_model_len=8192)  # default options
         replays = {}
         for case in CASES[name]:
             hf_value = hf_results.get(case)

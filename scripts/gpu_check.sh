@@ -10,13 +10,17 @@
 #                                                  (benchmarks/gpu_ab.py; SHAPES as above)
 #   PARTS=gaps scripts/gpu_check.sh                whether the GPU waits on Python between batch-1
 #                                                  decode steps (benchmarks/gpu_step_gaps.py)
+#   PARTS=serve scripts/gpu_check.sh               `tuili serve` on the 8B shape under `tuili bench
+#                                                  serve` (256 x (512, 256) at once, at 8 and 24
+#                                                  req/s) beside LLM.generate (benchmarks/gpu_serve.py;
+#                                                  needs fastapi/uvicorn, and py-spy for the GIL)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 parts=",${PARTS:-tests,kernels,workloads},"
-tests=0 kernels=0 workloads=0 ab=0 gaps=0
+tests=0 kernels=0 workloads=0 ab=0 gaps=0 serve=0
 if [[ $parts == *,tests,* ]]; then
   python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}
@@ -43,6 +47,13 @@ if [[ $parts == *,gaps,* ]]; then
     | grep -v "capturing decode CUDA graphs\|Writing model shards" | tee "$out/gpu_step_gaps.log"
   gaps=${PIPESTATUS[0]}
 fi
+if [[ $parts == *,serve,* ]]; then
+  python3 benchmarks/gpu_serve.py --shape "${SHAPES:-llama3-8b}" --rates "${RATES:-8,24}" \
+    $(command -v py-spy >/dev/null && echo --py-spy) --json "$out/gpu_serve.json" 2>&1 \
+    | tr '\r' '\n' | grep -v "capturing\|Writing model\|INFO:\|it/s\]\|s/it\]\|^ *$" \
+    | tee "$out/gpu_serve.log"
+  serve=${PIPESTATUS[0]}
+fi
 echo "gpu tests exit $tests, kernel benchmarks exit $kernels, workloads exit $workloads," \
-  "A/B exit $ab, step gaps exit $gaps"
-exit $(( tests || kernels || workloads || ab || gaps ))
+  "A/B exit $ab, step gaps exit $gaps, serve exit $serve"
+exit $(( tests || kernels || workloads || ab || gaps || serve ))

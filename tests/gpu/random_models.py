@@ -15,6 +15,10 @@ SHAPES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "qwen2.5-7b": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+        num_key_value_heads=4, rope_theta=1000000.0, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)),
     "qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
@@ -32,6 +36,13 @@ def byte_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(sorted(alphabet))}, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def word_tokenizer(vocab: int) -> Tokenizer:
+    """One word ("t17") per id of a `vocab`-sized model, so every generated id decodes to text."""
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tok
 
 
