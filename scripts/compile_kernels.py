@@ -71,8 +71,8 @@ def resources(kernel) -> tuple[int, int, int]:
 
 
 def launch_all() -> None:
-    """One decode step's kernels per shape and row count (the rope kernel and TUILI_QKV_ROPE=1's
-    epilogue both), prefill attention, Qwen3's q/k-norm rope kernel and the sampling kernels."""
+    """One decode step's kernels per shape and row count, prefill attention, Qwen3's q/k-norm
+    rope kernel and the sampling kernels."""
     from tuili import kernels
     from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
     from tuili.layers.rotary import RotaryEmbedding
@@ -93,12 +93,7 @@ def launch_all() -> None:
             x = torch.zeros(m, hidden, dtype=bf)
             sums = torch.ones(m, 4, dtype=torch.float32)
             ids = torch.arange(m)
-            store = triton_gemv.RopeStore(ids, rope.cos, rope.sin, ids, *caches, heads)
-            cfg = triton_gemv.default_config(m, qkv_w.shape[0], hidden)
             WHERE["model"] = f"{name}, {m} row{'s' if m > 1 else ''}"
-            if store.fits(cfg):
-                WHERE["launch"] = "qkv + rope + KV store"
-                q = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums, rope=store)
             WHERE["launch"] = "qkv"
             qkv = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums)
             WHERE["launch"] = "rope + KV store"

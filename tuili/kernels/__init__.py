@@ -55,15 +55,6 @@ def _pdl_on(device_index: int) -> bool:
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
 
 
-def rope_in_qkv() -> bool:
-    """Whether a decode GEMV of a QKV projection also applies rotary and stores K/V in its epilogue
-    (triton_gemv.RopeStore), so that no kernel runs between it and attention: TUILI_QKV_ROPE=1.
-    Off by default: in decode graphs on an H100 it saved nothing over the rope kernel, which PDL
-    already overlaps with the projection's tail (BENCHMARKS.md, sixth session). Read at each call:
-    graphs captured after a change follow it."""
-    return os.environ.get("TUILI_QKV_ROPE", "0") == "1"
-
-
 @functools.cache
 def arrival_counters(device: torch.device, kernel: str, size: int = 4096) -> torch.Tensor:
     """Zeroed int32 counters for `kernel`'s programs to take arrival tickets from (the last to

@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from tuili.kernels import on_gpu, reference, rope_in_qkv, triton_module
+from tuili.kernels import on_gpu, reference, triton_module
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rotate_qk
 
@@ -45,27 +45,14 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
 
-    def rope_store(self, meta: AttentionMetadata):
-        """On the GPU, the rotary and K/V store for a QKV projection's decode GEMV to carry out in
-        its epilogue (a triton_gemv.RopeStore); None on the CPU, or where the rope kernel does
-        them (`kernels.rope_in_qkv`). Not for q/k norms, which need whole heads."""
-        if not (on_gpu(meta.positions) and rope_in_qkv() and self._pow2_head()):
-            return None
-        return triton_module("triton_gemv").RopeStore(
-            meta.positions, meta.rope.cos, meta.rope.sin, meta.slot_mapping, self.k_cache,
-            self.v_cache, self.num_heads)
-
     def _pow2_head(self) -> bool:
         return self.head_dim & (self.head_dim - 1) == 0
 
     def prepare_qkv(self, qkv: torch.Tensor, meta: AttentionMetadata, q_norm: RMSNorm | None = None,
-                    k_norm: RMSNorm | None = None, stored: bool = False):
+                    k_norm: RMSNorm | None = None):
         """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, d]: q and k normalised
         per head (when norms are given, as in Qwen3) and rotated. On the GPU one kernel does this
-        and also stores k and v in the cache: k and v come back None, so forward() skips its store.
-        stored: the projection's epilogue did it all already (`rope_store`); q is qkv's q part."""
-        if stored:
-            return qkv[:, :self.num_heads], None, None
+        and also stores k and v in the cache: k and v come back None, so forward() skips its store."""
         if on_gpu(qkv) and self._pow2_head():
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
             q = triton_module("triton_rope").rope_and_store(

@@ -38,38 +38,23 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm: RMSNorm | None = None, norm_sumsq: torch.Tensor | None = None,
-           gated: bool = False, residual: torch.Tensor | None = None, want_sumsq: bool = False,
-           rope=None):
+           gated: bool = False, residual: torch.Tensor | None = None, want_sumsq: bool = False):
     """norm(x) (x if no norm) @ weight.T (+ bias), then silu(gate) * up if gated (weight is a
     merged [gate | up]), then + residual.
 
     At decode the GEMV that adds a residual can also leave the new stream's sum of squares per row
     (want_sumsq: returns (out, sums), sums None where no GEMV ran); given to the next projection as
-    norm_sumsq, they spare its norm prologue a pass over x in every program.
-
-    rope: a QKV projection's rotary and K/V store (triton_gemv.RopeStore), for its GEMV's epilogue
-    to carry out; returns (out, True) when it did (q rotated in out, k and v in the cache), else
-    (out, False), the plain projection."""
+    norm_sumsq, they spare its norm prologue a pass over x in every program."""
     if fuses_into_gemv(x):
         gemv = triton_module("triton_gemv")
         n = weight.shape[0] // 2 if gated else weight.shape[0]
         norm_pass = norm is not None and norm_sumsq is None
         config = gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated)
         if config is not None:
-            fused_rope = rope if rope is not None and rope.fits(config) else None
-            out = gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
-                            norm.eps if norm is not None else 0.0, gated, config,
-                            sumsq=norm_sumsq if norm is not None else None, want_sumsq=want_sumsq,
-                            rope=fused_rope)
-            return (out, fused_rope is not None) if rope is not None else out
+            return gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
+                             norm.eps if norm is not None else 0.0, gated, config,
+                             sumsq=norm_sumsq if norm is not None else None, want_sumsq=want_sumsq)
     out = epilogue(matmul(x if norm is None else norm(x), weight, bias), gated, residual)
-    return unfused_result(out, want_sumsq, rope)
-
-
-def unfused_result(out: torch.Tensor, want_sumsq: bool, rope):
-    """What `linear` returns where no GEMV ran: no sums of squares, no rotary or K/V store done."""
-    if rope is not None:
-        return out, False
     return (out, None) if want_sumsq else out
 
 
@@ -97,14 +82,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None,
                 norm_sumsq: torch.Tensor | None = None, gated: bool = False,
-                residual: torch.Tensor | None = None, want_sumsq: bool = False, rope=None):
+                residual: torch.Tensor | None = None, want_sumsq: bool = False):
         """norm(x) W^T (+ b), silu-and-mul'ed if gated, + residual: as `linear`."""
         if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
             out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
             out = epilogue(out if self.bias is None else out + self.bias, gated, residual)
-            return unfused_result(out, want_sumsq, rope)
+            return (out, None) if want_sumsq else out
         return linear(x, self.weight, self.bias, norm=norm, norm_sumsq=norm_sumsq, gated=gated,
-                      residual=residual, want_sumsq=want_sumsq, rope=rope)
+                      residual=residual, want_sumsq=want_sumsq)
 
     def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""

@@ -32,14 +32,11 @@ class LlamaAttention(nn.Module):
                 norm_sumsq: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None, want_sumsq: bool = False):
         """o_proj(attention(qkv_proj(norm(x)))) (+ residual); norm and residual come at decode,
-        where they run inside the two projections' GEMVs (see `linear` for the sums of squares),
-        as do, without q/k norms, the rotary and the K/V store (`Attention.rope_store`).
+        where they run inside the two projections' GEMVs (see `linear` for the sums of squares).
         Given `rows`, o_proj runs on those rows alone (every token's K/V is stored all the same)."""
-        rope = self.attn.rope_store(meta) if self.q_norm is None else None
-        qkv = self.qkv_proj(x, norm=norm, norm_sumsq=norm_sumsq, rope=rope)
-        qkv, stored = qkv if rope is not None else (qkv, False)
+        qkv = self.qkv_proj(x, norm=norm, norm_sumsq=norm_sumsq)
         qkv = qkv.view(x.shape[0], self.nh + 2 * self.nkv, self.d)
-        q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm, stored)
+        q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm)
         out = self.attn(q, k, v, meta)
         if rows is not None:
             out = out.index_select(0, rows)
