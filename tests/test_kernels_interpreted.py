@@ -202,8 +202,7 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)
     with every GPU-only branch taken (GEMVs with the norms, the rope kernel, Triton decode and
     prefill attention) matches the torch path: logits and the K/V written to the cache."""
-    import tuili.layers.attention as attention
-    import tuili.layers.linear as linear
+    import tuili.layers.backend as backend
     import tuili.models.llama as llama
     from tuili.layers.attention import AttentionMetadata
     from tuili.models.config import ModelConfig
@@ -212,6 +211,7 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     c = ModelConfig("LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=256,
                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, attention_bias=True)
     model = llama.LlamaForCausalLM(c)
+    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend())
     for p in model.parameters():
         p.data.normal_(0, 0.08)
     for m in model.modules():
@@ -229,21 +229,20 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
                              prefills=[(2, 3, 4)],
                              prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
 
-    def step():
+    def step(model):
         attn = model.attention_layers()[0]
         attn.k_cache, attn.v_cache = (t.clone() for t in start)
         with torch.inference_mode():
             ids = torch.tensor([7, 100, 3, 50, 201])
             return model.logits(model(ids, meta)), attn.k_cache, attn.v_cache
 
-    expected = step()
+    expected = step(model)
+    gpu_model.load_state_dict(model.state_dict())
     calls = []
     gemv = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(a[1].shape) or gemv(*a, **k))
-    for module in (linear, llama):
-        monkeypatch.setattr(module, "fuses_into_gemv", lambda x: x.shape[0] <= 8)
-    monkeypatch.setattr(attention, "on_gpu", lambda t: True)
-    for ours, ref in zip(step(), expected):
+    monkeypatch.setattr(backend, "GEMV_DTYPES", (torch.float32,))  # the interpreter's dtype
+    for ours, ref in zip(step(gpu_model), expected):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert len(calls) == 5  # qkv, o, gate_up, down, the LM head: all GEMVs
 

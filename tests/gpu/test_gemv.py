@@ -70,21 +70,24 @@ def test_gemv_rejects_bad_shapes():
 def test_linear_fused_and_unfused_paths_agree():
     """The layer API: the same calls with the most rows the GEMV takes and one more (norm kernel,
     cuBLAS, SiLU kernel, add)."""
-    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, fuses_into_gemv, linear
+    from tuili.layers.backend import GEMV_MAX_ROWS as FUSED, TritonBackend
+    from tuili.layers.linear import Linear
     from tuili.layers.norm import RMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    backend = TritonBackend()
+    norm = RMSNorm(1024, 1e-6, backend).cuda().to(torch.bfloat16)
     norm.weight.data.uniform_(0.5, 1.5)
     w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
+    layer = Linear(1024, 3000, weight=torch.nn.Parameter(w, requires_grad=False))
     x = torch.randn(FUSED + 1, 1024, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(FUSED + 1, 3000, device="cuda", dtype=torch.bfloat16)
-    assert fuses_into_gemv(x[:FUSED]) and not fuses_into_gemv(x)
-    fused = linear(x[:FUSED], w, norm=norm, residual=res[:FUSED])
-    unfused = linear(x, w, norm=norm, residual=res)[:FUSED]
+    assert backend.fuses(x[:FUSED]) and not backend.fuses(x)
+    fused = backend.linear(x[:FUSED], layer, norm=norm, residual=res[:FUSED])
+    unfused = backend.linear(x, layer, norm=norm, residual=res)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
-    fused = linear(x[:FUSED], w, norm=norm, gated=True)
-    unfused = linear(x, w, norm=norm, gated=True)[:FUSED]
+    fused = backend.linear(x[:FUSED], layer, norm=norm, gated=True)
+    unfused = backend.linear(x, layer, norm=norm, gated=True)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
 
 
@@ -115,15 +118,19 @@ def test_sums_of_squares_chain(m, config):
 
 
 def test_layer_api_passes_sums_along():
-    """linear(want_sumsq=True) gives (out, sums) from the GEMV and (out, None) past its row limit."""
-    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, linear
+    """backend.linear(want_sumsq=True) gives (out, sums) from the GEMV and (out, None) past its
+    row limit."""
+    from tuili.layers.backend import GEMV_MAX_ROWS as FUSED, TritonBackend
+    from tuili.layers.linear import Linear
 
     w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) * 0.06
+    layer = Linear(256, 512, weight=torch.nn.Parameter(w, requires_grad=False))
     x = torch.randn(FUSED + 1, 256, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(FUSED + 1, 512, device="cuda", dtype=torch.bfloat16)
-    out, sumsq = linear(x[:2], w, residual=res[:2], want_sumsq=True)
+    linear = TritonBackend().linear
+    out, sumsq = linear(x[:2], layer, residual=res[:2], want_sumsq=True)
     torch.testing.assert_close(sumsq.sum(1), out.float().pow(2).sum(1), rtol=1e-5, atol=1e-3)
-    out, sumsq = linear(x, w, residual=res, want_sumsq=True)
+    out, sumsq = linear(x, layer, residual=res, want_sumsq=True)
     assert sumsq is None and out.shape == (FUSED + 1, 512)
 
 

@@ -18,6 +18,7 @@ from tuili.engine.scheduler import Batch, Scheduler
 from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.kernels import HAS_TRITON
+from tuili.layers.linear import Int4CpuMethod
 from tuili.models import loader
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
@@ -128,7 +129,9 @@ class LLMEngine:
         if config.profile:
             from tuili.analysis.profiler import PhaseProfiler
 
-            self.profiler = PhaseProfiler.for_engine(self)
+            int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
+            self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
+                                                  int4_rows)
         weights = "int4 weights" if loaded.quantization == "int4" else "weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
@@ -255,8 +258,17 @@ class LLMEngine:
             self._add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
         self.inflight = self._sample(batch, result)
         if self.profiler is not None:
-            self.profiler.record_step(batch, result, time.perf_counter() - start)
+            self._profile(batch, result, time.perf_counter() - start)
         return outputs
+
+    def _profile(self, batch: Batch, result: StepOutput, seconds: float) -> None:
+        """The step's (new tokens, context) per sequence and rows through the LM head, to the
+        profiler. A request that finished in the step has had its blocks freed
+        (num_computed_tokens back to 0): it computed every token but the one it just sampled."""
+        seqs = [(n, req.num_tokens - 1 if req.is_finished else req.num_computed_tokens)
+                for req, n in zip(batch.requests, batch.num_new)]
+        rows = len(result.sample_requests) + sum(p.logits.shape[0] for p in result.prompt_logits)
+        self.profiler.record(seqs, rows, batch.num_decodes, seconds)
 
     def _sample(self, batch: Batch, result: StepOutput) -> _InFlight:
         """Queue sampling for the batch's requests that are still live; each gets a PENDING token."""

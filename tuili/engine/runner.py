@@ -117,7 +117,7 @@ class ModelRunner:
             return out
         prefills = seqs[batch.num_decodes:]
         dev, long = self.device, torch.long
-        meta = AttentionMetadata(
+        meta = self.model.backend.attention.metadata(
             slot_mapping=to_device(slots, long, dev),
             block_tables=to_device(pad_tables(tables), long, dev),
             seq_lens=to_device(seq_lens, long, dev),
@@ -125,8 +125,6 @@ class ModelRunner:
             num_decodes=batch.num_decodes,
             max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
             prefills=prefills,
-            prefill_seqs=to_device(list(zip(*prefills)), torch.int32, dev)
-            if prefills and dev.type == "cuda" else None,
         )
         rows = to_device(sample_rows, long, dev) if sample_rows else None
         input_ids = to_device(ids, long, dev)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tuili.errors import InvalidParameter, ModelLoadError
+from tuili.layers.backend import backend_for
 from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
 from tuili.models.registry import model_class
@@ -92,7 +93,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.float32)
     try:
-        model = cls(config)
+        model = cls(config, backend_for(device))
     finally:
         torch.set_default_dtype(default)
     try:
