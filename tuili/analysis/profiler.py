@@ -45,7 +45,7 @@ class PhaseProfiler:
     def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0) -> PhaseProfiler:
         """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
         device; int4_rows: steps of up to so many tokens read packed int4 weights (0: none)."""
-        from tuili.analysis.devices import for_torch_device
+        from tuili.analysis.measure import for_torch_device
 
         precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype])
         small = None
