@@ -74,6 +74,14 @@ class LlamaForCausalLM(nn.Module):
     MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+    @staticmethod
+    def config_from_hf(cfg: dict) -> ModelConfig:
+        """Qwen2 has q/k/v biases unless its config says otherwise; Qwen3 normalises q and k."""
+        arch = cfg["architectures"][0]
+        return ModelConfig.from_hf(
+            cfg, attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            qk_norm=arch == "Qwen3ForCausalLM")
+
     def __init__(self, c: ModelConfig, backend: Backend = TORCH):
         super().__init__()
         self.config, self.backend = c, backend
