@@ -1,5 +1,9 @@
 """Kernels. `reference` holds the plain-torch version of each: the CPU path and the test oracle.
-The Triton modules (`triton_attention`, `triton_fused`) serve CUDA tensors when Triton is there."""
+The Triton modules serve CUDA tensors where Triton is installed (layers/backend.py picks them once
+per model): `triton_attention` (paged decode and prefill attention, the K/V store), `triton_rope`
+(rotary, with q/k norms, and the K/V store), `triton_fused` (RMSNorm with the residual add,
+SiLU-and-mul), `triton_gemv` (decode GEMVs with norm, SiLU and residual fused) and
+`triton_sampling` (argmax, and sampling by a Gumbel-max race)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def on_gpu(t: torch.Tensor) -> bool:
-    """Whether t should go through the Triton kernels."""
+    """Whether t should go through the Triton kernels (for code outside the layers, which ask
+    their backend)."""
     return t.is_cuda and HAS_TRITON
 
 
