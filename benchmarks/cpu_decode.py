@@ -104,7 +104,7 @@ def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace) -> list
     from tuili import LLM
 
     llm = LLM("smollm2-135m", dtype=dtype, quantization=quantization, num_threads=args.threads)
-    label = dtype + ("+int4" if llm.engine.runner.model.layers[0].mlp.down_proj.packed is not None
+    label = dtype + ("+int4" if llm.engine.runner.model.layers[0].mlp.down_proj.method.name == "int4"
                      else "")
     single = best_of(lambda: tuili_single(llm, args.tokens), args.repeats)
     many = best_of(lambda: tuili_streams(llm, args.tokens, args.streams), args.repeats)

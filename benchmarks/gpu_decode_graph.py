@@ -20,7 +20,7 @@ from benchmarks.gpu_common import cuda_time  # noqa: E402
 from benchmarks.gpu_workloads import FULL_LAYERS  # noqa: E402
 from tests.gpu.random_models import build  # noqa: E402
 from tuili import LLM  # noqa: E402
-from tuili.layers import linear  # noqa: E402
+from tuili.layers import backend  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
 
@@ -34,7 +34,7 @@ def graph_replay_us(name: str, context: int, max_rows: list[int]) -> dict[str, d
         gc.collect()
         torch.cuda.empty_cache()
         for limit in max_rows:
-            linear.GEMV_MAX_ROWS = limit  # read when the graphs are captured
+            backend.GEMV_MAX_ROWS = limit  # read when the graphs are captured
             llm = LLM(tmp, dtype="bfloat16", device="cuda", max_num_seqs=max(BATCHES),
                       max_model_len=context + 64, kv_cache_memory_gb=2)
             graphs = llm.engine.runner.graphs
@@ -54,9 +54,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smollm2-135m,llama3-8b")
     p.add_argument("--context", type=int, default=160)
-    p.add_argument("--gemv-max-rows", default=str(linear.GEMV_MAX_ROWS),
+    p.add_argument("--gemv-max-rows", default=str(backend.GEMV_MAX_ROWS),
                    help="comma-separated: fuse decode layers into GEMVs up to this many rows "
-                   f"(default {linear.GEMV_MAX_ROWS}; 0: never, the unfused path)")
+                   f"(default {backend.GEMV_MAX_ROWS}; 0: never, the unfused path)")
     p.add_argument("--json")
     args = p.parse_args()
     limits = [int(v) for v in args.gemv_max_rows.split(",")]

@@ -1,6 +1,5 @@
 """GPU kernel benchmarks: paged decode attention bandwidth, paged prefill attention FLOP rate and
-the fused rope/norm/KV-store kernel and the fused decode GEMVs' weight bandwidth (the QKV GEMV also
-with the rotary + KV-store epilogue), each against
+the fused rope/norm/KV-store kernel and the fused decode GEMVs' weight bandwidth, each against
 the measured ceiling and beside torch's own kernels on the same inputs ("before": the tuili kernels
 a fused one replaces; for the GEMVs torch is the norm / SiLU kernel, cuBLAS and an add).
 
@@ -195,53 +194,6 @@ def gemv_case(layer: str, m: int, read_bw: float) -> dict | None:
                 of_ceiling=r["weight_bytes"] / (fused / 1e6) / read_bw)
 
 
-def qkv_rope_case(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, m: int,
-                  read_bw: float, layers: int = 8) -> dict:
-    """The QKV GEMV (norm prologue) with the rotary + K/V-store epilogue, beside the same GEMV then
-    the rope kernel ("before") and torch's ops, over `layers` weights in turn in one graph (so
-    each weight comes from HBM), per layer."""
-    from tuili.kernels import triton_gemv, triton_rope
-    from tuili.layers.rotary import RotaryEmbedding
-
-    n = (heads + 2 * kv_heads) * head_dim
-    ws = [torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda") * hidden ** -0.5
-          for _ in range(layers)]
-    x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
-    norm_w = torch.ones(hidden, dtype=torch.bfloat16, device="cuda")
-    sumsq = x.float().pow(2).sum(1, keepdim=True)  # as the GEMV before it leaves them
-    rope = RotaryEmbedding(head_dim, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
-    positions = torch.randint(0, 8192, (m,), device="cuda")
-    k_cache, v_cache = random_cache(-(-m // BLOCK) + 1, BLOCK, kv_heads, head_dim)
-    slots = torch.randperm(k_cache.shape[0] * BLOCK, device="cuda")[:m]
-    store = triton_gemv.RopeStore(positions, rope.cos, rope.sin, slots, k_cache, v_cache, heads)
-
-    def fused():
-        for w in ws:
-            triton_gemv.gemv(x, w, norm_weight=norm_w, eps=1e-5, sumsq=sumsq, rope=store)
-
-    def apart():
-        for w in ws:
-            qkv = triton_gemv.gemv(x, w, norm_weight=norm_w, eps=1e-5, sumsq=sumsq)
-            triton_rope.rope_and_store(qkv.view(m, -1, head_dim), positions, rope.cos, rope.sin,
-                                       k_cache, v_cache, slots, heads)
-
-    def torch_ops():
-        cos, sin = rope.lookup(positions)
-        for w in ws:
-            qkv = F.linear(reference.rms_norm(x, norm_w, 1e-5), w).view(m, -1, head_dim)
-            q, k = reference.apply_rotary(qkv[:, :heads + kv_heads], cos, sin).split(
-                [heads, kv_heads], 1)
-            reference.store_kv(k, qkv[:, heads + kv_heads:], k_cache, v_cache, slots)
-
-    ours = cuda_time(fused, graph=True) / layers
-    before = cuda_time(apart, graph=True) / layers
-    ref = cuda_time(torch_ops, graph=True) / layers
-    nbytes = n * hidden * 2
-    return dict(case=f"GEMV {name}/qkv +norm+rope+KV store, {m} row{'s' if m > 1 else ''}",
-                tuili_us=ours * 1e6, before_us=before * 1e6, torch_us=ref * 1e6,
-                tuili_gbs=nbytes / ours / 1e9, of_ceiling=nbytes / ours / read_bw)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
@@ -259,9 +211,6 @@ def main() -> None:
             rope_case(2048, 16, 8, 128, True, bw)]
     gemvs = [gemv_case(layer, m, bw) for layer in GEMV_LAYERS for m in (1, 8)]
     rows += [r for r in gemvs if r is not None]
-    rows += [qkv_rope_case(name, *shape, m, bw) for name, shape in
-             (("llama3-8b", (4096, HEADS, KV_HEADS, HEAD_DIM)), ("smollm2", (576, 9, 3, 64)))
-             for m in (1, 8)]
     print(f"\n{'case':<56} {'tuili us':>9} {'before us':>9} {'torch us':>9} {'rate':>14} "
           f"{'of ceiling':>10}")
     for r in rows:

@@ -10,6 +10,7 @@ Triton the target, and every `kernel[grid](...)` compiles (Triton's warm-up) ins
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -71,72 +72,97 @@ def resources(kernel) -> tuple[int, int, int]:
 
 
 def launch_all() -> None:
-    """One decode step's kernels per shape and row count (the rope kernel and TUILI_QKV_ROPE=1's
-    epilogue both), prefill attention, Qwen3's q/k-norm rope kernel and the sampling kernels."""
+    """One decode step's kernels per shape and row count, with the launch shapes the H100's and
+    the H200's traits choose; prefill attention, Qwen3's q/k-norm rope kernel and the sampling
+    kernels."""
     from tuili import kernels
-    from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
-    from tuili.layers.rotary import RotaryEmbedding
+    from tuili.kernels import triton_attention, triton_gemv, triton_rope, tuning
 
     for module in (triton_attention, triton_gemv, triton_rope):
         module.pdl = lambda t: True
+    for gpu, (name, shape) in itertools.product((tuning.H100, tuning.H200), SHAPES.items()):
+        # The tensors are the CPU's, whose traits are the H100's: each card's are put in place.
+        triton_gemv.gpu_traits = triton_attention.gpu_traits = lambda device=None: gpu
+        decode_step(name, shape, gpu.name.removeprefix("NVIDIA ").split()[0])
+    triton_gemv.gpu_traits = triton_attention.gpu_traits = tuning.gpu_traits
+    for name, shape in SHAPES.items():
+        prefill_attention(name, shape)
+    qk_norm_rope()
+    assert kernels.num_sms(torch.device("cpu")) == tuning.H100.sms
+
+
+def decode_step(name: str, shape: tuple, card: str) -> None:
+    from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
+    from tuili.layers.rotary import RotaryEmbedding
+
     bf = torch.bfloat16
-    for name, (hidden, inter, heads, kvh, d, vocab) in SHAPES.items():
-        rope = RotaryEmbedding(d, 256, 5e5, None, bf, torch.device("cpu"))
-        caches = [torch.zeros(64, 16, kvh, d, dtype=bf) for _ in range(2)]
-        qkv_w = torch.empty((heads + 2 * kvh) * d, hidden, dtype=bf)
-        weights = dict(o=torch.empty(hidden, heads * d, dtype=bf),
-                       gate_up=torch.empty(2 * inter, hidden, dtype=bf),
-                       down=torch.empty(hidden, inter, dtype=bf),
-                       lm_head=torch.empty(vocab, hidden, dtype=bf))
-        norm = torch.ones(hidden, dtype=bf)
-        for m in (1, 8):
-            x = torch.zeros(m, hidden, dtype=bf)
-            sums = torch.ones(m, 4, dtype=torch.float32)
-            ids = torch.arange(m)
-            store = triton_gemv.RopeStore(ids, rope.cos, rope.sin, ids, *caches, heads)
-            cfg = triton_gemv.default_config(m, qkv_w.shape[0], hidden)
-            WHERE["model"] = f"{name}, {m} row{'s' if m > 1 else ''}"
-            if store.fits(cfg):
-                WHERE["launch"] = "qkv + rope + KV store"
-                q = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums, rope=store)
-            WHERE["launch"] = "qkv"
-            qkv = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums)
-            WHERE["launch"] = "rope + KV store"
-            q = triton_rope.rope_and_store(qkv.view(m, -1, d), ids, rope.cos, rope.sin, *caches,
-                                           ids, heads)
-            lens = torch.full((m,), 300)
-            tables = torch.zeros(m, 19, dtype=torch.long)
-            WHERE["launch"] = "decode attention"
-            attn = triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5)
-            WHERE["launch"] = "o + residual"
-            triton_gemv.gemv(attn.view(m, -1), weights["o"], residual=x, want_sumsq=True)
-            if triton_gemv.default_config(m, inter, hidden, False, True):
-                WHERE["launch"] = "gate_up + SiLU"
-                act = triton_gemv.gemv(x, weights["gate_up"], norm_weight=norm, eps=1e-5,
-                                       gated=True, sumsq=sums)
-                WHERE["launch"] = "down + residual"
-                triton_gemv.gemv(act, weights["down"], residual=x, want_sumsq=True)
-            if triton_gemv.default_config(m, vocab, hidden):
-                WHERE["launch"] = "lm_head"
-                triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
-            WHERE["launch"] = "argmax"
-            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))
-            WHERE["launch"] = "argmax, also into the graph's input ids"
-            triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf),
-                                   also=torch.zeros(m, dtype=torch.long))
-            WHERE["launch"] = "sample: candidates, then the race"
-            f, i = torch.ones(m), torch.ones(m, dtype=torch.long)
-            triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * 50, f * 2, f * 0, i,
-                                   1024)
-            WHERE["launch"] = "sample: the race alone (no filters)"
-            triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * vocab, f * 2, f * 0,
-                                   i, 1)
-        n = 300
-        WHERE.update(model=f"{name}, a {n}-token prompt", launch="prefill attention")
-        q = torch.zeros(n, heads, d, dtype=bf)
-        seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32)
-        triton_attention.prefill_attention(q, *caches, torch.zeros(1, 19, dtype=torch.long), seqs,
-                                           n, d ** -0.5, torch.empty_like(q))
+    hidden, inter, heads, kvh, d, vocab = shape
+    rope = RotaryEmbedding(d, 256, 5e5, None, bf, torch.device("cpu"))
+    caches = [torch.zeros(64, 16, kvh, d, dtype=bf) for _ in range(2)]
+    qkv_w = torch.empty((heads + 2 * kvh) * d, hidden, dtype=bf)
+    weights = dict(o=torch.empty(hidden, heads * d, dtype=bf),
+                   gate_up=torch.empty(2 * inter, hidden, dtype=bf),
+                   down=torch.empty(hidden, inter, dtype=bf),
+                   lm_head=torch.empty(vocab, hidden, dtype=bf))
+    norm = torch.ones(hidden, dtype=bf)
+    for m in (1, 8):
+        x = torch.zeros(m, hidden, dtype=bf)
+        sums = torch.ones(m, 4, dtype=torch.float32)
+        ids = torch.arange(m)
+        WHERE["model"] = f"{name} ({card}), {m} row{'s' if m > 1 else ''}"
+        WHERE["launch"] = "qkv"
+        qkv = triton_gemv.gemv(x, qkv_w, norm_weight=norm, eps=1e-5, sumsq=sums)
+        WHERE["launch"] = "rope + KV store"
+        q = triton_rope.rope_and_store(qkv.view(m, -1, d), ids, rope.cos, rope.sin, *caches,
+                                       ids, heads)
+        lens = torch.full((m,), 300)
+        tables = torch.zeros(m, 19, dtype=torch.long)
+        WHERE["launch"] = "decode attention"
+        attn = triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5)
+        WHERE["launch"] = "o + residual"
+        triton_gemv.gemv(attn.view(m, -1), weights["o"], residual=x, want_sumsq=True)
+        if triton_gemv.default_config(m, inter, hidden, False, True):
+            WHERE["launch"] = "gate_up + SiLU"
+            act = triton_gemv.gemv(x, weights["gate_up"], norm_weight=norm, eps=1e-5,
+                                   gated=True, sumsq=sums)
+            WHERE["launch"] = "down + residual"
+            triton_gemv.gemv(act, weights["down"], residual=x, want_sumsq=True)
+        if triton_gemv.default_config(m, vocab, hidden):
+            WHERE["launch"] = "lm_head"
+            triton_gemv.gemv(x, weights["lm_head"], norm_weight=norm, eps=1e-5, sumsq=sums)
+        WHERE["launch"] = "argmax"
+        triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf))
+        WHERE["launch"] = "argmax, also into the graph's input ids"
+        triton_sampling.argmax(torch.zeros(m, vocab, dtype=bf),
+                               also=torch.zeros(m, dtype=torch.long))
+        WHERE["launch"] = "sample: candidates, then the race"
+        f, i = torch.ones(m), torch.ones(m, dtype=torch.long)
+        triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * 50, f * 2, f * 0, i,
+                               1024)
+        WHERE["launch"] = "sample: the race alone (no filters)"
+        triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * vocab, f * 2, f * 0,
+                               i, 1)
+
+
+def prefill_attention(name: str, shape: tuple) -> None:
+    from tuili.kernels import triton_attention
+
+    bf = torch.bfloat16
+    _, _, heads, kvh, d, _ = shape
+    caches = [torch.zeros(64, 16, kvh, d, dtype=bf) for _ in range(2)]
+    n = 300
+    WHERE.update(model=f"{name}, a {n}-token prompt", launch="prefill attention")
+    q = torch.zeros(n, heads, d, dtype=bf)
+    seqs = torch.tensor([[0], [n], [0]], dtype=torch.int32)
+    triton_attention.prefill_attention(q, *caches, torch.zeros(1, 19, dtype=torch.long), seqs,
+                                       n, d ** -0.5, torch.empty_like(q))
+
+
+def qk_norm_rope() -> None:
+    from tuili.kernels import triton_rope
+    from tuili.layers.rotary import RotaryEmbedding
+
+    bf = torch.bfloat16
     WHERE.update(model="qwen3-0.6b, 5 rows", launch="q/k norm + rope + KV store")
     qkv = torch.zeros(5, 16 + 2 * 8, 128, dtype=bf)
     rope = RotaryEmbedding(128, 256, 1e6, None, bf, torch.device("cpu"))
@@ -144,7 +170,7 @@ def launch_all() -> None:
     ids = torch.arange(5)
     w = torch.ones(128, dtype=bf)
     triton_rope.rope_and_store(qkv, ids, rope.cos, rope.sin, *caches, ids, 16, (w, w), 1e-6)
-    assert kernels.num_sms(torch.device("cpu")) == tuning.H100.sms
+
 
 
 def main() -> int:

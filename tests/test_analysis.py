@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tuili.analysis import memory, ops, roofline
-from tuili.analysis.devices import get_device
+from tuili.analysis.measure import get_device
 from tuili.analysis.report import analyze, write_output
 from tuili.analysis.shapes import SHAPES, model_config
 from tuili.errors import InvalidParameter, ModelLoadError
@@ -248,7 +248,7 @@ def profiled_llm():
 
 def test_profiler_reports_mbu_of_a_real_run(profiled_llm):
     from tuili import SamplingParams
-    from tuili.analysis.bench import random_prompts
+    from tuili.bench.offline import random_prompts
 
     profiler = profiled_llm.engine.profiler
     profiler.reset()

@@ -6,7 +6,6 @@ prefix hits, chunked prefill and aborts."""
 import pytest
 
 from tuili import LLM, SamplingParams
-from tuili.engine.request import PENDING
 
 from .conftest import MODEL
 
@@ -87,8 +86,8 @@ def test_async_abort_mid_flight_frees_everything():
                                                            ignore_eos=True))
     for _ in range(4):
         engine.step()
-    # A token is in flight for every running request: PENDING until the next step reads it.
-    assert all(r.token_ids[-1] == PENDING for r in engine.scheduler.running)
+    # A token is in flight for every running request: pending until the next step reads it.
+    assert all(r.num_pending == 1 for r in engine.scheduler.running)
     engine.abort_request("r1")
     engine.abort_request("r3")
     finished = {}
@@ -99,5 +98,5 @@ def test_async_abort_mid_flight_frees_everything():
                 finished[out.request_id] = out
     assert sorted(finished) == ["r0", "r2", "r4"]
     assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
-    assert all(PENDING not in o.outputs[0].token_ids for o in finished.values())
+    assert all(min(o.outputs[0].token_ids) >= 0 for o in finished.values())  # no placeholder
     assert engine.pool.num_free == engine.pool.num_blocks

@@ -25,7 +25,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read as each kernel module is imported, 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
 from tuili.kernels import reference, triton_attention, triton_gemv, triton_rope  # noqa: E402
-from tuili.kernels.triton_gemv import GemvConfig, RopeStore  # noqa: E402
+from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 from tuili.layers.rotary import RotaryEmbedding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,35 +57,6 @@ def test_gemv_fusions(m, fusion, config):
     ref = reference.silu_and_mul(ref) if gated else ref
     ref = ref + res if res is not None else ref
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("heads,kvh,d,config", [(4, 2, 32, FMA), (4, 2, 32, DOT),
-                                                (3, 1, 64, GemvConfig(4, 64)),
-                                                (2, 2, 16, GemvConfig(16, 64, use_dot=True))])
-@pytest.mark.parametrize("m", [1, 3])
-def test_gemv_rope_epilogue(heads, kvh, d, config, m):
-    """The QKV GEMV's rotary + K/V-store epilogue against the plain GEMV, then the reference
-    rotary and store: q in the output, k and v at their slots, padding rows (slot -1) untouched."""
-    torch.manual_seed(heads + d + m)
-    k, n = 96, (heads + 2 * kvh) * d
-    x, w = torch.randn(m, k), torch.randn(n, k) * k ** -0.5
-    bias, norm_w = torch.randn(n), torch.rand(k) + 0.5
-    rope = RotaryEmbedding(d, 512, 1e4, None, torch.float32, torch.device("cpu"))
-    positions = torch.randint(0, 512, (m,))
-    slots = torch.randperm(32)[:m]
-    slots[-1] = -1 if m > 1 else slots[-1]
-    caches = [nan(8, 4, kvh, d) for _ in range(2)]
-    expected = [c.clone() for c in caches]
-    out = nan(m, n)
-    store = RopeStore(positions, rope.cos, rope.sin, slots, *caches, heads)
-    triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=config, out=out, rope=store)
-    qkv = triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=config).view(m, -1, d)
-    qk = reference.apply_rotary(qkv[:, :heads + kvh], *rope.lookup(positions))
-    keep = slots >= 0
-    reference.store_kv(qk[keep, heads:], qkv[keep, heads + kvh:], *expected, slots[keep])
-    assert torch.equal(out.view(m, -1, d)[:, :heads], qk[:, :heads])
-    for ours, ref in zip(caches, expected):
-        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -227,14 +198,11 @@ def test_sample(monkeypatch):
     assert (alone[-draws:] == logits.argmax()).all()
 
 
-@pytest.mark.parametrize("qkv_rope", ["0", "1"])
-def test_decode_step_through_the_gpu_code_path(monkeypatch, qkv_rope):
+def test_decode_step_through_the_gpu_code_path(monkeypatch):
     """A small Llama's step of two decodes and a 3-token prefill chunk (5 rows: the decode GEMVs)
-    with every GPU-only branch taken (GEMVs with the norms, the rope kernel or, with
-    TUILI_QKV_ROPE=1, the QKV rotary + K/V-store epilogue, Triton decode and prefill attention)
-    matches the torch path: logits and the K/V written to the cache."""
-    import tuili.layers.attention as attention
-    import tuili.layers.linear as linear
+    with every GPU-only branch taken (GEMVs with the norms, the rope kernel, Triton decode and
+    prefill attention) matches the torch path: logits and the K/V written to the cache."""
+    import tuili.layers.backend as backend
     import tuili.models.llama as llama
     from tuili.layers.attention import AttentionMetadata
     from tuili.models.config import ModelConfig
@@ -243,6 +211,7 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch, qkv_rope):
     c = ModelConfig("LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=256,
                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, attention_bias=True)
     model = llama.LlamaForCausalLM(c)
+    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
     for p in model.parameters():
         p.data.normal_(0, 0.08)
     for m in model.modules():
@@ -260,25 +229,21 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch, qkv_rope):
                              prefills=[(2, 3, 4)],
                              prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
 
-    def step():
+    def step(model):
         attn = model.attention_layers()[0]
         attn.k_cache, attn.v_cache = (t.clone() for t in start)
         with torch.inference_mode():
             ids = torch.tensor([7, 100, 3, 50, 201])
             return model.logits(model(ids, meta)), attn.k_cache, attn.v_cache
 
-    expected = step()
+    expected = step(model)
+    gpu_model.load_state_dict(model.state_dict())
     calls = []
     gemv = triton_gemv.gemv
-    monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(k.get("rope")) or gemv(*a, **k))
-    for module in (linear, llama):
-        monkeypatch.setattr(module, "fuses_into_gemv", lambda x: x.shape[0] <= 8)
-    monkeypatch.setattr(attention, "on_gpu", lambda t: True)
-    monkeypatch.setenv("TUILI_QKV_ROPE", qkv_rope)
-    for ours, ref in zip(step(), expected):
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(a[1].shape) or gemv(*a, **k))
+    monkeypatch.setattr(backend, "GEMV_DTYPES", (torch.float32,))  # the interpreter's dtype
+    for ours, ref in zip(step(gpu_model), expected):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
-    # with the epilogue, the QKV projection carried the rotary and the store
-    assert isinstance(calls[0], RopeStore) == (qkv_rope == "1")
     assert len(calls) == 5  # qkv, o, gate_up, down, the LM head: all GEMVs
 
 

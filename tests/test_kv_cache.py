@@ -34,8 +34,8 @@ def test_prefix_hit_shares_blocks_and_leaves_last_token():
     second = request([1, 2, 3, 4, 5], "s")
     kv.match_prefix(second)
     # Blocks [1,2] and [3,4] hit; token 5 must be recomputed for its logits.
-    assert second.block_ids == first.block_ids[:2] and second.num_computed_tokens == 4
-    assert kv.pool.ref_counts[first.block_ids[0]] == 2
+    assert kv.block_ids(second) == kv.block_ids(first)[:2] and second.num_computed_tokens == 4
+    assert kv.pool.ref_counts[kv.block_ids(first)[0]] == 2
     whole_blocks = request([1, 2, 3, 4], "t")
     kv.match_prefix(whole_blocks)
     assert whole_blocks.num_computed_tokens == 2  # the block holding the last token is recomputed
@@ -47,24 +47,24 @@ def test_freed_blocks_stay_cached_until_reused():
     kv.allocate(a, 5)
     a.num_computed_tokens = 5
     kv.cache_computed_blocks(a)
-    blocks = list(a.block_ids)
+    blocks = list(kv.block_ids(a))
     kv.free(a)
     assert kv.pool.num_free == 3
     b = request([1, 2, 3, 4, 9], "b")
     kv.match_prefix(b)
-    assert b.block_ids == blocks[:2]
+    assert kv.block_ids(b) == blocks[:2]
     kv.free(b)
     # Eviction order: the tail block (freed first) goes before the prefix's head.
     c = request([7, 7, 7], "c")
     kv.allocate(c, 3)
-    assert blocks[0] not in c.block_ids
+    assert blocks[0] not in kv.block_ids(c)
     d = request([1, 2, 3, 4, 9], "d")
     kv.match_prefix(d)
-    assert d.block_ids == [blocks[0]]  # head survived, the evicted second block did not
+    assert kv.block_ids(d) == [blocks[0]]  # head survived, the evicted second block did not
 
 
 def test_allocate_refuses_when_short():
     kv = KVCacheManager(BlockPool(2, 4))
     r = request(list(range(12)))
     assert not kv.allocate(r, 12)
-    assert r.block_ids == [] and kv.pool.num_free == 2
+    assert kv.block_ids(r) == [] and kv.pool.num_free == 2

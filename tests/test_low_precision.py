@@ -9,6 +9,7 @@ from gguf.quants import dequantize, quantize
 
 from tuili import LLM, SamplingParams
 from tuili.layers import int4
+from tuili.layers.linear import Int4CpuMethod
 from tuili.models.gguf_file import open_gguf, unpack_q4
 
 from .conftest import MODEL
@@ -72,7 +73,7 @@ def test_bfloat16_greedy_within_hf_top5(hf_model, prompts):
 def test_int4_greedy_within_hf_top5(hf_model, prompts):
     llm = LLM(MODEL, dtype="bfloat16", quantization="int4")
     layer = llm.engine.runner.model.layers[0].self_attn.qkv_proj
-    assert layer.packed is not None  # the 4-bit path is really in use
+    assert isinstance(layer.method, Int4CpuMethod)  # the 4-bit path is really in use
     assert_greedy_within_hf_top5(llm, hf_model, prompts)
     # Prompts served one at a time run through the int4 kernel at decode.
     assert_greedy_within_hf_top5(llm, hf_model, prompts[:1])

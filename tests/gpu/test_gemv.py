@@ -70,21 +70,24 @@ def test_gemv_rejects_bad_shapes():
 def test_linear_fused_and_unfused_paths_agree():
     """The layer API: the same calls with the most rows the GEMV takes and one more (norm kernel,
     cuBLAS, SiLU kernel, add)."""
-    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, fuses_into_gemv, linear
+    from tuili.layers.backend import GEMV_MAX_ROWS as FUSED, TritonBackend
+    from tuili.layers.linear import Linear
     from tuili.layers.norm import RMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    backend = TritonBackend(torch.device("cuda"))
+    norm = RMSNorm(1024, 1e-6, backend).cuda().to(torch.bfloat16)
     norm.weight.data.uniform_(0.5, 1.5)
     w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
+    layer = Linear(1024, 3000, weight=torch.nn.Parameter(w, requires_grad=False))
     x = torch.randn(FUSED + 1, 1024, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(FUSED + 1, 3000, device="cuda", dtype=torch.bfloat16)
-    assert fuses_into_gemv(x[:FUSED]) and not fuses_into_gemv(x)
-    fused = linear(x[:FUSED], w, norm=norm, residual=res[:FUSED])
-    unfused = linear(x, w, norm=norm, residual=res)[:FUSED]
+    assert backend.fuses(x[:FUSED]) and not backend.fuses(x)
+    fused = backend.linear(x[:FUSED], layer, norm=norm, residual=res[:FUSED])
+    unfused = backend.linear(x, layer, norm=norm, residual=res)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
-    fused = linear(x[:FUSED], w, norm=norm, gated=True)
-    unfused = linear(x, w, norm=norm, gated=True)[:FUSED]
+    fused = backend.linear(x[:FUSED], layer, norm=norm, gated=True)
+    unfused = backend.linear(x, layer, norm=norm, gated=True)[:FUSED]
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
 
 
@@ -115,15 +118,19 @@ def test_sums_of_squares_chain(m, config):
 
 
 def test_layer_api_passes_sums_along():
-    """linear(want_sumsq=True) gives (out, sums) from the GEMV and (out, None) past its row limit."""
-    from tuili.layers.linear import GEMV_MAX_ROWS as FUSED, linear
+    """backend.linear(want_sumsq=True) gives (out, sums) from the GEMV and (out, None) past its
+    row limit."""
+    from tuili.layers.backend import GEMV_MAX_ROWS as FUSED, TritonBackend
+    from tuili.layers.linear import Linear
 
     w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) * 0.06
+    layer = Linear(256, 512, weight=torch.nn.Parameter(w, requires_grad=False))
     x = torch.randn(FUSED + 1, 256, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(FUSED + 1, 512, device="cuda", dtype=torch.bfloat16)
-    out, sumsq = linear(x[:2], w, residual=res[:2], want_sumsq=True)
+    linear = TritonBackend(torch.device("cuda")).linear
+    out, sumsq = linear(x[:2], layer, residual=res[:2], want_sumsq=True)
     torch.testing.assert_close(sumsq.sum(1), out.float().pow(2).sum(1), rtol=1e-5, atol=1e-3)
-    out, sumsq = linear(x, w, residual=res, want_sumsq=True)
+    out, sumsq = linear(x, layer, residual=res, want_sumsq=True)
     assert sumsq is None and out.shape == (FUSED + 1, 512)
 
 
@@ -163,62 +170,3 @@ def test_gemv_same_with_and_without_programmatic_launch(monkeypatch, fusion, k, 
         assert torch.equal(eager, captured)
         outs[on] = eager
     assert torch.equal(outs[True], outs[False])
-
-
-@pytest.mark.parametrize("heads,kvh,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256)])
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("config", [None, FMA, DOT, WHOLE], ids=["default", "fma", "dot", "whole"])
-def test_rope_epilogue_matches_projection_then_rope_and_store(heads, kvh, d, m, config):
-    """The QKV GEMV with the rotary + K/V-store epilogue against the same tiles' plain output,
-    then reference.apply_rotary and store_kv (the epilogue rounds as torch does; a program's rows
-    are paired differently, so the dot's float32 sums may land a bf16 unit apart), padding rows
-    (slot -1) store nothing, outputs and caches poisoned first."""
-    from tuili.kernels.triton_gemv import RopeStore
-    from tuili.layers.rotary import RotaryEmbedding
-
-    torch.manual_seed(heads + m + d)
-    k, n = 1024, (heads + 2 * kvh) * d
-    cfg = config or triton_gemv.default_config(m, n, k, True)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m == 3 else None
-    norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-    rope = RotaryEmbedding(d, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
-    positions = torch.randint(0, 8192, (m,), device="cuda")
-    bs, num_blocks = 16, 4
-    slots = torch.randperm(num_blocks * bs, device="cuda")[:m]
-    if m > 2:
-        slots[1] = -1
-    caches = [torch.full((num_blocks, bs, kvh, d), float("nan"), device="cuda",
-                         dtype=torch.bfloat16) for _ in range(2)]
-    ref_caches = [c.clone() for c in caches]
-    store = RopeStore(positions, rope.cos, rope.sin, slots, *caches, heads)
-    assert store.fits(cfg)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=cfg, out=out, rope=store)
-    qkv = triton_gemv.gemv(x, w, bias, None, norm_w, 1e-5, config=cfg).view(m, -1, d)
-    qk = reference.apply_rotary(qkv[:, :heads + kvh], *rope.lookup(positions))
-    keep = slots >= 0
-    reference.store_kv(qk[keep, heads:], qkv[keep, heads + kvh:], *ref_caches, slots[keep])
-    pairs = [(out.view(m, -1, d)[:, :heads], qk[:, :heads])]
-    pairs += [(ours.nan_to_num(7.0), ref.nan_to_num(7.0)) for ours, ref in zip(caches, ref_caches)]
-    for ours, ref in pairs:
-        assert not ours.isnan().any()
-        torch.testing.assert_close(ours, ref, atol=2e-2, rtol=1e-2)
-        assert (ours == ref).float().mean() > 0.9
-    unstored = caches[0].view(-1, kvh, d)[slots[slots >= 0]].isnan()
-    assert not unstored.any() and caches[0].isnan().sum() == (num_blocks * bs - keep.sum()) * kvh * d
-
-
-def test_rope_epilogue_refuses_tiles_across_heads():
-    from tuili.kernels.triton_gemv import RopeStore
-
-    cache = torch.zeros(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
-    table = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
-    ids = torch.zeros(1, dtype=torch.long, device="cuda")
-    store = RopeStore(ids, table, table, ids, cache, cache, 2)
-    assert not store.fits(GemvConfig(block_n=1, block_k=1024))
-    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(4 * 64, 256, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="rotary epilogue"):
-        triton_gemv.gemv(x, w, config=GemvConfig(block_n=128, block_k=256), rope=store)

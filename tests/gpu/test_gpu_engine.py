@@ -119,45 +119,6 @@ def test_kv_cache_sized_from_gpu_memory(shaped, eager):
     assert total - torch.cuda.mem_get_info()[0] <= 0.6 * total * 1.02
 
 
-@pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True}])
-def test_qkv_rope_epilogue_within_hf_top5(shaped, monkeypatch, engine_options):
-    """TUILI_QKV_ROPE=1: the QKV projection's epilogue rotates and stores K/V, instead of the rope
-    kernel between the projection and attention (the default, which test_greedy_within_hf_top5
-    runs), single and batched."""
-    name, folder, hf = shaped
-    if name == "qwen3-0.6b":
-        pytest.skip("q/k norms always take the rope kernel")
-    monkeypatch.setenv("TUILI_QKV_ROPE", "1")
-    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
-              **engine_options)
-    ids = prompts(hf.config.vocab_size)
-    assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
-    assert_within_hf_top5(hf, ids, llm.generate(ids, GREEDY))
-
-
-def test_qkv_epilogue_carries_the_rotary_at_decode(shaped, monkeypatch):
-    """With TUILI_QKV_ROPE=1 a decode step's QKV projections rotate and store K/V themselves: the
-    rope kernel runs only for prompts (and for q/k norms)."""
-    from tuili.kernels import triton_rope
-
-    name, folder, hf = shaped
-    monkeypatch.setenv("TUILI_QKV_ROPE", "1")
-    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
-              enforce_eager=True)
-    calls = []
-    rope_and_store = triton_rope.rope_and_store
-    monkeypatch.setattr(triton_rope, "rope_and_store",
-                        lambda qkv, *a, **k: calls.append(qkv.shape[0]) or rope_and_store(qkv, *a, **k))
-    llm.generate([[5, 6, 7] * 20], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    layers = hf.config.num_hidden_layers
-    assert calls[:layers] == [60] * layers  # the prompt
-    decodes = calls[layers:]
-    if name == "qwen3-0.6b":
-        assert len(decodes) >= 3 * layers and set(decodes) == {1}
-    else:
-        assert decodes == []  # three decode steps (or more, when queued ahead), none
-
-
 def test_decode_graph_feeds_its_own_greedy_tokens(shaped, monkeypatch):
     """Batch 1, greedy: after the first decode step, each graph replay finds its input token where
     the previous replay's argmax wrote it, so no device copy runs between graphs; tokens as HF's."""

@@ -130,13 +130,11 @@ def test_decode_attention_repeats_and_graph_replays_reuse_tickets():
     assert torch.all(triton_attention._tickets(q.device) == 0)
 
 
-@pytest.mark.parametrize("producer", ["rope kernel", "qkv epilogue"])
-def test_decode_attention_sees_the_key_stored_just_before_it(producer):
+def test_decode_attention_sees_the_key_stored_just_before_it():
     """The decode step's launch order, captured in a graph as the engine runs it (with programmatic
-    dependent launch on Hopper): rotary + K/V store (by the rope kernel, or by the QKV GEMV's
-    epilogue), then attention. Each sequence's newest key and value hold NaN until the first kernel
+    dependent launch on Hopper): rotary + K/V store by the rope kernel, then attention. Each sequence's newest key and value hold NaN until the first kernel
     stores them; the attention must read them after that."""
-    from tuili.kernels import triton_gemv, triton_rope
+    from tuili.kernels import triton_rope
     from tuili.layers.rotary import RotaryEmbedding
 
     heads, kvh, d, bs = 32, 8, 128, 16
@@ -151,16 +149,9 @@ def test_decode_attention_sees_the_key_stored_just_before_it(producer):
     qkv = torch.randn(len(seq_lens), heads + 2 * kvh, d, device="cuda", dtype=torch.bfloat16)
     rope = RotaryEmbedding(d, 8192, 5e5, None, torch.bfloat16, torch.device("cuda"))
     out = torch.empty(len(seq_lens), heads, d, device="cuda", dtype=torch.bfloat16)
-    hidden = 4096
-    x = torch.randn(len(seq_lens), hidden, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(qkv[0].numel(), hidden, device="cuda", dtype=torch.bfloat16) * hidden ** -0.5
-    store = triton_gemv.RopeStore(positions, rope.cos, rope.sin, slots, *caches, heads)
 
     def step():
-        if producer == "rope kernel":
-            q = triton_rope.rope_and_store(qkv, positions, rope.cos, rope.sin, *caches, slots, heads)
-        else:
-            q = triton_gemv.gemv(x, w, rope=store).view(qkv.shape)[:, :heads]
+        q = triton_rope.rope_and_store(qkv, positions, rope.cos, rope.sin, *caches, slots, heads)
         triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5, out=out)
         return q
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tuili.errors import InvalidParameter
 
 GB = 1e9
 
@@ -59,36 +58,3 @@ DEVICES: dict[str, Device] = {
     "cpu": Device("CPU (nominal)", 25e9, {"bf16": 1e12, "fp32": 0.5e12}, 16 * GB,
                   note="a rough default; use --device measure for this machine"),
 }
-
-# Words in torch.cuda.get_device_name() -> our spec sheet ("L4" as a word: not L40S).
-_CUDA_NAMES = ((r"H200", "h200"), (r"H100", "h100"), (r"A100", "a100"), (r"4090", "rtx4090"),
-               (r"\bL4\b", "l4"))
-
-
-def get_device(name: str) -> Device:
-    """A spec-sheet device by name (h100, h200, a100, rtx4090, l4, cpu); `measure` measures here."""
-    if name == "measure":
-        from tuili.analysis.measure import measure_device
-
-        return measure_device()
-    try:
-        return DEVICES[name]
-    except KeyError:
-        raise InvalidParameter("device", f"got {name!r}, must be one of "
-                               f"{', '.join([*DEVICES, 'measure'])}") from None
-
-
-def for_torch_device(device) -> Device:
-    """The ceilings of the device an engine runs on: its spec sheet for a known GPU, else measured."""
-    if device.type == "cuda":
-        import re
-
-        import torch
-
-        gpu = torch.cuda.get_device_name(device)
-        for pattern, key in _CUDA_NAMES:
-            if re.search(pattern, gpu):
-                return DEVICES[key]
-    from tuili.analysis.measure import measure_device
-
-    return measure_device(device)

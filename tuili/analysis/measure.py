@@ -1,14 +1,18 @@
-"""`--device measure`: this machine's copy bandwidth and matmul rate, measured in a second or two."""
+"""A device's ceilings by name or for a torch device: a spec sheet's (devices.py), or, for
+`--device measure` and unknown devices, this machine's copy bandwidth and matmul rate, measured in
+a second or two."""
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 
 import torch
 
-from tuili.analysis.devices import Device
+from tuili.analysis.devices import DEVICES, Device
+from tuili.errors import InvalidParameter
 
 
 def _best_seconds(fn, device: torch.device, repeats: int) -> float:
@@ -71,3 +75,29 @@ def measure_device(device: torch.device | str | None = None) -> Device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return _measure(str(torch.device(device)))
+
+
+# Words in torch.cuda.get_device_name() -> our spec sheet ("L4" as a word: not L40S).
+_CUDA_NAMES = ((r"H200", "h200"), (r"H100", "h100"), (r"A100", "a100"), (r"4090", "rtx4090"),
+               (r"\bL4\b", "l4"))
+
+
+def get_device(name: str) -> Device:
+    """A spec-sheet device by name (h100, h200, a100, rtx4090, l4, cpu); `measure` measures here."""
+    if name == "measure":
+        return measure_device()
+    try:
+        return DEVICES[name]
+    except KeyError:
+        raise InvalidParameter("device", f"got {name!r}, must be one of "
+                               f"{', '.join([*DEVICES, 'measure'])}") from None
+
+
+def for_torch_device(device) -> Device:
+    """The ceilings of the device an engine runs on: its spec sheet for a known GPU, else measured."""
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        for pattern, key in _CUDA_NAMES:
+            if re.search(pattern, gpu):
+                return DEVICES[key]
+    return measure_device(device)

@@ -42,28 +42,16 @@ class PhaseProfiler:
         self.phases = {p: PhaseStats() for p in PHASES}
 
     @classmethod
-    def for_engine(cls, engine) -> PhaseProfiler:
-        """A profiler for a running engine: its model shape, dtypes and device ceilings."""
-        from tuili.analysis.devices import for_torch_device
-        from tuili.layers.linear import Linear
+    def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0) -> PhaseProfiler:
+        """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
+        device; int4_rows: steps of up to so many tokens read packed int4 weights (0: none)."""
+        from tuili.analysis.measure import for_torch_device
 
-        dtype = TORCH_DTYPES[str(engine.dtype)]
-        precision = opsmod.Precision.for_dtype(dtype)
-        linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
-        small, rows = None, 0
-        if any(m.packed is not None for m in linears):
+        precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype])
+        small = None
+        if int4_rows:
             small = opsmod.Precision("int4-g32", precision.head, precision.kv, precision.activations)
-            rows = Linear.INT4_MAX_ROWS
-        return cls(engine.model_config, for_torch_device(engine.device), precision, small, rows)
-
-    def record_step(self, batch, result, seconds: float) -> None:
-        """Engine hook: a scheduled Batch after it ran, and its StepOutput. A request that finished
-        in the step has had its blocks freed (num_computed_tokens back to 0): it computed every
-        token but the one it just sampled."""
-        seqs = [(n, req.num_tokens - 1 if req.is_finished else req.num_computed_tokens)
-                for req, n in zip(batch.requests, batch.num_new)]
-        rows = len(result.sample_requests) + sum(p.logits.shape[0] for p in result.prompt_logits)
-        self.record(seqs, rows, batch.num_decodes, seconds)
+        return cls(config, for_torch_device(device), precision, small, int4_rows)
 
     def record(self, seqs: list[tuple[int, int]], sampled: int, num_decodes: int,
                seconds: float) -> None:

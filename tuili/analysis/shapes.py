@@ -70,7 +70,9 @@ def _from_json(path: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
         if "text_config" in raw:  # multimodal wrappers keep the decoder's shape inside
             raw = {**raw, **raw["text_config"]}
-        return ModelConfig.from_hf(raw)
+        from tuili.models.registry import config_from_hf  # the family's own parser
+
+        return config_from_hf(raw)
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from e
 

@@ -28,8 +28,8 @@ from array import array
 import torch
 from tqdm import tqdm
 
-from tuili.engine.request import Request
-from tuili.engine.runner import pad_tables
+from tuili.engine.inputs import pad_tables
+from tuili.engine.scheduler import Batch
 from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax, sample_on_gpu
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
 from tuili.layers.attention import AttentionMetadata
@@ -140,17 +140,18 @@ class DecodeGraphs:
 
         return sample
 
-    def run(self, requests: list[Request], feed: tuple[list[int], list[int]] = ([], []),
+    def run(self, batch: Batch, feed: tuple[list[int], list[int]] = ([], []),
             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [len(requests), vocab] and their argmax [len(requests)] for a batch of decodes
-        (one new token each). The input tokens of rows feed[0] are still on the device: rows
-        feed[1] of `tokens`."""
-        n, bs = len(requests), self.block_size
+        """Logits [len(batch), vocab] and their argmax [len(batch)] for a batch of decodes (one
+        new token each). The input tokens of rows feed[0] are still on the device (0 stands in
+        for them here): rows feed[1] of `tokens`."""
+        n, bs = len(batch), self.block_size
         size = next(s for s in self.sizes if s >= n)
-        positions = [r.num_computed_tokens for r in requests]
-        ids = [r.token_ids[p] for r, p in zip(requests, positions)]
-        slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(requests, positions)]
-        tables = pad_tables([r.block_ids for r in requests])
+        positions = batch.starts
+        ids = [r.token_ids[p] if p < len(r.token_ids) else 0
+               for r, p in zip(batch.requests, positions)]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
+        tables = pad_tables(batch.block_tables)
         pad = [0] * (size - n)
         inputs = self.inputs[size]
         rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]

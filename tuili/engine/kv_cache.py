@@ -92,11 +92,17 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """Gives requests the blocks they need; the pool stays the only owner of block state."""
+    """Gives requests the blocks they need and owns each one's block table (request id ->
+    block ids); the pool stays the only owner of block state."""
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
         self.block_size = pool.block_size
+        self.tables: dict[str, list[int]] = {}
+
+    def block_ids(self, req: Request) -> list[int]:
+        """The request's block table (empty when it holds no blocks)."""
+        return self.tables.get(req.request_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -110,7 +116,7 @@ class KVCacheManager:
             return
         self._hash_full_blocks(req, req.num_tokens - 1)
         blocks = self.pool.lookup(req.block_hashes[: (req.num_tokens - 1) // self.block_size])
-        req.block_ids = blocks
+        self.tables[req.request_id] = blocks
         req.num_registered_blocks = len(blocks)
         req.num_computed_tokens = len(blocks) * self.block_size
 
@@ -122,17 +128,21 @@ class KVCacheManager:
 
     def allocate(self, req: Request, num_new_tokens: int) -> bool:
         """Ensure blocks for the request's next `num_new_tokens`; False if the pool is short."""
-        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
+        table = self.tables.get(req.request_id)
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(table or ())
         if need > self.pool.num_free:
             return False
         if need > 0:
-            req.block_ids.extend(self.pool.allocate(need))
+            blocks = self.pool.allocate(need)
+            if table is None:
+                self.tables[req.request_id] = blocks
+            else:
+                table.extend(blocks)
         return True
 
     def free(self, req: Request) -> None:
         # Release the tail first so that a prefix's later blocks are evicted before its head.
-        self.pool.release(list(reversed(req.block_ids)))
-        req.block_ids = []
+        self.pool.release(list(reversed(self.tables.pop(req.request_id, []))))
         req.num_computed_tokens = req.num_registered_blocks = 0
 
     def cache_computed_blocks(self, req: Request) -> None:
@@ -141,8 +151,9 @@ class KVCacheManager:
             return
         full = req.num_computed_tokens // self.block_size
         self._hash_full_blocks(req, req.num_computed_tokens)
+        table = self.block_ids(req)  # empty for a request preempted since
         for i in range(req.num_registered_blocks, full):
-            self.pool.register(req.block_ids[i], req.block_hashes[i])
+            self.pool.register(table[i], req.block_hashes[i])
         req.num_registered_blocks = max(req.num_registered_blocks, full)
 
     def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:

@@ -9,12 +9,6 @@ from dataclasses import dataclass, field
 from tuili.sampling_params import SamplingParams
 
 
-# The value of a sampled token that is still on its way back from the device. With asynchronous
-# scheduling a request's next step is planned before its last token is read back: that token
-# stands in token_ids as PENDING, and the step takes it straight from the device.
-PENDING = -1
-
-
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,9 +35,12 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
 
     status: Status = Status.WAITING
-    token_ids: list[int] = field(init=False)  # prompt, then outputs
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_ids: list[int] = field(default_factory=list)  # the block table
+    token_ids: list[int] = field(init=False)  # prompt, then the outputs read back so far
+    # Sampled tokens still on their way back from the device. With asynchronous scheduling a
+    # request's next step is planned before its last token is read back: the token counts in
+    # num_tokens, and the step takes it straight from the device.
+    num_pending: int = 0
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or scheduled to be)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
@@ -62,7 +59,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -70,7 +67,7 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

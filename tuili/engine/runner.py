@@ -1,7 +1,8 @@
 """ModelRunner: a scheduled Batch -> flat device tensors -> model -> logits of the rows that need them.
 On the GPU, decode steps and steps with prefills that fit replay CUDA graphs (cuda_graphs.py).
 
-It owns the device tensors: the per-layer KV cache and the rotary tables.
+It owns the device tensors: it allocates each layer's KV cache (bound to the model's Attention
+modules, which read and write it) and the rotary tables.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuili.engine.request import PENDING, Request
+from tuili.engine.request import Request
 from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
+from tuili.engine.inputs import add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
@@ -42,9 +44,8 @@ class DeviceTokens:
     rows: dict[str, int]
 
     def feed(self, requests: list[Request]) -> tuple[list[int], list[int]]:
-        """(batch rows, rows here) of the decodes whose input token is still PENDING."""
-        pairs = [(i, self.rows[r.request_id]) for i, r in enumerate(requests)
-                 if r.token_ids[-1] == PENDING]
+        """(batch rows, rows here) of the decodes whose input token is still pending."""
+        pairs = [(i, self.rows[r.request_id]) for i, r in enumerate(requests) if r.num_pending]
         return [i for i, _ in pairs], [j for _, j in pairs]
 
 
@@ -78,23 +79,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
-        """Queue the batch on the device; input tokens still PENDING are taken from `pending`."""
+        """Queue the batch on the device; input tokens still pending are taken from `pending`."""
         decodes = batch.requests[: batch.num_decodes]
         feed = pending.feed(decodes) if pending else ([], [])
         if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
-            logits, argmax = self.graphs.run(batch.requests, feed,
-                                             pending.tokens if pending else None)
+            logits, argmax = self.graphs.run(batch, feed, pending.tokens if pending else None)
             return StepOutput(list(batch.requests), logits, argmax,
                               self.graphs.sampler_for(len(batch)))
         ids, positions, slots, tables, seq_lens, seqs = [], [], [], [], [], []
         out = StepOutput()
         sample_rows, prompt_rows = [], []
         bs, row = self.block_size, 0
-        for req, n in zip(batch.requests, batch.num_new):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        for req, n, start, table in zip(batch.requests, batch.num_new, batch.starts,
+                                        batch.block_tables):
+            end = start + n
             ids.extend(req.token_ids[start:end])
+            if req.num_pending and end > len(req.token_ids):  # fed from the device below
+                ids.extend([0] * (end - max(start, len(req.token_ids))))
             positions.extend(range(start, end))
-            table = req.block_ids
             add_slots(slots, table, start, end, bs)
             tables.append(table)
             seq_lens.append(end)
@@ -117,7 +119,7 @@ class ModelRunner:
             return out
         prefills = seqs[batch.num_decodes:]
         dev, long = self.device, torch.long
-        meta = AttentionMetadata(
+        meta = self.model.backend.attention.metadata(
             slot_mapping=to_device(slots, long, dev),
             block_tables=to_device(pad_tables(tables), long, dev),
             seq_lens=to_device(seq_lens, long, dev),
@@ -125,8 +127,6 @@ class ModelRunner:
             num_decodes=batch.num_decodes,
             max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
             prefills=prefills,
-            prefill_seqs=to_device(list(zip(*prefills)), torch.int32, dev)
-            if prefills and dev.type == "cuda" else None,
         )
         rows = to_device(sample_rows, long, dev) if sample_rows else None
         input_ids = to_device(ids, long, dev)
@@ -144,23 +144,6 @@ class ModelRunner:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
-
-
-def pad_tables(tables: list[list[int]]) -> list[list[int]]:
-    """Block tables as rows of one width (the widest), padded with block 0 (never read)."""
-    width = max(len(t) for t in tables)
-    return [t + [0] * (width - len(t)) for t in tables]
-
-
-def add_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
-    """Append the cache slots of positions start..end-1: one contiguous run per block."""
-    pos = start
-    while pos < end:
-        block = pos // block_size
-        stop = min(end, (block + 1) * block_size)
-        shift = (table[block] - block) * block_size  # slot = position + shift within the block
-        slots.extend(range(pos + shift, stop + shift))
-        pos = stop
 
 
 @torch.inference_mode()

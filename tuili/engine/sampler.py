@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from tuili.engine.request import Logprob, Request
-from tuili.sampling_params import SamplingParams
 from tuili.engine.transfer import HostCopy, to_device
-from tuili.kernels import on_gpu, triton_module
+from tuili.sampling_params import SamplingParams
+from tuili.kernels import HAS_TRITON, on_gpu, triton_module
 
 
 @dataclass
@@ -52,10 +52,41 @@ RowParams = tuple[list[list[float]], list[list[int]], int]
 GraphSample = Callable[[list[list[float]], list[list[int]], int], torch.Tensor]
 
 
+@dataclass
+class SamplingBatch:
+    """What one step's rows ask of the sampler, gathered once: the sampled requests and their
+    parameters, whether all are greedy, whether any needs penalties, the logits to mask (stop
+    tokens before min_tokens; a structured-output mask is one more field) and the rows that want
+    logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph) only when
+    nothing is penalised or masked."""
+    requests: list[Request]
+    params: list[SamplingParams]
+    all_greedy: bool
+    penalties: bool
+    banned: list[int]  # flat indices row * vocab + token, set to -inf
+    logprob_rows: list[int]
+
+    @classmethod
+    def build(cls, reqs: list[Request], vocab: int) -> SamplingBatch:
+        params = [r.params for r in reqs]
+        return cls(
+            reqs, params, all(p.temperature == 0 for p in params),
+            any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                for p in params),
+            [i * vocab + t for i, r in enumerate(reqs)
+             if r.num_output_tokens < r.params.min_tokens for t in _stop_ids(r)],
+            [i for i, p in enumerate(params) if p.logprobs is not None])
+
+    @property
+    def raw_logits_serve(self) -> bool:
+        return not (self.penalties or self.banned)
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.rng = random.Random(seed)  # the GPU path's seeds for rows that bring none
+        self.gpu = device.type == "cuda" and HAS_TRITON  # the Triton kernels, else torch's
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request],
                  argmax: torch.Tensor | None = None,
@@ -63,25 +94,24 @@ class Sampler:
         """logits: in the model's dtype (cast to float32 only where a row needs more than its
         argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it);
         graph: samples these logits by replaying a CUDA graph, given row_params."""
+        batch = SamplingBatch.build(reqs, logits.shape[1])
         raw = logits
-        params = [r.params for r in reqs]
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+        if batch.penalties:
             logits = apply_penalties(logits.to(torch.float32, copy=True), reqs)
-        banned = [i * logits.shape[1] + t for i, r in enumerate(reqs)
-                  if r.num_output_tokens < r.params.min_tokens for t in _stop_ids(r)]
-        if banned:  # flat indices into the rows: one fill for the batch
+        if batch.banned:  # flat indices into the rows: one fill for the batch
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
-            logits.view(-1).index_fill_(0, to_device(banned, torch.long, logits.device),
+            logits.view(-1).index_fill_(0, to_device(batch.banned, torch.long, logits.device),
                                         float("-inf"))
-        if all(p.temperature == 0 for p in params):
-            tokens = argmax if argmax is not None and logits is raw else row_argmax(logits)
-        elif on_gpu(logits) and graph is not None and logits is raw:
+        as_raw = batch.raw_logits_serve
+        if batch.all_greedy:
+            tokens = argmax if argmax is not None and as_raw else row_argmax(logits)
+        elif self.gpu and graph is not None and as_raw:
             tokens = graph(*self.row_params(reqs, logits.shape[1]))
-        elif on_gpu(logits):
-            tokens = self._sample_gpu(logits, reqs, argmax if logits is raw else None)
+        elif self.gpu:
+            tokens = self._sample_gpu(logits, reqs, argmax if as_raw else None)
         else:
             tokens = self._sample(logits, reqs)
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        wanted, params = batch.logprob_rows, batch.params
         parts = []
         if wanted:
             rows = to_device(wanted, torch.long, logits.device)

@@ -1,4 +1,5 @@
-"""Iteration-level scheduling: each step picks (request, new tokens) pairs under a token budget.
+"""Iteration-level scheduling: each step picks (request, new tokens) pairs under a token budget,
+and applies the step's sampled tokens once they are read back (`update`).
 
 Order of service: running requests that decode (one token each), then running requests part-way
 through a chunked prefill, then waiting requests in arrival order. When the pool runs out of
@@ -9,23 +10,33 @@ waits again, to be recomputed from its prompt and outputs so far.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuili.config import EngineConfig
 from tuili.engine.kv_cache import KVCacheManager
-from tuili.engine.request import PENDING, Request, Status
+from tuili.engine.request import Logprob, Request, Status
+
+# Whether a sampled token completes one of the request's stop strings (given only requests that
+# have some; check: min_tokens is reached): the output processor's detokenizer knows.
+StopStrings = Callable[[Request, int, bool], str | None]
 
 
 @dataclass
 class Batch:
-    """What one step computes: for each request, its next `num_new` tokens (decodes first)."""
+    """What one step computes: for each request, its next `num_new` tokens from position `starts`
+    (decodes first), and its block table."""
     requests: list[Request] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
     num_decodes: int = 0
 
-    def add(self, req: Request, n: int) -> None:
+    def add(self, req: Request, n: int, block_table: list[int]) -> None:
         self.requests.append(req)
         self.num_new.append(n)
+        self.starts.append(req.num_computed_tokens)
+        self.block_tables.append(block_table)
 
     @property
     def num_tokens(self) -> int:
@@ -52,8 +63,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: Request) -> None:
-        """Take a finished (or aborted) request out of the queues and free its blocks."""
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finish a request (or abort it): out of the queues, its blocks freed."""
+        req.finish(reason, stop_reason)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -61,6 +73,8 @@ class Scheduler:
         self.kv.free(req)
 
     def schedule(self) -> Batch:
+        """The next step's batch; its tokens count as computed from now on (the step that computes
+        them is queued before the next schedule)."""
         batch, budget = Batch(), self.budget
         decodes = [r for r in self.running
                    if r.num_tokens - r.num_computed_tokens == 1 and not self._at_limit(r)]
@@ -76,17 +90,50 @@ class Scheduler:
                 if not self._allocate_or_preempt(req, n, batch):
                     preempted = True
                     continue
-                batch.add(req, n)
+                batch.add(req, n, self.kv.block_ids(req))
                 budget -= n
             if group is decodes:
                 batch.num_decodes = len(batch)
         if not preempted:
             self._admit_waiting(batch, budget)
+        for req, n in zip(batch.requests, batch.num_new):
+            req.num_computed_tokens += n
         return batch
 
+    def update(self, batch: Batch, sampled: list[Request], tokens: list[int],
+               logprobs: list[Logprob | None], stop_strings: StopStrings) -> None:
+        """Apply a step's tokens, read back: each sampled token takes its pending place; stop
+        tokens, stop strings and length limits finish requests; the batch's other requests offer
+        their newly filled blocks to the prefix cache."""
+        for req, token, lp in zip(sampled, tokens, logprobs):
+            if not req.is_finished:  # not aborted meanwhile
+                self._append_token(req, token, lp, stop_strings)
+        for req in batch.requests:
+            if not req.is_finished:
+                self.kv.cache_computed_blocks(req)
+
+    def _append_token(self, req: Request, token: int, logprob: Logprob | None,
+                      stop_strings: StopStrings) -> None:
+        req.token_ids.append(token)
+        req.num_pending -= 1
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        p, n_out = req.params, req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return self.finish(req, "stop")
+            if token in p.stop_token_ids:
+                return self.finish(req, "stop", token)
+        if p.stop:
+            stop = stop_strings(req, token, n_out >= p.min_tokens)
+            if stop is not None:
+                return self.finish(req, "stop", stop)
+        if self._at_limit(req):
+            self.finish(req, "length")
+
     def _at_limit(self, req: Request) -> bool:
-        """Whether the request's last token (maybe still on the device) is its final one: it
-        waits to be finished, not to be computed."""
+        """Whether the request's last token (maybe still pending) is its final one: it waits to be
+        finished, not to be computed."""
         max_tokens = req.params.max_tokens
         return req.num_tokens >= self.max_model_len or (
             max_tokens is not None and req.num_output_tokens >= max_tokens)
@@ -112,7 +159,7 @@ class Scheduler:
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.token_ids[-1] == PENDING:  # just preempted; resumes once its token is read
+            if req.num_pending:  # just preempted; resumes once its token is read
                 break
             self.kv.match_prefix(req)
             n = req.num_tokens - req.num_computed_tokens
@@ -126,5 +173,5 @@ class Scheduler:
                 self.kv.count_admission(req)
             req.status = Status.RUNNING
             self.running.append(req)
-            batch.add(req, n)
+            batch.add(req, n, self.kv.block_ids(req))
             budget -= n

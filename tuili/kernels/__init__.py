@@ -1,7 +1,10 @@
 """Kernels. `reference` holds the plain-torch version of each: the CPU path and the test oracle.
-The Triton modules (`triton_attention`, `triton_fused`, `triton_gemv`, `triton_rope`,
-`triton_sampling`) serve CUDA tensors when Triton is there; `tuning` holds the GPU traits their
-launch shapes are chosen by."""
+The Triton modules serve CUDA tensors where Triton is installed (layers/backend.py picks them once
+per model): `triton_attention` (paged decode and prefill attention, the K/V store), `triton_rope`
+(rotary, with q/k norms, and the K/V store), `triton_fused` (RMSNorm with the residual add,
+SiLU-and-mul), `triton_gemv` (decode GEMVs with norm, SiLU and residual fused) and
+`triton_sampling` (argmax, and sampling by a Gumbel-max race); `tuning` holds the GPU traits
+their launch shapes are chosen by."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def on_gpu(t: torch.Tensor) -> bool:
-    """Whether t should go through the Triton kernels."""
+    """Whether t should go through the Triton kernels (for code outside the layers, which ask
+    their backend)."""
     return t.is_cuda and HAS_TRITON
 
 
@@ -48,15 +52,6 @@ def pdl(t: torch.Tensor) -> bool:
 def _pdl_on(device_index: int) -> bool:
     return (os.environ.get("TUILI_PDL", "1") != "0"
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
-
-
-def rope_in_qkv() -> bool:
-    """Whether a decode GEMV of a QKV projection also applies rotary and stores K/V in its epilogue
-    (triton_gemv.RopeStore), so that no kernel runs between it and attention: TUILI_QKV_ROPE=1.
-    Off by default: in decode graphs on an H100 it saved nothing over the rope kernel, which PDL
-    already overlaps with the projection's tail (BENCHMARKS.md, sixth session). Read at each call:
-    graphs captured after a change follow it."""
-    return os.environ.get("TUILI_QKV_ROPE", "0") == "1"
 
 
 @functools.cache

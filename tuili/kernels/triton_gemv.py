@@ -9,11 +9,6 @@ the model dtype where kernels/reference.py does, so only the dot's summation ord
 norm kernel + cuBLAS + SiLU kernel + add. Each program owns BLOCK_N output columns and streams
 their weight rows once: the weight read is the whole cost at decode.
 
-A QKV projection's epilogue can also be the rotary and the K/V-cache store (`RopeStore`): a
-program over the q and k heads then owns rotation pairs (columns j and j + d/2 of one head), their
-weight rows streamed as gate and up rows are, rotates them as reference.apply_rotary rounds, and
-writes q to the output and k to the cache; a program over the v heads writes its columns to the
-cache. No kernel runs between the projection and attention.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tuili.kernels import num_sms, pdl
 from tuili.kernels.tuning import GpuTraits, gpu_traits
-from tuili.kernels.triton_rope import rotate
 
 MAX_ROWS = 8
 # Programmatic dependent launch (kernels.pdl): a GEMV over a small weight lets the next kernel
@@ -63,74 +57,20 @@ def _x_tile(x_rows, norm_w_ptr, kk, k_mask, m_mask, rstd, HAS_NORM: tl.constexpr
 
 
 @triton.jit
-def _rope_columns(pid, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATED_HEADS: tl.constexpr):
-    """Under the rotary epilogue, program pid's first output column and the offset of the partner
-    column of each of its BLOCK_N columns. Over the first ROTATED_HEADS heads (q and k): BLOCK_N
-    first halves of rotation pairs in one head, partners HEAD_DIM / 2 further; past them (v):
-    2 * BLOCK_N consecutive columns, the second BLOCK_N as the partners."""
-    rotated = ROTATED_HEADS * (HEAD_DIM // 2) // BLOCK_N  # programs over q and k
-    pair = pid * BLOCK_N
-    first = tl.where(pid < rotated, pair // (HEAD_DIM // 2) * HEAD_DIM + pair % (HEAD_DIM // 2),
-                     ROTATED_HEADS * HEAD_DIM + (pid - rotated) * (2 * BLOCK_N))
-    return first, tl.where(pid < rotated, HEAD_DIM // 2, BLOCK_N)
-
-
-@triton.jit
-def _rope_store(y1, y2, first, partner, m, m_mask, out_ptr, N, pos_ptr, cos_ptr, sin_ptr,
-                slot_ptr, k_cache_ptr, v_cache_ptr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
-    """The rotary epilogue's stores of y1 and y2 [M_PAD, BLOCK_N] (columns first + i and their
-    partners, from _rope_columns): q rotated to the output, k rotated and v to the cache at each
-    row's slot (-1: not stored)."""
-    head = first // HEAD_DIM  # all of a program's columns lie in one head
-    i = tl.arange(0, BLOCK_N)[None, :]
-    slot = tl.load(slot_ptr + m, mask=m_mask, other=-1).to(tl.int64)
-    cached = slot[:, None] * (KV_HEADS * HEAD_DIM)
-    stored = (m_mask & (slot >= 0))[:, None]
-    if head < Q_HEADS + KV_HEADS:
-        j = first % HEAD_DIM + i  # in the first half of the head
-        at = tl.load(pos_ptr + m, mask=m_mask, other=0).to(tl.int64)[:, None] * HEAD_DIM
-        c1 = tl.load(cos_ptr + at + j)
-        c2 = tl.load(cos_ptr + at + HEAD_DIM // 2 + j)
-        s1 = tl.load(sin_ptr + at + j)
-        s2 = tl.load(sin_ptr + at + HEAD_DIM // 2 + j)
-        r1, r2 = rotate(y1, y2, c1, c2, s1, s2)
-        if head < Q_HEADS:
-            dst = out_ptr + m[:, None] * N + first + i
-            mask = m_mask[:, None]
-        else:
-            dst = k_cache_ptr + cached + (head - Q_HEADS) * HEAD_DIM + j
-            mask = stored
-        tl.store(dst, r1, mask=mask)
-        tl.store(dst + HEAD_DIM // 2, r2, mask=mask)
-    else:
-        dst = v_cache_ptr + cached + (first - (Q_HEADS + KV_HEADS) * HEAD_DIM) + i
-        tl.store(dst, y1, mask=stored)
-        tl.store(dst + partner, y2, mask=stored)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr, sumsq_out_ptr,
-                 pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                  eps, M, N, K, SUMSQ_PARTS, stride_x, stride_r,
                  HAS_NORM: tl.constexpr, SUMSQ_IN: tl.constexpr, SUMSQ_OUT: tl.constexpr,
                  PARTS_BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
-                 ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr,
-                 KV_HEADS: tl.constexpr, PDL: tl.constexpr, EARLY_RELEASE: tl.constexpr):
+                 PDL: tl.constexpr, EARLY_RELEASE: tl.constexpr):
     if PDL and EARLY_RELEASE:  # the next kernel may start; it waits for this one's outputs
         gdc_launch_dependents()
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     pid = tl.program_id(0)
-    # GATED and ROPE: BLOCK_N columns and their BLOCK_N partners, `partner` rows further on
-    if ROPE:
-        first, partner = _rope_columns(pid, BLOCK_N, HEAD_DIM, Q_HEADS + KV_HEADS)
-        n = first + tl.arange(0, BLOCK_N)
-    else:
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        partner = N  # GATED: the up half of the weight follows the gate half
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    partner = N  # GATED: the up half of the weight follows the gate half
     n_mask = n < N
     k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + m[:, None] * stride_x
@@ -140,7 +80,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
     k_mask = k < K
     w_mask = n_mask[:, None] & k_mask[None, :]
     w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
-    if GATED or ROPE:
+    if GATED:
         u = tl.load(up_rows + k[None, :], mask=w_mask, other=0.0)
     if PDL:
         gdc_wait()
@@ -165,7 +105,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
     acc_up = tl.zeros_like(acc)
     xv = _x_tile(x_rows, norm_w_ptr, k, k_mask, m_mask, rstd, HAS_NORM)
     acc = _accumulate(acc, w, xv, USE_DOT)
-    if GATED or ROPE:
+    if GATED:
         acc_up = _accumulate(acc_up, u, xv, USE_DOT)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + k
@@ -173,7 +113,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
         w_mask = n_mask[:, None] & k_mask[None, :]
         xv = _x_tile(x_rows, norm_w_ptr, kk, k_mask, m_mask, rstd, HAS_NORM)
         acc = _accumulate(acc, tl.load(w_rows + kk[None, :], mask=w_mask, other=0.0), xv, USE_DOT)
-        if GATED or ROPE:
+        if GATED:
             acc_up = _accumulate(acc_up, tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0),
                                  xv, USE_DOT)
     if PDL and not EARLY_RELEASE:
@@ -184,7 +124,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED or ROPE:
+        if GATED:
             up_bias = tl.load(bias_ptr + partner + n, mask=n_mask, other=0.0)
             acc_up += up_bias.to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -193,20 +133,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
         # fast division: 2 ulp of float32 vanish in the rounding to 16 bits
         act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(dtype)
         y = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
-    if ROPE:
-        _rope_store(y, acc_up.to(dtype), first, partner, m, m_mask, out_ptr, N, pos_ptr, cos_ptr,
-                    sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, BLOCK_N, HEAD_DIM, Q_HEADS,
-                    KV_HEADS)
-    else:
-        mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RESIDUAL:  # the residual add, rounded as a separate add would round it
-            r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
-            y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
-        if SUMSQ_OUT:  # this program's part of each row's sum of squares, for the next RMSNorm
-            yf = tl.where(mask, y.to(tl.float32), 0.0)
-            tl.store(sumsq_out_ptr + m * tl.num_programs(0) + pid, tl.sum(yf * yf, axis=1),
-                     mask=m_mask)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:  # the residual add, rounded as a separate add would round it
+        r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
+    if SUMSQ_OUT:  # this program's part of each row's sum of squares, for the next RMSNorm
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_out_ptr + m * tl.num_programs(0) + pid, tl.sum(yf * yf, axis=1),
+                 mask=m_mask)
 
 
 @dataclass(frozen=True)
@@ -285,38 +220,17 @@ def _fast_memory_config(m: int, rows: int, k: int, gated: bool, big: bool) -> Ge
     return _small_config(m, rows, k, gated, big)
 
 
-@dataclass(frozen=True)
-class RopeStore:
-    """The epilogue of a merged QKV projection ([q heads | k heads | v heads] columns): rotary on q
-    and k with the cos/sin tables' rows at `positions`, then q into the output, k and v into the
-    paged caches ([blocks, block_size, kv_heads, head_dim]) at `slots` (-1: not stored)."""
-    positions: torch.Tensor  # [M]
-    cos: torch.Tensor  # [max_len, head_dim]
-    sin: torch.Tensor
-    slots: torch.Tensor  # [M]
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    num_heads: int
-
-    def fits(self, config: GemvConfig) -> bool:
-        """Whether each program of these tiles stays within one head, in whole rotation pairs."""
-        d = self.k_cache.shape[-1]
-        return config.block_n % 2 == 0 and d % config.block_n == 0
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, gated: bool = False, config: GemvConfig | None = None,
          out: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
-         want_sumsq: bool = False, rope: RopeStore | None = None):
+         want_sumsq: bool = False):
     """x: [M <= 8, K], weight: [N, K] contiguous. Returns [M, N] (into out if given):
     rmsnorm(x; norm_weight, eps) if norm_weight is given, else x, times weight.T, + bias; if gated
     (weight is a merged [gate | up]), silu(gate) * up, [M, N / 2]; + residual. config: tiles,
     default_config's when None (which must then not be None for this shape).
     sumsq: x's sum of squares per row in parts, [M, parts] float32 (summed in any order), for the
-    norm; want_sumsq: also return the output's, as (out, sumsq).
-    rope: a QKV projection's rotary and K/V store (its config must fit it): the output's q columns
-    come rotated, its k and v columns are left unwritten (they go to the cache)."""
+    norm; want_sumsq: also return the output's, as (out, sumsq)."""
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if not 0 < m <= MAX_ROWS:
@@ -335,17 +249,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if sumsq is not None:
         assert sumsq.shape[0] == m and sumsq.dtype == torch.float32 and sumsq.is_contiguous()
-    q_heads = kv_heads = head_dim = 0
-    if rope is not None:
-        assert not (gated or want_sumsq or residual is not None)
-        kv_heads, head_dim = rope.k_cache.shape[-2:]
-        q_heads = rope.num_heads
-        if n != (q_heads + 2 * kv_heads) * head_dim or not rope.fits(cfg):
-            raise ValueError(f"rotary epilogue: {n} columns of heads of {head_dim} in tiles of "
-                             f"{cfg.block_n}")
-        assert rope.k_cache.is_contiguous() and rope.v_cache.is_contiguous()
-        assert rope.cos.shape[-1] == head_dim
-        assert rope.cos.is_contiguous() and rope.sin.is_contiguous()
     grid = triton.cdiv(n, cfg.block_n)
     sumsq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if want_sumsq else None
     m_pad = triton.next_power_of_2(m)
@@ -356,19 +259,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual if residual is not None else out,
         norm_weight if norm_weight is not None else out,
         sumsq if sumsq is not None else out, sumsq_out if want_sumsq else out,
-        *((rope.positions, rope.cos, rope.sin, rope.slots, rope.k_cache, rope.v_cache)
-          if rope is not None else (out,) * 6),
         eps, m, n, k, parts, x.stride(0), residual.stride(0) if residual is not None else 0,
         HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None, SUMSQ_OUT=want_sumsq,
         PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, M_PAD=m_pad,
-        BLOCK_N=cfg.block_n // 2 if rope is not None else cfg.block_n,  # rope: pairs
-        BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
-        USE_DOT=cfg.use_dot, ROPE=rope is not None, HEAD_DIM=head_dim, Q_HEADS=q_heads,
-        KV_HEADS=kv_heads, PDL=use_pdl,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad), USE_DOT=cfg.use_dot, PDL=use_pdl,
         EARLY_RELEASE=(weight.numel() <= EARLY_RELEASE_MAX_WEIGHT
                        or grid * cfg.num_warps <= ONE_WAVE_WARPS_PER_SM * num_sms(x.device)),
-        launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        # the rotation rounds each product as torch does; contracted multiply-adds would not
-        enable_fp_fusion=rope is None)
+        launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, sumsq_out) if want_sumsq else out

@@ -1,7 +1,9 @@
-"""Attention over the paged KV cache: store this step's K/V, then attend.
+"""Attention over the paged KV cache: rotate q and k, store this step's K/V, then attend.
 
-The model sees only flat tokens plus an AttentionMetadata; the runner builds one per step.
-Rows are ordered decodes first (one token each), then prefill chunks.
+The model sees only flat tokens plus an AttentionMetadata, which its attention backend builds (the
+runner asks it once per step). Rows are ordered decodes first (one token each), then prefill
+chunks. A backend is chosen once, with the model's (layers/backend.py): a sliding window or
+non-causal attention is a new backend, not a branch in these.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from tuili.kernels import on_gpu, reference, rope_in_qkv, triton_module
-from tuili.layers.norm import RMSNorm
+from tuili.kernels import reference, triton_module
 from tuili.layers.rotary import RotaryEmbedding, rotate_qk
 
 
@@ -37,76 +38,90 @@ class AttentionMetadata:
         return self.rope.lookup(self.positions)
 
 
-class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
-        self.k_cache: torch.Tensor | None = None  # bound by the runner
-        self.v_cache: torch.Tensor | None = None
+class TorchAttention:
+    """The reference path: rotary in torch, K/V stored by index, each prefill attended alone."""
 
-    def rope_store(self, meta: AttentionMetadata):
-        """On the GPU, the rotary and K/V store for a QKV projection's decode GEMV to carry out in
-        its epilogue (a triton_gemv.RopeStore); None on the CPU, or where the rope kernel does
-        them (`kernels.rope_in_qkv`). Not for q/k norms, which need whole heads."""
-        if not (on_gpu(meta.positions) and rope_in_qkv() and self._pow2_head()):
-            return None
-        return triton_module("triton_gemv").RopeStore(
-            meta.positions, meta.rope.cos, meta.rope.sin, meta.slot_mapping, self.k_cache,
-            self.v_cache, self.num_heads)
+    def metadata(self, **fields) -> AttentionMetadata:
+        return AttentionMetadata(**fields)
 
-    def _pow2_head(self) -> bool:
-        return self.head_dim & (self.head_dim - 1) == 0
-
-    def prepare_qkv(self, qkv: torch.Tensor, meta: AttentionMetadata, q_norm: RMSNorm | None = None,
-                    k_norm: RMSNorm | None = None, stored: bool = False):
-        """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, d]: q and k normalised
-        per head (when norms are given, as in Qwen3) and rotated. On the GPU one kernel does this
-        and also stores k and v in the cache: k and v come back None, so forward() skips its store.
-        stored: the projection's epilogue did it all already (`rope_store`); q is qkv's q part."""
-        if stored:
-            return qkv[:, :self.num_heads], None, None
-        if on_gpu(qkv) and self._pow2_head():
-            weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
-            q = triton_module("triton_rope").rope_and_store(
-                qkv, meta.positions, meta.rope.cos, meta.rope.sin, self.k_cache, self.v_cache,
-                meta.slot_mapping, self.num_heads, weights, q_norm.eps if q_norm is not None else 0.0)
-            return q, None, None
-        return rotate_qk(qkv, self.num_heads, self.num_kv_heads, *meta.cos_sin, q_norm, k_norm)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d], or None when already in the cache
-        (GPU only: the GPU kernels read every key from the cache) -> [tokens, heads * d]."""
+    def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
+                q_norm=None, k_norm=None) -> torch.Tensor:
+        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *meta.cos_sin, q_norm, k_norm)
+        reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
-        gpu = on_gpu(q)
-        triton_attention = triton_module("triton_attention") if gpu else None
-        if k is None:
-            assert gpu, "the CPU path needs this step's k and v"
-        elif gpu:
-            triton_attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            reference.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = torch.empty_like(q) if meta.prefills or gpu else None
-        if nd and gpu:
-            triton_attention.decode_attention(q[:nd], self.k_cache, self.v_cache, meta.block_tables,
-                                              meta.seq_lens, self.scale, out=out[:nd],
-                                              max_len=meta.max_decode_len or None)
-        elif nd:
+        out = torch.empty_like(q) if meta.prefills else None
+        if nd:
             decoded = reference.decode_attention(
-                q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                meta.max_decode_len, self.scale)
+                q[:nd], layer.k_cache, layer.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                meta.max_decode_len, layer.scale)
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded
-        if meta.prefills and gpu:
-            triton_attention.prefill_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_seqs,
-                max(n for _, n, _ in meta.prefills), self.scale, out)
-            return out.flatten(1)
         for i, (start, n, cached) in enumerate(meta.prefills):
             rows = slice(start, start + n)
             out[rows] = reference.prefill_attention(
-                q[rows], k[rows], v[rows], self.k_cache, self.v_cache,
-                meta.block_tables[nd + i], cached, self.scale)
+                q[rows], k[rows], v[rows], layer.k_cache, layer.v_cache,
+                meta.block_tables[nd + i], cached, layer.scale)
         return out.flatten(1)
+
+
+class TritonAttention:
+    """Triton's kernels: one for rotary (with q/k norms) and the K/V store, where head_dim is a
+    power of two; then paged decode attention and paged flash prefill, every key read from the
+    cache."""
+
+    def __init__(self):
+        self._rope = triton_module("triton_rope")
+        self._attention = triton_module("triton_attention")
+
+    def metadata(self, **fields) -> AttentionMetadata:
+        """The fields, plus the prefills as a device tensor for the prefill kernel."""
+        prefills = fields["prefills"]
+        if prefills and fields.get("prefill_seqs") is None:
+            seqs = torch.tensor(list(zip(*prefills)), dtype=torch.int32)
+            fields["prefill_seqs"] = seqs.to(fields["positions"].device, non_blocking=True)
+        return AttentionMetadata(**fields)
+
+    def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
+                q_norm=None, k_norm=None) -> torch.Tensor:
+        attention = self._attention
+        if layer.head_dim & (layer.head_dim - 1) == 0:
+            weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
+            q = self._rope.rope_and_store(
+                qkv, meta.positions, meta.rope.cos, meta.rope.sin, layer.k_cache, layer.v_cache,
+                meta.slot_mapping, layer.num_heads, weights,
+                q_norm.eps if q_norm is not None else 0.0)
+        else:
+            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *meta.cos_sin, q_norm,
+                                k_norm)
+            attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        out = torch.empty_like(q)
+        if nd:
+            attention.decode_attention(q[:nd], layer.k_cache, layer.v_cache, meta.block_tables,
+                                       meta.seq_lens, layer.scale, out=out[:nd],
+                                       max_len=meta.max_decode_len or None)
+        if meta.prefills:
+            attention.prefill_attention(
+                q, layer.k_cache, layer.v_cache, meta.block_tables[nd:], meta.prefill_seqs,
+                max(n for _, n, _ in meta.prefills), layer.scale, out)
+        return out.flatten(1)
+
+
+class Attention(nn.Module):
+    """One layer's attention and its slice of the KV cache (bound by the runner)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 backend: TorchAttention | TritonAttention):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+        self.k_cache: torch.Tensor | None = None  # bound by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, qkv: torch.Tensor, meta: AttentionMetadata, q_norm=None,
+                k_norm=None) -> torch.Tensor:
+        """The merged QKV output [tokens, heads + 2 * kv_heads, d] -> [tokens, heads * d]: q and k
+        normalised per head (when norms are given, as in Qwen3) and rotated, k and v stored."""
+        return self.backend.forward(self, qkv, meta, q_norm, k_norm)

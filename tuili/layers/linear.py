@@ -1,8 +1,9 @@
-"""Linear layers. A merged layer (QKV, gate/up) loads each part into its rows of one weight.
+"""Linear layers: y = x W^T (+ b), applied by a method chosen at load (one class per weight format).
 
-A projection may take the RMSNorm before it, silu_and_mul of its merged [gate | up] output and a
-residual to add: at decode on the GPU they run inside one Triton GEMV; elsewhere they are the
-separate norm and activation kernels, the matmul and an add."""
+Each parameter carries its own `weight_loader(param, tensor, part)`: a merged layer (QKV, gate/up)
+loads each checkpoint part into its rows, so a column- or row-parallel layer, or a quantized
+format, is one new class. Fusions (a norm before, SiLU or a residual add after) are not the
+layer's: the model asks its backend for them (`backend.linear`)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuili.kernels import on_gpu, triton_module
-from tuili.kernels.tuning import gpu_traits
-from tuili.layers.activation import silu_and_mul
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
-from tuili.layers.norm import RMSNorm
-
-# SmolLM2's whole decode graph on an H100: 938 / 939 / 936 / 934 us at batch 1 / 2 / 4 / 8 unfused,
-# 720 / 774 / 889 / 886 us fused (benchmarks/gpu_decode_graph.py).
-GEMV_MAX_ROWS = 8
-
-
-def fuses_into_gemv(x: torch.Tensor) -> bool:
-    """A decode-sized step on the GPU (<= GEMV_MAX_ROWS rows of 16-bit floats): each norm, SiLU and
-    residual add rides in a projection's GEMV as its prologue or epilogue, not a kernel of its own."""
-    return (on_gpu(x) and x.shape[0] <= GEMV_MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,106 +23,92 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           norm: RMSNorm | None = None, norm_sumsq: torch.Tensor | None = None,
-           gated: bool = False, residual: torch.Tensor | None = None, want_sumsq: bool = False,
-           rope=None):
-    """norm(x) (x if no norm) @ weight.T (+ bias), then silu(gate) * up if gated (weight is a
-    merged [gate | up]), then + residual.
-
-    At decode the GEMV that adds a residual can also leave the new stream's sum of squares per row
-    (want_sumsq: returns (out, sums), sums None where no GEMV ran); given to the next projection as
-    norm_sumsq, they spare its norm prologue a pass over x in every program.
-
-    rope: a QKV projection's rotary and K/V store (triton_gemv.RopeStore), for its GEMV's epilogue
-    to carry out; returns (out, True) when it did (q rotated in out, k and v in the cache), else
-    (out, False), the plain projection."""
-    if fuses_into_gemv(x):
-        gemv = triton_module("triton_gemv")
-        n = weight.shape[0] // 2 if gated else weight.shape[0]
-        norm_pass = norm is not None and norm_sumsq is None
-        config = gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated,
-                                     gpu_traits(x.device))
-        if config is not None:
-            fused_rope = rope if rope is not None and rope.fits(config) else None
-            out = gemv.gemv(x, weight, bias, residual, norm.weight if norm is not None else None,
-                            norm.eps if norm is not None else 0.0, gated, config,
-                            sumsq=norm_sumsq if norm is not None else None, want_sumsq=want_sumsq,
-                            rope=fused_rope)
-            return (out, fused_rope is not None) if rope is not None else out
-    out = epilogue(matmul(x if norm is None else norm(x), weight, bias), gated, residual)
-    return unfused_result(out, want_sumsq, rope)
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, part: int = 0) -> None:
+    """A parameter without a weight_loader of its own takes the checkpoint tensor whole."""
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(tensor)
 
 
-def unfused_result(out: torch.Tensor, want_sumsq: bool, rope):
-    """What `linear` returns where no GEMV ran: no sums of squares, no rotary or K/V store done."""
-    if rope is not None:
-        return out, False
-    return (out, None) if want_sumsq else out
+class LinearMethod:
+    """How a Linear's weight is held and applied. This one: the float weight as it is."""
+
+    name = "none"  # as the engine's `quantization` option names it
+    fusable = True  # whether a fused kernel (the decode GEMV) may read layer.weight as it is
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, layer.weight, layer.bias)
 
 
-def epilogue(out: torch.Tensor, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    out = silu_and_mul(out) if gated else out
-    return out if residual is None else out + residual
+UNQUANTIZED = LinearMethod()
+
+
+class Int4CpuMethod(LinearMethod):
+    """The weight also kept packed in 4 bits: torch's int4 CPU kernel reads a quarter of the bytes
+    but does not reuse them across rows, so it serves up to MAX_ROWS rows (decode) and the float
+    weight serves the rest (prefill, batches)."""
+
+    name = "int4"
+    MAX_ROWS = 4
+    fusable = False
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor):
+        self.packed, self.scales_zeros = packed, scales_zeros
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.MAX_ROWS:
+            return matmul(x, layer.weight, layer.bias)
+        out = int4_linear(x, self.packed, self.scales_zeros)
+        return out if layer.bias is None else out + layer.bias
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). When every part arrives as Int4Weight the layer also keeps W packed in 4 bits:
-    torch's int4 CPU kernel reads a quarter of the bytes but does not reuse them across rows, so it
-    serves up to INT4_MAX_ROWS rows (decode) and the float weight serves the rest (prefill, batches)."""
+    """y = x W^T (+ b) over out_sizes parts stacked in one weight. `weight`: share an existing
+    parameter (an LM head tied to the embedding), loaded by its owner."""
 
-    INT4_MAX_ROWS = 4
-
-    def __init__(self, in_features: int, out_sizes: int | list[int], bias: bool = False):
+    def __init__(self, in_features: int, out_sizes: int | list[int], bias: bool = False,
+                 weight: nn.Parameter | None = None):
         super().__init__()
         self.out_sizes = [out_sizes] if isinstance(out_sizes, int) else list(out_sizes)
         out = sum(self.out_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.method: LinearMethod = UNQUANTIZED
+        if weight is None:
+            weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+            weight.weight_loader = self.weight_loader
+            weight.num_parts = len(self.out_sizes)
+        self.weight = weight
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+            self.bias.num_parts = len(self.out_sizes)
         self._int4_parts: dict[int, Int4Weight] = {}
-        self.packed: torch.Tensor | None = None  # int4 weight, when packed
-        self.scales_zeros: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None,
-                norm_sumsq: torch.Tensor | None = None, gated: bool = False,
-                residual: torch.Tensor | None = None, want_sumsq: bool = False, rope=None):
-        """norm(x) W^T (+ b), silu-and-mul'ed if gated, + residual: as `linear`."""
-        if self.packed is not None and x.shape[0] <= self.INT4_MAX_ROWS:
-            out = int4_linear(x if norm is None else norm(x), self.packed, self.scales_zeros)
-            out = epilogue(out if self.bias is None else out + self.bias, gated, residual)
-            return unfused_result(out, want_sumsq, rope)
-        return linear(x, self.weight, self.bias, norm=norm, norm_sumsq=norm_sumsq, gated=gated,
-                      residual=residual, want_sumsq=want_sumsq, rope=rope)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
 
-    def load(self, name: str, tensor: torch.Tensor | Int4Weight, part: int = 0) -> None:
-        """Copy a checkpoint tensor ("weight" or "bias") into output part `part`."""
-        target = self.weight if name == "weight" else self.bias
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor | Int4Weight,
+                      part: int = 0) -> None:
+        """Copy a checkpoint tensor into output part `part` of param (weight or bias)."""
         rows = self.out_sizes[part]
-        if tensor.shape[0] != rows or tensor.shape[1:] != target.shape[1:]:
+        if tensor.shape[0] != rows or tensor.shape[1:] != param.shape[1:]:
             raise ValueError(
                 f"shape {tuple(tensor.shape)} does not fit part {part} of a layer "
-                f"{tuple(target.shape)} split {self.out_sizes}"
+                f"{tuple(param.shape)} split {self.out_sizes}"
             )
         if isinstance(tensor, Int4Weight):
             self._int4_parts[part] = tensor
             return
         start = sum(self.out_sizes[:part])
-        target.data[start:start + rows].copy_(tensor)
+        param.data[start:start + rows].copy_(tensor)
 
-    def finalize(self) -> None:
-        """After loading: pack the 4-bit parts if all parts are 4-bit, else dequantize them."""
+    def process_weights_after_loading(self) -> None:
+        """Choose the method: int4 when every part arrived 4-bit (the float copy is kept for
+        large steps); 4-bit parts of a mixed layer are dequantized only."""
         parts = self._int4_parts
         self._int4_parts = {}
         if parts and len(parts) == len(self.out_sizes):
-            self.packed, self.scales_zeros = pack(Int4Weight.cat([parts[i] for i in sorted(parts)]))
+            self.method = Int4CpuMethod(*pack(Int4Weight.cat([parts[i] for i in sorted(parts)])))
         for part, w in parts.items():
             start = sum(self.out_sizes[:part])
             self.weight.data[start:start + self.out_sizes[part]].copy_(w.dequantize())
-
-    def _apply(self, fn, recurse=True):
-        # Packed int4 tensors are bytes, not floats: keep them out of .to(dtype).
-        packed, sz = self.packed, self.scales_zeros
-        self.packed = self.scales_zeros = None
-        result = super()._apply(fn, recurse)
-        self.packed, self.scales_zeros = packed, sz
-        return result

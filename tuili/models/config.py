@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -26,11 +26,13 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> ModelConfig:
-        arch = (cfg.get("architectures") or ["?"])[0]
+    def from_hf(cls, cfg: dict, **family) -> ModelConfig:
+        """The fields every decoder's HF config.json has; `family`: those a model family reads
+        its own way (models/registry.config_from_hf asks the family's class)."""
+        arch = architecture(cfg)
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
-        return cls(
+        config = cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -44,11 +46,11 @@ class ModelConfig:
             rope_scaling=_rope_scaling(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=cfg.get("attention_bias", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
         )
+        return replace(config, **family) if family else config
 
     def to_hf(self) -> dict:
         """An HF config.json for this shape (used when exporting a GGUF model as an HF folder)."""
@@ -72,6 +74,11 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+def architecture(cfg: dict) -> str:
+    """The HF class name an HF config.json names ("?" if none)."""
+    return (cfg.get("architectures") or ["?"])[0]
 
 
 def _rope_theta(cfg: dict) -> float:

@@ -11,39 +11,35 @@ import torch
 from torch import nn
 
 from tuili.layers.attention import Attention, AttentionMetadata
+from tuili.layers.backend import TORCH, Backend
 from tuili.layers.embedding import Embedding
-from tuili.layers.linear import Linear, fuses_into_gemv, linear
+from tuili.layers.linear import Linear, default_weight_loader
 from tuili.layers.norm import RMSNorm
+from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, backend: Backend):
         super().__init__()
         self.nh, self.nkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
         self.qkv_proj = Linear(c.hidden_size, [self.nh * self.d, self.nkv * self.d, self.nkv * self.d],
                                bias=c.attention_bias)
         self.o_proj = Linear(self.nh * self.d, c.hidden_size)
-        self.q_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(self.d, c.rms_norm_eps) if c.qk_norm else None
-        self.attn = Attention(self.nh, self.nkv, self.d)
+        self.q_norm = RMSNorm(self.d, c.rms_norm_eps, backend) if c.qk_norm else None
+        self.k_norm = RMSNorm(self.d, c.rms_norm_eps, backend) if c.qk_norm else None
+        self.attn = Attention(self.nh, self.nkv, self.d, backend.attention)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, norm: RMSNorm | None = None,
-                norm_sumsq: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, want_sumsq: bool = False):
-        """o_proj(attention(qkv_proj(norm(x)))) (+ residual); norm and residual come at decode,
-        where they run inside the two projections' GEMVs (see `linear` for the sums of squares),
-        as do, without q/k norms, the rotary and the K/V store (`Attention.rope_store`).
-        Given `rows`, o_proj runs on those rows alone (every token's K/V is stored all the same)."""
-        rope = self.attn.rope_store(meta) if self.q_norm is None else None
-        qkv = self.qkv_proj(x, norm=norm, norm_sumsq=norm_sumsq, rope=rope)
-        qkv, stored = qkv if rope is not None else (qkv, False)
-        qkv = qkv.view(x.shape[0], self.nh + 2 * self.nkv, self.d)
-        q, k, v = self.attn.prepare_qkv(qkv, meta, self.q_norm, self.k_norm, stored)
-        out = self.attn(q, k, v, meta)
+    def forward(self, stream, norm: RMSNorm, meta: AttentionMetadata,
+                rows: torch.Tensor | None = None):
+        """stream + o_proj(attention(qkv_proj(norm(stream)))). Given `rows`, o_proj runs on those
+        rows alone and only they stay in the stream (every token's K/V is stored all the same)."""
+        qkv, stream = stream.project(norm, self.qkv_proj, keep=rows)
+        qkv = qkv.view(qkv.shape[0], self.nh + 2 * self.nkv, self.d)
+        out = self.attn(qkv, meta, self.q_norm, self.k_norm)
         if rows is not None:
             out = out.index_select(0, rows)
-        return self.o_proj(out, residual=residual, want_sumsq=want_sumsq)
+        return stream.add(self.o_proj, out)
 
 
 class LlamaMLP(nn.Module):
@@ -52,47 +48,25 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(c.hidden_size, [c.intermediate_size, c.intermediate_size])
         self.down_proj = Linear(c.intermediate_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
-                norm_sumsq: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                want_sumsq: bool = False):
-        """down(silu(gate) * up) of norm(x) (+ residual)."""
-        gate_up = self.gate_up_proj(x, norm=norm, norm_sumsq=norm_sumsq, gated=True)
-        return self.down_proj(gate_up, residual=residual, want_sumsq=want_sumsq)
+    def forward(self, stream, norm: RMSNorm):
+        """stream + down(silu(gate) * up) of norm(stream)."""
+        h, stream = stream.project(norm, self.gate_up_proj, gated=True)
+        return stream.add(self.down_proj, h)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, backend: Backend):
         super().__init__()
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = LlamaAttention(c, backend)
         self.mlp = LlamaMLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
-                rows: torch.Tensor | None = None):
-        """(x, residual) -> (x, residual): the hidden stream is x + residual, or x alone when
-        residual is None. Given `rows`, only those rows come out (see LlamaForCausalLM)."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, meta, rows=rows)
-        if rows is not None:
-            residual = residual.index_select(0, rows)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
-
-    def decode(self, x: torch.Tensor, sumsq: torch.Tensor | None, meta: AttentionMetadata,
-               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, sumsq) -> (x, sumsq) for a decode-sized step (`fuses_into_gemv`): x is the whole
-        stream; the norms are GEMV prologues scaled by sumsq (x's sums of squares in parts, left by
-        the GEMV that wrote x; None: the prologue sums them itself), the residual adds GEMV
-        epilogues, which leave the new stream's sums."""
-        kept = x if rows is None else x.index_select(0, rows)
-        h, h_sumsq = self.self_attn(x, meta, norm=self.input_layernorm, norm_sumsq=sumsq,
-                                    residual=kept, rows=rows, want_sumsq=True)
-        return self.mlp(h, norm=self.post_attention_layernorm, norm_sumsq=h_sumsq, residual=h,
-                        want_sumsq=True)
+    def forward(self, stream, meta: AttentionMetadata, rows: torch.Tensor | None = None):
+        """The residual stream (layers/residual.py) in and out. Given `rows`, only those rows come
+        out (see LlamaForCausalLM)."""
+        stream = self.self_attn(stream, self.input_layernorm, meta, rows)
+        return self.mlp(stream, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,14 +74,23 @@ class LlamaForCausalLM(nn.Module):
     MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, c: ModelConfig):
+    @staticmethod
+    def config_from_hf(cfg: dict) -> ModelConfig:
+        """Qwen2 has q/k/v biases unless its config says otherwise; Qwen3 normalises q and k."""
+        arch = cfg["architectures"][0]
+        return ModelConfig.from_hf(
+            cfg, attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            qk_norm=arch == "Qwen3ForCausalLM")
+
+    def __init__(self, c: ModelConfig, backend: Backend = TORCH):
         super().__init__()
-        self.config = c
+        self.config, self.backend = c, backend
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
-        # The last decode stream and its sums of squares, for the final norm in `logits`.
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, backend) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size,
+                              weight=self.embed_tokens.weight if c.tie_word_embeddings else None)
+        # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
@@ -116,25 +99,19 @@ class LlamaForCausalLM(nn.Module):
         Given `rows`, only those tokens' states [len(rows), hidden]: every layer still stores every
         token's K/V, but the last one runs o_proj and its MLP on those rows alone (for a 32-layer
         prompt that is ~3% of the prefill's matmuls saved)."""
-        x, residual = self.embed_tokens(input_ids), None
+        stream = residual_stream(self.backend, self.embed_tokens(input_ids))
         last = len(self.layers) - 1
-        if fuses_into_gemv(x):
-            sumsq = None  # the embedding leaves none: the first norm sums x itself
-            for i, layer in enumerate(self.layers):
-                x, sumsq = layer.decode(x, sumsq, meta, rows if i == last else None)
-            self._final = (x, sumsq)
-            return x
-        self._final = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, meta, rows if i == last else None)
-        return x if residual is None else x + residual
+            stream = layer(stream, meta, rows if i == last else None)
+        hidden = stream.hidden()
+        self._final = (hidden, stream.sumsq)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head (one GEMV at decode). When `hidden` is the very stream
-        the last decode forward returned, the norm takes the sums of squares its GEMV left."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        the last forward returned, the norm takes the sums of squares its GEMV left (if any)."""
         sumsq = self._final[1] if self._final is not None and self._final[0] is hidden else None
-        return linear(hidden, weight, norm=self.norm, norm_sumsq=sumsq)
+        return self.backend.linear(hidden, self.lm_head, norm=self.norm, norm_sumsq=sumsq)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -144,13 +121,11 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         expected = set()
         for name in params:
-            owner = self.get_submodule(name.rpartition(".")[0])
-            parts = len(owner.out_sizes) if isinstance(owner, Linear) else 1
-            expected |= {f"{name}#{p}" for p in range(parts)}
+            expected |= {f"{name}#{p}" for p in range(getattr(params[name], "num_parts", 1))}
         loaded = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             module_name, _, kind = name.rpartition(".")
             owner, _, leaf = module_name.rpartition(".")
@@ -162,18 +137,15 @@ class LlamaForCausalLM(nn.Module):
             target = f"{module_name}.{kind}"
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            module = self.get_submodule(module_name)
-            if isinstance(module, Linear):
-                module.load(kind, tensor, part)
-            else:
-                if params[target].shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(params[target].shape)}")
-                params[target].data.copy_(tensor)
+            param = params[target]
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, part)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             loaded.add(f"{target}#{part}")
         missing = sorted(expected - loaded)
         if missing:
             raise KeyError("checkpoint lacks tensors: " + ", ".join(m.split("#")[0] for m in missing[:8]))
         for module in self.modules():
             if isinstance(module, Linear):
-                module.finalize()
+                module.process_weights_after_loading()

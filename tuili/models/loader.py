@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from tuili.errors import InvalidParameter, ModelLoadError
+from tuili.layers.backend import backend_for
 from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
-from tuili.models.registry import model_class
+from tuili.models.registry import config_from_hf, model_class
 from tuili.models.tokenizer import Tokenizer
 
 log = logging.getLogger("tuili")
@@ -92,7 +93,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.float32)
     try:
-        model = cls(config)
+        model = cls(config, backend_for(device))
     finally:
         torch.set_default_dtype(default)
     try:
@@ -126,7 +127,7 @@ def _open_folder(folder: Path):
                              "*.safetensors and tokenizer.json")
     try:
         raw = json.loads(cfg_path.read_text())
-        config = ModelConfig.from_hf(raw)
+        config = config_from_hf(raw)
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"{cfg_path}: not a usable model config ({type(e).__name__}: {e})") from e
     model_class(config.architecture, source=str(folder))  # fail early, before reading weights

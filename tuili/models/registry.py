@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tuili.errors import ModelLoadError
+from tuili.models.config import ModelConfig, architecture
 from tuili.models.llama import LlamaForCausalLM
 
 MODELS = {
@@ -19,3 +20,10 @@ def model_class(architecture: str, source: str = ""):
         raise ModelLoadError(f"{where}architecture {architecture!r} is not supported; supported: "
                              f"{', '.join(MODELS)}")
     return MODELS[architecture]
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """An HF config.json's model shape, parsed by its family's class (generically for an
+    architecture tuili cannot run, which `tuili analyze` still reads)."""
+    cls = MODELS.get(architecture(cfg))
+    return cls.config_from_hf(cfg) if cls is not None else ModelConfig.from_hf(cfg)

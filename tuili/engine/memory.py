@@ -1,0 +1,60 @@
+"""KV-cache sizing: how many blocks the memory budget holds, and the longest sequence they allow."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tuili.config import EngineConfig
+from tuili.engine.runner import profile_activation_bytes
+from tuili.errors import InvalidParameter
+from tuili.kernels import HAS_TRITON
+from tuili.models.config import ModelConfig
+
+log = logging.getLogger("tuili")
+
+
+def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,
+                  device: torch.device, prefill_graph_tokens: int) -> tuple[int, int]:
+    """(KV-cache blocks, max_model_len) for this config; errors say which option to change."""
+    per_block = c.block_size * mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+    num_blocks = c.num_kv_blocks or int(
+        _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) // per_block)
+    capacity = num_blocks * c.block_size
+    if num_blocks < 1:
+        raise InvalidParameter("kv_cache_memory_gb", f"the KV-cache budget holds no block of "
+                               f"{per_block} bytes; raise kv_cache_memory_gb or "
+                               "gpu_memory_utilization")
+    if c.max_model_len is not None and c.max_model_len > capacity:
+        raise InvalidParameter("max_model_len", f"{c.max_model_len} is more than the KV cache's "
+                               f"{capacity} tokens; lower it or raise kv_cache_memory_gb")
+    max_len = c.max_model_len or min(mc.max_position_embeddings, capacity)
+    if not c.enable_chunked_prefill and c.max_num_batched_tokens < max_len:
+        raise InvalidParameter("max_num_batched_tokens", f"{c.max_num_batched_tokens} < "
+                               f"max_model_len={max_len}: without chunked prefill a whole prompt "
+                               "must fit in one step")
+    log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
+             num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30, max_len)
+    return num_blocks, max_len
+
+
+def _kv_budget_bytes(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,
+                     device: torch.device, prefill_graph_tokens: int) -> float:
+    if c.kv_cache_memory_gb is not None:
+        return c.kv_cache_memory_gb * 2**30
+    if device.type != "cuda" or not HAS_TRITON:
+        return 2**30
+    # What the utilization target leaves after everything in use now (our weights included)
+    # and the activations of the largest step, measured by running one, and of the largest
+    # prefill graph, whose memory pool is the graphs' own.
+    peak = sum(profile_activation_bytes(model, mc, tokens, dtype, device)
+               for tokens in (c.max_num_batched_tokens, prefill_graph_tokens) if tokens)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * c.gpu_memory_utilization - (total - free) - peak
+    log.info("GPU memory: %.1f GiB in use, %.2f GiB peak activations (steps of %d tokens, "
+             "prefill graphs of %d), %.1f GiB left for the KV cache at utilization %.2f",
+             (total - free) / 2**30, peak / 2**30, c.max_num_batched_tokens,
+             prefill_graph_tokens, max(budget, 0) / 2**30,
+             c.gpu_memory_utilization)
+    return max(budget, 0)
