@@ -39,7 +39,8 @@ from tuili.bench.serve import BenchConfig, make_prompts, run_benchmark  # noqa: 
 def offline_wall(folder: str, prompts: list, output_len: int) -> float:
     llm = LLM(folder, dtype="bfloat16", device="cuda")
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    warm = make_prompts(BenchConfig(num_prompts=8, input_len=len(prompts[0]), seed=99))
+    llm.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -139,8 +140,9 @@ def main() -> None:
             cfg.base_url = f"http://127.0.0.1:{port}"
             # The Poisson runs first, on the server as it comes up (no warm-up requests): its
             # first requests meet whatever start-up left to compile.
-            for rate in (float(r) for r in args.rates.split(",") if r):
-                run = asyncio.run(run_benchmark(BenchConfig(**{**cfg.__dict__,
+            # Each run has prompts of its own (seed): none finds another's in the prefix cache.
+            for seed, rate in enumerate((float(r) for r in args.rates.split(",") if r), 1):
+                run = asyncio.run(run_benchmark(BenchConfig(**{**cfg.__dict__, "seed": seed,
                                                                "request_rate": rate})))
                 results[f"rate_{rate:g}"] = run
                 print(f"server at {rate:g} req/s: TTFT p50 {run['ttft_ms']['p50']:.1f} p99 "

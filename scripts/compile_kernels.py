@@ -82,9 +82,9 @@ def launch_all() -> None:
         module.pdl = lambda t: True
     for gpu, (name, shape) in itertools.product((tuning.H100, tuning.H200), SHAPES.items()):
         # The tensors are the CPU's, whose traits are the H100's: each card's are put in place.
-        triton_gemv.gpu_traits = triton_attention.gpu_traits = lambda device=None: gpu
+        triton_gemv.gpu_traits = lambda device=None: gpu
         decode_step(name, shape, gpu.name.removeprefix("NVIDIA ").split()[0])
-    triton_gemv.gpu_traits = triton_attention.gpu_traits = tuning.gpu_traits
+    triton_gemv.gpu_traits = tuning.gpu_traits
     for name, shape in SHAPES.items():
         prefill_attention(name, shape)
     qk_norm_rope()

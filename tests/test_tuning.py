@@ -9,7 +9,7 @@ import torch
 from tuili.kernels import tuning
 
 pytest.importorskip("triton")
-from tuili.kernels import triton_attention, triton_gemv  # noqa: E402
+from tuili.kernels import triton_gemv  # noqa: E402
 from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 
 # torch.cuda.get_device_properties(0) on each card (memory clock in kHz, bus width in bits)
@@ -37,39 +37,35 @@ def test_cpu_tensors_take_the_h100s_traits():
     assert tuning.gpu_traits(torch.device("cpu")) == tuning.H100
 
 
-# (m, n, k, gated) of Llama-3.1-8B's layers -> (H100 tiles, H200 tiles; None: cuBLAS)
-LLAMA_8B = {
-    "qkv": ((1, 6144, 4096, False), GemvConfig(2, 4096, 8), GemvConfig(4, 4096, 8)),
-    "o": ((1, 4096, 4096, False), GemvConfig(2, 4096, 8), GemvConfig(2, 4096, 8)),
-    "gate_up": ((1, 14336, 4096, True), GemvConfig(2, 4096, 8),
-                GemvConfig(64, 256, 4, 3, True)),
-    "down": ((1, 4096, 14336, False), GemvConfig(4, 1024), GemvConfig(32, 512, 4, 3, True)),
-    "lm_head": ((1, 128256, 4096, False), GemvConfig(2, 4096, 8),
-                GemvConfig(64, 256, 4, 3, True)),
-    "gate_up, 4 rows": ((4, 14336, 4096, True), GemvConfig(64, 256, 4, 3, True), None),
-    "down, 4 rows": ((4, 4096, 14336, False), GemvConfig(32, 512, 4, 3, True), None),
-    "o, 4 rows": ((4, 4096, 4096, False), GemvConfig(32, 512, 4, 3, True),
-                  GemvConfig(64, 256, 4, 4, True)),
+# (m, n, k, gated) of a layer -> (H100 tiles, H200 tiles; None: cuBLAS and separate kernels)
+LAYERS = {
+    "8B qkv": ((1, 6144, 4096, False), GemvConfig(2, 4096, 8), GemvConfig(2, 4096, 8)),
+    "8B gate_up": ((1, 14336, 4096, True), GemvConfig(2, 4096, 8), GemvConfig(2, 4096, 8)),
+    "8B down": ((1, 4096, 14336, False), GemvConfig(4, 1024), GemvConfig(4, 1024)),
+    "8B gate_up, 4 rows": ((4, 14336, 4096, True), GemvConfig(64, 256, 4, 3, True),
+                           GemvConfig(64, 256, 4, 3, True)),
+    "SmolLM2 down": ((1, 576, 1536, False), GemvConfig(2, 1024), GemvConfig(1, 2048)),
+    "SmolLM2 down, 2 rows": ((2, 576, 1536, False), GemvConfig(2, 1024), GemvConfig(1, 2048)),
+    "SmolLM2 gate_up": ((1, 1536, 576, True), GemvConfig(1, 1024), GemvConfig(1, 1024)),
+    "SmolLM2 LM head": ((1, 49152, 576, False), None, None),
 }
 
 
-@pytest.mark.parametrize("layer", LLAMA_8B)
+@pytest.mark.parametrize("layer", LAYERS)
 def test_gemv_tiles_by_card(layer):
-    (m, n, k, gated), h100, h200 = LLAMA_8B[layer]
+    (m, n, k, gated), h100, h200 = LAYERS[layer]
     assert triton_gemv.default_config(m, n, k, gated=gated, gpu=tuning.H100) == h100
     assert triton_gemv.default_config(m, n, k, gated=gated, gpu=tuning.H200) == h200
 
 
-def test_qwen_square_projection_avoids_a_part_masked_tile():
-    # Qwen2.5-7B's o: 3584 columns would leave an eighth of a 4096-wide tile masked
-    assert (triton_gemv.default_config(1, 3584, 3584, gpu=tuning.H200)
-            == GemvConfig(4, 2048))
-
-
-def test_decode_attention_steps_by_card(monkeypatch):
-    cpu = torch.device("cpu")
-    assert triton_attention.decode_config(1, 8, 128, cpu) == triton_attention.DecodeConfig(32, 64)
-    monkeypatch.setattr(triton_attention, "gpu_traits", lambda device=None: tuning.H200)
-    assert triton_attention.decode_config(1, 8, 128, cpu) == triton_attention.DecodeConfig(32, 128)
-    # a batch that fills the SMs alone is not split and keeps 64-key steps
-    assert triton_attention.decode_config(16, 8, 128, cpu).block_n == 64
+def test_tune_as_names_a_card(monkeypatch):
+    monkeypatch.setenv("TUILI_TUNE_AS", "h200")
+    tuning._cuda_traits.cache_clear()
+    try:
+        assert tuning._cuda_traits(0) == tuning.H200
+        monkeypatch.setenv("TUILI_TUNE_AS", "a100")
+        tuning._cuda_traits.cache_clear()
+        with pytest.raises(ValueError, match="TUILI_TUNE_AS"):
+            tuning._cuda_traits(0)
+    finally:
+        tuning._cuda_traits.cache_clear()

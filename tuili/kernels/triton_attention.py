@@ -18,7 +18,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tuili.kernels import arrival_counters, num_sms, pdl
-from tuili.kernels.tuning import gpu_traits
 
 MAX_SPLITS = 32
 MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: one ticket each
@@ -224,14 +223,11 @@ def decode_config(batch: int, kv_heads: int, head_dim: int, device: torch.device
     """The launch shape for a batch; it depends on the batch size alone when max_len is None.
     Swept on an H100 (batch 1, 8k context, 54 shapes, all 20-33 us): 32 splits of 64-key steps,
     4 warps, 3 stages was best, tied within noise by 128-key steps at 4 warps; 64 splits were 3%
-    slower at best, 16 splits 11% or more, 32-key steps 14% or more. On an H200 (fast memory,
-    tuning.GpuTraits) 128-key steps win where each sequence is cut 16 or more ways (batch 1 / 8k:
-    15.2 against 17.5 us); at batch 16 / 4k (4 splits) 64-key steps stay best (69 against 74+)."""
+    slower at best, 16 splits 11% or more, 32-key steps 14% or more. On an H200, alone, 128-key
+    steps read batch 1 / 8k in 15.2 against 17.5 us, but inside the 8B decode graph the two took
+    the same time (BENCHMARKS.md, eleventh session), so the steps stay as on the H100."""
     splits = decode_splits(batch, kv_heads, device, max_len)
-    if head_dim > 128:
-        return DecodeConfig(splits, 32)
-    wide = splits >= 16 and gpu_traits(device).fast_memory
-    return DecodeConfig(splits, 128 if wide else 64)
+    return DecodeConfig(splits, 64 if head_dim <= 128 else 32)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

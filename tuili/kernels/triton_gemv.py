@@ -169,8 +169,8 @@ def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool 
     # Llama-3.1-8B's gate_up 106 us fused vs 92 us apart at 1 row, its qkv 26.6 vs 24.4 at 8 rows.
     if norm_pass and big and (gated or (m > 2 and rows < 32768)):
         return None
-    if gpu.fast_memory:
-        return _fast_memory_config(m, rows, k, gated, big)
+    if gpu.fast_memory and (config := _fast_memory_config(m, rows, k, gated, big)):
+        return config
     if big and k >= 2048:  # Llama-3.1-8B's projections: 1 row 14-335 us, 2-8 rows 15-352 us
         if m == 1 and rows >= k:  # the whole row in one tile, all of it loaded before gdc_wait
             return (GemvConfig(block_n=2, block_k=4096, num_warps=8) if k <= 4096
@@ -192,32 +192,15 @@ def _small_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConf
 
 
 def _fast_memory_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConfig | None:
-    """Where each SM must keep ~1.4x an H100's bytes in flight (an H200): software-pipelined dot
-    tiles stream the wide and the long weights, four whole rows a program the square ones (8B
-    shape at 1 row, us, fused as the model runs them: gate_up 64.2 -> 59.2, down 37.5 -> 31.7,
-    qkv 17.4 -> 15.8, LM head 289 -> 236, below cuBLAS's 240). From 2 rows on, cuBLAS and the
-    separate SiLU / add beat the fused gate_up (61.5 vs 66.1 us at 4 rows) and down (33.2 vs
-    35.4)."""
-    if big and k >= 2048:
-        if m == 1:
-            if gated or rows >= 2 * k:
-                return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
-            if k >= 2 * rows:
-                return GemvConfig(block_n=32, block_k=512, num_stages=3, use_dot=True)
-            if rows > k:  # qkv: 4 rows of up to 4096 columns (8B 15.8 us, Qwen2.5-7B 12.0)
-                return GemvConfig(block_n=4, block_k=min(4096, triton.next_power_of_2(k)),
-                                  num_warps=8)
-            # square (o): whole rows where k is a power of two (8B 11.4 us); Qwen2.5-7B's 3584
-            # would leave an eighth of a 4096 tile masked (10.1 us; 4 x 2048 tiles 8.5)
-            if k & (k - 1) == 0 and k <= 4096:
-                return GemvConfig(block_n=2, block_k=k, num_warps=8)
-            return GemvConfig(block_n=4, block_k=2048)
-        if gated or k >= 2 * rows:
-            return None
-        return GemvConfig(block_n=64, block_k=256, num_stages=3 if rows > k else 4, use_dot=True)
-    if m <= 2 and not big and k > 1024:  # a long, small reduction (SmolLM2's down: 3.6 -> 2.5 us)
+    """Where each SM must keep ~1.4x an H100's bytes in flight (an H200). Alone, deeper tiles
+    read faster there (8B gate_up 64.2 -> 59.2 us a launch with 64 x 256 dot tiles, down 37.5 ->
+    31.7), but in the decode graph, beside the kernels PDL overlaps with them, they made the 8B
+    step slower (5.17 against 4.68 ms): the large weights keep the H100's tiles until a sweep
+    inside the graph finds better. A long, small reduction takes longer rows (SmolLM2's down
+    3.6 -> 2.5 us alone; its decode graph 0.51 ms with it)."""
+    if m <= 2 and not big and k > 1024:
         return GemvConfig(block_n=1, block_k=2048)
-    return _small_config(m, rows, k, gated, big)
+    return None
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ a card not listed here gets the tiles of the class it falls in.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,17 @@ H100 = GpuTraits("NVIDIA H100 80GB HBM3", 132, 50 << 20, 2 * 2619e6 * 5120 / 8)
 H200 = GpuTraits("NVIDIA H200", 132, 60 << 20, 2 * 3201e6 * 6016 / 8)
 
 
+CARDS = {"h100": H100, "h200": H200}
+
+
 @functools.cache
 def _cuda_traits(index: int) -> GpuTraits:
+    # TUILI_TUNE_AS=h100|h200: launch shapes chosen as on that card (to compare them on one GPU)
+    card = os.environ.get("TUILI_TUNE_AS", "").lower()
+    if card:
+        if card not in CARDS:
+            raise ValueError(f"TUILI_TUNE_AS={card!r}: one of {', '.join(CARDS)}")
+        return CARDS[card]
     return GpuTraits.from_properties(torch.cuda.get_device_properties(index))
 
 
