@@ -15,10 +15,10 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list (nested lists, or an array.array of dtype) as a tensor on `device`, copied without a stream sync. From
-    pageable memory the driver stages the bytes before returning, so the host tensor may go at
-    once; on the H100 this beat staging through pinned memory (SmolLM2 decode 0.89 vs 0.93 ms a
-    step, TTFT the same)."""
+    """A host list (nested lists, or an array.array of dtype) as a tensor on `device`, copied
+    without a stream sync. From pageable memory the driver stages the bytes before returning, so
+    the host tensor may go at once; on the H100 this beat staging through pinned memory
+    (BENCHMARKS.md has the A/B)."""
     host = _host_tensor(values, dtype)
     if device.type != "cuda":
         return host
