@@ -1,72 +1,100 @@
-"""A/B of an environment switch on one model in one process: the decode CUDA graphs are recaptured
-under each setting in turn, over several rounds, so no instance-to-instance or machine-to-machine
-noise enters the comparison. Reports batch-1 graph replay at a short (~130) and a long (~8k)
-context and the decode time per token, and checks the greedy tokens agree.
+"""A/B of an environment switch (or of another tree) on one model: each arm in a process of its own
+over the same saved model, the arms alternating over several rounds on one machine. Reports
+batch-1 decode per token and graph replay at a short (~130) and a long (~8k) context, and checks
+that the greedy tokens agree. A process per arm, since the engine reads its settings (the kernel
+backend, the GPU traits the launch shapes follow) once, when the model is built.
 
-    python benchmarks/gpu_ab.py --shape llama3-8b --env TUILI_QKV_ROPE=1,0 [--rounds 3]
-
-The switch must be read when the graphs are captured (as TUILI_QKV_ROPE is), not once per process.
+    python3 benchmarks/gpu_ab.py --shape llama3-8b --env TUILI_TUNE_AS=h100,h200 [--rounds 2]
+    python3 benchmarks/gpu_ab.py --base /path/to/older/tree      # this tree against that one
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpu_workloads import FULL_LAYERS, replay_ms, tuili_decode_ms  # noqa: E402
-from tests.gpu.random_models import build  # noqa: E402
-from tuili import LLM, SamplingParams  # noqa: E402
+
+def child(folder: str, vocab: int) -> None:
+    """One arm: decode and replay timings, then the greedy tokens, as one JSON line."""
+    from benchmarks.gpu_workloads import replay_ms, tuili_decode_ms
+    from tuili import LLM, SamplingParams
+
+    llm = LLM(folder, dtype="bfloat16", device="cuda", max_num_seqs=8, max_model_len=9000,
+              gpu_memory_utilization=0.5)
+    short = [random.Random(0).randrange(2, vocab) for _ in range(128)]
+    long = [random.Random(1).randrange(2, vocab) for _ in range(8000)]
+    res = {}
+    for name, prompt in (("~130", short), ("~8k", long)):
+        res[f"decode {name}"] = min(tuili_decode_ms(llm, prompt) for _ in range(2))
+        res[f"replay {name}"] = min(replay_ms(llm)[0] for _ in range(3))
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    res["tokens"] = list(llm.generate([short], greedy)[0].outputs[0].token_ids)
+    print("AB " + json.dumps(res), flush=True)
+
+
+def run_arm(folder: Path, vocab: int, env: dict, pythonpath: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(folder), "--vocab", str(vocab)]
+    out = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": pythonpath},
+                         capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("AB ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"arm {env or pythonpath} failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][3:])
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama3-8b", choices=sorted(FULL_LAYERS))
-    p.add_argument("--env", required=True, help="NAME=value1,value2,...")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--env", default="", help="NAME=value1,value2,...")
+    p.add_argument("--base", help="another tuili tree to run as one more arm")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    name, _, values = args.env.partition("=")
-    values = values.split(",")
+    if args.child:
+        return child(args.child, args.vocab)
 
+    import gc
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_workloads import FULL_LAYERS
+    from tests.gpu.random_models import build
+
+    here = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    name, _, values = args.env.partition("=")
+    arms = {f"{name}={v}": ({name: v}, here) for v in values.split(",")} if name else {}
+    arms = arms or {"this tree": ({}, here)}
+    if args.base:
+        arms["base tree"] = ({}, f"{args.base}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     folder = Path(tempfile.mkdtemp())
     vocab = build(args.shape, folder, num_layers=FULL_LAYERS[args.shape]).config.vocab_size
     gc.collect()
     torch.cuda.empty_cache()
-    llm = LLM(str(folder), dtype="bfloat16", device="cuda", max_num_seqs=8, max_model_len=9000,
-              gpu_memory_utilization=0.5)
-    graphs = llm.engine.runner.graphs
-    short = [random.Random(0).randrange(2, vocab) for _ in range(128)]
-    long = [random.Random(1).randrange(2, vocab) for _ in range(8000)]
-    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in values}
-    tokens = {}
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for rnd in range(args.rounds):
-        for value in values:
-            os.environ[name] = value
-            graphs.graphs.clear()
-            graphs._capture()
-            replays = []
-            for prompt in (short, long):  # the cache holds the prompt: replays attend over it
-                llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-                replays.append(min(replay_ms(llm)[0] for _ in range(3)))
-            decode = tuili_decode_ms(llm, short)
-            results[value].append((*replays, decode))
-            tokens.setdefault(value, llm.generate([short], greedy)[0].outputs[0].token_ids)
-            print(f"{args.shape} round {rnd} {name}={value}: replay {replays[0]:.3f} ms (~130), "
-                  f"{replays[1]:.3f} ms (~8k), decode {decode:.3f} ms a token", flush=True)
-    print(f"\n{args.shape}: {name}, {args.rounds} rounds (best / mean, ms)")
-    print(f"{'value':<8} {'replay ~130':>16} {'replay ~8k':>16} {'decode a token':>16}")
-    for value, rows in results.items():
-        cells = [f"{min(c):.3f} / {sum(c) / len(c):.3f}" for c in zip(*rows)]
-        print(f"{value:<8} " + " ".join(f"{c:>16}" for c in cells))
-    same = all(t == tokens[values[0]] for t in tokens.values())
-    print(f"greedy tokens {'agree' if same else 'DIFFER'} across settings")
+        for arm, (env, path) in arms.items():
+            results[arm].append(run_arm(folder, vocab, env, path))
+            print(f"{args.shape} round {rnd} {arm}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in results[arm][-1].items() if k != "tokens"), flush=True)
+    keys = [k for k in results[next(iter(arms))][0] if k != "tokens"]
+    print(f"\n{args.shape}, {args.rounds} rounds (best / mean, ms)")
+    print(f"{'arm':<22}" + "".join(f"{k:>18}" for k in keys))
+    for arm, rows in results.items():
+        cells = [f"{min(r[k] for r in rows):.3f} / {sum(r[k] for r in rows) / len(rows):.3f}"
+                 for k in keys]
+        print(f"{arm:<22}" + "".join(f"{c:>18}" for c in cells))
+    tokens = [r["tokens"] for rows in results.values() for r in rows]
+    print(f"greedy tokens {'agree' if all(t == tokens[0] for t in tokens) else 'DIFFER'}")
 
 
 if __name__ == "__main__":

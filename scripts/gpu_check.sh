@@ -6,7 +6,8 @@
 #   PARTS=kernels,workloads scripts/gpu_check.sh   (any of tests, kernels, workloads; all three
 #                                                  are the default. On an H100 the tests take
 #                                                  about 9 minutes, kernels 2, workloads 6)
-#   PARTS=ab AB=TUILI_QKV_ROPE=0,1 scripts/gpu_check.sh   a switch A/B'd in one process per shape
+#   PARTS=ab AB=TUILI_TUNE_AS=h100,h200 scripts/gpu_check.sh   a switch A/B'd, a process per
+#                                                  setting over one saved model per shape
 #                                                  (benchmarks/gpu_ab.py; SHAPES as above)
 #   PARTS=gaps scripts/gpu_check.sh                whether the GPU waits on Python between batch-1
 #                                                  decode steps (benchmarks/gpu_step_gaps.py)
@@ -37,7 +38,7 @@ fi
 if [[ $parts == *,ab,* ]]; then
   IFS=, read -ra ab_shapes <<< "${SHAPES:-smollm2-135m,llama3-8b}"
   for shape in "${ab_shapes[@]}"; do
-    python3 benchmarks/gpu_ab.py --shape "$shape" --env "${AB:-TUILI_QKV_ROPE=0,1}" 2>&1 \
+    python3 benchmarks/gpu_ab.py --shape "$shape" --env "${AB:-TUILI_TUNE_AS=h100,h200}" 2>&1 \
       | tee -a "$out/gpu_ab.log"
     (( ab = ab || PIPESTATUS[0] ))
   done

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +24,6 @@ from tuili.sampling_params import SamplingParams
 log = logging.getLogger("tuili")
 
 _GEN_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-# The engine thread shares the GIL with the event loop. Each time it wakes from a wait on the
-# device it needs the GIL back to queue the next step, and under Python's default 5 ms switch
-# interval an event loop busy with hundreds of streams kept it that long (BENCHMARKS.md, eleventh
-# session). A shorter interval costs the loop a few more thread switches a second.
-SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -69,7 +63,6 @@ class AsyncLLM:
         if model is not None:
             options["model"] = model
         config = EngineConfig(**options)
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.stats = EngineStats()
         self.num_unstarted = 0  # requests taken in that have no output yet (event-loop side)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

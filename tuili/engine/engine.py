@@ -123,15 +123,18 @@ class LLMEngine:
 
     def _warm_up(self) -> None:
         """Run requests of each kind end to end before any user's (an eager prefill of more
-        prompts than a prefill graph holds, a graph prefill, graph decodes; greedy, top-p, top-k
+        prompts than a prefill graph holds, graph prefills, graph decodes; greedy, top-p, top-k
         and min-p rows), so that the kernels launched outside the captured graphs compile now:
-        on an H200 the first requests after start-up otherwise waited on Triton compilations."""
+        on an H200 the first requests after start-up otherwise waited on Triton compilations
+        (a 709 ms step; BENCHMARKS.md, eleventh session)."""
         kinds = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
                  SamplingParams(max_tokens=3, top_p=0.9, ignore_eos=True, seed=0),
                  SamplingParams(max_tokens=3, top_k=5, ignore_eos=True, seed=0),
                  SamplingParams(max_tokens=3, min_p=0.1, ignore_eos=True, seed=0)]
         vocab = self.model_config.vocab_size
-        for wave, count in enumerate((PREFILL_SEQS + 2, 2)):
+        # Prefill steps of 1, 2, 3 and 5 prompts: the LM head's GEMV over their sampled rows
+        # compiles once per power-of-two row count (each took 0.35-0.7 s on first use).
+        for wave, count in enumerate((PREFILL_SEQS + 2, 1, 2, 3, 5)):
             for i in range(count):
                 prompt = [(7 * i + j) % vocab for j in range(1 + 5 * i)]
                 self.add_request(f"warm-up-{wave}-{i}", prompt, kinds[i % len(kinds)],
