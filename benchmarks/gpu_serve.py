@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gpu_workloads import FULL_LAYERS  # noqa: E402
 from tests.gpu.random_models import build, word_tokenizer  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
-from tuili.bench.serve import BenchConfig, make_prompts, run_benchmark  # noqa: E402
+from tuili.bench.serve import (BenchConfig, make_prompts, run_benchmark,  # noqa: E402
+                               wait_until_healthy)
 
 
 def offline_wall(folder: str, prompts: list, output_len: int) -> float:
@@ -57,18 +57,12 @@ def start_server(folder: str, port: int, probe_log: Path, slow_ms: float) -> sub
     proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "serve_probe.py"), "serve",
                              "--model", folder, "--port", str(port), "--dtype", "bfloat16",
                              "--max-waiting", "100000"], env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", 600, proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:

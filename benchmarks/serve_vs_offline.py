@@ -17,10 +17,10 @@ import subprocess
 import sys
 import time
 
-import urllib.request
 
 from tuili import LLM, SamplingParams
-from tuili.bench.serve import BenchConfig, format_report, make_prompts, run_benchmark
+from tuili.bench.serve import (BenchConfig, format_report, make_prompts, run_benchmark,
+                               wait_until_healthy)
 
 
 def offline(llm: LLM, prompts: list, output_len: int) -> float:
@@ -39,16 +39,12 @@ def start_server(options: dict, port: int) -> subprocess.Popen:
         flags += [f"--{name.replace('_', '-')}", str(value)]
     proc = subprocess.Popen([sys.executable, "-m", "tuili", "serve", "--port", str(port),
                              "--max-waiting", "100000", *flags], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up in 120s")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", 120, proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def main() -> None:

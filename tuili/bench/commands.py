@@ -9,6 +9,7 @@ from pathlib import Path
 from tuili.bench.serve import add_bench_options
 from tuili.options import add_engine_options, engine_options, positive
 
+
 def add_bench_parser(sub) -> None:
     """Add `tuili bench` and its subcommands."""
     bench = sub.add_parser("bench", help="benchmarks: throughput, latency, op embedding, serve")

@@ -118,6 +118,24 @@ async def _one(session, cfg: BenchConfig, prompt) -> RequestResult:
     return res
 
 
+def wait_until_healthy(base_url: str, timeout: float, proc=None) -> None:
+    """Poll GET /health until it answers 200; RuntimeError after `timeout` seconds, or as soon as
+    `proc` (the server's subprocess.Popen, if it is ours) has exited."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base_url.rstrip("/") + "/health") as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the server did not come up in {timeout:g}s")
+
+
 async def _resolve_model(session, base_url: str) -> str:
     async with session.get(base_url.rstrip("/") + "/v1/models") as r:
         r.raise_for_status()
