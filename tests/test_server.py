@@ -22,8 +22,8 @@ from tests.conftest import MODEL  # noqa: E402
 from tests.server_process import (KEY, ROOT, Server, Streamer,  # noqa: E402
                                   accepts_connections, metrics, wait_for)
 # float32 like the `llm` fixture, so greedy text through the server must equal LLM.generate.
-# Two sequences at a time and two waiting make a full queue easy to reach.
-SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "2",
+# Two sequences at a time and four waiting make a full queue easy to reach.
+SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "4",
                 "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY,
                 "--profile"]
 
@@ -300,7 +300,7 @@ def test_wrong_types_are_400_naming_the_parameter(http, path, body, param):
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {"prompt": [5, 10**7]}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
-                              "top_logprobs": 30}, "logprobs"),
+                              "top_logprobs": 30}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
 ])
 def test_out_of_range_values_are_400_naming_the_parameter(http, path, body, param):
@@ -385,10 +385,10 @@ def test_full_queue_is_503_with_retry_after_and_others_unharmed(server, http):
     for s in running:
         s.start()
     wait_for(lambda: all(s.chunks >= 1 for s in running))
-    waiting = [Streamer(server, LONG) for _ in range(2)]  # --max-waiting 2
+    waiting = [Streamer(server, LONG) for _ in range(4)]  # --max-waiting 4
     for s in waiting:
         s.start()
-    wait_for(lambda: metrics(server)["tuili:num_requests_waiting"] == 2)
+    wait_for(lambda: metrics(server)["tuili:num_requests_waiting"] == 4)
     r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert error_of(r, 503)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
     # a bad request now is a 400 and leaves the running streams going
@@ -422,8 +422,7 @@ def test_sigterm_drains_in_flight_request_then_exits(tmp_path):
         assert st.lines[-1] == "data: [DONE]"
         last = json.loads(st.lines[-2][6:])
         assert last["choices"][0]["finish_reason"] == "length"
-        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM
-        assert s.proc.wait(30) in (0, -signal.SIGTERM)
+        assert s.proc.wait(30) == 0  # a drained SIGTERM is a clean exit
         log = s.log()
         assert "draining" in log and "Application shutdown complete" in log
     finally:
