@@ -99,7 +99,9 @@ class AsyncLLM:
         self.vocab_size = self.engine.model_config.vocab_size
         self.kv_cache_tokens = self.engine.pool.num_blocks * self.engine.pool.block_size
         self.prompt_bound = PromptBound.of(self.tokenizer.backend)
-        self._workers = ThreadPoolExecutor(min(4, os.cpu_count() or 1), "tuili-tokenize")
+        # half the cores at most: the event loop and the engine need the rest
+        self._workers = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)),
+                                           "tuili-tokenize")
 
     # ---- the event-loop side ---------------------------------------------------------------
 
@@ -121,9 +123,9 @@ class AsyncLLM:
         """A lower bound on the tokens of `text`, from its bytes alone (0 when none is known)."""
         return self.prompt_bound.min_tokens(text) if self.prompt_bound else 0
 
-    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt, checked as add_request would (empty, bad ids, too long).
-        It tokenizes text: from a coroutine, call it through run_in_worker."""
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt, checked (valid text, known ids, not empty) but not against the
+        context. It tokenizes text: from a coroutine, call it through run_in_worker."""
         if isinstance(prompt, str):
             check_text("prompt", prompt)
             if not add_special_tokens:  # a chat template's text: it has its own
@@ -131,6 +133,11 @@ class AsyncLLM:
         ids = self.engine.encode_prompt(prompt)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
+        return ids
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """tokenize(prompt), also refused when longer than the context, as add_request would."""
+        ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(len(ids), self.max_model_len)
         return ids

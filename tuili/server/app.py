@@ -130,7 +130,8 @@ def _api_routes(state: ServerState) -> APIRouter:
         if bad:
             raise InvalidParameter("tokens", f"token ids {shown(bad[:5])} are outside "
                                              f"[0, {vocab})")
-        return {"prompt": tok.decode(tokens)}
+        # the batch call releases the GIL while it works (decode holds it)
+        return {"prompt": tok.backend.decode_batch([tokens], skip_special_tokens=True)[0]}
 
     @r.get("/tokenizer_info")
     async def tokenizer_info() -> JSONResponse:

@@ -64,7 +64,7 @@ def check_tree(data: dict, max_depth: int) -> None:
     while stack:
         node, path, depth = stack.pop()
         if depth > max_depth:
-            raise _too_deep(max_depth, _json_path(path))
+            raise _too_deep(max_depth, path)
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
             if isinstance(key, str):
@@ -96,10 +96,11 @@ def _too_large(size: int, limit: int, at_least: bool = False) -> APIError:
                          f"the {limit} allowed (--max-body-bytes)", code="request_too_large")
 
 
-def _too_deep(limit: int, where: str = "") -> APIError:
+def _too_deep(limit: int, path: tuple = ()) -> APIError:
+    where = _json_path(path[:4]) + ("..." if len(path) > 4 else "")
     return APIError(400, f"the body nests arrays/objects more than {limit} deep"
                          f"{f' at {where}' if where else ''} (--max-json-depth)",
-                    param=where or None, code="invalid_json")
+                    param=_json_path(path[:1]) or None, code="invalid_json")
 
 
 def _invalid(e: ValidationError) -> APIError:

@@ -49,6 +49,10 @@ def _plain_message(i: int, m: ChatMessage) -> dict:
     return out
 
 
+# what render_text passes to the chat template itself
+_TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  request: Request):
     arrival = time.monotonic()
@@ -59,6 +63,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         raise InvalidParameter("response_format", f"got {body.response_format.get('type')!r}, "
                                                   "only 'text' is supported")
     state.limits.check_logprobs("top_logprobs", body.top_logprobs)
+    taken = sorted(set(body.chat_template_kwargs or {}) & _TEMPLATE_ARGS)
+    if taken:
+        raise InvalidParameter("chat_template_kwargs", f"sets {taken}, which the server passes "
+                                                       "to the template itself")
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -83,7 +91,8 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest, params: Samplin
                        tools=body.tools if body.tool_choice != "none" else None,
                        add_generation_prompt=body.add_generation_prompt,
                        template_kwargs=body.chat_template_kwargs)
-    return state.encode_prompts([text], params, field, add_special_tokens=False)[0]
+    return state.encode_prompts([text], params, field, prompt_param="messages",
+                                add_special_tokens=False)[0]
 
 
 class _Writer:

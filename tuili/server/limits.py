@@ -11,7 +11,9 @@ from tuili.sampling_params import MAX_LOGPROBS
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_body_bytes: int = 8 * 2**20  # a 128k-token prompt as JSON token ids is about 1 MB
+    # A 128k-token prompt as JSON token ids is about 1 MB. Parsing holds the GIL (about 13 ms
+    # per MB of numbers), so this also bounds how long one body can hold up the event loop.
+    max_body_bytes: int = 4 * 2**20
     max_json_depth: int = 64  # tool schemas nest; nothing real nests this deep
     max_n: int = 16  # samples per prompt (n, best_of)
     max_logprobs: int = MAX_LOGPROBS  # top logprobs per token (logprobs, top_logprobs)

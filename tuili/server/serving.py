@@ -84,40 +84,40 @@ class ServerState:
         params = self.llm.default_sampling_params(**body.sampling_kwargs(),
                                                   max_tokens=max_tokens, **extra)
         self.llm.check_params(params)
-        self.check_length(1, params, field)  # every prompt has a token
+        self.check_length(1, params, field, at_least=True)  # every prompt has a token
         return params
 
-    def check_length(self, n: int, params: SamplingParams, field: str,
-                     at_least: bool = False) -> None:
+    def check_length(self, n: int, params: SamplingParams, field: str, at_least: bool = False,
+                     prompt_param: str = "prompt") -> None:
         """400 when a prompt of `n` tokens (or at least `n`) and what the request asks to
         generate cannot fit in the context, with all the numbers."""
         limit = self.llm.max_model_len
         has = f"at least {n}" if at_least else str(n)
         if n >= limit:
-            raise InvalidParameter("prompt", f"the prompt has {has} tokens, more than "
-                                   f"max_model_len={limit} leaves room for (at most {limit - 1}, "
-                                   "keeping one for the output); shorten it or raise "
-                                   "--max-model-len")
+            raise InvalidParameter(prompt_param, f"the prompt has {has} tokens, more than "
+                                                 f"max_model_len={limit}; shorten it or raise "
+                                                 "--max-model-len")
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise InvalidParameter(field, f"the prompt has {has} tokens and {field} is "
                                    f"{params.max_tokens}: {n + params.max_tokens} is more than "
                                    f"max_model_len={limit}; shorten the prompt or lower {field}")
         if params.min_tokens > limit - n:
-            raise InvalidParameter("min_tokens", f"got {params.min_tokens}, but the prompt has "
-                                   f"{has} tokens and max_model_len={limit} leaves room for at "
-                                   f"most {limit - n}")
+            raise InvalidParameter("min_tokens", f"got {params.min_tokens}, but max_model_len="
+                                   f"{limit} leaves room for at most {limit - n} after the "
+                                   f"prompt's {has} token(s)")
 
-    def encode_prompts(self, prompts: list[str | list[int]], params: SamplingParams,
-                       field: str, add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_prompts(self, prompts: list[str | list[int]], params: SamplingParams, field: str,
+                       prompt_param: str = "prompt", add_special_tokens: bool = True
+                       ) -> list[list[int]]:
         """Token ids of each prompt, each checked against the context. It tokenizes: call it
         through llm.run_in_worker. A text whose bytes prove it too long is refused untokenized."""
         for p in prompts:  # every bound first, so nothing is tokenized for a doomed call
             if isinstance(p, str):
-                self.check_length(self.llm.min_prompt_tokens(p), params, field, at_least=True)
+                self.check_length(self.llm.min_prompt_tokens(p), params, field, True, prompt_param)
         out = []
         for p in prompts:
-            ids = self.llm.encode_prompt(p, add_special_tokens=add_special_tokens)
-            self.check_length(len(ids), params, field)
+            ids = self.llm.tokenize(p, add_special_tokens=add_special_tokens)
+            self.check_length(len(ids), params, field, False, prompt_param)
             out.append(ids)
         return out
 
