@@ -4,6 +4,7 @@ tokens. Each answer is a 4xx naming what is wrong; the server keeps serving."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -15,7 +16,8 @@ from tests.server_process import Server, Streamer, metrics, wait_for  # noqa: E4
 
 # The default context (8192: 600 KB of text is tokenized, 1 MB is refused by its bytes); one
 # sequence runs at a time and four may wait, with 600 prompt tokens among them.
-FLAGS = ["--dtype", "float32", "--max-model-len", "8192", "--num-kv-blocks", "512",
+FLAGS = ["--dtype", "float32", "--num-threads", "1", "--max-model-len", "8192",
+         "--num-kv-blocks", "512",
          "--max-num-seqs", "1", "--max-waiting", "4", "--max-waiting-tokens", "600",
          "--max-n", "4"]
 JSON = {"Content-Type": "application/json"}
@@ -196,3 +198,95 @@ def test_admission_counts_sequences_and_prompt_tokens(server, http):
     assert metrics(server)["tuili:kv_cache_usage_perc"] == 0
     r = http.post("/v1/completions", json={"prompt": [100] * 598, "max_tokens": 2})
     assert r.status_code == 200  # with the queue empty it fits
+
+
+# ---- our own faults: a 500 (or a stream's error event) that the log ties to a request id -----
+# No input makes the real server fail (that is the point of the tests above), so these run the
+# app in-process on a stand-in for AsyncLLM whose tokenizing or stream has a bug.
+
+class _BuggyLLM:
+    """Just enough of AsyncLLM for the app; tokenize() or the stream raises like a bug."""
+    max_model_len, vocab_size, unstarted_sequences, unstarted_tokens = 64, 100, 0, 0
+    tokenizer = None
+
+    def __init__(self, fail_in: str):
+        from tuili.async_llm import EngineStats
+
+        self.fail_in, self.stats = fail_in, EngineStats()
+
+    def default_sampling_params(self, **given):
+        from tuili import SamplingParams
+
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+    def check_params(self, params) -> None:
+        pass
+
+    async def run_in_worker(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def min_prompt_tokens(self, text: str) -> int:
+        return 0
+
+    def tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
+        if self.fail_in == "tokenize":
+            raise ZeroDivisionError("a bug")
+        return [1, 2, 3]
+
+    def generate(self, *args, **kwargs):
+        return _BrokenStream()
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _BrokenStream:
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise KeyError("a bug")
+
+    def close(self) -> None:
+        pass
+
+
+def _ask(fail_in: str, path: str, body: dict, caplog) -> tuple:
+    import asyncio
+    import logging
+
+    from tuili.server.app import build_app
+    from tuili.server.serving import ServerState
+
+    app = build_app(ServerState(_BuggyLLM(fail_in), "stub", max_waiting=10))
+    log = logging.getLogger("tuili")
+    log.addHandler(caplog.handler)  # tuili's logger does not propagate to the root
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://stub") as c:
+            return await c.post(path, json=body, headers={"X-Request-Id": "req-42"})
+    try:
+        r = asyncio.run(go())
+    finally:
+        log.removeHandler(caplog.handler)
+    return r, [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+def test_a_fault_of_ours_is_a_500_logged_with_its_request_id(caplog):
+    r, logged = _ask("tokenize", "/v1/completions", {"prompt": "hi"}, caplog)
+    e = error_of(r, 500)
+    assert e["type"] == "server_error" and "req-42" in e["message"]
+    assert r.headers["x-request-id"] == "req-42"
+    assert any("req-42" in rec.getMessage() and rec.exc_info[0] is ZeroDivisionError
+               for rec in logged)
+
+
+def test_a_fault_mid_stream_is_an_error_event_logged_with_its_request_id(caplog):
+    r, logged = _ask("stream", "/v1/completions", {"prompt": "hi", "stream": True}, caplog)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    lines = [ln for ln in r.text.split("\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "server_error" and "req-42" in error["message"]
+    assert any("req-42" in rec.getMessage() and rec.exc_info[0] is KeyError for rec in logged)
