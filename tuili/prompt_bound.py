@@ -94,5 +94,6 @@ def _never_shrinks(step: dict) -> bool:
         return True
     if kind == "Replace":
         pattern = (step.get("pattern") or {}).get("String")
-        return pattern is not None and len(step.get("content", "").encode()) >= len(pattern.encode())
+        content = step.get("content", "")
+        return pattern is not None and len(content.encode()) >= len(pattern.encode())
     return False

@@ -79,7 +79,8 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
-            raise InvalidParameter("stop_token_ids", f"got {shown(self.stop_token_ids)}, ids must be >= 0")
+            raise InvalidParameter("stop_token_ids",
+                                   f"got {shown(self.stop_token_ids)}, ids must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -110,7 +111,8 @@ def _check_types(params: SamplingParams) -> None:
     if not all(isinstance(s, str) for s in params.stop):
         raise InvalidParameter("stop", f"got {shown(params.stop)}, must be strings")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in params.stop_token_ids):
-        raise InvalidParameter("stop_token_ids", f"got {shown(params.stop_token_ids)}, must be integers")
+        raise InvalidParameter("stop_token_ids",
+                               f"got {shown(params.stop_token_ids)}, must be integers")
 
 
 def _finite(x: int | float) -> bool:

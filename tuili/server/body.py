@@ -10,8 +10,10 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from tuili.async_llm import check_text
+from tuili.errors import InvalidParameter
 from tuili.sampling_params import shown
-from tuili.server.errors import APIError
+from tuili.server.errors import APIError, bad_parameter
 
 M = TypeVar("M", bound=BaseModel)
 INLINE_BYTES = 64 * 1024  # smaller bodies are parsed on the event loop: a thread hop costs more
@@ -76,15 +78,10 @@ def check_tree(data: dict, max_depth: int) -> None:
 
 
 def _check_str(s: str, path: tuple) -> None:
-    if s.isascii():
-        return
     try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        name = _json_path(path) or "body"
-        raise APIError(400, f"{name}: has a lone surrogate U+{ord(s[e.start]):04X} at character "
-                            f"{e.start}; text must be valid Unicode", param=name,
-                       code="invalid_value") from None
+        check_text(_json_path(path) or "body", s)
+    except InvalidParameter as e:
+        raise bad_parameter(e) from None
 
 
 def _no_constant(name: str):

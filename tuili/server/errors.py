@@ -120,4 +120,4 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, str(e.detail), type=kind).response()
+        return APIError(e.status_code, str(e.detail), type=kind, headers=e.headers).response()

@@ -101,6 +101,7 @@ def serve(engine_options: dict, args: argparse.Namespace) -> None:
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port,
                             access_log=args.log_requests, log_level="info",
                             timeout_graceful_shutdown=args.drain_timeout + _CUT_GRACE_S)
-    log.info("serving %s as %r on http://%s:%d (API key %s)", engine_options["model"],
-             state.model_name, args.host, args.port, "required" if args.api_key else "off")
+    log.info("serving %s as %r on http://%s:%d (API key %s); waiting queue: %d sequences, %d "
+             "prompt tokens", engine_options["model"], state.model_name, args.host, args.port,
+             "required" if args.api_key else "off", args.max_waiting, max_tokens)
     _Server(config, state, args.drain_timeout).run()

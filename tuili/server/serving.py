@@ -94,7 +94,8 @@ class ServerState:
         limit = self.llm.max_model_len
         has = f"at least {n}" if at_least else str(n)
         if n >= limit:
-            raise InvalidParameter(prompt_param, f"the prompt has {has} tokens, more than "
+            how = " (judged from its bytes, before tokenizing)" if at_least else ""
+            raise InvalidParameter(prompt_param, f"the prompt has {has} tokens{how}, more than "
                                                  f"max_model_len={limit}; shorten it or raise "
                                                  "--max-model-len")
         if params.max_tokens is not None and n + params.max_tokens > limit:
