@@ -139,3 +139,29 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
 def test_bad_engine_options(option, value):
     with pytest.raises(InvalidParameter, match=option):
         LLM(MODEL, **{option: value})
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("temperature", float("inf"), "finite"), ("temperature", 10**400, "finite"),
+    ("top_p", float("nan"), "finite"), ("presence_penalty", float("-inf"), "finite"),
+    ("repetition_penalty", 1e-300, "[0.01, 100]"), ("repetition_penalty", 1e300, "[0.01, 100]"),
+    ("seed", 2**63, "64-bit"), ("seed", -2**63 - 1, "64-bit"),
+])
+def test_sampling_values_outside_their_range_name_it(name, value, says):
+    with pytest.raises(InvalidParameter, match=name) as e:
+        SamplingParams(**{name: value})
+    assert says in str(e.value) and len(str(e.value)) < 200  # a huge value is not echoed whole
+
+
+def test_a_vanishing_temperature_samples_like_greedy(llm):
+    greedy = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+    tiny = SamplingParams(max_tokens=8, temperature=1e-300, seed=3)
+    assert tiny.temperature == 0.01  # below it float32 logits overflow and every draw is NaN
+    assert llm.generate(["The capital of France is"], tiny)[0].outputs[0].text == \
+        greedy[0].outputs[0].text
+
+
+def test_seed_at_the_64_bit_ends_works(llm):
+    for seed in (-2**63, 2**63 - 1):
+        out = llm.generate(["Hi"], SamplingParams(max_tokens=3, temperature=1.0, seed=seed))
+        assert len(out[0].outputs[0].token_ids) == 3

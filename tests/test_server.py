@@ -10,6 +10,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -22,8 +24,8 @@ from tests.conftest import MODEL  # noqa: E402
 from tests.server_process import (KEY, ROOT, Server, Streamer,  # noqa: E402
                                   accepts_connections, metrics, wait_for)
 # float32 like the `llm` fixture, so greedy text through the server must equal LLM.generate.
-# Two sequences at a time and two waiting make a full queue easy to reach.
-SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "2",
+# Two sequences at a time and four waiting make a full queue easy to reach.
+SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "4",
                 "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY,
                 "--profile"]
 
@@ -300,7 +302,7 @@ def test_wrong_types_are_400_naming_the_parameter(http, path, body, param):
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {"prompt": [5, 10**7]}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
-                              "top_logprobs": 30}, "logprobs"),
+                              "top_logprobs": 30}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
 ])
 def test_out_of_range_values_are_400_naming_the_parameter(http, path, body, param):
@@ -385,10 +387,10 @@ def test_full_queue_is_503_with_retry_after_and_others_unharmed(server, http):
     for s in running:
         s.start()
     wait_for(lambda: all(s.chunks >= 1 for s in running))
-    waiting = [Streamer(server, LONG) for _ in range(2)]  # --max-waiting 2
+    waiting = [Streamer(server, LONG) for _ in range(4)]  # --max-waiting 4
     for s in waiting:
         s.start()
-    wait_for(lambda: metrics(server)["tuili:num_requests_waiting"] == 2)
+    wait_for(lambda: metrics(server)["tuili:num_requests_waiting"] == 4)
     r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert error_of(r, 503)["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
     # a bad request now is a 400 and leaves the running streams going
@@ -409,21 +411,36 @@ def test_full_queue_is_503_with_retry_after_and_others_unharmed(server, http):
     assert r.status_code == 200
 
 
-def test_sigterm_drains_in_flight_request_then_exits(tmp_path):
-    s = Server(tmp_path, "--drain-timeout", "60", "--num-kv-blocks", "64")
+def test_sigterm_drains_then_ends_what_outlives_the_drain_timeout(tmp_path):
+    s = Server(tmp_path, "--drain-timeout", "8", "--num-kv-blocks", "128", "--max-num-seqs", "3")
     try:
-        body = {**LONG, "max_tokens": 60}
-        st = Streamer(s, body)
-        st.start()
-        wait_for(lambda: st.chunks >= 2)
+        short = Streamer(s, {**LONG, "max_tokens": 6})  # done well inside the drain
+        long = Streamer(s, LONG)  # 900 tokens: outlives it
+        waiting: dict = {}
+
+        def non_streaming() -> None:
+            waiting["r"] = httpx.post(f"{s.url}/v1/completions", json={**LONG, "stream": False},
+                                      timeout=60)
+
+        t = threading.Thread(target=non_streaming)
+        for x in (short, long, t):
+            x.start()
+        wait_for(lambda: short.chunks >= 2 and long.chunks >= 2)
+        signalled = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not accepts_connections(s), timeout=10)  # stops accepting
-        st.join(60)
-        assert st.lines[-1] == "data: [DONE]"
-        last = json.loads(st.lines[-2][6:])
-        assert last["choices"][0]["finish_reason"] == "length"
-        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM
-        assert s.proc.wait(30) in (0, -signal.SIGTERM)
+        for x in (short, long, t):
+            x.join(60)
+        assert short.lines[-1] == "data: [DONE]"
+        assert json.loads(short.lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        # the drain timeout ends the long stream: an error event, then [DONE]
+        assert long.lines[-1] == "data: [DONE]"
+        error = json.loads(long.lines[-2][6:])["error"]
+        assert error["code"] == "shutting_down" and error["type"] == "server_error"
+        assert "drain timeout" in error["message"]
+        assert time.monotonic() - signalled < 8 + 4  # ended by the server, not uvicorn's backstop
+        assert error_of(waiting["r"], 503)["code"] == "shutting_down"
+        assert s.proc.wait(30) == 0  # a drained SIGTERM is a clean exit
         log = s.log()
         assert "draining" in log and "Application shutdown complete" in log
     finally:

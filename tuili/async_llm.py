@@ -3,23 +3,30 @@
 The engine thread owns the LLMEngine: it takes commands (add, abort) from a thread-safe inbox,
 runs step() while there is work, and hands each step's outputs to the event loop in one
 call_soon_threadsafe. It never waits on the network; the HTTP side never waits on a step.
+Work on the input that grows with its size (tokenizing, templates) runs in a small thread pool,
+`run_in_worker`, so a long prompt never holds up the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.outputs import RequestOutput
-from tuili.sampling_params import SamplingParams
+from tuili.prompt_bound import PromptBound
+from tuili.sampling_params import SamplingParams, shown
 
 log = logging.getLogger("tuili")
 
@@ -52,8 +59,18 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _CancelAll:
+    error: Exception
+
+
+class RequestCancelled(Exception):
+    """The server ended a request itself (it is shutting down): no fault of the client's."""
+
+
 _STOP = object()
 Observer = Callable[[RequestOutput, float], None]
+T = TypeVar("T")
 
 
 class AsyncLLM:
@@ -64,7 +81,9 @@ class AsyncLLM:
             options["model"] = model
         config = EngineConfig(**options)
         self.stats = EngineStats()
-        self.num_unstarted = 0  # requests taken in that have no output yet (event-loop side)
+        # What was taken in and has no output yet (event-loop side): the admission counts.
+        self.unstarted_sequences = 0  # n per request
+        self.unstarted_tokens = 0  # prompt tokens, once per prompt (its n samples share them)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ready = threading.Event()
@@ -77,6 +96,12 @@ class AsyncLLM:
             raise self._load_error
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.model_config.vocab_size
+        self.kv_cache_tokens = self.engine.pool.num_blocks * self.engine.pool.block_size
+        self.prompt_bound = PromptBound.of(self.tokenizer.backend)
+        # half the cores at most: the event loop and the engine need the rest
+        self._workers = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)),
+                                           "tuili-tokenize")
 
     # ---- the event-loop side ---------------------------------------------------------------
 
@@ -88,14 +113,41 @@ class AsyncLLM:
         values.update((k, v) for k, v in given.items() if v is not None or k not in _GEN_DEFAULTS)
         return SamplingParams(**values)
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, checked as add_request would (empty, bad ids, too long)."""
+    async def run_in_worker(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """fn(*args, **kwargs) in the tokenizer threads, off the event loop (tokenizers release
+        the GIL while they work)."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._workers, call)
+
+    def min_prompt_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, from its bytes alone (0 when none is known)."""
+        return self.prompt_bound.min_tokens(text) if self.prompt_bound else 0
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt, checked (valid text, known ids, not empty) but not against the
+        context. It tokenizes text: from a coroutine, call it through run_in_worker."""
+        if isinstance(prompt, str):
+            check_text("prompt", prompt)
+            if not add_special_tokens:  # a chat template's text: it has its own
+                prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
         ids = self.engine.encode_prompt(prompt)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
+        return ids
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """tokenize(prompt), also refused when longer than the context, as add_request would."""
+        ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(len(ids), self.max_model_len)
         return ids
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: the values that must be token ids."""
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:  # the sampler indexes logits with them
+            raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
+                                                     f"[0, {self.vocab_size})")
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  observe: Observer | None = None) -> RequestStream:
@@ -105,10 +157,15 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def cancel_all(self, error: Exception) -> None:
+        """End every request in flight: each stream raises `error` (thread-safe)."""
+        self._inbox.put(_CancelAll(error))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread, aborting whatever still runs."""
         self._inbox.put(_STOP)
         self._thread.join(timeout)
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -148,6 +205,8 @@ class AsyncLLM:
                 return False
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _CancelAll):
+                self._fail_all(cmd.error)
             else:
                 self._abort(cmd.request_id)
             try:
@@ -204,7 +263,10 @@ class RequestStream:
         self.llm, self.request_id, self.observe = llm, request_id, observe
         self.sink: asyncio.Queue = asyncio.Queue()
         self.started = self.done = False
-        llm.num_unstarted += 1  # counted at once, so admission limits hold under bursts
+        # counted at once, so admission limits hold under bursts
+        self.counts = (params.n, len(prompt_ids))
+        llm.unstarted_sequences += params.n
+        llm.unstarted_tokens += len(prompt_ids)
         llm._inbox.put(_Add(request_id, prompt_ids, params, asyncio.get_running_loop(), self.sink))
 
     def __aiter__(self) -> RequestStream:
@@ -238,7 +300,8 @@ class RequestStream:
     def _mark_started(self) -> None:
         if not self.started:
             self.started = True
-            self.llm.num_unstarted -= 1
+            self.llm.unstarted_sequences -= self.counts[0]
+            self.llm.unstarted_tokens -= self.counts[1]
 
     def close(self) -> None:
         if not self.done:
@@ -248,6 +311,18 @@ class RequestStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+def check_text(param: str, text: str) -> None:
+    """400 for text that is not valid Unicode: a lone surrogate (JSON's "\\ud800") that UTF-8
+    and the tokenizer cannot take."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameter(param, f"has a lone surrogate U+{ord(text[e.start]):04X} at "
+                                      f"character {e.start}; text must be valid Unicode") from e
 
 
 def _deliver(items: list) -> None:

@@ -12,10 +12,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import tuili
+from tuili.async_llm import check_text
 from tuili.errors import InvalidParameter
-from tuili.server.chat import create_chat_completion, render_messages
+from tuili.sampling_params import shown
+from tuili.server.chat import create_chat_completion, render_text
 from tuili.server.completions import create_completion
-from tuili.server.errors import APIError, install_handlers, parse_body
+from tuili.server.errors import APIError, install_handlers
 from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest)
 from tuili.server.serving import ServerState
@@ -88,37 +90,48 @@ def _api_routes(state: ServerState) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(request: Request):
-        return await create_completion(state, await parse_body(request, CompletionRequest), request)
+        return await create_completion(state, await state.parse(request, CompletionRequest),
+                                       request)
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await state.parse(request, ChatCompletionRequest)
         return await create_chat_completion(state, body, request)
 
     @r.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        body = await parse_body(request, TokenizeRequest)
+        body = await state.parse(request, TokenizeRequest)
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidParameter("prompt", "give exactly one of prompt and messages")
+        return await state.llm.run_in_worker(_tokenize, body)
+
+    def _tokenize(body: TokenizeRequest) -> dict:
         if body.prompt is not None:
+            check_text("prompt", body.prompt)
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            ids = render_messages(tok, body.messages, tools=body.tools, template_kwargs=None,
-                                  add_generation_prompt=body.add_generation_prompt)
+            text = render_text(tok, body.messages, tools=body.tools, template_kwargs=None,
+                               add_generation_prompt=body.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=False)
         strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids,
                 "token_strs": strs}
 
     @r.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await state.parse(request, DetokenizeRequest)
         state.check_model(body.model)
-        vocab = state.llm.engine.model_config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        return await state.llm.run_in_worker(_detokenize, body.tokens)
+
+    def _detokenize(tokens: list[int]) -> dict:
+        vocab = state.llm.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
-            raise InvalidParameter("tokens", f"token ids {bad[:5]} are outside [0, {vocab})")
-        return {"prompt": tok.decode(body.tokens)}
+            raise InvalidParameter("tokens", f"token ids {shown(bad[:5])} are outside "
+                                             f"[0, {vocab})")
+        # the batch call releases the GIL while it works (decode holds it)
+        return {"prompt": tok.backend.decode_batch([tokens], skip_special_tokens=True)[0]}
 
     @r.get("/tokenizer_info")
     async def tokenizer_info() -> JSONResponse:

@@ -9,27 +9,27 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tuili.async_llm import RequestStream
 from tuili.errors import InvalidParameter
 from tuili.models.tokenizer import Tokenizer
-from tuili.async_llm import RequestStream
 from tuili.outputs import CompletionOutput, RequestOutput
-from tuili.server.errors import APIError
+from tuili.sampling_params import SamplingParams
+from tuili.server.errors import request_id
 from tuili.server.protocol import ChatCompletionRequest, ChatMessage
 from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
                                   sse_error, unless_disconnected, usage)
 
 
-def render_messages(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[dict] | None,
-                    add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
-    """Token ids of the conversation as the model's chat template writes it."""
+def render_text(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[dict] | None,
+                add_generation_prompt: bool, template_kwargs: dict | None) -> str:
+    """The conversation as the model's chat template writes it (run it in a worker thread)."""
     plain = [_plain_message(i, m) for i, m in enumerate(messages)]
     try:
-        text = tok.apply_chat_template(plain, tools=tools,
+        return tok.apply_chat_template(plain, tools=tools,
                                        add_generation_prompt=add_generation_prompt,
                                        **(template_kwargs or {}))
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise InvalidParameter("messages", f"the chat template rejected them: {e}") from e
-    return tok.encode(text, add_special_tokens=False)
 
 
 def _plain_message(i: int, m: ChatMessage) -> dict:
@@ -49,6 +49,10 @@ def _plain_message(i: int, m: ChatMessage) -> dict:
     return out
 
 
+# what render_text passes to the chat template itself
+_TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  request: Request):
     arrival = time.monotonic()
@@ -58,31 +62,46 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidParameter("response_format", f"got {body.response_format.get('type')!r}, "
                                                   "only 'text' is supported")
+    state.limits.check_logprobs("top_logprobs", body.top_logprobs)
+    taken = sorted(set(body.chat_template_kwargs or {}) & _TEMPLATE_ARGS)
+    if taken:
+        raise InvalidParameter("chat_template_kwargs", f"sets {taken}, which the server passes "
+                                                       "to the template itself")
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = state.sampling_params(body, max_tokens, logprobs=logprobs)
-    tools = body.tools if body.tool_choice != "none" else None
-    ids = render_messages(state.llm.tokenizer, body.messages, tools=tools,
-                          add_generation_prompt=body.add_generation_prompt,
-                          template_kwargs=body.chat_template_kwargs)
-    state.check_length(state.llm.encode_prompt(ids), params, field)
-    state.admit(1)
+    params = state.sampling_params(body, max_tokens, field, logprobs=logprobs)
+    state.admit(params.n, 0)  # a full queue refuses before any templating or tokenizing
+    ids = await state.llm.run_in_worker(_prompt_ids, state, body, params, field)
+    state.admit(params.n, len(ids))
     rid = new_id("chatcmpl")
     stream = state.generate(rid, ids, params, arrival)
-    writer = _Writer(state, rid, body)
+    writer = _Writer(state, rid, body, request_id(request))
     if body.stream:
         return StreamingResponse(writer.stream(stream), media_type="text/event-stream")
     (final,) = await unless_disconnected(request, final_outputs([stream]))
-    return JSONResponse(writer.response(final))
+    return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(final)))
+
+
+def _prompt_ids(state: ServerState, body: ChatCompletionRequest, params: SamplingParams,
+                field: str) -> list[int]:
+    """The conversation's token ids, checked against the context (in a worker thread)."""
+    text = render_text(state.llm.tokenizer, body.messages,
+                       tools=body.tools if body.tool_choice != "none" else None,
+                       add_generation_prompt=body.add_generation_prompt,
+                       template_kwargs=body.chat_template_kwargs)
+    return state.encode_prompts([text], params, field, prompt_param="messages",
+                                add_special_tokens=False)[0]
 
 
 class _Writer:
     """Turns engine outputs into OpenAI chat.completion objects and chunks."""
 
-    def __init__(self, state: ServerState, rid: str, body: ChatCompletionRequest):
+    def __init__(self, state: ServerState, rid: str, body: ChatCompletionRequest,
+                 request_id: str):
         self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
+        self.request_id = request_id
         self.model, self.created = state.model_name, now()
 
     def _object(self, kind: str, choices: list[dict]) -> dict:
@@ -132,8 +151,8 @@ class _Writer:
                 n_out = sum(len(o.token_ids) for o in last.outputs)
                 yield sse({**self._object(kind, []), "usage": usage(
                     len(last.prompt_token_ids), n_out, last.num_cached_tokens)})
-        except (InvalidParameter, APIError, RuntimeError) as e:
-            yield sse_error(e)
+        except Exception as e:  # the 200 is sent: the error goes in the stream, then [DONE]
+            yield sse_error(e, self.request_id)
         finally:
             stream.close()
         yield SSE_DONE

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tuili.errors import InvalidParameter
 from tuili.async_llm import RequestStream
+from tuili.errors import InvalidParameter
 from tuili.outputs import CompletionOutput, RequestOutput
-from tuili.server.errors import APIError
+from tuili.server.errors import request_id
 from tuili.server.protocol import CompletionRequest
 from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, merge_streams, new_id,
                                   now, sse, sse_error, unless_disconnected, usage)
@@ -32,29 +32,37 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     state.check_model(body.model)
     if body.suffix:
         raise InvalidParameter("suffix", "is not supported; leave it out")
-    if body.best_of is not None and body.best_of != body.n:
-        raise InvalidParameter("best_of", f"got {body.best_of}, only best_of == n ({body.n}) "
-                                          "is supported")
+    prompts = _prompts(body.prompt)
+    limits = state.limits
+    limits.check_prompts(len(prompts))
+    if body.best_of is not None:
+        limits.check_n("best_of", body.best_of)
+        if body.best_of != body.n:
+            raise InvalidParameter("best_of", f"got {body.best_of}, only best_of == n ({body.n}) "
+                                              "is supported")
+    limits.check_logprobs("logprobs", body.logprobs)
     params = state.sampling_params(body, body.max_tokens, logprobs=body.logprobs,
                                    prompt_logprobs=body.logprobs if body.echo else None)
-    prompts = [state.llm.encode_prompt(p) for p in _prompts(body.prompt)]
-    for ids in prompts:
-        state.check_length(ids, params, "max_tokens")
-    state.admit(len(prompts))
+    sequences = len(prompts) * params.n
+    state.admit(sequences, 0)  # a full queue refuses before any tokenizing
+    ids = await state.llm.run_in_worker(state.encode_prompts, prompts, params, "max_tokens")
+    state.admit(sequences, sum(map(len, ids)))
     rid = new_id("cmpl")
-    streams = [state.generate(f"{rid}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
-    writer = _Writer(state, rid, body)
+    streams = [state.generate(f"{rid}-{i}", p, params, arrival) for i, p in enumerate(ids)]
+    writer = _Writer(state, rid, body, request_id(request))
     if body.stream:
         return StreamingResponse(writer.stream(streams), media_type="text/event-stream")
     finals = await unless_disconnected(request, final_outputs(streams))
-    return JSONResponse(writer.response(finals))
+    # building the body grows with the output (echo, logprobs): off the event loop too
+    return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(finals)))
 
 
 class _Writer:
     """Turns engine outputs into OpenAI completion objects and chunks."""
 
-    def __init__(self, state: ServerState, rid: str, body: CompletionRequest):
+    def __init__(self, state: ServerState, rid: str, body: CompletionRequest, request_id: str):
         self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
+        self.request_id = request_id
         self.model, self.created = state.model_name, now()
 
     def _object(self, choices: list[dict]) -> dict:
@@ -116,8 +124,8 @@ class _Writer:
                     yield sse({**self._object(choices), **extra})
             if body.include_usage:
                 yield sse({**self._object([]), "usage": usage(n_prompt, n_out, n_cached)})
-        except (InvalidParameter, APIError, RuntimeError) as e:
-            yield sse_error(e)
+        except Exception as e:  # the 200 is sent: the error goes in the stream, then [DONE]
+            yield sse_error(e, self.request_id)
         yield SSE_DONE
 
     def _logprobs(self, out: RequestOutput, o: CompletionOutput, start: int, end: int,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tuili.async_llm import RequestCancelled
 from tuili.errors import InvalidParameter
 
 log = logging.getLogger("tuili")
@@ -35,48 +37,74 @@ def bad_parameter(e: InvalidParameter) -> APIError:
     return APIError(400, str(e), param=e.param, code="invalid_value")
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The request's JSON body validated as `model`; 400 naming the field when it is not."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from e
-    if not isinstance(data, dict):
-        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}",
-                       code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors()
-        err = errors[0]
-        param = _param_name(err["loc"])
-        code = "missing_parameter" if err["type"] == "missing" else "invalid_type"
-        if code == "missing_parameter":
-            raise APIError(400, f"{param}: is required", param=param, code=code) from e
-        # a union field fails once per member: say all of them
-        reasons = dict.fromkeys(x["msg"] for x in errors if _param_name(x["loc"]) == param)
-        message = f"{param}: got {err['input']!r}; " + " or ".join(reasons)
-        raise APIError(400, message, param=param, code=code) from e
+def error_event(e: Exception, request_id: str) -> dict:
+    """The OpenAI error body for a failure after a stream started (its 200 is already sent)."""
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, InvalidParameter):
+        return bad_parameter(e).body()
+    if isinstance(e, RequestCancelled):
+        return cancelled(e).body()
+    log.error("request %s failed mid-stream", request_id, exc_info=e)
+    return internal_error(e, request_id).body()
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+def cancelled(e: RequestCancelled) -> APIError:
+    return APIError(503, str(e), type="server_error", code="shutting_down",
+                    headers={"Retry-After": "1"})
 
 
-def _param_name(loc: tuple) -> str:
-    """('messages', 0, 'content', 'str') -> 'messages[0].content'."""
-    name = ""
-    for part in loc:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        elif part in _TYPE_TAGS or "[" in part or "-" in part:
-            break  # pydantic's name for the union member it tried: the field is enough
-        else:
-            name += ("." if name else "") + part
-    return name
+def internal_error(e: BaseException, request_id: str) -> APIError:
+    return APIError(500, f"internal error ({type(e).__name__}); the server log has it under "
+                         f"request id {request_id}", type="server_error", code="internal_error",
+                    headers={REQUEST_ID_HEADER: request_id})
+
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+class FaultMiddleware:
+    """Gives every HTTP request an id (the client's X-Request-Id when sane, else a new one),
+    sends it back as X-Request-Id, and turns an exception nothing else handled (a fault of ours)
+    into a logged, OpenAI-shaped 500."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode(
+            "latin-1")
+        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:
+            log.error("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"),
+                      exc_info=e)
+            if not started:  # else the client sees the response end early
+                await internal_error(e, rid).response()(scope, receive, send)
 
 
 def install_handlers(app: FastAPI) -> None:
+    app.add_middleware(FaultMiddleware)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
@@ -85,13 +113,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, e: InvalidParameter) -> JSONResponse:
         return bad_parameter(e).response()
 
+    @app.exception_handler(RequestCancelled)
+    async def _cancelled(_: Request, e: RequestCancelled) -> JSONResponse:
+        return cancelled(e).response()
+
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, str(e.detail), type=kind).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return APIError(500, f"internal error: {type(e).__name__}: {e}",
-                        type="server_error").response()
+        return APIError(e.status_code, str(e.detail), type=kind, headers=e.headers).response()

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
-from tuili.async_llm import AsyncLLM, RequestStream
+from tuili.async_llm import AsyncLLM, RequestCancelled, RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
-from tuili.server.errors import APIError
+from tuili.server.body import parse_body
+from tuili.server.errors import APIError, error_event
+from tuili.server.limits import ServerLimits
 from tuili.server.metrics import Metrics
 from tuili.server.protocol import SamplingFields
+
+M = TypeVar("M", bound=BaseModel)
 
 RETRY_AFTER_S = 1
 
@@ -27,49 +34,110 @@ class ServerState:
     llm: AsyncLLM
     model_name: str
     api_key: str | None = None
-    max_waiting: int | None = None
+    max_waiting: int | None = None  # sequences without a first token
+    max_waiting_tokens: int | None = None  # their prompt tokens
+    limits: ServerLimits = field(default_factory=ServerLimits)
     metrics: Metrics = field(init=False)
     draining: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.llm.stats)
 
+    async def parse(self, request: Request, model: type[M]) -> M:
+        return await parse_body(request, model, max_bytes=self.limits.max_body_bytes,
+                                max_depth=self.limits.max_json_depth,
+                                run_in_worker=self.llm.run_in_worker)
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(404, f"the model `{name}` does not exist; this server serves "
                                 f"`{self.model_name}`", param="model", code="model_not_found")
 
-    def admit(self, count: int) -> None:
-        """Refuse new requests (503 + Retry-After) while the waiting queue is full or draining."""
+    def admit(self, sequences: int, tokens: int) -> None:
+        """Refuse a request that the waiting queue could never hold (400), or cannot hold now or
+        while draining (503 + Retry-After). Counted: sequences (n per prompt), prompt tokens."""
         if self.draining:
             raise APIError(503, "the server is shutting down", type="server_error",
                            code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
-        waiting = self.llm.num_unstarted
-        if self.max_waiting is not None and waiting + count > self.max_waiting:
-            raise APIError(503, f"the waiting queue is full ({waiting} requests waiting, "
-                                f"--max-waiting {self.max_waiting}); retry later",
-                           type="server_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        for what, asked, waiting, limit, flag, param in (
+                ("sequences", sequences, self.llm.unstarted_sequences, self.max_waiting,
+                 "--max-waiting", "n"),
+                ("prompt tokens", tokens, self.llm.unstarted_tokens, self.max_waiting_tokens,
+                 "--max-waiting-tokens", "prompt")):
+            if limit is None:
+                continue
+            if asked > limit:
+                raise InvalidParameter(param, f"the request brings {asked} {what}, more than the "
+                                              f"waiting queue ever holds ({flag} {limit}); split "
+                                              "it into smaller requests")
+            if waiting + asked > limit:
+                raise APIError(503, f"the waiting queue is full ({waiting} {what} waiting, "
+                                    f"{flag} {limit}); retry later", type="server_error",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None,
-                        **extra) -> SamplingParams:
+                        field: str = "max_tokens", **extra) -> SamplingParams:
         if getattr(body, "logit_bias", None):
             raise InvalidParameter("logit_bias", "is not supported; leave it out")
-        return self.llm.default_sampling_params(**body.sampling_kwargs(), max_tokens=max_tokens,
-                                                **extra)
+        self.limits.check_n("n", body.n)
+        self.limits.check_stop(body.stop, body.stop_token_ids)
+        params = self.llm.default_sampling_params(**body.sampling_kwargs(),
+                                                  max_tokens=max_tokens, **extra)
+        self.llm.check_params(params)
+        self.check_length(1, params, field, at_least=True)  # every prompt has a token
+        return params
 
-    def check_length(self, prompt_ids: list[int], params: SamplingParams, field: str) -> None:
-        """400 when prompt + max_tokens cannot fit in the context, with all the numbers."""
-        n, limit = len(prompt_ids), self.llm.max_model_len
+    def check_length(self, n: int, params: SamplingParams, field: str, at_least: bool = False,
+                     prompt_param: str = "prompt") -> None:
+        """400 when a prompt of `n` tokens (or at least `n`) and what the request asks to
+        generate cannot fit in the context, with all the numbers."""
+        limit = self.llm.max_model_len
+        has = f"at least {n}" if at_least else str(n)
+        if n >= limit:
+            how = " (judged from its bytes, before tokenizing)" if at_least else ""
+            raise InvalidParameter(prompt_param, f"the prompt has {has} tokens{how}, more than "
+                                                 f"max_model_len={limit}; shorten it or raise "
+                                                 "--max-model-len")
         if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise InvalidParameter(field, f"the prompt has {n} tokens and {field} is "
+            raise InvalidParameter(field, f"the prompt has {has} tokens and {field} is "
                                    f"{params.max_tokens}: {n + params.max_tokens} is more than "
                                    f"max_model_len={limit}; shorten the prompt or lower {field}")
+        if params.min_tokens > limit - n:
+            raise InvalidParameter("min_tokens", f"got {params.min_tokens}, but max_model_len="
+                                   f"{limit} leaves room for at most {limit - n} after the "
+                                   f"prompt's {has} token(s)")
+
+    def encode_prompts(self, prompts: list[str | list[int]], params: SamplingParams, field: str,
+                       prompt_param: str = "prompt", add_special_tokens: bool = True
+                       ) -> list[list[int]]:
+        """Token ids of each prompt, each checked against the context. It tokenizes: call it
+        through llm.run_in_worker. A text whose bytes prove it too long is refused untokenized."""
+        for p in prompts:  # every bound first, so nothing is tokenized for a doomed call
+            if isinstance(p, str):
+                self.check_length(self.llm.min_prompt_tokens(p), params, field, True, prompt_param)
+        out = []
+        for p in prompts:
+            ids = self.llm.tokenize(p, add_special_tokens=add_special_tokens)
+            self.check_length(len(ids), params, field, False, prompt_param)
+            out.append(ids)
+        return out
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float) -> RequestStream:
         return self.llm.generate(request_id, prompt_ids, params,
                                  observe=self.metrics.timer(arrival))
+
+    def begin_drain(self, timeout: float) -> None:
+        """Refuse new requests; in `timeout` seconds end those still running (thread-safe: it
+        is called from a signal handler)."""
+        if self.draining:
+            return
+        self.draining = True
+        error = RequestCancelled(f"the server is shutting down and its drain timeout "
+                                 f"(--drain-timeout {timeout:g}s) ended this request")
+        timer = threading.Timer(timeout, self.llm.cancel_all, args=(error,))
+        timer.daemon = True
+        timer.start()
 
 
 def new_id(prefix: str) -> str:
@@ -93,11 +161,9 @@ def sse(data: dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_error(e: Exception) -> str:
+def sse_error(e: Exception, request_id: str) -> str:
     """An error after the stream started: the 200 is already sent, so it goes in the stream."""
-    status = 400 if isinstance(e, InvalidParameter) else 500
-    return sse({"error": {"message": str(e), "type": "invalid_request_error" if status == 400
-                          else "server_error", "param": getattr(e, "param", None), "code": None}})
+    return sse(error_event(e, request_id))
 
 
 async def merge_streams(streams: list[RequestStream]
