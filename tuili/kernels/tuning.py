@@ -2,8 +2,9 @@
 
 Decode is a read of the weights, so a kernel's best tiles follow how many bytes each
 multiprocessor must keep in flight: its share of the memory bandwidth (bandwidth x latency). An
-H200 has an H100's 132 SMs behind 1.44x the bandwidth (36 against 25 GB/s per SM at peak), and
-there the decode GEMVs need deeper, software-pipelined tiles (BENCHMARKS.md, eleventh session).
+H200 has an H100's 132 SMs behind 1.44x the bandwidth (36 against 25 GB/s per SM at peak). Alone,
+deeper tiles read faster there; inside the decode graph only the small long reductions' did, so
+they are all that the class changes today (BENCHMARKS.md, eleventh session).
 The traits come from the device's properties (memory clock x bus width), not from its name, so
 a card not listed here gets the tiles of the class it falls in.
 """
