@@ -168,9 +168,10 @@ def test_tokenizing_long_prompts_leaves_the_event_loop_free(server):
     for r in answers:  # tokenized to the end: the exact count
         assert "has 100001 tokens" in error_of(r, 400)["message"]
     # four prompts kept the tokenizer busy this long; a blocked loop would have stalled /health
-    # for as long as one of them took
+    # once per prompt for as long as its tokenizing took (~0.3 s each). One slow probe is allowed:
+    # on a loaded 2-core machine the scheduler alone can delay one answer
     assert max(took) > 0.5, took
-    assert max(health) < 0.25, (max(health), took)
+    assert sorted(health)[-2] < 0.25, (sorted(health)[-4:], took)
 
 
 def test_admission_counts_sequences_and_prompt_tokens(server, http):
