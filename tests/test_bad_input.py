@@ -125,6 +125,10 @@ def test_empty_and_invalid_prompts(llm):
         llm.generate([[1, 99999]], SamplingParams(max_tokens=2))
     with pytest.raises(InvalidParameter, match="messages"):
         llm.chat([], SamplingParams(max_tokens=2))
+    # a stop id past the vocabulary is refused before anything runs (min_tokens masks it in logits)
+    with pytest.raises(InvalidParameter, match=r"stop_token_ids: .*outside \[0, 49152\)"):
+        llm.generate(["Hi"], SamplingParams(max_tokens=2, min_tokens=1, stop_token_ids=[60000]))
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_a_bad_prompt_in_a_batch_queues_nothing(llm):

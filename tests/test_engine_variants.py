@@ -23,6 +23,8 @@ def test_prefix_cache_hits_give_same_output(prompts, hf_reference):
     assert tokens(again) == first == hf_reference
     assert stats.hits - hits_before >= sum((len(p) - 1) // 4 * 4 for p in prompts)
     assert all(o.num_cached_tokens > 0 for o, p in zip(again, prompts) if len(p) > 4)
+    kv = llm.engine.kv  # finished requests leave no table, hashes or registration behind
+    assert not kv.tables and not kv.hashes and not kv.registered
 
 
 def test_shared_system_prompt_hits_within_one_batch(llm):

@@ -68,3 +68,20 @@ def test_allocate_refuses_when_short():
     r = request(list(range(12)))
     assert not kv.allocate(r, 12)
     assert kv.block_ids(r) == [] and kv.pool.num_free == 2
+
+
+def test_hashes_outlive_preemption_and_go_with_the_finished_request():
+    kv = KVCacheManager(BlockPool(4, 2))
+    a = request([1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_computed_blocks(a)
+    assert kv.hashes["r"] == [chain_hash(None, [1, 2]), chain_hash(chain_hash(None, [1, 2]), [3, 4])]
+    assert kv.registered["r"] == 2
+    kv.free(a)  # preempted: blocks back, hashes kept for its readmission
+    assert kv.pool.num_free == 4 and a.num_computed_tokens == 0 and "r" not in kv.registered
+    kv.cache_computed_blocks(a)  # a step read back after the preemption registers nothing
+    kv.match_prefix(a)  # readmitted: its own blocks are still cached
+    assert a.num_computed_tokens == 4 and kv.registered["r"] == 2 and len(kv.hashes["r"]) == 2
+    kv.remove(a)
+    assert not kv.tables and not kv.hashes and not kv.registered and kv.pool.num_free == 4

@@ -26,7 +26,7 @@ from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.outputs import RequestOutput
 from tuili.prompt_bound import PromptBound
-from tuili.sampling_params import SamplingParams, shown
+from tuili.sampling_params import SamplingParams
 
 log = logging.getLogger("tuili")
 
@@ -143,11 +143,8 @@ class AsyncLLM:
         return ids
 
     def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: the values that must be token ids."""
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:  # the sampler indexes logits with them
-            raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
-                                                     f"[0, {self.vocab_size})")
+        """The engine's own check, here so that the caller hears of a bad value before queueing."""
+        self.engine.check_params(params)
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  observe: Observer | None = None) -> RequestStream:

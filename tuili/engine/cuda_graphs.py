@@ -4,8 +4,8 @@ decodes, if any, as one-token sequences); a step replays the graph of the next s
 Captured once at start-up over static input buffers; a replay launches the whole model (all
 layers, and for decode the LM head) with one CPU call. At batch 1 the GPU then never waits on
 Python between kernels, and a short prompt's prefill, which eager launches would leave
-host-bound (an 8B-shaped model's 32 layers take ~13 ms of launches, its 128-token prefill ~6 ms
-of GPU time), runs at the GPU's pace. Padding rows have slot -1 (no KV write) and, for decode,
+host-bound (launching an 8B-shaped model's layers takes longer than a short prefill's GPU work;
+BENCHMARKS.md, "Measurements behind the code"), runs at the GPU's pace. Padding rows have slot -1 (no KV write) and, for decode,
 length 0 (attention writes zeros); padding prefill sequences have no new tokens.
 
 Each decode graph's greedy argmax also writes its own input-id row: when the next step replays

@@ -23,7 +23,7 @@ from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
 from tuili.models import loader
 from tuili.outputs import RequestOutput
-from tuili.sampling_params import SamplingParams
+from tuili.sampling_params import SamplingParams, shown
 
 log = logging.getLogger("tuili")
 
@@ -126,7 +126,7 @@ class LLMEngine:
         prompts than a prefill graph holds, graph prefills, graph decodes; greedy, top-p, top-k
         and min-p rows), so that the kernels launched outside the captured graphs compile now:
         on an H200 the first requests after start-up otherwise waited on Triton compilations
-        (a 709 ms step; BENCHMARKS.md, eleventh session)."""
+        (BENCHMARKS.md, "Measurements behind the code")."""
         kinds = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
                  SamplingParams(max_tokens=3, top_p=0.9, ignore_eos=True, seed=0),
                  SamplingParams(max_tokens=3, top_k=5, ignore_eos=True, seed=0),
@@ -157,6 +157,14 @@ class LLMEngine:
             raise InvalidParameter("prompt", f"token ids {bad[:5]} are outside [0, {vocab})")
         return list(prompt)
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: the values that must be this vocabulary's ids."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:  # the sampler indexes logits with them
+            raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
+                                                     f"[0, {vocab})")
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     stream: bool = True) -> None:
         """Queue a request; errors (empty or too-long prompt) are raised before anything is queued.
@@ -164,6 +172,7 @@ class LLMEngine:
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if self.output.is_running(request_id, child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        self.check_params(params)
         ids = self.encode_prompt(prompt)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")

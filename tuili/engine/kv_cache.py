@@ -93,12 +93,15 @@ class BlockPool:
 
 class KVCacheManager:
     """Gives requests the blocks they need and owns each one's block table (request id ->
-    block ids); the pool stays the only owner of block state."""
+    block ids) and prefix-cache progress (its full blocks' chained hashes, kept across
+    preemption, and how many of its blocks are registered); the pool owns block state."""
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
         self.block_size = pool.block_size
         self.tables: dict[str, list[int]] = {}
+        self.hashes: dict[str, list[int]] = {}
+        self.registered: dict[str, int] = {}  # leading blocks already offered to the prefix cache
 
     def block_ids(self, req: Request) -> list[int]:
         """The request's block table (empty when it holds no blocks)."""
@@ -114,10 +117,10 @@ class KVCacheManager:
         wholly before it can be hits."""
         if not self.pool.enable_caching or req.wants_prompt_logprobs:
             return
-        self._hash_full_blocks(req, req.num_tokens - 1)
-        blocks = self.pool.lookup(req.block_hashes[: (req.num_tokens - 1) // self.block_size])
+        hashes = self._hash_full_blocks(req, req.num_tokens - 1)
+        blocks = self.pool.lookup(hashes[: (req.num_tokens - 1) // self.block_size])
         self.tables[req.request_id] = blocks
-        req.num_registered_blocks = len(blocks)
+        self.registered[req.request_id] = len(blocks)
         req.num_computed_tokens = len(blocks) * self.block_size
 
     def count_admission(self, req: Request) -> None:
@@ -141,24 +144,38 @@ class KVCacheManager:
         return True
 
     def free(self, req: Request) -> None:
+        """Give back the request's blocks (preempted, or not admitted this step): its hashes stay
+        for when it is admitted again."""
         # Release the tail first so that a prefix's later blocks are evicted before its head.
         self.pool.release(list(reversed(self.tables.pop(req.request_id, []))))
-        req.num_computed_tokens = req.num_registered_blocks = 0
+        self.registered.pop(req.request_id, None)
+        req.num_computed_tokens = 0
+
+    def remove(self, req: Request) -> None:
+        """A finished request: its blocks given back and everything kept for it dropped."""
+        self.free(req)
+        self.hashes.pop(req.request_id, None)
 
     def cache_computed_blocks(self, req: Request) -> None:
         """Register the request's newly filled blocks in the prefix cache."""
         if not self.pool.enable_caching:
             return
+        table = self.tables.get(req.request_id)
+        if table is None:  # preempted since
+            return
         full = req.num_computed_tokens // self.block_size
-        self._hash_full_blocks(req, req.num_computed_tokens)
-        table = self.block_ids(req)  # empty for a request preempted since
-        for i in range(req.num_registered_blocks, full):
-            self.pool.register(table[i], req.block_hashes[i])
-        req.num_registered_blocks = max(req.num_registered_blocks, full)
+        hashes = self._hash_full_blocks(req, req.num_computed_tokens)
+        done = self.registered.get(req.request_id, 0)
+        for i in range(done, full):
+            self.pool.register(table[i], hashes[i])
+        self.registered[req.request_id] = max(done, full)
 
-    def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:
+    def _hash_full_blocks(self, req: Request, num_tokens: int) -> list[int]:
+        """The request's chained block hashes, extended to cover its first `num_tokens`."""
+        hashes = self.hashes.setdefault(req.request_id, [])
         bs = self.block_size
-        for i in range(len(req.block_hashes), num_tokens // bs):
-            parent = req.block_hashes[i - 1] if i else None
-            req.block_hashes.append(chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs]))
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[i - 1] if i else None
+            hashes.append(chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs]))
+        return hashes
 

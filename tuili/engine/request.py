@@ -41,8 +41,6 @@ class Request:
     # num_tokens, and the step takes it straight from the device.
     num_pending: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or scheduled to be)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
-    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
     logprobs: list[Logprob] = field(default_factory=list)

@@ -70,7 +70,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        self.kv.remove(req)
 
     def schedule(self) -> Batch:
         """The next step's batch; its tokens count as computed from now on (the step that computes

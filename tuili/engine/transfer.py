@@ -42,8 +42,8 @@ def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
         if type(values[0]) is int:
             values = array(code, values)
         elif type(values[0]) is list and values[0] and type(values[0][0]) is int:
-            # Rows of one width (block tables, graph inputs): flattened the same way. 256
-            # sequences' tables went through torch.tensor's nested loop at ~1 ms a step.
+            # Rows of one width (block tables, graph inputs): flattened the same way, not
+            # through torch.tensor's slow nested loop.
             flat = array(code, chain.from_iterable(values))
             if len(flat) == len(values) * len(values[0]):
                 return torch.frombuffer(flat, dtype=dtype).view(len(values), -1)

@@ -221,11 +221,9 @@ def decode_splits(batch: int, kv_heads: int, device: torch.device, max_len: int 
 def decode_config(batch: int, kv_heads: int, head_dim: int, device: torch.device,
                   max_len: int | None = None) -> DecodeConfig:
     """The launch shape for a batch; it depends on the batch size alone when max_len is None.
-    Swept on an H100 (batch 1, 8k context, 54 shapes, all 20-33 us): 32 splits of 64-key steps,
-    4 warps, 3 stages was best, tied within noise by 128-key steps at 4 warps; 64 splits were 3%
-    slower at best, 16 splits 11% or more, 32-key steps 14% or more. On an H200, alone, 128-key
-    steps read batch 1 / 8k in 15.2 against 17.5 us, but inside the 8B decode graph the two took
-    the same time (BENCHMARKS.md, eleventh session), so the steps stay as on the H100."""
+    64-key steps, 4 warps, 3 stages won the H100's sweep; the H200's faster 128-key steps alone
+    were no faster inside the decode graph, so both cards use them (BENCHMARKS.md, "Measurements
+    behind the code")."""
     splits = decode_splits(batch, kv_heads, device, max_len)
     return DecodeConfig(splits, 64 if head_dim <= 128 else 32)
 
@@ -321,8 +319,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     heads, d = q.shape[1], q.shape[2]
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs = seqs.shape[1]
-    # Swept on an H100 at 2048 tokens, head dim 128 (48 shapes): 128 x 64 tiles with 4 warps and
-    # 3 stages took 122 us, 7% under the 8 warps and 2 stages used before; the best was 121 us.
+    # The best of an H100 sweep at 2048 tokens, head dim 128 (BENCHMARKS.md, "Measurements
+    # behind the code").
     block_m, block_n, warps, stages = (128, 64, 4, 3) if d <= 128 else (64, 32, 8, 2)
     if num_seqs:
         _prefill_kernel[(heads, num_seqs, triton.cdiv(max_q_len, block_m))](

@@ -25,12 +25,11 @@ from tuili.kernels.tuning import GpuTraits, gpu_traits
 
 MAX_ROWS = 8
 # Programmatic dependent launch (kernels.pdl): a GEMV over a small weight lets the next kernel
-# launch as soon as it starts (SmolLM2's decode graph 0.68 -> 0.56 ms on an H100; 0.62 ms when
-# released after the weight loop); one over a large weight only after its weight loop
-# (Llama-3.1-8B's graph 5.71 ms without PDL, 5.67 so, 5.91 released at the start), unless all its
-# programs are resident at once: then the next kernel's programs take only SM room this one
-# leaves free, and load their weights while it streams (8B's down_proj: graph 5.620 -> 5.589 ms,
-# the mean of three recaptures each).
+# launch as soon as it starts; one over a large weight only after its weight loop (released at
+# the start, the next kernel's programs would crowd it off the SMs), unless all its programs are
+# resident at once: then the next kernel's programs take only SM room this one leaves free, and
+# load their weights while it streams. Each rule was measured in the decode graphs of SmolLM2 and
+# Llama-3.1-8B (BENCHMARKS.md, "Measurements behind the code").
 EARLY_RELEASE_MAX_WEIGHT = 8 << 20
 ONE_WAVE_WARPS_PER_SM = 32  # half an H100 SM's warp slots: room left for the next kernel
 
@@ -165,17 +164,17 @@ def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool 
     big = rows * k > 8 << 20
     if k <= 1024 and rows >= 32768:
         return None  # a short, wide LM head (SmolLM2's): cuBLAS keeps more bytes in flight
-    # Re-normalising x in every program costs more than the kernels it saves on large weights:
-    # Llama-3.1-8B's gate_up 106 us fused vs 92 us apart at 1 row, its qkv 26.6 vs 24.4 at 8 rows.
+    # Re-normalising x in every program costs more than the kernels it saves on large weights
+    # (Llama-3.1-8B's gate_up and qkv were slower fused than apart).
     if norm_pass and big and (gated or (m > 2 and rows < 32768)):
         return None
     if gpu.fast_memory and (config := _fast_memory_config(m, rows, k, gated, big)):
         return config
-    if big and k >= 2048:  # Llama-3.1-8B's projections: 1 row 14-335 us, 2-8 rows 15-352 us
+    if big and k >= 2048:  # Llama-3.1-8B's projections (benchmarks/gemv_sweep.py)
         if m == 1 and rows >= k:  # the whole row in one tile, all of it loaded before gdc_wait
             return (GemvConfig(block_n=2, block_k=4096, num_warps=8) if k <= 4096
                     else GemvConfig(block_n=4, block_k=2048, num_warps=8))
-        if m == 1:  # a long reduction (down: 44.0 us vs 46.1 for the 32 x 512 dot tiles)
+        if m == 1:  # a long reduction (8B's down: faster than the 32 x 512 dot tiles)
             return GemvConfig(block_n=4, block_k=1024)
         if gated or k < rows < 2 * k:
             return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
@@ -193,11 +192,9 @@ def _small_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConf
 
 def _fast_memory_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConfig | None:
     """Where each SM must keep ~1.4x an H100's bytes in flight (an H200). Alone, deeper tiles
-    read faster there (8B gate_up 64.2 -> 59.2 us a launch with 64 x 256 dot tiles, down 37.5 ->
-    31.7), but in the decode graph, beside the kernels PDL overlaps with them, they made the 8B
-    step slower (5.17 against 4.68 ms): the large weights keep the H100's tiles until a sweep
-    inside the graph finds better. A long, small reduction takes longer rows (SmolLM2's down
-    3.6 -> 2.5 us alone; its decode graph 0.51 ms with it)."""
+    read faster there, but in the decode graph, beside the kernels PDL overlaps with them, they
+    made the 8B step slower: the large weights keep the H100's tiles until a sweep inside the
+    graph finds better. A long, small reduction takes longer rows (SmolLM2's down_proj)."""
     if m <= 2 and not big and k > 1024:
         return GemvConfig(block_n=1, block_k=2048)
     return None
