@@ -160,7 +160,7 @@ def test_sample(monkeypatch):
     from tuili.kernels import triton_sampling
 
     torch.manual_seed(0)
-    vocab, draws = 300, 150
+    vocab, draws = 300, 64
     kinds = [dict(temperature=0.8), dict(top_k=20), dict(temperature=0.7, top_p=0.8),
              dict(top_k=50, top_p=0.9, seed=5), dict(min_p=0.1), dict(temperature=0)]
     params = [SamplingParams(**k) for k in kinds]
@@ -194,7 +194,8 @@ def test_sample(monkeypatch):
     alone = triton_sampling.sample(x[take], x[take].argmax(-1), *(r[take] for r in rows), 1)
     for k, got in zip(plain, alone.view(len(plain), draws)):
         assert (expected[k][got] > 0).all(), kinds[k]
-    assert len(set(alone[:draws].tolist())) > 20
+    distinct = (1 - (1 - expected[0]) ** draws).sum()  # expected distinct tokens in the draws
+    assert len(set(alone[:draws].tolist())) >= 0.5 * distinct
     assert (alone[-draws:] == logits.argmax()).all()
 
 
