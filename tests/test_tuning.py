@@ -39,9 +39,14 @@ def test_cpu_tensors_take_the_h100s_traits():
 
 # (m, n, k, gated) of a layer -> (H100 tiles, H200 tiles; None: cuBLAS and separate kernels)
 LAYERS = {
-    "8B qkv": ((1, 6144, 4096, False), GemvConfig(2, 4096, 8), GemvConfig(2, 4096, 8)),
-    "8B gate_up": ((1, 14336, 4096, True), GemvConfig(2, 4096, 8), GemvConfig(2, 4096, 8)),
+    "8B qkv": ((1, 6144, 4096, False), GemvConfig(2, 4096, 8),
+               GemvConfig(32, 512, 4, 3, True, early_release=True)),
+    "8B o": ((1, 4096, 4096, False), GemvConfig(2, 4096, 8), GemvConfig(4, 2048, 8)),
+    "8B gate_up": ((1, 14336, 4096, True), GemvConfig(2, 4096, 8), None),
     "8B down": ((1, 4096, 14336, False), GemvConfig(4, 1024), GemvConfig(4, 1024)),
+    "8B LM head": ((1, 128256, 4096, False), GemvConfig(2, 4096, 8),
+                   GemvConfig(64, 256, 4, 3, True)),
+    "Qwen2.5-7B o": ((1, 3584, 3584, False), GemvConfig(2, 4096, 8), None),
     "8B gate_up, 4 rows": ((4, 14336, 4096, True), GemvConfig(64, 256, 4, 3, True),
                            GemvConfig(64, 256, 4, 3, True)),
     "SmolLM2 down": ((1, 576, 1536, False), GemvConfig(2, 1024), GemvConfig(1, 2048)),

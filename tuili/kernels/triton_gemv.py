@@ -150,6 +150,11 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     use_dot: bool = False  # tensor-core dot (rows padded by Triton), else FMA and a reduction
+    early_release: bool | None = None  # PDL: release the next kernel at the start; None: the rule
+
+
+# _fast_memory_config's answer where cuBLAS (and separate norm / SiLU / add kernels) wins.
+CUBLAS = GemvConfig(block_n=0, block_k=0)
 
 
 def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool = False,
@@ -169,7 +174,7 @@ def default_config(m: int, n: int, k: int, norm_pass: bool = False, gated: bool 
     if norm_pass and big and (gated or (m > 2 and rows < 32768)):
         return None
     if gpu.fast_memory and (config := _fast_memory_config(m, rows, k, gated, big)):
-        return config
+        return None if config is CUBLAS else config
     if big and k >= 2048:  # Llama-3.1-8B's projections (benchmarks/gemv_sweep.py)
         if m == 1 and rows >= k:  # the whole row in one tile, all of it loaded before gdc_wait
             return (GemvConfig(block_n=2, block_k=4096, num_warps=8) if k <= 4096
@@ -191,13 +196,34 @@ def _small_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConf
 
 
 def _fast_memory_config(m: int, rows: int, k: int, gated: bool, big: bool) -> GemvConfig | None:
-    """Where each SM must keep ~1.4x an H100's bytes in flight (an H200). Alone, deeper tiles
-    read faster there, but in the decode graph, beside the kernels PDL overlaps with them, they
-    made the 8B step slower: the large weights keep the H100's tiles until a sweep inside the
-    graph finds better. A long, small reduction takes longer rows (SmolLM2's down_proj)."""
+    """Where each SM must keep ~1.4x an H100's bytes in flight (an H200). Chosen inside the whole
+    batch-1 decode graph (benchmarks/gemv_graph_sweep.py: alone, deeper tiles read faster, but
+    beside the kernels PDL overlaps with them the 8B step got slower; BENCHMARKS.md, twelfth
+    session). One row of a large weight: cuBLAS for a merged gate/up (the norm and SiLU as their
+    own kernels), tensor-core dot tiles for the LM head and a QKV projection, wider FMA rows for
+    a square one when its reduction splits evenly (cuBLAS when not), the H100's tiles for a long
+    reduction (down). A long, small reduction takes longer rows (SmolLM2's down_proj)."""
     if m <= 2 and not big and k > 1024:
         return GemvConfig(block_n=1, block_k=2048)
+    if m != 1 or not big or k < 2048:
+        return None
+    if gated:
+        return CUBLAS
+    if rows >= 32768:  # an LM head
+        return GemvConfig(block_n=64, block_k=256, num_stages=3, use_dot=True)
+    if k < rows < 2 * k:  # a QKV projection
+        return GemvConfig(block_n=32, block_k=512, num_stages=3, use_dot=True, early_release=True)
+    if rows == k:  # an output projection
+        return GemvConfig(block_n=4, block_k=2048, num_warps=8) if k % 2048 == 0 else CUBLAS
     return None
+
+
+def early_release(cfg: GemvConfig, weight_numel: int, grid: int, device: torch.device) -> bool:
+    """Whether the next kernel may launch when this GEMV starts (see EARLY_RELEASE_MAX_WEIGHT)."""
+    if cfg.early_release is not None:
+        return cfg.early_release
+    return (weight_numel <= EARLY_RELEASE_MAX_WEIGHT
+            or grid * cfg.num_warps <= ONE_WAVE_WARPS_PER_SM * num_sms(device))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -245,7 +271,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_RESIDUAL=residual is not None, M_PAD=m_pad,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad), USE_DOT=cfg.use_dot, PDL=use_pdl,
-        EARLY_RELEASE=(weight.numel() <= EARLY_RELEASE_MAX_WEIGHT
-                       or grid * cfg.num_warps <= ONE_WAVE_WARPS_PER_SM * num_sms(x.device)),
+        EARLY_RELEASE=early_release(cfg, weight.numel(), grid, x.device),
         launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, sumsq_out) if want_sumsq else out
