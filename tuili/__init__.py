@@ -4,7 +4,6 @@ import logging
 import os
 
 from tuili.config import EngineConfig
-from tuili.entry import LLM, AsyncLLM
 from tuili.errors import InvalidParameter, ModelLoadError, PromptTooLong, TuiliError
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
@@ -20,3 +19,13 @@ if not _log.handlers:
     _log.addHandler(_handler)
     _log.setLevel(os.environ.get("TUILI_LOG_LEVEL", "INFO").upper())
     _log.propagate = False
+
+
+def __getattr__(name: str):
+    # The engines import torch: loaded on first use, so that torch-free parts (the router, the
+    # CLI's help) start quickly.
+    if name in ("LLM", "AsyncLLM"):
+        from tuili import entry
+
+        return getattr(entry, name)
+    raise AttributeError(f"module 'tuili' has no attribute {name!r}")

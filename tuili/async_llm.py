@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
-from tuili.errors import InvalidParameter, PromptTooLong
+from tuili.errors import InvalidParameter, PromptTooLong, RequestCancelled, check_text
 from tuili.outputs import RequestOutput
 from tuili.prompt_bound import PromptBound
 from tuili.sampling_params import SamplingParams
@@ -62,10 +62,6 @@ class _Abort:
 @dataclass
 class _CancelAll:
     error: Exception
-
-
-class RequestCancelled(Exception):
-    """The server ended a request itself (it is shutting down): no fault of the client's."""
 
 
 _STOP = object()
@@ -308,18 +304,6 @@ class RequestStream:
 
     def __del__(self) -> None:
         self.close()
-
-
-def check_text(param: str, text: str) -> None:
-    """400 for text that is not valid Unicode: a lone surrogate (JSON's "\\ud800") that UTF-8
-    and the tokenizer cannot take."""
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidParameter(param, f"has a lone surrogate U+{ord(text[e.start]):04X} at "
-                                      f"character {e.start}; text must be valid Unicode") from e
 
 
 def _deliver(items: list) -> None:

@@ -1,4 +1,4 @@
-"""The `tuili` command: generate, chat, export, serve, analyze, bench."""
+"""The `tuili` command: generate, chat, export, serve, router, analyze, bench."""
 
 from __future__ import annotations
 
@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tuili.analysis.commands import add_analyze_parser
     from tuili.bench.commands import add_bench_parser
+    from tuili.router.main import add_router_parser
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_options(serve)
     add_engine_options(serve)
     serve.set_defaults(func=cmd_serve)
 
+    add_router_parser(sub)
     add_analyze_parser(sub)
     add_bench_parser(sub)
     return parser

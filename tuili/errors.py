@@ -26,3 +26,19 @@ class PromptTooLong(InvalidParameter):
         )
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
+
+
+class RequestCancelled(TuiliError):
+    """The server ended a request itself (it is shutting down): no fault of the client's."""
+
+
+def check_text(param: str, text: str) -> None:
+    """A 400's InvalidParameter for text that is not valid Unicode: a lone surrogate (JSON's
+    "\\ud800") that UTF-8 and the tokenizer cannot take."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameter(param, f"has a lone surrogate U+{ord(text[e.start]):04X} at "
+                                      f"character {e.start}; text must be valid Unicode") from e

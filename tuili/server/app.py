@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -12,9 +11,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import tuili
-from tuili.async_llm import check_text
-from tuili.errors import InvalidParameter
+from tuili.errors import InvalidParameter, check_text
 from tuili.sampling_params import shown
+from tuili.server.auth import bearer_check
 from tuili.server.chat import create_chat_completion, render_text
 from tuili.server.completions import create_completion
 from tuili.server.errors import APIError, install_handlers
@@ -34,24 +33,9 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.tuili = state
     install_handlers(app)
     app.include_router(_public_routes(state))
-    app.include_router(_api_routes(state), dependencies=[Depends(_api_key_check(state))])
+    keys = [state.api_key] if state.api_key else []
+    app.include_router(_api_routes(state), dependencies=[Depends(bearer_check(keys))])
     return app
-
-
-def _api_key_check(state: ServerState):
-    expected = state.api_key.encode() if state.api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # compare_digest takes the same time wherever the first difference is
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            what = "a wrong API key" if header else "no API key (send 'Authorization: Bearer KEY')"
-            raise APIError(401, f"the request has {what}", type="invalid_request_error",
-                           code="invalid_api_key")
-    return check
 
 
 def _public_routes(state: ServerState) -> APIRouter:

@@ -10,8 +10,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from tuili.async_llm import check_text
-from tuili.errors import InvalidParameter
+from tuili.errors import InvalidParameter, check_text
 from tuili.sampling_params import shown
 from tuili.server.errors import APIError, bad_parameter
 
@@ -43,6 +42,15 @@ async def parse_body(request: Request, model: type[M], *, max_bytes: int, max_de
 
 
 def decode_body(raw: bytes, model: type[M], max_depth: int) -> M:
+    data = parse_json(raw, max_depth)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e) from None
+
+
+def parse_json(raw: bytes, max_depth: int) -> dict:
+    """A JSON object from raw bytes, checked for depth and valid Unicode; 400s otherwise."""
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:  # the C parser recurses once per level
@@ -53,10 +61,7 @@ def decode_body(raw: bytes, model: type[M], max_depth: int) -> M:
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
     check_tree(data, max_depth)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise _invalid(e) from None
+    return data
 
 
 def check_tree(data: dict, max_depth: int) -> None:

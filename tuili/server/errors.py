@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tuili.async_llm import RequestCancelled
-from tuili.errors import InvalidParameter
+from tuili.errors import InvalidParameter, RequestCancelled
 
 log = logging.getLogger("tuili")
 
