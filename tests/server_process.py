@@ -18,24 +18,24 @@ KEY = "test-key-123"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Server:
-    """A `tuili serve` subprocess on a free port, returned once /health answers."""
+class TuiliProcess:
+    """`python -m tuili COMMAND ... --port P` on a free port, returned once /health answers."""
 
-    def __init__(self, tmp: Path, *flags: str):
+    def __init__(self, tmp: Path, command: list[str], timeout: float = 180):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"server-{self.port}.log"
+        self.log_path = tmp / f"{command[0]}-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with self.log_path.open("w") as log:  # the child keeps its own copy of the file
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tuili", "serve", "--model", MODEL, "--port",
-                 str(self.port), *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 180
+                [sys.executable, "-m", "tuili", *command, "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{command[0]} exited {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -43,7 +43,7 @@ class Server:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log()}")
+        raise RuntimeError(f"{command[0]} did not start:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -52,6 +52,13 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+
+class Server(TuiliProcess):
+    """A `tuili serve` subprocess of the test model."""
+
+    def __init__(self, tmp: Path, *flags: str):
+        super().__init__(tmp, ["serve", "--model", MODEL, *flags])
 
 
 def metrics(server) -> dict[str, float]:

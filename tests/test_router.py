@@ -6,11 +6,8 @@ under load."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import ROOT, Server, wait_for
+from tests.server_process import ROOT, Server, TuiliProcess, wait_for
 from tuili.errors import InvalidParameter
 from tuili.router.balance import PrefixIndex, VersionPicker, choose_worker
 from tuili.router.config import RouterConfig, Version
@@ -97,35 +94,12 @@ def test_router_imports_no_torch():
 
 # ---- in front of real workers ------------------------------------------------------------------
 
-class RouterProcess:
+class RouterProcess(TuiliProcess):
     def __init__(self, tmp: Path, config: str, *flags: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         path = tmp / "router.yaml"
         path.write_text(config)
-        self.log_path = tmp / "router.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tuili", "router", "--config", str(path), "--port",
-                 str(self.port), "--health-interval", "0.2", *flags],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"router did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        super().__init__(tmp, ["router", "--config", str(path), "--health-interval", "0.2",
+                               *flags], timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +126,8 @@ prefix_chars: 64
     router = RouterProcess(tmp, config, "--api-key", KEY)
     wait_for(lambda: len(httpx.get(f"{router.url}/v1/models", headers=AUTH).json()["data"]) == 3)
     yield router, workers
-    router.stop()
+    router.proc.terminate()
+    router.proc.wait(10)
     for w in workers:
         w.stop()
 
