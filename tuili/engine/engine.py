@@ -85,7 +85,7 @@ class LLMEngine:
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
         loaded = loader.load(config.model, self.dtype, self.device, config.revision,
-                             config.quantization)
+                             config.quantization, config.quantize_lm_head)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
@@ -116,7 +116,7 @@ class LLMEngine:
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
                                                   int4_rows)
-        weights = "int4 weights" if loaded.quantization == "int4" else "weights"
+        weights = "weights" if loaded.quantization == "none" else f"{loaded.quantization} weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)
