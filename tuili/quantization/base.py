@@ -29,7 +29,16 @@ class QuantMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return self.apply_gpu(layer, x)
-        return matmul(x, self.dequantize(layer).to(x.dtype), layer.bias)
+        return matmul(x, self.cpu_weight(layer, x.dtype), layer.bias)
+
+    def cpu_weight(self, layer: Linear, dtype: torch.dtype, make=None) -> torch.Tensor:
+        """The dequantized weight for a CPU without a kernel for the format, made once: the
+        values the format encodes (so the quality is the format's), not its bytes or speed."""
+        cached = layer.__dict__.get("_dequantized")
+        if cached is None or cached.dtype != dtype:
+            cached = (make or self.dequantize)(layer).to(dtype)
+            layer.__dict__["_dequantized"] = cached
+        return cached
 
     def apply_gpu(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.dequantize(layer).to(x.dtype), layer.bias)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tuili.kernels import HAS_TRITON, triton_module
+from tuili.kernels import HAS_TRITON, reference_quant, triton_module
+from tuili.layers import int4 as cpu_int4
 from tuili.layers.linear import Linear, matmul
 from tuili.quantization.base import QuantMethod, add_param, drop_weight
 from tuili.quantization.config import QuantConfig
@@ -44,12 +45,17 @@ class Int4Method(QuantMethod):
         layer.register_parameter("scales", _frozen(scales.to(dt)))
         layer.register_parameter("zeros", _frozen(zeros.to(dt)))
         layer.perm = perm
+        layer.cpu_int4 = None
+        if cpu_kernel_fits(layer, self.group):
+            # torch's int4 CPU kernel reads w = (q - 8) * scale + offset: offset = (8 - zero) * scale.
+            offset = (8 - zeros.float()) * scales.float()
+            layer.cpu_int4 = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.t().contiguous().to(torch.int32), 1),
+                torch.stack([scales.float(), offset], -1).to(torch.bfloat16).contiguous())
 
     def unpacked(self, layer: Linear) -> torch.Tensor:
         """The weight [N, K] in float32 in the kernels' input order (perm applied)."""
-        q = unpack_rows(layer.qweight).float()
-        group = torch.arange(q.shape[0], device=q.device) // self.group
-        return ((q - layer.zeros.float()[group]) * layer.scales.float()[group]).t()
+        return reference_quant.dequantize_int4(layer.qweight, layer.scales, layer.zeros, self.group)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         w = self.unpacked(layer)
@@ -63,7 +69,12 @@ class Int4Method(QuantMethod):
         if x.is_cuda and HAS_TRITON:
             return triton_module("triton_quant").int4_linear(
                 x, layer.qweight, layer.scales, layer.zeros, self.group, layer.bias)
-        return matmul(x, self.unpacked(layer).to(x.dtype), layer.bias)
+        if layer.cpu_int4 is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
+            out = cpu_int4.int4_linear(x, *layer.cpu_int4, group=self.group)
+            return out if layer.bias is None else out + layer.bias
+        w = self.unpacked(layer).to(x.dtype) if x.is_cuda else self.cpu_weight(layer, x.dtype,
+                                                                              self.unpacked)
+        return matmul(x, w, layer.bias)
 
 
 class GptqMethod(Int4Method):
@@ -155,6 +166,13 @@ def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = torch.clamp(torch.round(wg / scales[..., None]) + zeros[..., None], 0, 15)
     return scales, zeros, q.reshape(n, k).to(torch.int32)
+
+
+def cpu_kernel_fits(layer: Linear, group: int) -> bool:
+    """Whether torch's int4 CPU kernel serves this bf16 CPU layer (it measured faster than
+    dequantize + matmul at every batch on SmolLM2's shapes)."""
+    return (layer.params_device.type == "cpu" and layer.params_dtype == torch.bfloat16
+            and cpu_int4.supported() and group in (32, 64, 128, 256))
 
 
 def _frozen(t: torch.Tensor) -> torch.nn.Parameter:

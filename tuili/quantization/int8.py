@@ -37,7 +37,9 @@ class Int8Method(QuantMethod):
                 return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
                                                                  layer.bias)
             return super().apply(layer, x)
-        if CPU_KERNEL and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2:
+        # The CPU kernel is slower than dequantize + matmul for float32 batches (BENCHMARKS.md).
+        if CPU_KERNEL and x.dim() == 2 and (x.dtype == torch.bfloat16 or
+                                            (x.dtype == torch.float32 and x.shape[0] <= 4)):
             out = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
             return out if layer.bias is None else out + layer.bias
         return super().apply(layer, x)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from tuili.kernels.reference_quant import unpack_rows
+
+__all__ = ["AWQ_ORDER", "pack_rows", "unpack_cols", "unpack_rows"]
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SHIFTS = tuple(range(0, 32, 4))
 
@@ -16,12 +20,6 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     """[..., 8]: nibble j of each word (the int32's sign bit is just bit 31)."""
     shifts = torch.tensor(SHIFTS, dtype=torch.int32, device=packed.device)
     return (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
-
-
-def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
-    """[R, C] words -> [8R, C] values: row 8r + j is nibble j of word row r."""
-    r, c = packed.shape
-    return _nibbles(packed).permute(0, 2, 1).reshape(8 * r, c)
 
 
 def unpack_cols(packed: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
