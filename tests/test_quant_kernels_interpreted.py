@@ -68,3 +68,46 @@ def test_scaled_gemv(kind, m):
     out = triton_quant.scaled_gemv(x, q, scale, bias, block_n=16, block_k=64)
     torch.testing.assert_close(out, reference_quant.scaled_linear(x, q, scale, bias),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8", "int4", "gptq-act-order"])
+def test_linear_methods_take_the_kernels(method, monkeypatch):
+    """Each method's GPU path (use_triton, as quantization.prepare sets it on CUDA) gives its
+    CPU path's output: decode rows through the GEMVs, a larger step through dequantize + matmul."""
+    from tuili.layers.linear import Linear
+    from tuili.quantization import method_class
+    from tuili.quantization.config import QuantConfig, from_hf
+
+    torch.manual_seed(0)
+    k, sizes = 256, [64, 32, 32]
+    layer = Linear(k, sizes)
+    layer.params_dtype, layer.params_device = torch.float32, torch.device("cpu")
+    if method == "gptq-act-order":
+        qc = from_hf({"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}, "t")
+    else:
+        qc = QuantConfig(method, group_size=128 if method == "int4" else -1)
+    layer.method = method_class(qc)(qc, layer)
+    layer.method.create_weights(layer)
+    if method == "gptq-act-order":
+        scales, zeros, q = quantize_rtn(torch.randn(128, k), 64)
+        perm = torch.randperm(k)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // 64).int()
+        for part, (a, b) in enumerate([(0, 64), (64, 96), (96, 128)]):
+            layer.qweight.weight_loader(layer.qweight, pack_rows(q[a:b].t()), part)
+            layer.qzeros.weight_loader(layer.qzeros, _pack_cols(zeros[a:b].t().clamp(min=1) - 1), part)
+            layer.scales.weight_loader(layer.scales, scales[a:b].t(), part)
+            layer.g_idx.weight_loader(layer.g_idx, g_idx, part)
+    else:
+        layer.weight.data.normal_()
+    layer.process_weights_after_loading()
+    for rows in (1, 3, 12):
+        x = torch.randn(rows, k)
+        layer.method.use_triton = False
+        ref = layer(x)
+        layer.method.use_triton = True
+        torch.testing.assert_close(layer(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def _pack_cols(z: torch.Tensor) -> torch.Tensor:
+    return pack_rows(z.t().contiguous()).t().contiguous()  # columns 8c..8c+7 in word c

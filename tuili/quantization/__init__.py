@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Linear
 from tuili.quantization.config import QuantConfig, resolve
 from tuili.quantization.fp8 import Fp8Method
@@ -35,6 +36,7 @@ def prepare(model: nn.Module, qc: QuantConfig) -> list[str]:
             continue
         layer.params_dtype, layer.params_device = layer.weight.dtype, layer.weight.device
         layer.method = method_class(qc)(qc, layer)
+        layer.method.use_triton = layer.params_device.type == "cuda" and HAS_TRITON
         layer.method.create_weights(layer)
         done.append(name)
     return done

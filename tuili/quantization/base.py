@@ -15,6 +15,7 @@ from tuili.layers.linear import Linear, LinearMethod, matmul
 
 class QuantMethod(LinearMethod):
     fusable = False  # the float decode GEMV cannot read packed weights
+    use_triton = False  # the device path, chosen once by quantization.prepare
 
     def create_weights(self, layer: Linear) -> None:
         """Replace or add the layer's parameters as the checkpoint names them (default: none)."""
@@ -27,21 +28,22 @@ class QuantMethod(LinearMethod):
         raise NotImplementedError
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            return self.apply_gpu(layer, x)
+        if self.use_triton:
+            return self.apply_triton(layer, x)
         return matmul(x, self.cpu_weight(layer, x.dtype), layer.bias)
 
+    def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """The GPU path (kernels/triton_quant.py); this default dequantizes at every call."""
+        return matmul(x, self.dequantize(layer).to(x.dtype), layer.bias)
+
     def cpu_weight(self, layer: Linear, dtype: torch.dtype, make=None) -> torch.Tensor:
-        """The dequantized weight for a CPU without a kernel for the format, made once: the
+        """The dequantized weight for a device without a kernel for the format, made once: the
         values the format encodes (so the quality is the format's), not its bytes or speed."""
         cached = layer.__dict__.get("_dequantized")
         if cached is None or cached.dtype != dtype:
             cached = (make or self.dequantize)(layer).to(dtype)
             layer.__dict__["_dequantized"] = cached
         return cached
-
-    def apply_gpu(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.dequantize(layer).to(x.dtype), layer.bias)
 
 
 def add_param(layer: Linear, name: str, shape: tuple[int, ...], dtype: torch.dtype,

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from tuili.kernels import HAS_TRITON, triton_module
+from tuili.kernels import triton_module
 from tuili.layers.linear import Linear
 from tuili.quantization.base import QuantMethod, add_param
 from tuili.quantization.config import QuantConfig
@@ -77,13 +77,13 @@ class Fp8Method(QuantMethod):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.weight.float() * self.scales(layer)
 
-    def apply_gpu(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.block is None and HAS_TRITON and x.shape[0] <= GEMV_MAX_ROWS:
+    def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.block is None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
             return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
                                                              layer.bias)
         if self.tensor_cores:
             return fp8_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias)
-        return super().apply_gpu(layer, x)
+        return super().apply_triton(layer, x)
 
 
 def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

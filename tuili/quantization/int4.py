@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tuili.kernels import HAS_TRITON, reference_quant, triton_module
+from tuili.kernels import reference_quant, triton_module
 from tuili.layers import int4 as cpu_int4
 from tuili.layers.linear import Linear, matmul
 from tuili.quantization.base import QuantMethod, add_param, drop_weight
@@ -66,15 +66,13 @@ class Int4Method(QuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.perm is not None:
             x = x.index_select(-1, layer.perm)
-        if x.is_cuda and HAS_TRITON:
+        if self.use_triton:
             return triton_module("triton_quant").int4_linear(
                 x, layer.qweight, layer.scales, layer.zeros, self.group, layer.bias)
         if layer.cpu_int4 is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
             out = cpu_int4.int4_linear(x, *layer.cpu_int4, group=self.group)
             return out if layer.bias is None else out + layer.bias
-        w = self.unpacked(layer).to(x.dtype) if x.is_cuda else self.cpu_weight(layer, x.dtype,
-                                                                              self.unpacked)
-        return matmul(x, w, layer.bias)
+        return matmul(x, self.cpu_weight(layer, x.dtype, self.unpacked), layer.bias)
 
 
 class GptqMethod(Int4Method):

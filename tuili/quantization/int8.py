@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tuili.kernels import HAS_TRITON, triton_module
+from tuili.kernels import triton_module
 from tuili.layers.linear import Linear
 from tuili.quantization.base import QuantMethod, add_param
 from tuili.quantization.config import QuantConfig
@@ -31,15 +31,16 @@ class Int8Method(QuantMethod):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.weight.float() * layer.weight_scale.float()[:, None]
 
+    def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
+                                                             layer.bias)
+        return super().apply_triton(layer, x)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            if HAS_TRITON and x.shape[0] <= GEMV_MAX_ROWS:
-                return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
-                                                                 layer.bias)
-            return super().apply(layer, x)
         # The CPU kernel is slower than dequantize + matmul for float32 batches (BENCHMARKS.md).
-        if CPU_KERNEL and x.dim() == 2 and (x.dtype == torch.bfloat16 or
-                                            (x.dtype == torch.float32 and x.shape[0] <= 4)):
+        if not self.use_triton and CPU_KERNEL and x.dim() == 2 and not x.is_cuda and (
+                x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x.shape[0] <= 4)):
             out = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
             return out if layer.bias is None else out + layer.bias
         return super().apply(layer, x)
