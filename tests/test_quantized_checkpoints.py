@@ -182,3 +182,30 @@ def test_unsupported_quantization_configs_are_named(base, tmp_path):
         shutil.copy(tokenizer_folder / "tokenizer.json", folder / "tokenizer.json")
         with pytest.raises(ModelLoadError, match=message.replace("(", r"\(")):
             LLM(str(folder), dtype="float32")
+
+
+def test_requested_method_must_fit_the_checkpoint(base, tmp_path):
+    folder, _ = write_checkpoint(tmp_path / "gptq", base, FORMATS["gptq-sym-g128"][0])
+    with pytest.raises(ValueError, match="is a gptq checkpoint; use auto or gptq"):
+        LLM(str(folder), dtype="float32", quantization="awq")
+    config, model, tokenizer_folder = base
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, plain / name)
+    with pytest.raises(ValueError, match="has no quantization_config; to quantize float "
+                                         "weights at load use one of fp8, int8, int4"):
+        LLM(str(plain), dtype="float32", quantization="gptq")
+    # At load, with --quantize-lm-head: the tied head is quantized, the embedding stays float.
+    llm = LLM(str(plain), dtype="float32", num_kv_blocks=16, quantization="int8",
+              quantize_lm_head=True)
+    ours = llm.engine.runner.model
+    assert ours.lm_head.method.name == "int8" and ours.lm_head.weight.dtype == torch.int8
+    torch.testing.assert_close(ours.embed_tokens.weight, model.model.embed_tokens.weight)
+    ids = llm.tokenizer.encode(TEXT)
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    theirs = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    ours_lp = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]], dtype=torch.float64)
+    assert (ours_lp - theirs).abs().max() < 0.05  # int8 per channel: close to the float model

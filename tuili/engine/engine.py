@@ -21,6 +21,7 @@ from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
+from tuili.quantization import weight_format
 from tuili.models import loader
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams, shown
@@ -115,7 +116,7 @@ class LLMEngine:
 
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
-                                                  int4_rows)
+                                                  int4_rows, weight_format(loaded.quantization))
         weights = "weights" if loaded.quantization == "none" else f"{loaded.quantization} weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,

@@ -115,7 +115,9 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
         if token not in config.eos_token_ids:
             config.eos_token_ids.append(token)
-    label = "int4" if int4 else (qc.method if qc is not None else "none")
+    # "int4" names a GGUF file's packed blocks (the engine sizes their kernel's steps by it).
+    label = "int4" if int4 else "none" if qc is None else (
+        f"{qc.method}-g128" if qc.method == "int4" else qc.method)
     return LoadedModel(model, config, tokenizer, gen, str(path), label)
 
 

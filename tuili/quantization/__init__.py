@@ -13,7 +13,14 @@ from tuili.quantization.fp8 import Fp8Method
 from tuili.quantization.int4 import AwqMethod, GptqMethod, Int4AtLoadMethod
 from tuili.quantization.int8 import Int8Method
 
-__all__ = ["QuantConfig", "prepare", "resolve"]
+__all__ = ["QuantConfig", "prepare", "resolve", "weight_format"]
+# A load's quantization label -> the bytes per weight the analysis counts (analysis/ops.py).
+WEIGHT_FORMATS = {"fp8": "fp8", "int8": "int8", "gptq": "int4", "awq": "int4", "int4-g128": "int4"}
+
+
+def weight_format(label: str) -> str | None:
+    """The layers' stored format for the profiler's MBU (None: the dtype's, or GGUF int4's)."""
+    return WEIGHT_FORMATS.get(label)
 
 
 def method_class(qc: QuantConfig):
