@@ -150,9 +150,11 @@ def write_checkpoint(folder, base, q_config: dict, seed: int = 0):
 def test_checkpoint_logits_equal_dequantized(fmt, base, tmp_path):
     q_config, _ = FORMATS[fmt]
     folder, reference = write_checkpoint(tmp_path / fmt, base, q_config)
-    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=16)
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=16, profile=True)
     layer = llm.engine.runner.model.layers[1].mlp.down_proj
     assert layer.method.name == ("fp8" if fmt.startswith("fp8") else fmt.split("-")[0])
+    # The profiler's MBU counts the bytes the layers hold: 8 or 4.25 bits per weight.
+    assert llm.engine.profiler.precision.weights == ("fp8" if fmt.startswith("fp8") else "int4")
     assert llm.engine.runner.model.lm_head.method.name == "none"
     ids = llm.tokenizer.encode(TEXT)
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
