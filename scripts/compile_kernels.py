@@ -88,6 +88,7 @@ def launch_all() -> None:
     for name, shape in SHAPES.items():
         prefill_attention(name, shape)
     qk_norm_rope()
+    quantized_linears()
     assert kernels.num_sms(torch.device("cpu")) == tuning.H100.sms
 
 
@@ -171,6 +172,28 @@ def qk_norm_rope() -> None:
     w = torch.ones(128, dtype=bf)
     triton_rope.rope_and_store(qkv, ids, rope.cos, rope.sin, *caches, ids, 16, (w, w), 1e-6)
 
+
+def quantized_linears() -> None:
+    """The quantized layers' kernels (kernels/triton_quant.py) on Llama-3.1-8B's gate_up and down
+    shapes: the decode GEMVs at 1 and 8 rows, and the 4-bit dequantize of larger steps."""
+    from tuili.kernels import triton_quant
+
+    bf = torch.bfloat16
+    hidden, inter = SHAPES["llama3-8b"][:2]
+    for n, k in ((2 * inter, hidden), (hidden, inter)):
+        qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+        scales = torch.zeros(k // 128, n, dtype=torch.float16)
+        for m in (1, 8):
+            x = torch.zeros(m, k, dtype=bf)
+            WHERE.update(model=f"llama3-8b [{n}, {k}], {m} row{'s' if m > 1 else ''}",
+                         launch="int4 GEMV (g128)")
+            triton_quant.int4_gemv(x, qweight, scales, scales, 128)
+            for dtype in (torch.int8, torch.float8_e4m3fn):
+                WHERE["launch"] = f"{str(dtype).removeprefix('torch.')} GEMV"
+                triton_quant.scaled_gemv(x, torch.zeros(n, k, dtype=dtype),
+                                         torch.ones(n, dtype=bf))
+        WHERE.update(model=f"llama3-8b [{n}, {k}]", launch="int4 dequantize (large steps)")
+        triton_quant.int4_dequantize(qweight, scales, scales, 128, bf)
 
 
 def main() -> int:

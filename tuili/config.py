@@ -11,7 +11,7 @@ from tuili.errors import InvalidParameter
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "int4")
+QUANTIZATIONS = ("auto", "none", "int4", "int8", "fp8", "gptq", "awq")
 
 
 def _opt(default, help: str):
@@ -24,9 +24,13 @@ class EngineConfig:
     dtype: str = _opt("auto", "weights and activations dtype: auto (bfloat16 on GPU and on CPUs "
                               "with bf16 units, else float32), float32, bfloat16, float16")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    quantization: str = _opt("auto", "auto: keep a GGUF file's 4-bit weights packed when running "
-                                     "bfloat16 on CPU (int4 kernels), else dequantize; none: "
-                                     "dequantize every weight to dtype; int4: require packing")
+    quantization: str = _opt("auto", "auto: a checkpoint's own quantization_config (GPTQ, AWQ, "
+                                     "FP8), and a GGUF file's 4-bit weights kept packed when "
+                                     "running bfloat16 on CPU; none: float weights in dtype; "
+                                     "fp8, int8, int4: quantize float weights at load (int4 on a "
+                                     "GGUF file: require its packed blocks); gptq, awq: require "
+                                     "such a checkpoint")
+    quantize_lm_head: bool = _opt(False, "quantize the LM head too (default: it stays 16-bit)")
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) to download")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the "
                                            "model's context length, capped by the KV cache)")

@@ -42,12 +42,17 @@ class PhaseProfiler:
         self.phases = {p: PhaseStats() for p in PHASES}
 
     @classmethod
-    def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0) -> PhaseProfiler:
+    def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0,
+                weights: str | None = None) -> PhaseProfiler:
         """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
-        device; int4_rows: steps of up to so many tokens read packed int4 weights (0: none)."""
+        device; int4_rows: steps of up to so many tokens read packed int4 weights (0: none);
+        weights: the layers' quantized format (ops.WEIGHT_BITS), the head and K/V staying dtype."""
         from tuili.analysis.measure import for_torch_device
 
         precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype])
+        if weights:
+            precision = opsmod.Precision(weights, precision.head, precision.kv,
+                                         precision.activations)
         small = None
         if int4_rows:
             small = opsmod.Precision("int4-g32", precision.head, precision.kv, precision.activations)

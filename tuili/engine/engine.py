@@ -21,6 +21,7 @@ from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
+from tuili.quantization import weight_format
 from tuili.models import loader
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams, shown
@@ -85,7 +86,7 @@ class LLMEngine:
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
         loaded = loader.load(config.model, self.dtype, self.device, config.revision,
-                             config.quantization)
+                             config.quantization, config.quantize_lm_head)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
@@ -115,8 +116,8 @@ class LLMEngine:
 
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
-                                                  int4_rows)
-        weights = "int4 weights" if loaded.quantization == "int4" else "weights"
+                                                  int4_rows, weight_format(loaded.quantization))
+        weights = "weights" if loaded.quantization == "none" else f"{loaded.quantization} weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)

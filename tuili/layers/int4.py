@@ -47,6 +47,7 @@ def pack(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_zeros
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16 @ dequantized(packed).T -> [M, N] bf16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros)
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                group: int = GROUP) -> torch.Tensor:
+    """x [M, K] bf16 @ dequantized(packed).T -> [M, N] bf16 (groups of `group` along K)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)

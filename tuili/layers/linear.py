@@ -39,6 +39,9 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, layer.weight, layer.bias)
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Turn the loaded tensors into the form apply reads (quantized methods: quantization/)."""
+
 
 UNQUANTIZED = LinearMethod()
 
@@ -69,6 +72,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_sizes: int | list[int], bias: bool = False,
                  weight: nn.Parameter | None = None):
         super().__init__()
+        self.in_features = in_features
         self.out_sizes = [out_sizes] if isinstance(out_sizes, int) else list(out_sizes)
         out = sum(self.out_sizes)
         self.method: LinearMethod = UNQUANTIZED
@@ -112,3 +116,4 @@ class Linear(nn.Module):
         for part, w in parts.items():
             start = sum(self.out_sizes[:part])
             self.weight.data[start:start + self.out_sizes[part]].copy_(w.dequantize())
+        self.method.process_weights_after_loading(self)

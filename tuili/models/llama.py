@@ -120,8 +120,9 @@ class LlamaForCausalLM(nn.Module):
         """Load HF-named tensors; every parameter (each part of a merged one) must be filled."""
         params = dict(self.named_parameters())
         expected = set()
-        for name in params:
-            expected |= {f"{name}#{p}" for p in range(getattr(params[name], "num_parts", 1))}
+        for name, param in params.items():
+            if not getattr(param, "optional", False):  # e.g. GPTQ's g_idx
+                expected |= {f"{name}#{p}" for p in range(getattr(param, "num_parts", 1))}
         loaded = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")

