@@ -26,3 +26,13 @@ class PromptTooLong(InvalidParameter):
         )
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
+
+
+class WrongTask(InvalidParameter):
+    """A request for a task (generate, embed, score) that the served model does not have."""
+    code = "wrong_task"
+
+    def __init__(self, served: str, asked: str):
+        super().__init__("model", f"this model serves task={served}, not {asked}; serve a model "
+                                  f"with that task (or choose it with --task)")
+        self.served, self.asked = served, asked

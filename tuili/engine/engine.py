@@ -13,16 +13,20 @@ from tuili.engine.cuda_graphs import PREFILL_SEQS
 from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
 from tuili.engine.memory import plan_kv_cache
 from tuili.engine.output import OutputProcessor
+from tuili.engine.pooling_output import PoolingOutputProcessor, PoolingRequestOutput
 from tuili.engine.request import Request, Status
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
 from tuili.engine.scheduler import Batch, Scheduler
 from tuili.engine.transfer import to_device
-from tuili.errors import InvalidParameter, PromptTooLong
+from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
 from tuili.models import loader
+from tuili.models.pooler import Pooler
+from tuili.models.pooling_config import find_task, load_pooling_config
 from tuili.outputs import RequestOutput
+from tuili.pooling_params import PoolingParams
 from tuili.sampling_params import SamplingParams, shown
 
 log = logging.getLogger("tuili")
@@ -89,6 +93,7 @@ class LLMEngine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        config = self.config = self._choose_task(config, loaded)
         # CUDA graphs: decode batches up to max_num_seqs, prefill steps up to this many tokens.
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
@@ -101,14 +106,18 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
-                                  0 if eager else config.max_num_seqs, self.prefill_graph_tokens)
+                                  0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
+                                  self.pooler)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self.output = OutputProcessor(self.tokenizer)
+        self.pooling_output = PoolingOutputProcessor(
+            self.pooling_config.normalize if self.pooling_config else False,
+            self.model_config.hidden_size)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.profiler = None
-        if self.device.type == "cuda" and HAS_TRITON:
+        if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
             self._warm_up()
         if config.profile:
             from tuili.analysis.profiler import PhaseProfiler
@@ -120,6 +129,27 @@ class LLMEngine:
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)
+
+    def _choose_task(self, config: EngineConfig, loaded: loader.LoadedModel) -> EngineConfig:
+        """The task served (generate, embed, score) and, for pooling, the Pooler; a pooling
+        model's prompts are capped by its sentence-transformers max_seq_length."""
+        arch = self.model_config.architecture
+        folder = loader.model_folder(loaded.source)
+        self.task = find_task(config.task, arch, folder)
+        self.pooling_config = self.pooler = None
+        encoder = getattr(loaded.model, "is_encoder", False)
+        if self.task == "generate":
+            if encoder:
+                raise InvalidParameter("task", f"{arch} is an encoder: it cannot generate; serve "
+                                               "it with task embed or score")
+            return config
+        self.pooling_config = load_pooling_config(self.task, arch, folder, config.pooling,
+                                                  config.score_tokens, self.tokenizer)
+        self.pooler = Pooler(loaded.model, self.pooling_config)
+        limit = self.pooling_config.max_seq_length
+        if limit and config.max_model_len is None:
+            config = replace(config, max_model_len=min(limit, self.model_config.max_position_embeddings))
+        return config
 
     def _warm_up(self) -> None:
         """Run requests of each kind end to end before any user's (an eager prefill of more
@@ -165,10 +195,14 @@ class LLMEngine:
             raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
                                                      f"[0, {vocab})")
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = True) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | PoolingParams, stream: bool = True) -> None:
         """Queue a request; errors (empty or too-long prompt) are raised before anything is queued.
         With stream=False, step() reports the request only once it has finished."""
+        if isinstance(params, PoolingParams):
+            return self._add_pooling(request_id, prompt, params)
+        if self.task != "generate":
+            raise WrongTask(self.task, "generate")
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if self.output.is_running(request_id, child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
@@ -185,7 +219,39 @@ class LLMEngine:
         for req in requests:
             self.scheduler.add(req)
 
+    def _add_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams) -> None:
+        if params.task != self.task:
+            raise WrongTask(self.task, params.task)
+        if self.output.is_running(request_id, [request_id]) or \
+                self.pooling_output.is_running(request_id):
+            raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise InvalidParameter("input", "is empty; give at least one token")
+        limit = self.max_pooling_len
+        if len(ids) > limit:
+            raise InvalidParameter("input", f"has {len(ids)} tokens, more than the {limit} this "
+                                            "model takes (max_model_len, and max_num_batched_"
+                                            "tokens: a pooling prompt runs whole); shorten it")
+        if params.token_type_ids is not None and len(params.token_type_ids) != len(ids):
+            raise InvalidParameter("token_type_ids", f"{len(params.token_type_ids)} for "
+                                                     f"{len(ids)} tokens")
+        if params.dimensions is not None and params.dimensions > self.model_config.hidden_size:
+            raise InvalidParameter("dimensions", f"got {params.dimensions}, this model's "
+                                   f"embeddings have {self.model_config.hidden_size}")
+        req = Request(request_id, ids, SamplingParams(max_tokens=1), self.eos_token_ids,
+                      pooling=params)
+        self.pooling_output.add(req)
+        self.scheduler.add(req)
+
+    @property
+    def max_pooling_len(self) -> int:
+        """The longest pooling prompt: it runs whole, in one step."""
+        return min(self.max_model_len, self.config.max_num_batched_tokens)
+
     def abort_request(self, request_id: str) -> None:
+        for req in self.pooling_output.abort(request_id):
+            self.scheduler.finish(req, "abort")
         for req in self.output.abort(request_id):
             self.scheduler.finish(req, "abort")
 
@@ -194,7 +260,7 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         """Run one iteration; return an output for every request that made progress.
 
         Pipelined: a step's tokens are sampled on the device and read back during the next call,
@@ -214,9 +280,20 @@ class LLMEngine:
             return outputs
         for pl in result.prompt_logits:
             self.output.add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
-        self.inflight = self._sample(batch, result)
+        if result.pooled_requests:
+            outputs.extend(self._finish_pooled(result))
+        if len(result.pooled_requests) < len(batch):  # else nothing is left to read back
+            self.inflight = self._sample(batch, result)
         if self.profiler is not None:
             self._profile(batch, result, time.perf_counter() - start)
+        return outputs
+
+    def _finish_pooled(self, result: StepOutput) -> list[PoolingRequestOutput]:
+        """Pooling requests end in the step that computes them: blocks freed, never cached."""
+        outputs = self.pooling_output.outputs(result.pooled_requests, result.pooled)
+        for req in result.pooled_requests:
+            if not req.is_finished:
+                self.scheduler.finish(req, "stop")
         return outputs
 
     def _profile(self, batch: Batch, result: StepOutput, seconds: float) -> None:

