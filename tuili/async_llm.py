@@ -97,6 +97,9 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.model_config.vocab_size
+        self.task = self.engine.task  # generate, embed or score
+        self.max_pooling_len = self.engine.max_pooling_len
+        self.cross_encoder = hasattr(self.engine.runner.model, "classify")
         self.kv_cache_tokens = self.engine.pool.num_blocks * self.engine.pool.block_size
         self.prompt_bound = PromptBound.of(self.tokenizer.backend)
         # half the cores at most: the event loop and the engine need the rest
