@@ -226,8 +226,8 @@ class LLMEngine:
                 self.pooling_output.is_running(request_id):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         ids = self.encode_prompt(prompt)
-        if not ids:
-            raise InvalidParameter("input", "is empty; give at least one token")
+        if not ids or prompt == "":  # an encoder's tokenizer gives "" its [CLS] and [SEP]
+            raise InvalidParameter("input", "is empty; give some text or tokens")
         limit = self.max_pooling_len
         if len(ids) > limit:
             raise InvalidParameter("input", f"has {len(ids)} tokens, more than the {limit} this "
