@@ -32,6 +32,9 @@ from tuili.sampling_params import SamplingParams, shown
 log = logging.getLogger("tuili")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a pooling request's Request carries as its params (read-only: nothing is sampled); one
+# instance, not one validated per request.
+_NO_SAMPLING = SamplingParams(max_tokens=1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -239,8 +242,7 @@ class LLMEngine:
         if params.dimensions is not None and params.dimensions > self.model_config.hidden_size:
             raise InvalidParameter("dimensions", f"got {params.dimensions}, this model's "
                                    f"embeddings have {self.model_config.hidden_size}")
-        req = Request(request_id, ids, SamplingParams(max_tokens=1), self.eos_token_ids,
-                      pooling=params)
+        req = Request(request_id, ids, _NO_SAMPLING, self.eos_token_ids, pooling=params)
         self.pooling_output.add(req)
         self.scheduler.add(req)
 
