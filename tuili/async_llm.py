@@ -25,6 +25,7 @@ from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter, PromptTooLong
 from tuili.outputs import RequestOutput
+from tuili.pooling_params import PoolingParams
 from tuili.prompt_bound import PromptBound
 from tuili.sampling_params import SamplingParams
 
@@ -153,6 +154,11 @@ class AsyncLLM:
                  observe: Observer | None = None) -> RequestStream:
         """Queue the request now; iterate the returned stream for its outputs."""
         return RequestStream(self, request_id, prompt_ids, params, observe)
+
+    def encode(self, request_id: str, prompt_ids: list[int], params: PoolingParams
+               ) -> RequestStream:
+        """Queue a pooling request (embed, score); its one output ends the stream."""
+        return RequestStream(self, request_id, prompt_ids, params, None)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))

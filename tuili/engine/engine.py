@@ -149,6 +149,10 @@ class LLMEngine:
         self.pooling_config = load_pooling_config(self.task, arch, folder, config.pooling,
                                                   config.score_tokens, self.tokenizer)
         self.pooler = Pooler(loaded.model, self.pooling_config)
+        if encoder and config.num_kv_blocks is None:
+            # No KV cache (the runner binds none): blocks are bookkeeping, a step's worth.
+            per_step = config.max_num_batched_tokens // config.block_size + config.max_num_seqs
+            config = replace(config, num_kv_blocks=per_step)
         limit = self.pooling_config.max_seq_length
         if limit and config.max_model_len is None:
             config = replace(config, max_model_len=min(limit, self.model_config.max_position_embeddings))

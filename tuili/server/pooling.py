@@ -139,7 +139,7 @@ async def _run(state: ServerState, request: Request, prefix: str, prompts: list[
                params: list[PoolingParams]) -> list:
     state.admit(len(prompts), sum(map(len, prompts)))
     rid = new_id(prefix)
-    streams = [state.llm.generate(f"{rid}-{i}", ids, p) for i, (ids, p) in
+    streams = [state.llm.encode(f"{rid}-{i}", ids, p) for i, (ids, p) in
                enumerate(zip(prompts, params))]
     return await unless_disconnected(request, final_outputs(streams))
 
