@@ -14,6 +14,7 @@ from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
 from tuili.engine.memory import plan_kv_cache
 from tuili.engine.output import OutputProcessor
 from tuili.engine.pooling_output import PoolingOutputProcessor, PoolingRequestOutput
+from tuili.engine.pooling_setup import check_pooling_request, choose_task
 from tuili.engine.request import Request, Status
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
@@ -24,7 +25,6 @@ from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
 from tuili.models import loader
 from tuili.models.pooler import Pooler
-from tuili.models.pooling_config import find_task, load_pooling_config
 from tuili.outputs import RequestOutput
 from tuili.pooling_params import PoolingParams
 from tuili.sampling_params import SamplingParams, shown
@@ -96,7 +96,9 @@ class LLMEngine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
-        config = self.config = self._choose_task(config, loaded)
+        self.task, self.pooling_config, config = choose_task(config, loaded)
+        self.config = config
+        self.pooler = Pooler(loaded.model, self.pooling_config) if self.pooling_config else None
         # CUDA graphs: decode batches up to max_num_seqs, prefill steps up to this many tokens.
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
@@ -116,8 +118,7 @@ class LLMEngine:
                                  else config.async_scheduling)
         self.output = OutputProcessor(self.tokenizer)
         self.pooling_output = PoolingOutputProcessor(
-            self.pooling_config.normalize if self.pooling_config else False,
-            self.model_config.hidden_size)
+            self.pooling_config.normalize if self.pooling_config else False)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.profiler = None
         if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
@@ -132,31 +133,6 @@ class LLMEngine:
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
                  time.perf_counter() - start)
-
-    def _choose_task(self, config: EngineConfig, loaded: loader.LoadedModel) -> EngineConfig:
-        """The task served (generate, embed, score) and, for pooling, the Pooler; a pooling
-        model's prompts are capped by its sentence-transformers max_seq_length."""
-        arch = self.model_config.architecture
-        folder = loader.model_folder(loaded.source)
-        self.task = find_task(config.task, arch, folder)
-        self.pooling_config = self.pooler = None
-        encoder = getattr(loaded.model, "is_encoder", False)
-        if self.task == "generate":
-            if encoder:
-                raise InvalidParameter("task", f"{arch} is an encoder: it cannot generate; serve "
-                                               "it with task embed or score")
-            return config
-        self.pooling_config = load_pooling_config(self.task, arch, folder, config.pooling,
-                                                  config.score_tokens, self.tokenizer)
-        self.pooler = Pooler(loaded.model, self.pooling_config)
-        if encoder and config.num_kv_blocks is None:
-            # No KV cache (the runner binds none): blocks are bookkeeping, a step's worth.
-            per_step = config.max_num_batched_tokens // config.block_size + config.max_num_seqs
-            config = replace(config, num_kv_blocks=per_step)
-        limit = self.pooling_config.max_seq_length
-        if limit and config.max_model_len is None:
-            config = replace(config, max_model_len=min(limit, self.model_config.max_position_embeddings))
-        return config
 
     def _warm_up(self) -> None:
         """Run requests of each kind end to end before any user's (an eager prefill of more
@@ -233,19 +209,8 @@ class LLMEngine:
                 self.pooling_output.is_running(request_id):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         ids = self.encode_prompt(prompt)
-        if not ids or prompt == "":  # an encoder's tokenizer gives "" its [CLS] and [SEP]
-            raise InvalidParameter("input", "is empty; give some text or tokens")
-        limit = self.max_pooling_len
-        if len(ids) > limit:
-            raise InvalidParameter("input", f"has {len(ids)} tokens, more than the {limit} this "
-                                            "model takes (max_model_len, and max_num_batched_"
-                                            "tokens: a pooling prompt runs whole); shorten it")
-        if params.token_type_ids is not None and len(params.token_type_ids) != len(ids):
-            raise InvalidParameter("token_type_ids", f"{len(params.token_type_ids)} for "
-                                                     f"{len(ids)} tokens")
-        if params.dimensions is not None and params.dimensions > self.model_config.hidden_size:
-            raise InvalidParameter("dimensions", f"got {params.dimensions}, this model's "
-                                   f"embeddings have {self.model_config.hidden_size}")
+        check_pooling_request(prompt, ids, params, self.max_pooling_len,
+                              self.model_config.hidden_size)
         req = Request(request_id, ids, _NO_SAMPLING, self.eos_token_ids, pooling=params)
         self.pooling_output.add(req)
         self.scheduler.add(req)

@@ -28,8 +28,8 @@ class PoolingRequestOutput:
 
 
 class PoolingOutputProcessor:
-    def __init__(self, normalize_default: bool, hidden_size: int):
-        self.normalize_default, self.hidden_size = normalize_default, hidden_size
+    def __init__(self, normalize_default: bool):
+        self.normalize_default = normalize_default
         self.requests: dict[str, Request] = {}
 
     def is_running(self, request_id: str) -> bool:
