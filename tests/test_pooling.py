@@ -120,8 +120,8 @@ def hf_last_hidden(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_decoder_embeddings_equal_hf_hidden_states(pooling, hf_decoder):
     llm = LLM("smollm2-135m", dtype="float32", task="embed", pooling=pooling, num_kv_blocks=64)
-    outs = llm.embed(TEXTS[:4])
-    for text, got in zip(TEXTS[:4], outs):
+    outs = llm.embed(TEXTS[:3])
+    for text, got in zip(TEXTS[:3], outs):
         states = hf_last_hidden(hf_decoder, llm.tokenizer.encode(text))
         want = F.normalize(states[-1] if pooling == "last" else states.mean(0), dim=0)
         assert cosines(got, want) >= 0.9999
