@@ -5,8 +5,9 @@ Run: python benchmarks/cpu_embed.py [--dtypes float32,bfloat16] [--texts 256] [-
 
 Texts: --texts sentences of mixed length (4 to ~60 words), the same for both. Batch 1: each text
 in its own call (embed(text) / encode([text])); batch 64: calls of 64 texts (encode's
-batch_size=64). Both normalize (the model's Normalize module). Best of --repeats after a warm-up;
-ratio = tuili's rate over sentence-transformers' at the same dtype and batch.
+batch_size=64). Both normalize (the model's Normalize module). Best of --repeats passes after a
+warm-up, tuili's and sentence-transformers' passes interleaved (a shared machine's busy spells
+fall on both); ratio = tuili's rate over sentence-transformers' at the same dtype and batch.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ def texts(count: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 60))) for _ in range(count)]
 
 
-def best_rate(fn, items: list, batch: int, repeats: int) -> float:
-    fn(items[:batch])  # warm-up
-    best = 0.0
+def best_rates(fns: list, items: list, batch: int, repeats: int) -> list[float]:
+    """Each fn's best rate over `repeats` passes, the fns' passes interleaved so that a busy
+    spell of a shared machine falls on both."""
+    for fn in fns:
+        fn(items[:batch])  # warm-up
+    best = [0.0] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, len(items), batch):
-            fn(items[i:i + batch])
-        best = max(best, len(items) / (time.perf_counter() - start))
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            for i in range(0, len(items), batch):
+                fn(items[i:i + batch])
+            best[j] = max(best[j], len(items) / (time.perf_counter() - start))
     return best
 
 
@@ -57,10 +62,9 @@ def main() -> None:
         st = SentenceTransformer(str(resolve("all-minilm-l6-v2")), device="cpu",
                                  model_kwargs={"dtype": getattr(torch, dtype)})
         for batch in (1, 64):
-            ours = best_rate(lambda b: llm.embed(b) if batch > 1 else llm.embed(b[0]), items,
-                             batch, args.repeats)
-            theirs = best_rate(lambda b: st.encode(b, batch_size=batch), items, batch,
-                               args.repeats)
+            ours, theirs = best_rates(
+                [lambda b: llm.embed(b) if batch > 1 else llm.embed(b[0]),
+                 lambda b: st.encode(b, batch_size=batch)], items, batch, args.repeats)
             rows.append((dtype, batch, ours, theirs))
             print(f"{dtype:9s} batch {batch:3d}: tuili {ours:8.1f}/s  sentence-transformers "
                   f"{theirs:8.1f}/s  {ours / theirs:.2f}x", flush=True)
