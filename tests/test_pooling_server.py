@@ -129,7 +129,8 @@ def test_bad_input_is_400_naming_the_parameter(http, path, body, param):
 
 def test_over_long_input_names_both_numbers(http):
     err = error_of(http.post("/v1/embeddings", json={"input": ["fine", "word " * 300]}))
-    assert "input 1" in err["message"] and "302 tokens" in err["message"] and "256" in err["message"]
+    message = err["message"]
+    assert "input 1" in message and "302 tokens" in message and "256" in message
 
 
 def test_generation_endpoints_say_the_served_task(http, client):

@@ -24,5 +24,6 @@ class PoolingParams:
         if self.task not in POOLING_TASKS:
             raise InvalidParameter("task", f"got {self.task!r}, must be one of "
                                            f"{', '.join(POOLING_TASKS)}")
-        if self.dimensions is not None and (type(self.dimensions) is not int or self.dimensions < 1):
-            raise InvalidParameter("dimensions", f"got {self.dimensions!r}, must be an integer >= 1")
+        d = self.dimensions
+        if d is not None and (type(d) is not int or d < 1):
+            raise InvalidParameter("dimensions", f"got {d!r}, must be an integer >= 1")

@@ -64,8 +64,8 @@ def plan_scores(task: str, cross_encoder: bool, tokenizer: Tokenizer,
                          [(row[q], row[d]) for q, d in pairs])
     if cross_encoder:
         encoded = [tokenizer.encode_pair(q, d) for q, d in pairs]
-        return ScorePlan([ids for ids, _ in encoded],
-                         [PoolingParams(task="score", token_type_ids=types) for _, types in encoded])
+        params = [PoolingParams(task="score", token_type_ids=types) for _, types in encoded]
+        return ScorePlan([ids for ids, _ in encoded], params)
     prompts = [tokenizer.encode(DECODER_PAIR.format(query=q, document=d)) for q, d in pairs]
     return ScorePlan(prompts, [PoolingParams(task="score")] * len(prompts))
 

@@ -124,7 +124,8 @@ class BertModel(nn.Module):
             param = params[target]
             dest = param.data if part is None else param.data.chunk(3)[part]
             if dest.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected "
+                                 f"{tuple(dest.shape)}")
             dest.copy_(tensor)
             filled.add((target, part))
         missing = [n for n in params
