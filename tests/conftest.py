@@ -28,6 +28,12 @@ CHAT_QUESTIONS = [
 
 
 @pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 (an embedding model) in float32, beside sentence-transformers."""
+    return LLM("all-minilm-l6-v2", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def gguf_path():
     return resolve(MODEL)
 

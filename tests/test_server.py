@@ -450,3 +450,11 @@ def test_sigterm_drains_then_ends_what_outlives_the_drain_timeout(tmp_path):
         assert "draining" in log and "Application shutdown complete" in log
     finally:
         s.stop()
+
+
+def test_pooling_endpoints_on_a_generation_model_say_its_task(http):
+    for path, body in (("/v1/embeddings", {"input": "Hi"}),
+                       ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+                       ("/v1/score", {"text_1": "q", "text_2": "d"})):
+        err = error_of(http.post(path, json=body), 400)
+        assert err["code"] == "wrong_task" and "task=generate" in err["message"], err

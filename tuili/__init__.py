@@ -6,11 +6,13 @@ import os
 from tuili.config import EngineConfig
 from tuili.errors import InvalidParameter, ModelLoadError, PromptTooLong, TuiliError
 from tuili.outputs import CompletionOutput, RequestOutput
+from tuili.pooling_params import PoolingParams
 from tuili.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "TuiliError", "InvalidParameter", "ModelLoadError", "PromptTooLong"]
+           "CompletionOutput", "TuiliError", "InvalidParameter", "ModelLoadError", "PromptTooLong",
+           "PoolingParams"]
 
 _log = logging.getLogger("tuili")
 if not _log.handlers:

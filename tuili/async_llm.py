@@ -25,6 +25,7 @@ from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter, PromptTooLong, RequestCancelled, check_text
 from tuili.outputs import RequestOutput
+from tuili.pooling_params import PoolingParams
 from tuili.prompt_bound import PromptBound
 from tuili.sampling_params import SamplingParams
 
@@ -93,6 +94,9 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.model_config.vocab_size
+        self.task = self.engine.task  # generate, embed or score
+        self.max_pooling_len = self.engine.max_pooling_len
+        self.cross_encoder = hasattr(self.engine.runner.model, "classify")
         self.kv_cache_tokens = self.engine.pool.num_blocks * self.engine.pool.block_size
         self.prompt_bound = PromptBound.of(self.tokenizer.backend)
         # half the cores at most: the event loop and the engine need the rest
@@ -146,6 +150,11 @@ class AsyncLLM:
                  observe: Observer | None = None) -> RequestStream:
         """Queue the request now; iterate the returned stream for its outputs."""
         return RequestStream(self, request_id, prompt_ids, params, observe)
+
+    def encode(self, request_id: str, prompt_ids: list[int], params: PoolingParams
+               ) -> RequestStream:
+        """Queue a pooling request (embed, score); its one output ends the stream."""
+        return RequestStream(self, request_id, prompt_ids, params, None)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))

@@ -12,6 +12,8 @@ from tuili.errors import InvalidParameter
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int4", "int8", "fp8", "gptq", "awq")
+TASKS = ("auto", "generate", "embed", "score")
+POOLINGS = ("auto", "cls", "mean", "last")
 
 
 def _opt(default, help: str):
@@ -31,6 +33,13 @@ class EngineConfig:
                                      "GGUF file: require its packed blocks); gptq, awq: require "
                                      "such a checkpoint")
     quantize_lm_head: bool = _opt(False, "quantize the LM head too (default: it stays 16-bit)")
+    task: str = _opt("auto", "what the model serves: auto (from its architecture and "
+                             "sentence-transformers files), generate, embed or score")
+    pooling: str = _opt("auto", "embed/score: how token states become one vector: auto (the "
+                                "sentence-transformers files, else cls for encoders, last for "
+                                "decoders), cls, mean or last")
+    score_tokens: str | None = _opt(None, "score with a decoder: the 'no,yes' token pair whose "
+                                          "last-token logits give the score (Qwen3-Reranker)")
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) to download")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the "
                                            "model's context length, capped by the KV cache)")
@@ -63,6 +72,10 @@ class EngineConfig:
             if not ok:
                 raise InvalidParameter(name, f"got {getattr(self, name)!r}, must be {allowed}")
 
+        need("task", self.task in TASKS, f"one of {', '.join(TASKS)}")
+        need("pooling", self.pooling in POOLINGS, f"one of {', '.join(POOLINGS)}")
+        need("score_tokens", self.score_tokens is None or len(self.score_tokens.split(",")) == 2,
+             "two comma-separated words, e.g. no,yes")
         need("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
         need("quantization", self.quantization in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
         need("device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),

@@ -10,6 +10,7 @@ import jinja2
 from tuili.async_llm import AsyncLLM  # noqa: F401  (the asyncio front, re-exported here)
 from tuili.config import EngineConfig
 from tuili.engine.engine import LLMEngine
+from tuili.entry_pooling import PoolingCalls
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
@@ -21,8 +22,9 @@ Messages = list[dict]
 _GEN_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-class LLM:
-    """LLM("smollm2-135m", dtype="float32").generate(["Hello"], SamplingParams(max_tokens=8))."""
+class LLM(PoolingCalls):
+    """LLM("smollm2-135m", dtype="float32").generate(["Hello"], SamplingParams(max_tokens=8));
+    LLM("all-minilm-l6-v2").embed(["Hello"]) (entry_pooling.py: embed, score, rerank)."""
 
     def __init__(self, model: str | None = None, **options):
         if model is not None:

@@ -42,3 +42,13 @@ def check_text(param: str, text: str) -> None:
     except UnicodeEncodeError as e:
         raise InvalidParameter(param, f"has a lone surrogate U+{ord(text[e.start]):04X} at "
                                       f"character {e.start}; text must be valid Unicode") from e
+
+
+class WrongTask(InvalidParameter):
+    """A request for a task (generate, embed, score) that the served model does not have."""
+    code = "wrong_task"
+
+    def __init__(self, served: str, asked: str):
+        super().__init__("model", f"this model serves task={served}, not {asked}; serve a model "
+                                  f"with that task (or choose it with --task)")
+        self.served, self.asked = served, asked

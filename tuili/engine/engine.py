@@ -13,22 +13,29 @@ from tuili.engine.cuda_graphs import PREFILL_SEQS
 from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
 from tuili.engine.memory import plan_kv_cache
 from tuili.engine.output import OutputProcessor
+from tuili.engine.pooling_output import PoolingOutputProcessor, PoolingRequestOutput
+from tuili.engine.pooling_setup import check_pooling_request, choose_task
 from tuili.engine.request import Request, Status
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
 from tuili.engine.scheduler import Batch, Scheduler
 from tuili.engine.transfer import to_device
-from tuili.errors import InvalidParameter, PromptTooLong
+from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
 from tuili.quantization import weight_format
 from tuili.models import loader
+from tuili.models.pooler import Pooler
 from tuili.outputs import RequestOutput
+from tuili.pooling_params import PoolingParams
 from tuili.sampling_params import SamplingParams, shown
 
 log = logging.getLogger("tuili")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a pooling request's Request carries as its params (read-only: nothing is sampled); one
+# instance, not one validated per request.
+_NO_SAMPLING = SamplingParams(max_tokens=1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,6 +97,9 @@ class LLMEngine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        self.task, self.pooling_config, config = choose_task(config, loaded)
+        self.config = config
+        self.pooler = Pooler(loaded.model, self.pooling_config) if self.pooling_config else None
         # CUDA graphs: decode batches up to max_num_seqs, prefill steps up to this many tokens.
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
@@ -102,14 +112,17 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
-                                  0 if eager else config.max_num_seqs, self.prefill_graph_tokens)
+                                  0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
+                                  self.pooler)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self.output = OutputProcessor(self.tokenizer)
+        self.pooling_output = PoolingOutputProcessor(
+            self.pooling_config.normalize if self.pooling_config else False)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.profiler = None
-        if self.device.type == "cuda" and HAS_TRITON:
+        if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
             self._warm_up()
         if config.profile:
             from tuili.analysis.profiler import PhaseProfiler
@@ -166,10 +179,14 @@ class LLMEngine:
             raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
                                                      f"[0, {vocab})")
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = True) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | PoolingParams, stream: bool = True) -> None:
         """Queue a request; errors (empty or too-long prompt) are raised before anything is queued.
         With stream=False, step() reports the request only once it has finished."""
+        if isinstance(params, PoolingParams):
+            return self._add_pooling(request_id, prompt, params)
+        if self.task != "generate":
+            raise WrongTask(self.task, "generate")
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if self.output.is_running(request_id, child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
@@ -186,7 +203,27 @@ class LLMEngine:
         for req in requests:
             self.scheduler.add(req)
 
+    def _add_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams) -> None:
+        if params.task != self.task:
+            raise WrongTask(self.task, params.task)
+        if self.output.is_running(request_id, [request_id]) or \
+                self.pooling_output.is_running(request_id):
+            raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        ids = self.encode_prompt(prompt)
+        check_pooling_request(prompt, ids, params, self.max_pooling_len,
+                              self.model_config.hidden_size)
+        req = Request(request_id, ids, _NO_SAMPLING, self.eos_token_ids, pooling=params)
+        self.pooling_output.add(req)
+        self.scheduler.add(req)
+
+    @property
+    def max_pooling_len(self) -> int:
+        """The longest pooling prompt: it runs whole, in one step."""
+        return min(self.max_model_len, self.config.max_num_batched_tokens)
+
     def abort_request(self, request_id: str) -> None:
+        for req in self.pooling_output.abort(request_id):
+            self.scheduler.finish(req, "abort")
         for req in self.output.abort(request_id):
             self.scheduler.finish(req, "abort")
 
@@ -195,7 +232,7 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         """Run one iteration; return an output for every request that made progress.
 
         Pipelined: a step's tokens are sampled on the device and read back during the next call,
@@ -215,9 +252,20 @@ class LLMEngine:
             return outputs
         for pl in result.prompt_logits:
             self.output.add_prompt_logprobs(pl.request, pl.logits, pl.first_target)
-        self.inflight = self._sample(batch, result)
+        if result.pooled_requests:
+            outputs.extend(self._finish_pooled(result))
+        if len(result.pooled_requests) < len(batch):  # else nothing is left to read back
+            self.inflight = self._sample(batch, result)
         if self.profiler is not None:
             self._profile(batch, result, time.perf_counter() - start)
+        return outputs
+
+    def _finish_pooled(self, result: StepOutput) -> list[PoolingRequestOutput]:
+        """Pooling requests end in the step that computes them: blocks freed, never cached."""
+        outputs = self.pooling_output.outputs(result.pooled_requests, result.pooled)
+        for req in result.pooled_requests:
+            if not req.is_finished:
+                self.scheduler.finish(req, "stop")
         return outputs
 
     def _profile(self, batch: Batch, result: StepOutput, seconds: float) -> None:

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from tuili.pooling_params import PoolingParams
 from tuili.sampling_params import SamplingParams
 
 
@@ -33,6 +34,7 @@ class Request:
     eos_token_ids: frozenset[int]
     seed: int | None = None  # this sequence's own seed (the request's, plus its index in n)
     arrival_time: float = field(default_factory=time.monotonic)
+    pooling: PoolingParams | None = None  # a pooling request: one prefill, no tokens sampled
 
     status: Status = Status.WAITING
     token_ids: list[int] = field(init=False)  # prompt, then the outputs read back so far

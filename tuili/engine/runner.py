@@ -17,6 +17,7 @@ from tuili.engine.scheduler import Batch
 from tuili.engine.inputs import add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
+from tuili.layers.encoder_attention import EncoderMetadata
 from tuili.layers.rotary import RotaryEmbedding
 from tuili.models.config import ModelConfig
 
@@ -35,6 +36,8 @@ class StepOutput:
     sample_argmax: torch.Tensor | None = None  # their argmax, when the decode graph computed it
     sample_graph: GraphSample | None = None  # samples them by a graph (DecodeGraphs.sampler_for)
     prompt_logits: list[PromptLogits] = field(default_factory=list)
+    pooled_requests: list[Request] = field(default_factory=list)  # pooling requests, done
+    pooled: torch.Tensor | None = None  # their embeddings [n, D] or scores [n] (Pooler)
 
 
 @dataclass
@@ -52,8 +55,10 @@ class DeviceTokens:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
-                 cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0):
+                 cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None):
         self.model, self.config, self.device = model, config, device
+        self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
+        self.encoder = getattr(model, "is_encoder", False)
         self.block_size = block_size
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = []
@@ -80,6 +85,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
         """Queue the batch on the device; input tokens still pending are taken from `pending`."""
+        if self.encoder:
+            return self._execute_encoder(batch)
         decodes = batch.requests[: batch.num_decodes]
         feed = pending.feed(decodes) if pending else ([], [])
         if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
@@ -88,7 +95,7 @@ class ModelRunner:
                               self.graphs.sampler_for(len(batch)))
         ids, positions, slots, tables, seq_lens, seqs = [], [], [], [], [], []
         out = StepOutput()
-        sample_rows, prompt_rows = [], []
+        sample_rows, prompt_rows, pool_seqs = [], [], []
         bs, row = self.block_size, 0
         for req, n, start, table in zip(batch.requests, batch.num_new, batch.starts,
                                         batch.block_tables):
@@ -101,7 +108,10 @@ class ModelRunner:
             tables.append(table)
             seq_lens.append(end)
             seqs.append((row, n, start))
-            if end == req.num_tokens:
+            if req.pooling is not None:  # scheduled whole (scheduler.py): pooled, not sampled
+                pool_seqs.append((row, n))
+                out.pooled_requests.append(req)
+            elif end == req.num_tokens:
                 sample_rows.append(row + n - 1)
                 out.sample_requests.append(req)
             if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
@@ -111,7 +121,8 @@ class ModelRunner:
 
         # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken
         # as sequences of one new token.
-        if self.prefill_graphs and not prompt_rows and self.prefill_graphs.fits(row, len(seqs)):
+        if (self.prefill_graphs and not prompt_rows and not pool_seqs
+                and self.prefill_graphs.fits(row, len(seqs))):
             hidden = self.prefill_graphs.run(ids, positions, slots, seqs, tables, sample_rows,
                                              feed, pending.tokens if pending else None)
             if sample_rows:
@@ -132,10 +143,12 @@ class ModelRunner:
         input_ids = to_device(ids, long, dev)
         if feed[0]:
             copy_rows(input_ids, feed[0], pending.tokens, feed[1])
-        if prompt_rows:  # prompt logprobs want every row's logits
+        if prompt_rows or pool_seqs:  # prompt logprobs and pooling want every row
             hidden = self.model(input_ids, meta)
             if rows is not None:
                 out.sample_logits = self.model.logits(hidden.index_select(0, rows))
+            if pool_seqs:
+                out.pooled = self.pooler(hidden, pool_seqs)
         else:  # only the sampled rows: the last layer skips the rest
             hidden = self.model(input_ids, meta, rows)
             if rows is not None:
@@ -144,6 +157,21 @@ class ModelRunner:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
+
+
+    def _execute_encoder(self, batch: Batch) -> StepOutput:
+        """An encoder's step: whole sequences, no KV cache, every request pooled."""
+        ids, lens, types = [], [], []
+        for req in batch.requests:
+            ids.extend(req.token_ids)
+            lens.append(len(req.token_ids))
+            tt = req.pooling.token_type_ids
+            types.extend(tt if tt is not None else [0] * len(req.token_ids))
+        meta = EncoderMetadata.build(lens, self.device, types if any(types) else None)
+        hidden = self.model(to_device(ids, torch.long, self.device), meta)
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        return StepOutput(pooled_requests=list(batch.requests),
+                          pooled=self.pooler(hidden, list(zip(starts, lens))))
 
 
 @torch.inference_mode()

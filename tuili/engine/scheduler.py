@@ -5,6 +5,10 @@ Order of service: running requests that decode (one token each), then running re
 through a chunked prefill, then waiting requests in arrival order. When the pool runs out of
 blocks, the most recently arrived running request is preempted: its blocks are freed and it
 waits again, to be recomputed from its prompt and outputs so far.
+
+A pooling request (embed, score) is one prefill scheduled whole (an encoder attends to all of it
+at once; mean pooling wants every row): it shares the token budget, skips the prefix cache, and
+the engine finishes it, freeing its blocks, in the step that computes it.
 """
 
 from __future__ import annotations
@@ -161,9 +165,10 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # just preempted; resumes once its token is read
                 break
-            self.kv.match_prefix(req)
+            if req.pooling is None:  # a pooling request computes (and pools) every token
+                self.kv.match_prefix(req)
             n = req.num_tokens - req.num_computed_tokens
-            if n > budget and self.chunked:
+            if n > budget and self.chunked and req.pooling is None:
                 n = budget
             if n > budget or not self.kv.allocate(req, n):
                 self.kv.free(req)  # give back the prefix hits; try again next step

@@ -24,6 +24,8 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # the whole config.json, for what one family reads its own way (BERT: layer_norm_eps, ...)
+    hf: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_hf(cls, cfg: dict, **family) -> ModelConfig:
@@ -49,6 +51,7 @@ class ModelConfig:
             attention_bias=cfg.get("attention_bias", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+            hf=cfg,
         )
         return replace(config, **family) if family else config
 

@@ -113,6 +113,10 @@ class LlamaForCausalLM(nn.Module):
         sumsq = self._final[1] if self._final is not None and self._final[0] is hidden else None
         return self.backend.linear(hidden, self.lm_head, norm=self.norm, norm_sumsq=sumsq)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm alone: the states HF calls last_hidden_state (for pooling)."""
+        return self.norm(hidden)
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 

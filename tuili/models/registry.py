@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tuili.errors import ModelLoadError
+from tuili.models.bert import BertForSequenceClassification, BertModel
 from tuili.models.config import ModelConfig, architecture
 from tuili.models.llama import LlamaForCausalLM
 
@@ -11,6 +12,8 @@ MODELS = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "BertModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
 }
 
 

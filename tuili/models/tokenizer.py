@@ -33,6 +33,10 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise ModelLoadError(f"{path}: not a readable tokenizer.json ({e})") from e
+        # A saved truncation or padding (BERT exports have 128) would cut or pad prompts
+        # silently: the engine checks lengths itself, and refuses what is too long.
+        backend.no_truncation()
+        backend.no_padding()
         cfg = _read_json(folder / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").exists():
@@ -59,6 +63,12 @@ class Tokenizer:
         if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int]]:
+        """Token ids of a text pair as the post-processor joins them (BERT: [CLS] a [SEP] b
+        [SEP]), and each token's segment (0: first, 1: second)."""
+        enc = self.backend.encode_batch_fast([(first, second)])[0]
+        return enc.ids, enc.type_ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

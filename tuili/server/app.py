@@ -17,6 +17,7 @@ from tuili.server.auth import bearer_check
 from tuili.server.chat import create_chat_completion, render_text
 from tuili.server.completions import create_completion
 from tuili.server.errors import APIError, install_handlers
+from tuili.server.pooling import pooling_routes, require_task
 from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest)
 from tuili.server.serving import ServerState
@@ -35,6 +36,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.include_router(_public_routes(state))
     keys = [state.api_key] if state.api_key else []
     app.include_router(_api_routes(state), dependencies=[Depends(bearer_check(keys))])
+    app.include_router(pooling_routes(state), dependencies=[Depends(bearer_check(keys))])
     return app
 
 
@@ -74,11 +76,13 @@ def _api_routes(state: ServerState) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(request: Request):
+        require_task(state, "generate")
         return await create_completion(state, await state.parse(request, CompletionRequest),
                                        request)
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request):
+        require_task(state, "generate")
         body = await state.parse(request, ChatCompletionRequest)
         return await create_chat_completion(state, body, request)
 

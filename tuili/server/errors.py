@@ -33,7 +33,7 @@ class APIError(Exception):
 
 
 def bad_parameter(e: InvalidParameter) -> APIError:
-    return APIError(400, str(e), param=e.param, code="invalid_value")
+    return APIError(400, str(e), param=e.param, code=getattr(e, "code", "invalid_value"))
 
 
 def error_event(e: Exception, request_id: str) -> dict:
