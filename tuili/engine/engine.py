@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -108,6 +109,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self._grammars = None  # GrammarMatchers, made by the first structured-output request
+        self._grammars_lock = threading.Lock()  # the server's threads compile too
         self.profiler = None
         if self.device.type == "cuda" and HAS_TRITON:
             self._warm_up()
@@ -171,12 +173,13 @@ class LLMEngine:
     @property
     def grammars(self):
         """The structured-output matchers (tuili.structured.matchers.GrammarMatchers)."""
-        if self._grammars is None:
-            from tuili.structured.matchers import GrammarMatchers
+        with self._grammars_lock:
+            if self._grammars is None:
+                from tuili.structured.matchers import GrammarMatchers
 
-            self._grammars = GrammarMatchers(self.tokenizer, self.model_config.vocab_size,
-                                             self.eos_token_ids)
-        return self._grammars
+                self._grammars = GrammarMatchers(self.tokenizer, self.model_config.vocab_size,
+                                                 self.eos_token_ids)
+            return self._grammars
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     stream: bool = True) -> None:
