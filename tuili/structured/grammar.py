@@ -55,8 +55,8 @@ class GrammarCompiler:
             if so.json is not None:
                 schema = json.loads(so.json) if isinstance(so.json, str) else so.json
                 return c.compile_json_schema(json.dumps(schema), any_whitespace=False)
-            if so.json_object:
-                return c.compile_builtin_json_grammar()
+            if so.json_object:  # an object, as OpenAI's json_object means (the builtin: any value)
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if so.regex is not None:
                 return c.compile_regex(so.regex)
             if so.choice is not None:
