@@ -122,10 +122,15 @@ def check_call(call) -> dict:
     return args
 
 
-def test_tool_choice_required_and_named(client):
-    required = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
-                                              tool_choice="required", max_tokens=60,
-                                              temperature=0, parallel_tool_calls=False)
+@pytest.fixture(scope="module")
+def required(client):
+    """A chat answer with tool_choice="required" (shared: the round trip replays it)."""
+    return client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                          tool_choice="required", max_tokens=60, temperature=0,
+                                          parallel_tool_calls=False)
+
+
+def test_tool_choice_required_and_named(client, required):
     (choice,) = required.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -152,12 +157,10 @@ def test_streamed_tool_calls_arrive_incrementally(client):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
-def test_tool_round_trip_renders(client, server):
+def test_tool_round_trip_renders(client, server, required):
     """The call and its result go back through the chat template (SmolLM2's knows no tools:
     tuili's Hermes prompt carries them), and the model answers in text with tool_choice none."""
-    call = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
-                                          tool_choice="required", max_tokens=60, temperature=0,
-                                          parallel_tool_calls=False).choices[0].message
+    call = required.choices[0].message
     history = [*ASK, call.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.tool_calls[0].id,
                 "content": "18 degrees and sunny"}]
