@@ -16,11 +16,11 @@ from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
 from tuili.server.errors import request_id
 from tuili.server.protocol import ChatCompletionRequest, ChatMessage
+from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
+                                  sse_error, unless_disconnected, usage)
 from tuili.server.structured import constraint_of, with_constraint
 from tuili.server.tool_parsers import StreamingToolCalls, final_calls, pick_parser
 from tuili.server.tools import tool_choice_mode, tool_constraint
-from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
-                                  sse_error, unless_disconnected, usage)
 
 
 def render_text(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[dict] | None,
@@ -159,6 +159,8 @@ class _Writer:
                         continue
                     end = len(o.token_ids)
                     delta, finish = self._delta(calls.get(o.index), o)
+                    if not (delta or o.finished or (n_new and body.logprobs)):
+                        continue  # text held back: it may open a tool call
                     choices.append({"index": o.index, "delta": delta,
                                     "logprobs": self._logprobs(o, end - n_new, end),
                                     "finish_reason": finish})

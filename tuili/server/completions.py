@@ -13,9 +13,9 @@ from tuili.errors import InvalidParameter
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.server.errors import request_id
 from tuili.server.protocol import CompletionRequest
-from tuili.server.structured import constraint_of, with_constraint
 from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, merge_streams, new_id,
                                   now, sse, sse_error, unless_disconnected, usage)
+from tuili.server.structured import constraint_of, with_constraint
 
 
 def _prompts(prompt) -> list[str | list[int]]:
