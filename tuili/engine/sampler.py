@@ -59,8 +59,8 @@ class SamplingBatch:
     """What one step's rows ask of the sampler, gathered once: the sampled requests and their
     parameters, whether all are greedy, whether any needs penalties, the logits to mask (stop
     tokens before min_tokens, except where the step's grammar allows only them) and the rows
-    that want logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph) only when
-    nothing is penalised or masked."""
+    that want logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph)
+    only when nothing is penalised or masked."""
     requests: list[Request]
     params: list[SamplingParams]
     all_greedy: bool
