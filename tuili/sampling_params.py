@@ -7,6 +7,7 @@ import reprlib
 from dataclasses import dataclass, field, fields, replace
 
 from tuili.errors import InvalidParameter
+from tuili.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
 SEED_RANGE = (-2**63, 2**63 - 1)  # a signed 64-bit integer, as OpenAI's API and torch take it
@@ -36,6 +37,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # JSON schema, regex, choice, grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +78,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(name, value is None or 0 <= value <= MAX_LOGPROBS, f"None or in [0, {MAX_LOGPROBS}]")
+        if not (self.structured_outputs is None
+                or isinstance(self.structured_outputs, StructuredOutputs)):
+            raise InvalidParameter("structured_outputs", "must be a StructuredOutputs or None")
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):

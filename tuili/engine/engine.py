@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -121,6 +122,8 @@ class LLMEngine:
         self.pooling_output = PoolingOutputProcessor(
             self.pooling_config.normalize if self.pooling_config else False)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
+        self._grammars = None  # GrammarMatchers, made by the first structured-output request
+        self._grammars_lock = threading.Lock()  # the server's threads compile too
         self.profiler = None
         if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
             self._warm_up()
@@ -178,6 +181,19 @@ class LLMEngine:
         if bad:  # the sampler indexes logits with them
             raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
                                                      f"[0, {vocab})")
+        if params.structured_outputs is not None:  # compiled once, cached; bad ones refused
+            self.grammars.compile(params.structured_outputs)
+
+    @property
+    def grammars(self):
+        """The structured-output matchers (tuili.structured.matchers.GrammarMatchers)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from tuili.structured.matchers import GrammarMatchers
+
+                self._grammars = GrammarMatchers(self.tokenizer, self.model_config.vocab_size,
+                                                 self.eos_token_ids)
+            return self._grammars
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | PoolingParams, stream: bool = True) -> None:
@@ -201,6 +217,8 @@ class LLMEngine:
                     for i, child_id in enumerate(child_ids)]
         self.output.add(request_id, prompt if isinstance(prompt, str) else None, requests, stream)
         for req in requests:
+            if params.structured_outputs is not None:
+                self.grammars.add(req)
             self.scheduler.add(req)
 
     def _add_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams) -> None:
@@ -226,6 +244,8 @@ class LLMEngine:
             self.scheduler.finish(req, "abort")
         for req in self.output.abort(request_id):
             self.scheduler.finish(req, "abort")
+            if self._grammars is not None:
+                self._grammars.remove(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self.inflight is not None
@@ -289,7 +309,9 @@ class LLMEngine:
                 logits = logits.index_select(0, rows)
                 argmax = argmax.index_select(0, rows) if argmax is not None else None
                 graph = None
-            sampled = self.sampler(logits, reqs, argmax, graph)
+            # the grammar masks are filled here, on the host, while the device runs the step
+            mask = self._grammars.step_mask(reqs, logits.device) if self._grammars else None
+            sampled = self.sampler(logits, reqs, argmax, graph, mask)
             for r in reqs:
                 r.num_pending += 1
         return _InFlight(batch, reqs, sampled, self.output.group_ids(batch.requests))
@@ -303,6 +325,9 @@ class LLMEngine:
         tokens, logprobs = step.sampled.resolve() if step.sampled is not None else ([], [])
         self.scheduler.update(step.batch, step.sampled_requests, tokens, logprobs,
                               self.output.stop_string)
+        if self._grammars:
+            for req in self._grammars.accept(step.sampled_requests, tokens):
+                self.scheduler.finish(req, "stop")  # the grammar is complete
         return self.output.outputs(step.groups)
 
     @property

@@ -1,4 +1,5 @@
-"""Logits -> tokens for a batch: penalties, min_tokens, temperature, top-k/p, min-p, seeds, logprobs.
+"""Logits -> tokens for a batch: penalties, min_tokens, structured-output masks, temperature,
+top-k/p, min-p, seeds, logprobs.
 
 Random rows draw by a race: the argmax of the scaled logits plus independent noise (Gumbel on the
 GPU, in triton_sampling; on the CPU, the equivalent argmax of p / q with q ~ Exp(1)), which draws
@@ -21,6 +22,7 @@ import torch
 from tuili.engine.request import Logprob, Request
 from tuili.engine.transfer import HostCopy, to_device
 from tuili.sampling_params import SamplingParams
+from tuili.structured.mask import StepMask
 from tuili.kernels import HAS_TRITON, on_gpu, triton_module
 
 
@@ -56,9 +58,9 @@ GraphSample = Callable[[list[list[float]], list[list[int]], int], torch.Tensor]
 class SamplingBatch:
     """What one step's rows ask of the sampler, gathered once: the sampled requests and their
     parameters, whether all are greedy, whether any needs penalties, the logits to mask (stop
-    tokens before min_tokens; a structured-output mask is one more field) and the rows that want
-    logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph) only when
-    nothing is penalised or masked."""
+    tokens before min_tokens, except where the step's grammar allows only them) and the rows
+    that want logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph)
+    only when nothing is penalised or masked."""
     requests: list[Request]
     params: list[SamplingParams]
     all_greedy: bool
@@ -67,14 +69,17 @@ class SamplingBatch:
     logprob_rows: list[int]
 
     @classmethod
-    def build(cls, reqs: list[Request], vocab: int) -> SamplingBatch:
+    def build(cls, reqs: list[Request], vocab: int, mask: StepMask | None = None) -> SamplingBatch:
         params = [r.params for r in reqs]
+        # A grammar that allows only a stop token wins over min_tokens: the request ends.
+        free = mask.only_stop_rows if mask is not None else ()
         return cls(
             reqs, params, all(p.temperature == 0 for p in params),
             any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
                 for p in params),
             [i * vocab + t for i, r in enumerate(reqs)
-             if r.num_output_tokens < r.params.min_tokens for t in _stop_ids(r)],
+             if r.num_output_tokens < r.params.min_tokens and i not in free
+             for t in _stop_ids(r)],
             [i for i, p in enumerate(params) if p.logprobs is not None])
 
     @property
@@ -90,11 +95,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request],
                  argmax: torch.Tensor | None = None,
-                 graph: GraphSample | None = None) -> SampledTokens:
+                 graph: GraphSample | None = None, mask: StepMask | None = None) -> SampledTokens:
         """logits: in the model's dtype (cast to float32 only where a row needs more than its
         argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it);
-        graph: samples these logits by replaying a CUDA graph, given row_params."""
-        batch = SamplingBatch.build(reqs, logits.shape[1])
+        graph: samples these logits by replaying a CUDA graph, given row_params; mask: the
+        structured-output bitmask of the rows (a step with one runs outside the graphs)."""
+        batch = SamplingBatch.build(reqs, logits.shape[1], mask)
         raw = logits
         if batch.penalties:
             logits = apply_penalties(logits.to(torch.float32, copy=True), reqs)
@@ -102,7 +108,10 @@ class Sampler:
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
             logits.view(-1).index_fill_(0, to_device(batch.banned, torch.long, logits.device),
                                         float("-inf"))
-        as_raw = batch.raw_logits_serve
+        if mask is not None:
+            logits = logits.to(torch.float32, copy=True) if logits is raw else logits
+            mask.apply(logits)
+        as_raw = batch.raw_logits_serve and mask is None
         if batch.all_greedy:
             tokens = argmax if argmax is not None and as_raw else row_argmax(logits)
         elif self.gpu and graph is not None and as_raw:

@@ -12,6 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from tuili.errors import ModelLoadError
+from tuili.models.tool_prompt import template_knows_tools, with_tools_in_messages
 
 
 class Tokenizer:
@@ -89,7 +90,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs) -> str:
-        """Render messages the way HF transformers does (the template adds BOS if it wants one)."""
+        """Render messages the way HF transformers does (the template adds BOS if it wants one);
+        a template that knows no tools gets them through tuili's Hermes-style prompt."""
+        if not template_knows_tools(self.chat_template) and (tools or _has_tool_turns(messages)):
+            messages = with_tools_in_messages(messages, tools)
         return self._template.render(
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
@@ -97,6 +101,10 @@ class Tokenizer:
 
 def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _has_tool_turns(messages: list[dict]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
 def _raise(message: str):

@@ -18,6 +18,9 @@ from tuili.server.errors import request_id
 from tuili.server.protocol import ChatCompletionRequest, ChatMessage
 from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
                                   sse_error, unless_disconnected, usage)
+from tuili.server.structured import constraint_of, with_constraint
+from tuili.server.tool_parsers import StreamingToolCalls, final_calls, pick_parser
+from tuili.server.tools import tool_choice_mode, tool_constraint
 
 
 def render_text(tok: Tokenizer, messages: list[ChatMessage], *, tools: list[dict] | None,
@@ -59,9 +62,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameter("top_logprobs", "needs logprobs: true")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidParameter("response_format", f"got {body.response_format.get('type')!r}, "
-                                                  "only 'text' is supported")
+    tool_mode = tool_choice_mode(body.tools, body.tool_choice)
     state.limits.check_logprobs("top_logprobs", body.top_logprobs)
     taken = sorted(set(body.chat_template_kwargs or {}) & _TEMPLATE_ARGS)
     if taken:
@@ -72,12 +73,21 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = state.sampling_params(body, max_tokens, field, logprobs=logprobs)
+    parser = pick_parser(state.tool_call_parser, state.llm.tokenizer.chat_template)
+    constraint = constraint_of(body)
+    forced = tool_constraint(body.tools, tool_mode, parser, body.parallel_tool_calls) \
+        if tool_mode else None
+    if constraint is not None and forced is not None:
+        raise InvalidParameter(constraint.param, f"conflicts with tool_choice={body.tool_choice!r}"
+                                                 ", which constrains the output itself")
+    params = await with_constraint(state, params, constraint or forced)
     state.admit(params.n, 0)  # a full queue refuses before any templating or tokenizing
     ids = await state.llm.run_in_worker(_prompt_ids, state, body, params, field)
     state.admit(params.n, len(ids))
     rid = new_id("chatcmpl")
     stream = state.generate(rid, ids, params, arrival)
-    writer = _Writer(state, rid, body, request_id(request))
+    writer = _Writer(state, rid, body, request_id(request),
+                     parser if tool_mode not in (None, "none") else None)
     if body.stream:
         return StreamingResponse(writer.stream(stream), media_type="text/event-stream")
     (final,) = await unless_disconnected(request, final_outputs([stream]))
@@ -99,9 +109,10 @@ class _Writer:
     """Turns engine outputs into OpenAI chat.completion objects and chunks."""
 
     def __init__(self, state: ServerState, rid: str, body: ChatCompletionRequest,
-                 request_id: str):
+                 request_id: str, tool_parser: str | None):
         self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
         self.request_id = request_id
+        self.tool_parser = tool_parser  # None: the text is all content
         self.model, self.created = state.model_name, now()
 
     def _object(self, kind: str, choices: list[dict]) -> dict:
@@ -111,12 +122,16 @@ class _Writer:
     def response(self, out: RequestOutput) -> dict:
         choices = []
         for o in out.outputs:
-            choices.append({
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text, "refusal": None,
-                            "annotations": []},
-                "logprobs": self._logprobs(o, 0, len(o.token_ids)),
-                "finish_reason": o.finish_reason})
+            message = {"role": "assistant", "content": o.text, "refusal": None,
+                       "annotations": []}
+            finish = o.finish_reason
+            if self.tool_parser:
+                message["content"], calls = final_calls(self.tool_parser, o.text)
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+            choices.append({"index": o.index, "message": message,
+                            "logprobs": self._logprobs(o, 0, len(o.token_ids)),
+                            "finish_reason": finish})
         n_out = sum(len(o.token_ids) for o in out.outputs)
         return {**self._object("chat.completion", choices),
                 "usage": usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)}
@@ -128,6 +143,8 @@ class _Writer:
         yield sse({**self._object(kind, [{"index": i, "delta": first, "logprobs": None,
                                           "finish_reason": None} for i in range(body.n)]), **extra})
         last, ended = None, set()  # ended: samples already sent with their finish_reason
+        calls = {i: StreamingToolCalls(self.tool_parser) for i in range(body.n)} \
+            if self.tool_parser else {}
         try:
             async for out in stream:
                 last = out
@@ -141,10 +158,12 @@ class _Writer:
                     if not (o.delta_text or o.finished or (n_new and body.logprobs)):
                         continue
                     end = len(o.token_ids)
-                    choices.append({"index": o.index,
-                                    "delta": {"content": o.delta_text} if o.delta_text else {},
+                    delta, finish = self._delta(calls.get(o.index), o)
+                    if not (delta or o.finished or (n_new and body.logprobs)):
+                        continue  # text held back: it may open a tool call
+                    choices.append({"index": o.index, "delta": delta,
                                     "logprobs": self._logprobs(o, end - n_new, end),
-                                    "finish_reason": o.finish_reason})
+                                    "finish_reason": finish})
                 if choices:
                     yield sse({**self._object(kind, choices), **extra})
             if body.include_usage and last is not None:
@@ -156,6 +175,17 @@ class _Writer:
         finally:
             stream.close()
         yield SSE_DONE
+
+    @staticmethod
+    def _delta(calls: StreamingToolCalls | None, o: CompletionOutput) -> tuple[dict, str | None]:
+        """A chunk's delta (content, and tool-call pieces as they complete) and finish_reason."""
+        if calls is None:
+            return ({"content": o.delta_text} if o.delta_text else {}), o.finish_reason
+        content, tool_calls = calls.add(o.delta_text, final=o.finished)
+        delta = {"content": content} if content else {}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
+        return delta, ("tool_calls" if o.finished and calls.called else o.finish_reason)
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int) -> dict | None:
         if not self.body.logprobs:

@@ -15,6 +15,7 @@ from tuili.server.errors import request_id
 from tuili.server.protocol import CompletionRequest
 from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, merge_streams, new_id,
                                   now, sse, sse_error, unless_disconnected, usage)
+from tuili.server.structured import constraint_of, with_constraint
 
 
 def _prompts(prompt) -> list[str | list[int]]:
@@ -43,6 +44,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     limits.check_logprobs("logprobs", body.logprobs)
     params = state.sampling_params(body, body.max_tokens, logprobs=body.logprobs,
                                    prompt_logprobs=body.logprobs if body.echo else None)
+    params = await with_constraint(state, params, constraint_of(body))
     sequences = len(prompts) * params.n
     state.admit(sequences, 0)  # a full queue refuses before any tokenizing
     ids = await state.llm.run_in_worker(state.encode_prompts, prompts, params, "max_tokens")

@@ -44,6 +44,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                             "end with an error")
     group.add_argument("--log-requests", action=argparse.BooleanOptionalAction, default=False,
                        help="log every HTTP request (uvicorn's access log)")
+    group.add_argument("--tool-call-parser", default="auto",
+                       choices=["auto", "hermes", "llama3_json"],
+                       help="how tool calls are read from the output (auto: from the chat "
+                            "template)")
     add_limit_options(parser.add_argument_group("request limits"))
 
 
@@ -97,7 +101,7 @@ def serve(engine_options: dict, args: argparse.Namespace) -> None:
     llm = AsyncLLM(**engine_options)
     max_tokens = args.max_waiting_tokens or llm.kv_cache_tokens
     state = ServerState(llm, args.served_model_name or engine_options["model"], args.api_key,
-                        args.max_waiting, max_tokens, limits)
+                        args.max_waiting, max_tokens, limits, args.tool_call_parser)
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port,
                             access_log=args.log_requests, log_level="info",
                             timeout_graceful_shutdown=args.drain_timeout + _CUT_GRACE_S)

@@ -37,6 +37,7 @@ class ServerState:
     max_waiting: int | None = None  # sequences without a first token
     max_waiting_tokens: int | None = None  # their prompt tokens
     limits: ServerLimits = field(default_factory=ServerLimits)
+    tool_call_parser: str = "auto"  # or one of tool_parsers.PARSERS
     metrics: Metrics = field(init=False)
     draining: bool = False
 
