@@ -49,7 +49,8 @@ def test_scaled_gemv_matches_reference(kind, m):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3-quant")
-    del build("qwen3-0.6b", path, num_layers=4)
+    hf = build("qwen3-0.6b", path, num_layers=4)
+    del hf
     torch.cuda.empty_cache()
     return path
 
