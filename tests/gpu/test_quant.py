@@ -29,7 +29,8 @@ def test_int4_kernels_match_reference(m, n, k, group):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = triton_quant.int4_linear(x, qw, s.to(torch.bfloat16), z, g)
     ref = reference_quant.int4_linear(x.float(), qw, s, z, g)
-    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+    # bf16 weights and outputs against a float32 reference: a relative error, not per element
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -43,7 +44,7 @@ def test_scaled_gemv_matches_reference(kind, m):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = triton_quant.scaled_gemv(x, q, scale)
     ref = reference_quant.scaled_linear(x.float(), q, scale)
-    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.fixture(scope="module")
