@@ -98,8 +98,8 @@ def _m_pad(m: int) -> int:
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group: int, bias: torch.Tensor | None = None, block_n: int = 64,
-              block_k: int = 64) -> torch.Tensor:
+              group: int, bias: torch.Tensor | None = None, block_n: int = 32,
+              block_k: int = 256) -> torch.Tensor:
     """x [M <= MAX_ROWS, K] @ the 4-bit weight's dequantized [N, K].T (+ bias) -> [M, N]."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -111,8 +111,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 
 def scaled_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None, block_n: int = 16,
-                block_k: int = 128) -> torch.Tensor:
+                bias: torch.Tensor | None = None, block_n: int = 8,
+                block_k: int = 1024) -> torch.Tensor:
     """x [M <= MAX_ROWS, K] @ (weight * scale[:, None]).T (+ bias): int8 or FP8 weight [N, K]."""
     x = x.contiguous()
     m, k = x.shape
