@@ -34,11 +34,12 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
-if [[ "$extras" == *test* ]] && ! python -c "import importlib.util as u; exit(u.find_spec('triton') is None)"; then
+if [[ "$extras" == *test* ]] && python -c "import torch; exit(torch.version.cuda is not None)" \
+    && ! python -c "import triton, numpy; exit(triton.__version__ != '3.6.0' or tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null; then
   # Without a GPU, Triton's interpreter runs the GPU kernels on the CPU and its compiler builds them
-  # for Hopper (tests/test_kernels_interpreted.py): the version the GPU machine has. Its
-  # interpreter turns 1-element arrays into ints, which NumPy 2.4 refuses. A CUDA build of torch
-  # brings its own Triton.
-  echo "tuili: installing triton (to test the GPU kernels on the CPU)" >&2
+  # for Hopper (tests/test_kernels_interpreted.py): the version the GPU machine has (xgrammar
+  # brings a newer one). Its interpreter turns 1-element arrays into ints, which NumPy 2.4 refuses.
+  # A CUDA build of torch brings its own Triton.
+  echo "tuili: installing triton 3.6 (to test the GPU kernels on the CPU)" >&2
   pip install triton==3.6.0 "numpy<2.4"
 fi

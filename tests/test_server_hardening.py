@@ -211,7 +211,7 @@ def test_admission_counts_sequences_and_prompt_tokens(server, http):
 class _BuggyLLM:
     """Just enough of AsyncLLM for the app; tokenize() or the stream raises like a bug."""
     max_model_len, vocab_size, unstarted_sequences, unstarted_tokens = 64, 100, 0, 0
-    tokenizer = None
+    tokenizer, task = None, "generate"
 
     def __init__(self, fail_in: str):
         from tuili.async_llm import EngineStats
