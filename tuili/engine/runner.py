@@ -8,6 +8,7 @@ modules, which read and write it) and the rotary tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -158,7 +159,6 @@ class ModelRunner:
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
 
-
     def _execute_encoder(self, batch: Batch) -> StepOutput:
         """An encoder's step: whole sequences, no KV cache, every request pooled."""
         ids, lens, types = [], [], []
@@ -169,7 +169,7 @@ class ModelRunner:
             types.extend(tt if tt is not None else [0] * len(req.token_ids))
         meta = EncoderMetadata.build(lens, self.device, types if any(types) else None)
         hidden = self.model(to_device(ids, torch.long, self.device), meta)
-        starts = [sum(lens[:i]) for i in range(len(lens))]
+        starts = accumulate(lens[:-1], initial=0)
         return StepOutput(pooled_requests=list(batch.requests),
                           pooled=self.pooler(hidden, list(zip(starts, lens))))
 

@@ -58,15 +58,16 @@ GraphSample = Callable[[list[list[float]], list[list[int]], int], torch.Tensor]
 class SamplingBatch:
     """What one step's rows ask of the sampler, gathered once: the sampled requests and their
     parameters, whether all are greedy, whether any needs penalties, the logits to mask (stop
-    tokens before min_tokens, except where the step's grammar allows only them) and the rows
-    that want logprobs. The raw logits serve as they are (the graph's argmax, a sampling graph)
-    only when nothing is penalised or masked."""
+    tokens before min_tokens, except where the step's grammar allows only them), the step's
+    structured-output mask and the rows that want logprobs. The raw logits serve as they are
+    (the graph's argmax, a sampling graph) only when nothing is penalised or masked."""
     requests: list[Request]
     params: list[SamplingParams]
     all_greedy: bool
     penalties: bool
     banned: list[int]  # flat indices row * vocab + token, set to -inf
     logprob_rows: list[int]
+    grammar: StepMask | None = None  # the rows' structured-output bitmask
 
     @classmethod
     def build(cls, reqs: list[Request], vocab: int, mask: StepMask | None = None) -> SamplingBatch:
@@ -80,11 +81,11 @@ class SamplingBatch:
             [i * vocab + t for i, r in enumerate(reqs)
              if r.num_output_tokens < r.params.min_tokens and i not in free
              for t in _stop_ids(r)],
-            [i for i, p in enumerate(params) if p.logprobs is not None])
+            [i for i, p in enumerate(params) if p.logprobs is not None], mask)
 
     @property
     def raw_logits_serve(self) -> bool:
-        return not (self.penalties or self.banned)
+        return not (self.penalties or self.banned or self.grammar is not None)
 
 
 class Sampler:
@@ -108,10 +109,10 @@ class Sampler:
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
             logits.view(-1).index_fill_(0, to_device(batch.banned, torch.long, logits.device),
                                         float("-inf"))
-        if mask is not None:
+        if batch.grammar is not None:
             logits = logits.to(torch.float32, copy=True) if logits is raw else logits
-            mask.apply(logits)
-        as_raw = batch.raw_logits_serve and mask is None
+            batch.grammar.apply(logits)
+        as_raw = batch.raw_logits_serve
         if batch.all_greedy:
             tokens = argmax if argmax is not None and as_raw else row_argmax(logits)
         elif self.gpu and graph is not None and as_raw:
