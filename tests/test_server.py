@@ -25,10 +25,11 @@ from tests.conftest import MODEL  # noqa: E402
 from tests.server_process import (KEY, ROOT, Server, Streamer,  # noqa: E402
                                   accepts_connections, metrics, wait_for)
 # float32 like the `llm` fixture, so greedy text through the server must equal LLM.generate.
-# Two sequences at a time and four waiting make a full queue easy to reach.
+# Two sequences at a time and four waiting make a full queue easy to reach. The engine runs in a
+# process of its own here (the GPU's default; the other server suites run it in a thread).
 SERVER_FLAGS = ["--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "4",
                 "--max-model-len", "1024", "--num-kv-blocks", "128", "--api-key", KEY,
-                "--profile"]
+                "--profile", "--engine-process"]
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +418,8 @@ def test_full_queue_is_503_with_retry_after_and_others_unharmed(server, http):
 
 
 def test_sigterm_drains_then_ends_what_outlives_the_drain_timeout(tmp_path):
-    s = Server(tmp_path, "--drain-timeout", "8", "--num-kv-blocks", "128", "--max-num-seqs", "3")
+    s = Server(tmp_path, "--drain-timeout", "8", "--num-kv-blocks", "128", "--max-num-seqs", "3",
+               "--engine-process")
     try:
         short = Streamer(s, {**LONG, "max_tokens": 6})  # done well inside the drain
         long = Streamer(s, LONG)  # 900 tokens: outlives it
@@ -458,3 +460,20 @@ def test_pooling_endpoints_on_a_generation_model_say_its_task(http):
                        ("/v1/score", {"text_1": "q", "text_2": "d"})):
         err = error_of(http.post(path, json=body), 400)
         assert err["code"] == "wrong_task" and "task=generate" in err["message"], err
+
+
+def test_a_dead_engine_process_fails_its_streams_and_turns_health_503(server, http):
+    """Last in this module: it kills the module's server's engine."""
+    s = Streamer(server, LONG)
+    s.start()
+    wait_for(lambda: s.chunks >= 2)
+    pid = int(re.search(r"engine process (\d+)", server.log()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    s.join(30)
+    assert s.lines[-1] == "data: [DONE]"
+    error = json.loads(s.lines[-2][6:])["error"]
+    assert error["code"] == "engine_dead" and error["type"] == "server_error", error
+    assert http.get("/health").status_code == 503
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert error_of(r, 503)["code"] == "engine_dead"
+    assert server.proc.poll() is None  # the HTTP side still answers

@@ -1,8 +1,9 @@
-"""AsyncLLM: the engine loop in its own thread, fed and drained by asyncio code (the server).
+"""AsyncLLM: the engine loop fed and drained by asyncio code (the server).
 
-The engine thread owns the LLMEngine: it takes commands (add, abort) from a thread-safe inbox,
-runs step() while there is work, and hands each step's outputs to the event loop in one
-call_soon_threadsafe. It never waits on the network; the HTTP side never waits on a step.
+The loop (engine_core.EngineLoop) runs in a thread of this process or, with `engine_process`
+(the default on GPU), in a process of its own, so that the HTTP side's Python never holds the
+engine's GIL. It takes commands (add, abort) and hands each step's outputs to the event loop in
+one call_soon_threadsafe. It never waits on the network; the HTTP side never waits on a step.
 Work on the input that grows with its size (tokenizing, templates) runs in a small thread pool,
 `run_in_worker`, so a long prompt never holds up the event loop.
 """
@@ -13,17 +14,15 @@ import asyncio
 import functools
 import logging
 import os
-import queue
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tuili.config import EngineConfig
-from tuili.engine.engine import LLMEngine
-from tuili.errors import InvalidParameter, PromptTooLong, RequestCancelled, check_text
+from tuili.engine.request_checks import ParamsCheck, encode_prompt
+from tuili.engine_core import Abort, Add, CancelAll, EngineStats, ThreadCore
+from tuili.errors import (EngineDied, InvalidParameter, PromptTooLong, RequestCancelled,
+                          check_text)
 from tuili.outputs import RequestOutput
 from tuili.pooling_params import PoolingParams
 from tuili.prompt_bound import PromptBound
@@ -33,41 +32,9 @@ log = logging.getLogger("tuili")
 
 _GEN_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's state, published by the engine thread after every step."""
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    profile: dict[str, float] = field(default_factory=dict)  # the phase profiler's, with --profile
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    sink: asyncio.Queue
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _CancelAll:
-    error: Exception
-
-
-_STOP = object()
 Observer = Callable[[RequestOutput, float], None]
 T = TypeVar("T")
+__all__ = ["AsyncLLM", "EngineStats", "RequestCancelled", "RequestStream"]
 
 
 class AsyncLLM:
@@ -76,28 +43,32 @@ class AsyncLLM:
     def __init__(self, model: str | None = None, **options):
         if model is not None:
             options["model"] = model
-        config = EngineConfig(**options)
+        config = EngineConfig(**options).validate()
         self.stats = EngineStats()
         # What was taken in and has no output yet (event-loop side): the admission counts.
         self.unstarted_sequences = 0  # n per request
         self.unstarted_tokens = 0  # prompt tokens, once per prompt (its n samples share them)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Each request's stream, by request id: registered when made, dropped at its end.
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(config,), name="tuili-engine",
-                                        daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._load_error is not None:
-            raise self._load_error
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.vocab_size = self.engine.model_config.vocab_size
-        self.task = self.engine.task  # generate, embed or score
-        self.max_pooling_len = self.engine.max_pooling_len
-        self.cross_encoder = hasattr(self.engine.runner.model, "classify")
-        self.kv_cache_tokens = self.engine.pool.num_blocks * self.engine.pool.block_size
+        self.engine_process = _engine_process(config)
+        if self.engine_process:
+            from tuili.engine_process import ProcessCore
+
+            self._core = ProcessCore(config, self)
+        else:
+            self._core = ThreadCore(config, self)
+        facts = self.facts = self._core.facts
+        self.tokenizer = facts.tokenizer
+        self.generation_config = facts.generation_config
+        self.max_model_len = facts.max_model_len
+        self.vocab_size = facts.vocab_size
+        self.task = facts.task  # generate, embed or score
+        self.max_pooling_len = facts.max_pooling_len
+        self.cross_encoder = facts.cross_encoder
+        self.kv_cache_tokens = facts.kv_cache_tokens
+        # the engine's own check when it runs here; the same check of our own beside a process
+        self._checks = (self._core.engine.checks if not self.engine_process else
+                        ParamsCheck(self.tokenizer, self.vocab_size, facts.eos_token_ids))
         self.prompt_bound = PromptBound.of(self.tokenizer.backend)
         # half the cores at most: the event loop and the engine need the rest
         self._workers = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -108,7 +79,7 @@ class AsyncLLM:
     def default_sampling_params(self, **given) -> SamplingParams:
         """SamplingParams(**given), the model's generation_config filling the sampling knobs
         (temperature, top_p, ...) that `given` leaves out or sets to None."""
-        gen = self.engine.generation_config
+        gen = self.generation_config
         values = {k: gen[k] for k in _GEN_DEFAULTS if gen.get(k) is not None}
         values.update((k, v) for k, v in given.items() if v is not None or k not in _GEN_DEFAULTS)
         return SamplingParams(**values)
@@ -130,7 +101,7 @@ class AsyncLLM:
             check_text("prompt", prompt)
             if not add_special_tokens:  # a chat template's text: it has its own
                 prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
-        ids = self.engine.encode_prompt(prompt)
+        ids = encode_prompt(self.tokenizer, self.vocab_size, prompt)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
         return ids
@@ -144,7 +115,7 @@ class AsyncLLM:
 
     def check_params(self, params: SamplingParams) -> None:
         """The engine's own check, here so that the caller hears of a bad value before queueing."""
-        self.engine.check_params(params)
+        self._checks(params)
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  observe: Observer | None = None) -> RequestStream:
@@ -157,102 +128,67 @@ class AsyncLLM:
         return RequestStream(self, request_id, prompt_ids, params, None)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+        if self._sinks.pop(request_id, None) is not None:
+            self._core.send(Abort(request_id))
 
     def cancel_all(self, error: Exception) -> None:
         """End every request in flight: each stream raises `error` (thread-safe)."""
-        self._inbox.put(_CancelAll(error))
+        self._core.send(CancelAll(error))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop still runs (the server's /health)."""
+        return self._core.alive
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread, aborting whatever still runs."""
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
+        """Stop the engine loop, aborting whatever still runs."""
+        self._core.shutdown(timeout)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
-    # ---- the engine thread -----------------------------------------------------------------
+    def _queue(self, request_id: str, prompt_ids: list[int],
+               params: SamplingParams | PoolingParams, sink: asyncio.Queue) -> None:
+        if not self._core.alive:
+            raise EngineDied("the engine is not running (its process exited); the server must "
+                             "be restarted")
+        self._sinks[request_id] = (asyncio.get_running_loop(), sink)
+        self._core.send(Add(request_id, prompt_ids, params))
 
-    def _run(self, config: EngineConfig) -> None:
-        # The engine is built in the thread that runs it: built in another thread, the same
-        # CPU steps measured ~1.4x slower (256 sequences, 2 cores).
-        try:
-            self.engine = engine = LLMEngine(config)
-        except BaseException as e:
-            self._load_error = e
-            return
-        finally:
-            self._ready.set()
-        while True:
-            if not self._take_commands(block=not engine.has_unfinished_requests()):
-                break
-            if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a broken step fails the requests in flight, not the server
-                    log.exception("engine step failed")
-                    self._fail_all(e)
-                    outputs = []
-                self._dispatch(outputs, time.monotonic())
-            self._publish_stats()
-        self._fail_all(RuntimeError("the server is shutting down"))
-        self._publish_stats()
+    # ---- what the engine loop reports (from its thread, or the pipe's reader) --------------
 
-    def _take_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one if `block`); False once told to stop."""
-        try:
-            cmd = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-        while True:
-            if cmd is _STOP:
-                return False
-            if isinstance(cmd, _Add):
-                self._add(cmd)
-            elif isinstance(cmd, _CancelAll):
-                self._fail_all(cmd.error)
-            else:
-                self._abort(cmd.request_id)
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-
-    def _add(self, cmd: _Add) -> None:
-        try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
-        except Exception as e:
-            cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, e)
-            return
-        self._sinks[cmd.request_id] = (cmd.loop, cmd.sink)
-
-    def _abort(self, request_id: str) -> None:
-        if self._sinks.pop(request_id, None) is not None:
-            self.engine.abort_request(request_id)
-
-    def _fail_all(self, error: Exception) -> None:
-        for rid, (loop, sink) in list(self._sinks.items()):
-            self.engine.abort_request(rid)
-            loop.call_soon_threadsafe(sink.put_nowait, error)
-        self._sinks.clear()
-
-    def _dispatch(self, outputs: list[RequestOutput], t: float) -> None:
+    def on_outputs(self, outputs: list, t: float) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
-            target = self._sinks.get(out.request_id)
-            if target is None:
-                continue
-            if out.finished:
-                del self._sinks[out.request_id]
-            by_loop.setdefault(target[0], []).append((target[1], (out, t)))
+            target = self._sinks.pop(out.request_id, None) if out.finished else \
+                self._sinks.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], (out, t)))
         for loop, items in by_loop.items():  # one wake-up per loop per step
             loop.call_soon_threadsafe(_deliver, items)
 
-    def _publish_stats(self) -> None:
-        e = self.engine
-        self.stats = EngineStats(
-            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
-            kv_cache_usage=e.pool.usage, prefix_cache_queries=e.prefix_cache_stats.queries,
-            prefix_cache_hits=e.prefix_cache_stats.hits, num_preemptions=e.num_preemptions,
-            profile=e.profiler.snapshot() if e.profiler is not None else {})
+    def on_failed(self, request_id: str, error: BaseException) -> None:
+        target = self._sinks.pop(request_id, None)
+        if target is not None:
+            target[0].call_soon_threadsafe(target[1].put_nowait, error)
+
+    def on_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+
+    def on_ended(self, error: BaseException) -> None:
+        for rid in list(self._sinks):
+            self.on_failed(rid, error)
+
+
+def _engine_process(config: EngineConfig) -> bool:
+    """The engine in a process of its own unless told: on GPU (BENCHMARKS.md, issue 19)."""
+    if config.engine_process is not None:
+        return config.engine_process
+    if config.device.startswith("cuda"):
+        return True
+    if config.device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class RequestStream:
@@ -267,9 +203,13 @@ class RequestStream:
         self.started = self.done = False
         # counted at once, so admission limits hold under bursts
         self.counts = (params.n, len(prompt_ids))
+        try:
+            llm._queue(request_id, prompt_ids, params, self.sink)
+        except BaseException:
+            self.started = self.done = True  # nothing to count, nothing to abort
+            raise
         llm.unstarted_sequences += params.n
         llm.unstarted_tokens += len(prompt_ids)
-        llm._inbox.put(_Add(request_id, prompt_ids, params, asyncio.get_running_loop(), self.sink))
 
     def __aiter__(self) -> RequestStream:
         return self

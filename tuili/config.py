@@ -62,6 +62,9 @@ class EngineConfig:
     async_scheduling: bool | None = _opt(None, "plan and queue each step before the last step's "
                                                "tokens are read back (default: on for GPU, off "
                                                "for CPU, where it only adds a step per request)")
+    engine_process: bool | None = _opt(None, "AsyncLLM and `tuili serve`: run the engine in a "
+                                             "process of its own, so the HTTP side never waits "
+                                             "for its GIL (default: on GPU)")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "

@@ -4,6 +4,18 @@
 class TuiliError(Exception):
     """Base class for tuili's user-facing errors."""
 
+    def __reduce__(self):
+        # Pickled whole (the engine process sends them): the subclasses' __init__ take other
+        # arguments than the message that Exception would pass back.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> TuiliError:
+    error = Exception.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidParameter(TuiliError, ValueError):
     """A request or configuration value is out of its allowed range."""
@@ -30,6 +42,11 @@ class PromptTooLong(InvalidParameter):
 
 class RequestCancelled(TuiliError):
     """The server ended a request itself (it is shutting down): no fault of the client's."""
+
+
+class EngineDied(RequestCancelled):
+    """The engine's process ended while requests still needed it."""
+    code = "engine_dead"
 
 
 def check_text(param: str, text: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -17,6 +16,7 @@ from tuili.engine.output import OutputProcessor
 from tuili.engine.pooling_output import PoolingOutputProcessor, PoolingRequestOutput
 from tuili.engine.pooling_setup import check_pooling_request, choose_task
 from tuili.engine.request import Request, Status
+from tuili.engine.request_checks import ParamsCheck, encode_prompt
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
 from tuili.engine.scheduler import Batch, Scheduler
@@ -29,7 +29,7 @@ from tuili.models import loader
 from tuili.models.pooler import Pooler
 from tuili.outputs import RequestOutput
 from tuili.pooling_params import PoolingParams
-from tuili.sampling_params import SamplingParams, shown
+from tuili.sampling_params import SamplingParams
 
 log = logging.getLogger("tuili")
 
@@ -122,8 +122,8 @@ class LLMEngine:
         self.pooling_output = PoolingOutputProcessor(
             self.pooling_config.normalize if self.pooling_config else False)
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
-        self._grammars = None  # GrammarMatchers, made by the first structured-output request
-        self._grammars_lock = threading.Lock()  # the server's threads compile too
+        self.checks = ParamsCheck(self.tokenizer, self.model_config.vocab_size,
+                                  self.eos_token_ids)
         self.profiler = None
         if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
             self._warm_up()
@@ -164,36 +164,16 @@ class LLMEngine:
     # ---- requests in and out -------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not all(type(t) is int for t in prompt):  # bool and other int subclasses are out
-            raise InvalidParameter("prompt", "must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        if prompt and (min(prompt) < 0 or max(prompt) >= vocab):
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            raise InvalidParameter("prompt", f"token ids {bad[:5]} are outside [0, {vocab})")
-        return list(prompt)
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: the values that must be this vocabulary's ids."""
-        vocab = self.model_config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:  # the sampler indexes logits with them
-            raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
-                                                     f"[0, {vocab})")
-        if params.structured_outputs is not None:  # compiled once, cached; bad ones refused
-            self.grammars.compile(params.structured_outputs)
+        """What SamplingParams cannot check alone (request_checks.ParamsCheck)."""
+        self.checks(params)
 
     @property
     def grammars(self):
         """The structured-output matchers (tuili.structured.matchers.GrammarMatchers)."""
-        with self._grammars_lock:
-            if self._grammars is None:
-                from tuili.structured.matchers import GrammarMatchers
-
-                self._grammars = GrammarMatchers(self.tokenizer, self.model_config.vocab_size,
-                                                 self.eos_token_ids)
-            return self._grammars
+        return self.checks.grammars
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | PoolingParams, stream: bool = True) -> None:
@@ -244,8 +224,8 @@ class LLMEngine:
             self.scheduler.finish(req, "abort")
         for req in self.output.abort(request_id):
             self.scheduler.finish(req, "abort")
-            if self._grammars is not None:
-                self._grammars.remove(req)
+            if (grammars := self.checks.made_grammars) is not None:
+                grammars.remove(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self.inflight is not None
@@ -310,7 +290,8 @@ class LLMEngine:
                 argmax = argmax.index_select(0, rows) if argmax is not None else None
                 graph = None
             # the grammar masks are filled here, on the host, while the device runs the step
-            mask = self._grammars.step_mask(reqs, logits.device) if self._grammars else None
+            grammars = self.checks.made_grammars
+            mask = grammars.step_mask(reqs, logits.device) if grammars else None
             sampled = self.sampler(logits, reqs, argmax, graph, mask)
             for r in reqs:
                 r.num_pending += 1
@@ -325,8 +306,8 @@ class LLMEngine:
         tokens, logprobs = step.sampled.resolve() if step.sampled is not None else ([], [])
         self.scheduler.update(step.batch, step.sampled_requests, tokens, logprobs,
                               self.output.stop_string)
-        if self._grammars:
-            for req in self._grammars.accept(step.sampled_requests, tokens):
+        if grammars := self.checks.made_grammars:
+            for req in grammars.accept(step.sampled_requests, tokens):
                 self.scheduler.finish(req, "stop")  # the grammar is complete
         return self.output.outputs(step.groups)
 

@@ -53,6 +53,10 @@ class Tokenizer:
         return cls(backend, bos_token=bos, eos_token=_token_str(cfg.get("eos_token")),
                    chat_template=template, add_bos=add_bos)
 
+    def __getstate__(self) -> dict:
+        # the compiled template (a cached property) is built again where it is unpickled
+        return {k: v for k, v in self.__dict__.items() if k != "_template"}
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -49,7 +49,7 @@ def _public_routes(state: ServerState) -> APIRouter:
 
     @r.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if state.draining else 200)
+        return Response(status_code=503 if state.draining or not state.llm.alive else 200)
 
     @r.get("/version")
     async def version() -> dict:
@@ -71,7 +71,7 @@ def _api_routes(state: ServerState) -> APIRouter:
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": created, "owned_by": "tuili",
-            "root": state.llm.engine.config.model, "parent": None,
+            "root": state.llm.facts.model, "parent": None,
             "max_model_len": state.llm.max_model_len}]}
 
     @r.post("/v1/completions")

@@ -49,7 +49,7 @@ def error_event(e: Exception, request_id: str) -> dict:
 
 
 def cancelled(e: RequestCancelled) -> APIError:
-    return APIError(503, str(e), type="server_error", code="shutting_down",
+    return APIError(503, str(e), type="server_error", code=getattr(e, "code", "shutting_down"),
                     headers={"Retry-After": "1"})
 
 

@@ -1,0 +1,248 @@
+"""The engine loop in a process of its own, so that the HTTP side (JSON, SSE framing, the event
+loop) and the engine's Python never wait for one GIL.
+
+The two sides talk over one pipe. Commands go down as they come; each step comes up as one
+message: its outputs, each carrying only what is new (token ids, logprobs; the text whole),
+from which this side rebuilds the RequestOutputs the thread-run engine would have handed over,
+and the engine's state after it. An engine process that dies fails every request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tuili.config import EngineConfig
+from tuili.engine_core import STOP, Abort, EngineFacts, EngineLoop, EngineStats, Events
+from tuili.engine.request import Logprob
+from tuili.errors import EngineDied
+from tuili.outputs import CompletionOutput, RequestOutput
+
+log = logging.getLogger("tuili")
+
+
+class ProcessCore:
+    """Starts the engine process and relays: commands down the pipe, events up from it."""
+
+    def __init__(self, config: EngineConfig, events: Events):
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked into
+        self._conn, child = ctx.Pipe()
+        level = log.getEffectiveLevel()
+        self._proc = ctx.Process(target=_engine_main, args=(config, child, level),
+                                 name="tuili-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            kind, value = _recv(self._conn)
+        except EOFError:
+            self._proc.join(5)
+            raise EngineDied(f"the engine process exited while loading the model (exit code "
+                             f"{self._proc.exitcode})") from None
+        if kind == "error":
+            self._proc.join(5)
+            raise value
+        self.facts: EngineFacts = value
+        log.info("the engine runs in engine process %d", self._proc.pid)
+        self._events = events
+        self._outputs = _Rebuilder()
+        self._send_lock = threading.Lock()  # the event loop and timers send
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="tuili-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def send(self, cmd) -> None:
+        if isinstance(cmd, Abort):
+            self._outputs.drop(cmd.request_id)
+        data = pickle.dumps(cmd, pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            try:
+                self._conn.send_bytes(data)
+            except OSError:  # the process is gone: the reader fails what was in flight
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive() and self._reader.is_alive()
+
+    def shutdown(self, timeout: float) -> None:
+        self._stopping = True
+        self.send(STOP)
+        self._reader.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    def _read(self) -> None:
+        events = self._events
+        while True:
+            try:
+                msg = _recv(self._conn)
+            except (EOFError, OSError):
+                break
+            if msg[0] == "step":
+                t = time.monotonic()
+                outs = [o for o in map(self._outputs.rebuild, msg[1]) if o is not None]
+                if outs:
+                    events.on_outputs(outs, t)
+                events.on_stats(msg[2])
+            else:  # ("failed", request id, error)
+                self._outputs.drop(msg[1])
+                events.on_failed(msg[1], msg[2])
+        self._proc.join(5)
+        if not self._stopping:
+            log.error("the engine process exited (exit code %s)", self._proc.exitcode)
+            events.on_ended(EngineDied(f"the engine process exited (exit code "
+                                    f"{self._proc.exitcode}); the server must be restarted"))
+
+
+# ---- the engine process ---------------------------------------------------------------------
+
+def _engine_main(config: EngineConfig, conn, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server handles Ctrl-C and stops this
+    logging.basicConfig(level=log_level, format="%(levelname)s:     %(message)s")
+    from tuili.engine.engine import LLMEngine
+
+    try:
+        engine = LLMEngine(config)
+    except BaseException as e:
+        _send(conn, ("error", _picklable(e)))
+        return
+    _send(conn, ("ready", EngineFacts.of(engine)))
+
+    def take(block: bool) -> list:
+        try:
+            if block and not conn.poll(1.0):
+                return []
+            cmds = []
+            while conn.poll():
+                cmds.append(pickle.loads(conn.recv_bytes()))
+            return cmds
+        except (EOFError, OSError):  # the server is gone
+            return [STOP]
+
+    EngineLoop(engine, _PipeEvents(conn)).run(take)
+
+
+class _PipeEvents:
+    """The loop's events, up the pipe: a step's outputs and the state after it in one message."""
+
+    def __init__(self, conn):
+        self.conn, self.pending = conn, []
+        self.wire = _Wire()
+
+    def on_outputs(self, outputs: list, t: float) -> None:
+        self.pending.extend(self.wire.encode(o) for o in outputs)
+
+    def on_failed(self, request_id: str, error: BaseException) -> None:
+        self.wire.drop(request_id)
+        _send(self.conn, ("failed", request_id, _picklable(error)))
+
+    def on_stats(self, stats: EngineStats) -> None:
+        msg, self.pending = ("step", self.pending, stats), []
+        _send(self.conn, msg)
+
+
+def _send(conn, msg) -> None:
+    try:
+        conn.send_bytes(pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server is gone; the loop stops at its next read
+
+
+def _recv(conn):
+    return pickle.loads(conn.recv_bytes())
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """The error itself if it crosses the pipe, else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+# ---- what crosses the pipe ------------------------------------------------------------------
+
+@dataclass
+class _Sent:
+    """A generation request's part of the wire: how many logprobs of each sample have gone."""
+    logprobs: list[int]
+
+
+class _Wire:
+    """RequestOutputs as what is new in each (the engine side)."""
+
+    def __init__(self):
+        self.sent: dict[str, _Sent] = {}
+
+    def encode(self, out):
+        if not isinstance(out, RequestOutput):  # a pooling output: one message, whole
+            return out
+        first = out.request_id not in self.sent
+        sent = self.sent.setdefault(out.request_id, _Sent([0] * len(out.outputs)))
+        samples = []
+        for i, o in enumerate(out.outputs):
+            new_logprobs = None
+            if o.logprobs is not None:
+                new_logprobs, sent.logprobs[i] = o.logprobs[sent.logprobs[i]:], len(o.logprobs)
+            samples.append((o.text, o.delta_text, o.delta_token_ids, o.finish_reason,
+                            o.stop_reason, new_logprobs))
+        if out.finished:
+            del self.sent[out.request_id]
+        head = (out.prompt, out.prompt_token_ids) if first else None
+        return (out.request_id, head, samples, out.finished, out.prompt_logprobs,
+                out.num_cached_tokens)
+
+    def drop(self, request_id: str) -> None:
+        self.sent.pop(request_id, None)
+
+
+@dataclass
+class _Stream:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[Logprob]] = field(default_factory=list)
+
+
+class _Rebuilder:
+    """RequestOutputs rebuilt from what was new in each (this side)."""
+
+    def __init__(self):
+        self.streams: dict[str, _Stream] = {}
+
+    def rebuild(self, msg):
+        if not isinstance(msg, tuple):
+            return msg
+        rid, head, samples, finished, prompt_logprobs, num_cached = msg
+        stream = self.streams.get(rid)
+        if stream is None:
+            if head is None:  # aborted here while its output was on the way
+                return None
+            stream = self.streams[rid] = _Stream(*head)
+        outputs = []
+        for i, (text, delta, new_ids, reason, stop, new_logprobs) in enumerate(samples):
+            if i == len(stream.token_ids):
+                stream.token_ids.append([])
+                stream.logprobs.append([])
+            stream.token_ids[i].extend(new_ids)
+            if new_logprobs is not None:
+                stream.logprobs[i].extend(new_logprobs)
+            outputs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(stream.token_ids[i]), finish_reason=reason,
+                stop_reason=stop, delta_text=delta, delta_token_ids=new_ids,
+                logprobs=list(stream.logprobs[i]) if new_logprobs is not None else None))
+        if finished:
+            del self.streams[rid]
+        return RequestOutput(rid, stream.prompt, stream.prompt_token_ids, outputs, finished,
+                             prompt_logprobs, num_cached)
+
+    def drop(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
