@@ -43,11 +43,18 @@ class NvmlReader:
             return None
         try:
             pynvml.nvmlInit()
-            handles = _visible_handles(pynvml)
-        except pynvml.NVMLError as e:  # no driver (a CPU machine), no device, a MIG slice
+        except pynvml.NVMLError as e:  # no driver's library: a CPU machine
             log.info("GPU metrics: NVML unavailable (%s)", e)
             return None
-        return cls(pynvml, handles) if handles else None
+        try:
+            handles = _visible_handles(pynvml)
+        except pynvml.NVMLError as e:  # a listed device NVML does not know
+            log.info("GPU metrics: NVML unavailable (%s)", e)
+            handles = []
+        if not handles:
+            pynvml.nvmlShutdown()
+            return None
+        return cls(pynvml, handles)
 
     def read(self) -> list[GpuReading]:
         out = []
