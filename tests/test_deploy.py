@@ -61,7 +61,7 @@ def _workers(docs: list[dict]) -> list[dict]:
 
 
 def _serve_args(container: dict) -> list[str]:
-    """The container's `tuili serve` flags, with $(VAR) expanded from its env as the kubelet does."""
+    """The container's `tuili serve` flags, $(VAR) expanded from its env as the kubelet does."""
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
 
