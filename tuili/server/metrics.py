@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tuili.async_llm import EngineStats
 from tuili.outputs import RequestOutput
+from tuili.server.gpu_metrics import GpuCollector, GpuReading, gpu_readings_source
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
             7.5, 10.0, 20.0, 40.0, 80.0)
@@ -44,9 +45,11 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats]):
+    def __init__(self, stats: Callable[[], EngineStats],
+                 gpu_readings: Callable[[], list[GpuReading]] | None = None):
         self.registry = r = CollectorRegistry()
         r.register(_EngineCollector(stats))
+        r.register(GpuCollector(gpu_readings or gpu_readings_source()))
         self.ttft = Histogram("tuili:time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("tuili:inter_token_latency_seconds", "Time between output tokens.",
