@@ -104,12 +104,14 @@ class MoEForCausalLM(LlamaForCausalLM):
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
         arch = cfg["architectures"][0]
+        # transformers 5 writes Qwen's num_experts as num_local_experts, Mixtral's name
+        experts = cfg.get("num_local_experts") or cfg["num_experts"]
         if arch == "MixtralForCausalLM":
-            moe = MoEConfig(num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
+            moe = MoEConfig(num_experts=experts, top_k=cfg["num_experts_per_tok"],
                             expert_intermediate_size=cfg["intermediate_size"], renormalize=True)
         else:  # Qwen2-MoE, Qwen3-MoE
             moe = MoEConfig(
-                num_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                num_experts=experts, top_k=cfg["num_experts_per_tok"],
                 expert_intermediate_size=cfg["moe_intermediate_size"],
                 renormalize=cfg.get("norm_topk_prob", arch == "Qwen3MoeForCausalLM"),
                 shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
