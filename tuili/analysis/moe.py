@@ -45,7 +45,8 @@ def mlp_step(c: ModelConfig, tokens: int) -> tuple[float, float, int, int]:
     flops = 2.0 * tokens * 3 * h * dense_inter * dense_layers
     params = 3.0 * h * dense_inter * dense_layers
     # gate/up: h in, 2 * inter out; down: inter in, h out
-    act_in, act_out = tokens * (h + dense_inter) * dense_layers, tokens * (2 * dense_inter + h) * dense_layers
+    act_in = tokens * (h + dense_inter) * dense_layers
+    act_out = tokens * (2 * dense_inter + h) * dense_layers
     if c.moe:
         m, p, sparse = c.moe, expert_params(c), sparse_layers(c)
         inter, shared = m.expert_intermediate_size, m.shared_intermediate_size

@@ -111,7 +111,8 @@ def format_report(r: dict, markdown: bool = False) -> str:
     m, d, mem, sw = r["model"], r["device"], r["memory"], r["sweep"]
     p = r["precision"]
     title = "## " if markdown else ""
-    out = [f"{title}{m['name'] or m['architecture']}: {m['params'] / 1e9:.3g}B params{_experts(m)}, "
+    out = [f"{title}{m['name'] or m['architecture']}: {m['params'] / 1e9:.3g}B params"
+           f"{_experts(m)}, "
            f"{m['layers']} layers, hidden {m['hidden']}, heads {m['heads']}/{m['kv_heads']} kv",
            f"device {d['name']}: {d['bandwidth_bytes_per_s'] / 1e9:.4g} GB/s, "
            f"{d['peak_flops_compute'] / 1e12:.4g} TFLOP/s {d['compute_dtype']}, ridge "
