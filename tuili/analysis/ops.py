@@ -141,13 +141,19 @@ def decode_ops(c: ModelConfig, batch: int, context: int, precision: Precision = 
 
 
 def num_params(c: ModelConfig) -> dict[str, int]:
-    """Parameter counts: the linear layers (every expert), the embedding/LM-head tables, and the
-    layers' parameters one token passes through (fewer than all for a mixture of experts)."""
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    attention = (c.hidden_size * (q + 2 * kv) + q * c.hidden_size) * c.num_layers
-    mlp, active_mlp = mlp_params(c)
+    """Parameter counts: the linear layers (every expert), and the embedding/LM-head tables."""
     tables = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return {"layers": attention + mlp, "tables": tables, "active_layers": attention + active_mlp}
+    return {"layers": _attention_params(c) + mlp_params(c)[0], "tables": tables}
+
+
+def active_params(c: ModelConfig) -> int:
+    """The parameters one token passes through (fewer than all for a mixture of experts)."""
+    return _attention_params(c) + mlp_params(c)[1] + num_params(c)["tables"]
+
+
+def _attention_params(c: ModelConfig) -> int:
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return (c.hidden_size * (q + 2 * kv) + q * c.hidden_size) * c.num_layers
 
 
 def weight_bytes(c: ModelConfig, precision: Precision = Precision()) -> float:

@@ -34,7 +34,7 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
     return {
         "model": {"name": model_name, "source": source, "architecture": c.architecture,
                   "params": params["layers"] + params["tables"], "layers": c.num_layers,
-                  "active_params": params["active_layers"] + params["tables"],
+                  "active_params": opsmod.active_params(c),
                   "experts": vars(c.moe).copy() if c.moe else None,
                   "hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                   "head_dim": c.head_dim, "intermediate": c.intermediate_size,
