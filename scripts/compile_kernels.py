@@ -89,6 +89,7 @@ def launch_all() -> None:
         prefill_attention(name, shape)
     qk_norm_rope()
     quantized_linears()
+    fused_moe()
     assert kernels.num_sms(torch.device("cpu")) == tuning.H100.sms
 
 
@@ -194,6 +195,23 @@ def quantized_linears() -> None:
                                          torch.ones(n, dtype=bf))
         WHERE.update(model=f"llama3-8b [{n}, {k}]", launch="int4 dequantize (large steps)")
         triton_quant.int4_dequantize(qweight, scales, scales, 128, bf)
+
+
+def fused_moe() -> None:
+    """The MoE grouped GEMMs (kernels/triton_moe.py) on Qwen3-30B-A3B's experts, with the tiles
+    chosen for decode (1 and 8 tokens), a batch of 64 and a 512-token prefill."""
+    from tuili.kernels import triton_moe
+
+    bf = torch.bfloat16
+    hidden, inter, experts, top_k = 2048, 768, 128, 8
+    w13 = torch.zeros(experts, 2 * inter, hidden, dtype=bf)
+    w2 = torch.zeros(experts, hidden, inter, dtype=bf)
+    for m in (1, 8, 64, 512):
+        WHERE.update(model=f"qwen3-30b-a3b, {m} token{'s' if m > 1 else ''}",
+                     launch="MoE gate_up + SiLU, down x weight")
+        ids = torch.arange(m * top_k).remainder(experts).view(m, top_k)
+        triton_moe.fused_moe(torch.zeros(m, hidden, dtype=bf), w13, w2,
+                             torch.ones(m, top_k), ids)
 
 
 def main() -> int:

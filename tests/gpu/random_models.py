@@ -27,6 +27,16 @@ SHAPES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
         num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
         rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+        num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
+        rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=None, tie_word_embeddings=False)),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuili.analysis.moe import mlp_params, mlp_step
 from tuili.errors import InvalidParameter
 from tuili.models.config import ModelConfig
 
@@ -115,11 +116,10 @@ def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     qkv = matmul("qkv_proj", t, h, q + 2 * kv, wb, ab, cd)
     o = matmul("o_proj", t, q, h, wb, ab, cd)
-    up = matmul("mlp", t, h, 2 * c.intermediate_size, wb, ab, cd)
-    down = matmul("mlp", t, c.intermediate_size, h, wb, ab, cd)
-    mlp = Op("mlp", up.flops + down.flops, up.bytes_read + down.bytes_read,
-             up.bytes_written + down.bytes_written, cd)
-    layer_ops = [_times(op, layers) for op in (qkv, o, mlp)]
+    # every layer's MLP; a MoE layer's reads only the experts its tokens chose (analysis/moe.py)
+    flops, params, act_in, act_out = mlp_step(c, t)
+    mlp = Op("mlp", flops, params * wb + act_in * ab, act_out * ab, cd)
+    layer_ops = [_times(op, layers) for op in (qkv, o)] + [mlp]
     head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, COMPUTE_DTYPE[precision.head])
     return [embedding_gather(t, h, hb, ab), layer_ops[0],
             attention(c, seqs, kvb, ab, "fp32" if ab == 4 else "bf16"),
@@ -141,11 +141,19 @@ def decode_ops(c: ModelConfig, batch: int, context: int, precision: Precision = 
 
 
 def num_params(c: ModelConfig) -> dict[str, int]:
-    """Parameter counts: the linear layers, and the embedding/LM-head tables."""
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    """Parameter counts: the linear layers (every expert), and the embedding/LM-head tables."""
     tables = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return {"layers": per_layer * c.num_layers, "tables": tables}
+    return {"layers": _attention_params(c) + mlp_params(c)[0], "tables": tables}
+
+
+def active_params(c: ModelConfig) -> int:
+    """The parameters one token passes through (fewer than all for a mixture of experts)."""
+    return _attention_params(c) + mlp_params(c)[1] + num_params(c)["tables"]
+
+
+def _attention_params(c: ModelConfig) -> int:
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return (c.hidden_size * (q + 2 * kv) + q * c.hidden_size) * c.num_layers
 
 
 def weight_bytes(c: ModelConfig, precision: Precision = Precision()) -> float:

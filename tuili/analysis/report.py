@@ -34,6 +34,8 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
     return {
         "model": {"name": model_name, "source": source, "architecture": c.architecture,
                   "params": params["layers"] + params["tables"], "layers": c.num_layers,
+                  "active_params": opsmod.active_params(c),
+                  "experts": vars(c.moe).copy() if c.moe else None,
                   "hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                   "head_dim": c.head_dim, "intermediate": c.intermediate_size,
                   "vocab": c.vocab_size, "max_context": c.max_position_embeddings},
@@ -109,7 +111,8 @@ def format_report(r: dict, markdown: bool = False) -> str:
     m, d, mem, sw = r["model"], r["device"], r["memory"], r["sweep"]
     p = r["precision"]
     title = "## " if markdown else ""
-    out = [f"{title}{m['name'] or m['architecture']}: {m['params'] / 1e9:.3g}B params, "
+    out = [f"{title}{m['name'] or m['architecture']}: {m['params'] / 1e9:.3g}B params"
+           f"{_experts(m)}, "
            f"{m['layers']} layers, hidden {m['hidden']}, heads {m['heads']}/{m['kv_heads']} kv",
            f"device {d['name']}: {d['bandwidth_bytes_per_s'] / 1e9:.4g} GB/s, "
            f"{d['peak_flops_compute'] / 1e12:.4g} TFLOP/s {d['compute_dtype']}, ridge "
@@ -138,6 +141,15 @@ def format_report(r: dict, markdown: bool = False) -> str:
                          for s in sw["rows"]], markdown),
            _crossover_line(sw)]
     return "\n".join(out)
+
+
+def _experts(m: dict) -> str:
+    e = m.get("experts")
+    if not e:
+        return ""
+    shared = " + a shared expert" if e["shared_intermediate_size"] else ""
+    return (f" ({m['active_params'] / 1e9:.3g}B active: top-{e['top_k']} of "
+            f"{e['num_experts']} experts{shared})")
 
 
 def _crossover_line(sweep: dict) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tuili.errors import ModelLoadError
 from tuili.models.config import ModelConfig
+from tuili.models.moe_config import MoEConfig
 
 
 def _llama(hidden, inter, layers, heads, kv_heads, vocab, ctx, theta=10000.0, tied=False,
@@ -28,7 +29,18 @@ SHAPES = {
     "qwen3-0.6b": lambda: _llama(1024, 3072, 28, 16, 8, 151936, 40960, 1000000.0, True, 128,
                                  "Qwen3ForCausalLM"),
     "smollm2-135m": lambda: _llama(576, 1536, 30, 9, 3, 49152, 8192, 100000.0, True),
+    "qwen3-30b-a3b": lambda: _moe(_llama(2048, 6144, 48, 32, 4, 151936, 40960, 1000000.0, False,
+                                         128, "Qwen3MoeForCausalLM"), 128, 8, 768),
+    "mixtral-8x7b": lambda: _moe(_llama(4096, 14336, 32, 32, 8, 32000, 32768, 1000000.0,
+                                        arch="MixtralForCausalLM"), 8, 2, 14336),
 }
+
+
+def _moe(c: ModelConfig, experts: int, top_k: int, inter: int) -> ModelConfig:
+    c.moe = MoEConfig(num_experts=experts, top_k=top_k, expert_intermediate_size=inter,
+                      renormalize=True)
+    c.qk_norm = c.architecture == "Qwen3MoeForCausalLM"
+    return c
 
 
 def model_config(name: str, revision: str | None = None) -> tuple[ModelConfig, str]:

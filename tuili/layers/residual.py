@@ -47,6 +47,17 @@ class SplitStream:
         residual = self.residual if self.keep is None else self.residual.index_select(0, self.keep)
         return SplitStream(self.backend, out, residual)
 
+    def normed(self, norm: RMSNorm) -> tuple[torch.Tensor, SplitStream]:
+        """(norm(stream), the stream) for a block that is no single Linear (a MoE block)."""
+        if self.residual is None:
+            return norm(self.x), SplitStream(self.backend, None, self.x)
+        h, residual = norm(self.x, self.residual)
+        return h, SplitStream(self.backend, None, residual)
+
+    def plus(self, out: torch.Tensor) -> SplitStream:
+        """The stream + out (the add deferred into the next norm)."""
+        return SplitStream(self.backend, out, self.residual)
+
     def hidden(self) -> torch.Tensor:
         return self.x if self.residual is None else self.x + self.residual
 
@@ -66,6 +77,12 @@ class FusedStream:
     def add(self, layer: Linear, h: torch.Tensor) -> FusedStream:
         out, sumsq = self.backend.linear(h, layer, residual=self.x, want_sumsq=True)
         return FusedStream(self.backend, out, sumsq)
+
+    def normed(self, norm: RMSNorm) -> tuple[torch.Tensor, FusedStream]:
+        return norm(self.x), self
+
+    def plus(self, out: torch.Tensor) -> FusedStream:
+        return FusedStream(self.backend, self.x + out)  # no sums of squares: the next norm sums
 
     def hidden(self) -> torch.Tensor:
         return self.x

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from tuili.models.moe_config import MoEConfig
+
 
 @dataclass
 class ModelConfig:
@@ -22,6 +24,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    moe: MoEConfig | None = None  # the experts of a mixture-of-experts model (models/moe.py)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # the whole config.json, for what one family reads its own way (BERT: layer_norm_eps, ...)

@@ -55,10 +55,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, backend: Backend):
+    def __init__(self, c: ModelConfig, backend: Backend, mlp: nn.Module | None = None):
+        """`mlp`: the feed-forward block (a MoE block, say) in place of LlamaMLP; it maps
+        (stream, norm) to the stream."""
         super().__init__()
         self.self_attn = LlamaAttention(c, backend)
-        self.mlp = LlamaMLP(c)
+        self.mlp = mlp if mlp is not None else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
 
@@ -86,12 +88,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config, self.backend = c, backend
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c, backend) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, backend, self.make_mlp(c, i, backend))
+                                    for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
         self.lm_head = Linear(c.hidden_size, c.vocab_size,
                               weight=self.embed_tokens.weight if c.tie_word_embeddings else None)
         # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def make_mlp(self, c: ModelConfig, layer: int, backend: Backend) -> nn.Module | None:
+        """Layer `layer`'s feed-forward block; None: the dense LlamaMLP (families override this)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,25 +139,33 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            module_name, _, kind = name.rpartition(".")
-            owner, _, leaf = module_name.rpartition(".")
-            if leaf in self.MERGED:
-                merged, part = self.MERGED[leaf]
-                module_name = f"{owner}.{merged}"
-            else:
-                part = 0
-            target = f"{module_name}.{kind}"
+            target, parts = self.checkpoint_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
             try:
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor, part)
+                if parts is None:  # the whole parameter at once (e.g. experts already stacked)
+                    default_weight_loader(param, tensor)
+                    parts = range(getattr(param, "num_parts", 1))
+                else:
+                    getattr(param, "weight_loader", default_weight_loader)(param, tensor, parts)
+                    parts = [parts]
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-            loaded.add(f"{target}#{part}")
+            loaded |= {f"{target}#{p}" for p in parts}
         missing = sorted(expected - loaded)
         if missing:
             raise KeyError("checkpoint lacks tensors: " + ", ".join(m.split("#")[0] for m in missing[:8]))
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
+
+    def checkpoint_target(self, name: str) -> tuple[str, int | None]:
+        """(our parameter, part of it) for a checkpoint tensor's name (without "model.");
+        part None: the tensor fills the whole parameter."""
+        module_name, _, kind = name.rpartition(".")
+        owner, _, leaf = module_name.rpartition(".")
+        if leaf in self.MERGED:
+            merged, part = self.MERGED[leaf]
+            return f"{owner}.{merged}.{kind}", part
+        return f"{module_name}.{kind}", 0

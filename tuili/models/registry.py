@@ -6,12 +6,15 @@ from tuili.errors import ModelLoadError
 from tuili.models.bert import BertForSequenceClassification, BertModel
 from tuili.models.config import ModelConfig, architecture
 from tuili.models.llama import LlamaForCausalLM
+from tuili.models.moe import MoEForCausalLM
 
 MODELS = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM, "Qwen2MoeForCausalLM": MoEForCausalLM,
+    "MixtralForCausalLM": MoEForCausalLM,
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
 }
