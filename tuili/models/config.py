@@ -23,6 +23,9 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = None
+    # Per layer: its sliding window in tokens, 0 where it attends to the whole context (empty: all).
+    layer_windows: list[int] = field(default_factory=list)
+    rope_local_theta: float | None = None  # the sliding layers' own rope base (Gemma 3)
     eos_token_ids: list[int] = field(default_factory=list)
     # the whole config.json, for what one family reads its own way (BERT: layer_norm_eps, ...)
     hf: dict = field(default_factory=dict, repr=False)
@@ -77,6 +80,10 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def windows(self) -> list[int]:
+        """Each layer's sliding window, 0 for a layer that sees the whole context."""
+        return self.layer_windows or [0] * self.num_layers
 
 
 def architecture(cfg: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tuili.errors import ModelLoadError
 from tuili.models.bert import BertForSequenceClassification, BertModel
 from tuili.models.config import ModelConfig, architecture
+from tuili.models.gemma3 import Gemma3ForCausalLM
 from tuili.models.llama import LlamaForCausalLM
 
 MODELS = {
@@ -12,6 +13,7 @@ MODELS = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM, "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
 }
