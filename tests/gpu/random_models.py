@@ -27,6 +27,13 @@ SHAPES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
         num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
         rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    # Gemma 3 1B's shape, its window cut to 64 tokens and every other layer global, so short
+    # prompts cross the window and a few layers hold both kinds.
+    "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
+        sliding_window_pattern=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
 }
 
 
