@@ -9,6 +9,7 @@ and each operator's activations in and out. Norms, rotary and residual adds are 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from tuili.errors import InvalidParameter
@@ -92,12 +93,14 @@ def attention(c: ModelConfig, seqs: list[tuple[int, int]], kv_bytes: float, act_
     the new K/V written once."""
     flops = read = written = 0.0
     nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
-    for window in c.windows():
-        for n, ctx in seqs:
-            flops += 4.0 * nh * d * keys_seen(ctx - n, n, window)
+    # Layers of one window, and sequences of one shape, cost the same: count each once.
+    for window, layers in Counter(c.windows()).items():
+        for (n, ctx), times in Counter(seqs).items():
+            k = layers * times
+            flops += k * 4.0 * nh * d * keys_seen(ctx - n, n, window)
             reach = ctx if not window else min(ctx, window + n - 1)
-            read += 2 * reach * nkv * d * kv_bytes + n * nh * d * act_bytes
-            written += 2 * n * nkv * d * kv_bytes + n * nh * d * act_bytes
+            read += k * (2 * reach * nkv * d * kv_bytes + n * nh * d * act_bytes)
+            written += k * (2 * n * nkv * d * kv_bytes + n * nh * d * act_bytes)
     return Op("attention", flops, read, written, compute_dtype)
 
 
