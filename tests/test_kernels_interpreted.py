@@ -130,6 +130,60 @@ def test_prefill_attention():
         torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_window(splits):
+    """A sliding window: each sequence's last `window` keys alone (one shorter than the window),
+    as full attention over just those keys."""
+    heads, kvh, d, bs, window = 4, 2, 32, 4, 6
+    torch.manual_seed(splits)
+    seq_lens = [3, 17, 40]
+    caches = [torch.randn(40, bs, kvh, d) for _ in range(2)]
+    tables = torch.randperm(40)[:3 * 10].view(3, 10)
+    lens = torch.tensor(seq_lens)
+    q = torch.randn(len(seq_lens), heads, d)
+    out = nan(*q.shape)
+    triton_attention.decode_attention(q, *caches, tables, lens, d ** -0.5, out=out, window=window,
+                                      config=triton_attention.DecodeConfig(splits, 4))
+    ref = reference.decode_attention(q, *caches, tables, lens, max(seq_lens), d ** -0.5, window)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(seq_lens):
+        first = max(n - window, 0)
+        k, v = (reference.gather_kv(c, tables[i], n, first) for c in caches)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[i][:, None], k.transpose(0, 1), v.transpose(0, 1), scale=d ** -0.5, enable_gqa=True)
+        torch.testing.assert_close(ref[i], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_attention_window():
+    """A sliding window in prefill: a fresh prompt longer than the window, and a chunk after a
+    cached prefix long enough that the kernel starts past its first key tiles."""
+    heads, kvh, d, bs, window = 4, 2, 32, 4, 7
+    torch.manual_seed(0)
+    new, cached = [20, 5], [0, 140]
+    caches = [torch.randn(48, bs, kvh, d) for _ in range(2)]
+    blocks = torch.randperm(48)
+    tables = torch.zeros(2, 37, dtype=torch.long)
+    tables[0, :5], tables[1] = blocks[:5], blocks[5:42]
+    q = torch.randn(sum(new), heads, d)
+    out = nan(*q.shape)
+    seqs = torch.tensor([[0, new[0]], new, cached], dtype=torch.int32)
+    triton_attention.prefill_attention(q, *caches, tables, seqs, max(new), d ** -0.5, out,
+                                       window=window)
+    for i, start in enumerate((0, new[0])):
+        rows = slice(start, start + new[i])
+        total = cached[i] + new[i]
+        k = reference.gather_kv(caches[0], tables[i], total)
+        v = reference.gather_kv(caches[1], tables[i], total)
+        ref = reference.prefill_attention(q[rows], k[cached[i]:], v[cached[i]:], *caches, tables[i],
+                                          cached[i], d ** -0.5, window)
+        torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
+        # The last query sees exactly its window's keys.
+        last = torch.nn.functional.scaled_dot_product_attention(
+            q[rows][-1][:, None], k[total - window:].transpose(0, 1),
+            v[total - window:].transpose(0, 1), scale=d ** -0.5, enable_gqa=True)
+        torch.testing.assert_close(ref[-1], last[:, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_argmax():
     """First index on ties within a chunk and across chunks, in one launch (also written to a
     second tensor when asked); the counters the chunks arrive on are left at 0, so a second

@@ -37,6 +37,13 @@ SHAPES = {
         num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
         rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-5,
         sliding_window=None, tie_word_embeddings=False)),
+    # Gemma 3 1B's shape, its window cut to 64 tokens and every other layer global, so short
+    # prompts cross the window and a few layers hold both kinds.
+    "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
+        sliding_window_pattern=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
 }
 
 

@@ -14,7 +14,8 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="alias, GGUF file, HF folder, hub id, config.json, or a built-in shape "
                         "(llama-2-7b, llama-2-13b, llama-2-70b, llama-3.1-8b, llama-3.1-70b, "
-                        "qwen3-0.6b, smollm2-135m)")
+                        "qwen3-0.6b, smollm2-135m, qwen3-30b-a3b, mixtral-8x7b, gemma-3-270m, "
+                        "gemma-3-27b)")
     p.add_argument("--revision", default=None, help="hub revision, for a hub id")
     p.add_argument("--device", default="h100",
                    help="h100, h200, a100, rtx4090, l4, cpu, or measure (measure this machine)")

@@ -31,6 +31,13 @@ def kv_bytes_per_token(c: ModelConfig, kv_format: str = "bf16") -> float:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * opsmod.weight_bytes_per_param(kv_format)
 
 
+def kv_bytes_read(c: ModelConfig, context: int, kv_format: str = "bf16") -> float:
+    """K and V one sequence's decode step reads at `context` tokens: a sliding layer's window only
+    (the blocks before it stay allocated: the layers share one block table)."""
+    per_key = 2 * c.num_kv_heads * c.head_dim * opsmod.weight_bytes_per_param(kv_format)
+    return sum(min(context, w) if w else context for w in c.windows()) * per_key
+
+
 def activation_reserve(c: ModelConfig, max_batched_tokens: int, act_bytes: int,
                        max_seqs: int = 256) -> float:
     """A working-set estimate for the largest step: a few hidden-sized and one MLP-sized buffer

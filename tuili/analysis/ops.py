@@ -9,6 +9,7 @@ and each operator's activations in and out. Norms, rotary and residual adds are 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from tuili.analysis.moe import mlp_params, mlp_step
@@ -89,16 +90,30 @@ def embedding_gather(tokens: int, hidden: int, table_bytes: float, act_bytes: in
 def attention(c: ModelConfig, seqs: list[tuple[int, int]], kv_bytes: float, act_bytes: int,
               compute_dtype: str = "bf16") -> Op:
     """Causal attention of every layer for (new_tokens, context) pairs: QK^T and PV over each new
-    token's keys; each sequence's K/V read once, the new K/V written once."""
+    token's keys; each sequence's K/V read once (a sliding layer's: the keys its window reaches),
+    the new K/V written once."""
     flops = read = written = 0.0
-    nh, nkv, d, layers = c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers
-    for n, ctx in seqs:
-        start = ctx - n
-        keys_seen = n * start + n * (n + 1) / 2  # token at position p sees p + 1 keys
-        flops += 4.0 * nh * d * keys_seen
-        read += 2 * ctx * nkv * d * kv_bytes + n * nh * d * act_bytes
-        written += 2 * n * nkv * d * kv_bytes + n * nh * d * act_bytes
-    return Op("attention", flops * layers, read * layers, written * layers, compute_dtype)
+    nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+    # Layers of one window, and sequences of one shape, cost the same: count each once.
+    for window, layers in Counter(c.windows()).items():
+        for (n, ctx), times in Counter(seqs).items():
+            k = layers * times
+            flops += k * 4.0 * nh * d * keys_seen(ctx - n, n, window)
+            reach = ctx if not window else min(ctx, window + n - 1)
+            read += k * (2 * reach * nkv * d * kv_bytes + n * nh * d * act_bytes)
+            written += k * (2 * n * nkv * d * kv_bytes + n * nh * d * act_bytes)
+    return Op("attention", flops, read, written, compute_dtype)
+
+
+def keys_seen(start: int, n: int, window: int = 0) -> float:
+    """Keys the tokens at positions start .. start + n - 1 attend to, summed: position p sees
+    p + 1 keys, at most `window` of them in a sliding layer."""
+    full = n * start + n * (n + 1) / 2
+    if not window:
+        return full
+    lo = max(window, start)  # positions from lo on see `window` keys, p + 1 - window fewer
+    count = max(start + n - lo, 0)
+    return full - count * ((lo + 1 - window) + (start + n - window)) / 2
 
 
 def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,

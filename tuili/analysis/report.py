@@ -38,7 +38,9 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
                   "experts": vars(c.moe).copy() if c.moe else None,
                   "hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                   "head_dim": c.head_dim, "intermediate": c.intermediate_size,
-                  "vocab": c.vocab_size, "max_context": c.max_position_embeddings},
+                  "vocab": c.vocab_size, "max_context": c.max_position_embeddings,
+                  "sliding_windows": sorted({w for w in c.windows() if w}),
+                  "sliding_layers": sum(1 for w in c.windows() if w)},
         "device": {"name": device.name, "bandwidth_bytes_per_s": device.bandwidth,
                    "peak_flops": device.flops, "memory_bytes": device.memory_bytes,
                    "compute_dtype": opsmod.COMPUTE_DTYPE[precision.weights],
@@ -51,7 +53,9 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
                     "intensity": pre_t.intensity, "ttft_floor_s": pre_t.time_s},
         "decode": {"ops": [p.as_dict() for p in dec], "flops": dec_t.flops, "bytes": dec_t.bytes,
                    "intensity": dec_t.intensity, "tpot_floor_s": dec_t.time_s,
-                   "tokens_per_s_ceiling": batch / dec_t.time_s},
+                   "tokens_per_s_ceiling": batch / dec_t.time_s,
+                   "kv_read_bytes_per_seq": memory.kv_bytes_read(c, context, precision.kv),
+                   "kv_read_bytes_per_seq_full": memory.kv_bytes_per_token(c, precision.kv) * context},
         "memory": plan.as_dict(),
         "sweep": {"context": context, "rows": [r.as_dict() for r in sweep],
                   "linears_compute_bound_at": roofline.decode_crossover(c, device, context, precision),
@@ -125,7 +129,7 @@ def format_report(r: dict, markdown: bool = False) -> str:
            f"time-per-output-token floor (decode, batch {r['batch']}): "
            f"{_ms(r['decode']['tpot_floor_s'])} ms -> at most "
            f"{r['decode']['tokens_per_s_ceiling']:,.0f} tok/s, intensity "
-           f"{r['decode']['intensity']:.3g} FLOP/B", "",
+           f"{r['decode']['intensity']:.3g} FLOP/B", *_window_lines(r), "",
            f"memory: weights {mem['weight_bytes'] / 2**30:.2f} GiB, KV {mem['kv_bytes_per_token'] / 1024:.4g} "
            f"KiB/token, {mem['kv_budget_bytes'] / 2**30:.2f} GiB for KV at utilization "
            f"{mem['utilization']} -> {mem['max_kv_tokens']:,} tokens",
@@ -150,6 +154,18 @@ def _experts(m: dict) -> str:
     shared = " + a shared expert" if e["shared_intermediate_size"] else ""
     return (f" ({m['active_params'] / 1e9:.3g}B active: top-{e['top_k']} of "
             f"{e['num_experts']} experts{shared})")
+
+
+def _window_lines(r: dict) -> list[str]:
+    """What the sliding windows save at decode (nothing for a model without them)."""
+    m, dec = r["model"], r["decode"]
+    if not m.get("sliding_layers"):
+        return []
+    windows = ", ".join(f"{w:,}" for w in m["sliding_windows"])
+    return [f"sliding windows: {m['sliding_layers']} of {m['layers']} layers see the last "
+            f"{windows} tokens; a decode step reads {dec['kv_read_bytes_per_seq'] / 2**20:.4g} MiB "
+            f"of K/V a sequence at context {r['decode_context']:,} "
+            f"({dec['kv_read_bytes_per_seq_full'] / 2**20:.4g} MiB without the windows)"]
 
 
 def _crossover_line(sweep: dict) -> str:

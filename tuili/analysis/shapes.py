@@ -33,6 +33,9 @@ SHAPES = {
                                          128, "Qwen3MoeForCausalLM"), 128, 8, 768),
     "mixtral-8x7b": lambda: _moe(_llama(4096, 14336, 32, 32, 8, 32000, 32768, 1000000.0,
                                         arch="MixtralForCausalLM"), 8, 2, 14336),
+    "gemma-3-270m": lambda: _gemma3(640, 2048, 18, 4, 1, 256, 262144, 32768, 512, 256),
+    "gemma-3-27b": lambda: _gemma3(5376, 21504, 62, 32, 16, 128, 262208, 131072, 1024, 168,
+                                   {"rope_type": "linear", "factor": 8.0}),
 }
 
 
@@ -41,6 +44,17 @@ def _moe(c: ModelConfig, experts: int, top_k: int, inter: int) -> ModelConfig:
                       renormalize=True)
     c.qk_norm = c.architecture == "Qwen3MoeForCausalLM"
     return c
+
+
+def _gemma3(hidden, inter, layers, heads, kv_heads, head_dim, vocab, ctx, window, query_scalar,
+            scaling=None) -> ModelConfig:
+    from tuili.models.gemma3 import Gemma3ForCausalLM
+
+    return Gemma3ForCausalLM.config_from_hf({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": ctx,
+        "sliding_window": window, "query_pre_attn_scalar": query_scalar, "rope_scaling": scaling})
 
 
 def model_config(name: str, revision: str | None = None) -> tuple[ModelConfig, str]:

@@ -68,7 +68,7 @@ class ModelRunner:
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
-                                    config.rope_scaling, dtype, device)
+                                    config.rope_scaling, dtype, device, config.rope_local_theta)
         self.graphs = self.prefill_graphs = None
         max_blocks = -(-max_model_len // block_size)
         if device.type == "cuda" and (cuda_graph_batch or prefill_graph_tokens):
@@ -185,7 +185,7 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     for attn in layers:
         attn.k_cache = attn.v_cache = stand_in
     rope = RotaryEmbedding(config.head_dim, num_tokens, config.rope_theta, config.rope_scaling,
-                           dtype, device)
+                           dtype, device, config.rope_local_theta)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -19,25 +19,32 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached rows as [length, kv_heads, head_dim]."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+              start: int = 0) -> torch.Tensor:
+    """One sequence's cached rows start .. length as [length - start, kv_heads, head_dim]; the
+    blocks wholly before `start` are not read."""
     bs = cache.shape[1]
-    blocks = cache.index_select(0, block_table[: (length + bs - 1) // bs])
-    return blocks.flatten(0, 1)[:length]
+    first = start // bs
+    blocks = cache.index_select(0, block_table[first: (length + bs - 1) // bs])
+    return blocks.flatten(0, 1)[start - first * bs: length - first * bs]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                     scale: float) -> torch.Tensor:
-    """One query token per sequence. q: [B, heads, d] -> [B, heads, d]."""
+                     scale: float, window: int = 0) -> torch.Tensor:
+    """One query token per sequence. q: [B, heads, d] -> [B, heads, d]. A window > 0 keeps each
+    sequence's last `window` keys (its newest token's included)."""
     B, bs = q.shape[0], k_cache.shape[1]
     nblocks = (max_len + bs - 1) // bs
     table = block_tables[:, :nblocks]
     k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, kvh, L, d]
     v = v_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)
     mask = None
-    if B > 1:
-        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])
+    if B > 1 or 0 < window < max_len:
+        pos = torch.arange(max_len, device=q.device)[None, :]
+        mask = pos < seq_lens[:, None]
+        if window > 0:
+            mask &= pos >= seq_lens[:, None] - window
         mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=True)
@@ -46,19 +53,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int = 0) -> torch.Tensor:
     """Causal attention for one sequence's new tokens q/k/v ([n, heads, d]) that follow
-    `context_len` tokens already in the cache. Returns [n, heads, d]."""
+    `context_len` tokens already in the cache; a window > 0 lets each query see only its last
+    `window` keys. Returns [n, heads, d]."""
     n = q.shape[0]
-    if context_len == 0:
+    total = context_len + n
+    # The first key any query sees: the cached keys before it are not read.
+    first = max(context_len - window + 1, 0) if window > 0 else 0
+    if context_len == 0 and not 0 < window < n:
         keys, values, causal, mask = k, v, True, None
     else:
-        total = context_len + n
-        keys = gather_kv(k_cache, block_table, total)
-        values = gather_kv(v_cache, block_table, total)
-        # Query i sits at position context_len + i and sees keys 0 .. context_len + i.
+        if context_len == 0:
+            keys, values = k, v
+        else:
+            keys = gather_kv(k_cache, block_table, total, first)
+            values = gather_kv(v_cache, block_table, total, first)
+        # Query i sits at position context_len + i and sees keys up to it (and within the window).
         q_pos = torch.arange(context_len, total, device=q.device)[:, None]
-        mask = torch.arange(total, device=q.device)[None, :] <= q_pos
+        k_pos = torch.arange(total - keys.shape[0], total, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if window > 0:
+            mask &= k_pos > q_pos - window
         causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),

@@ -5,7 +5,8 @@ Torch references: kernels/reference.py.
 Cache layout as in the reference: [num_blocks, block_size, kv_heads, head_dim], contiguous. Rows
 with slot -1 (store) or seq_len 0 (attention) are padding, as in a CUDA-graph batch: skipped.
 Attention runs after this step's K/V are stored, so both kernels read every key from the cache:
-a cached prefix and a chunk computed earlier need no gather.
+a cached prefix and a chunk computed earlier need no gather. A sliding window (> 0) keeps each
+query's last `window` keys: the kernels start their loops at the window, reading no key before it.
 """
 
 from __future__ import annotations
@@ -93,13 +94,13 @@ def _wait_for_q(q_rows, live, PDL: tl.constexpr):
 
 
 @triton.jit
-def _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len,
-                  qk_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, first,
+                  seq_len, qk_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
                   PDL: tl.constexpr):
-    """Attention of the q rows over all seq_len keys, written to out_rows (zeros when none)."""
+    """Attention of the q rows over keys first .. seq_len, written to out_rows (zeros when none)."""
     q = _wait_for_q(q_rows, live, PDL)
-    acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, 0, seq_len,
+    acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, first, seq_len,
                                   qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=live)
@@ -140,7 +141,7 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_o, seq, kv_head, used,
 # are not specialised on: each new value would compile another variant mid-run.
 @triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["table_ptr"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
-                   ticket_ptr, scale, stride_q, stride_o, stride_table,
+                   ticket_ptr, scale, stride_q, stride_o, stride_table, window,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
@@ -155,9 +156,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(len_ptr + seq)
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
-    used = tl.cdiv(seq_len, per_split)  # splits that hold keys; 0 for a padding row
-    lo = split * per_split
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # the window's first key
+    span = seq_len - first
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+    used = tl.cdiv(span, per_split)  # splits that hold keys; 0 for a padding row
+    lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -168,12 +171,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
     q_rows = q_ptr + seq * stride_q + heads[:, None] * HEAD_DIM + d[None, :]
     out_rows = out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :]
     if SPLITS == 1:
-        _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len,
-                      qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD, PDL)
+        _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, first,
+                      seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD, PDL)
     elif used <= 1:  # one range (or none: a padding row gets zeros): split 0 writes the output
         if split == 0:
             _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head,
-                          seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
+                          first, seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
                           PDL)
     elif lo < hi:
         q = _wait_for_q(q_rows, live, PDL)
@@ -207,7 +210,8 @@ class DecodeConfig:
     num_stages: int = 3
 
 
-def decode_splits(batch: int, kv_heads: int, device: torch.device, max_len: int | None = None) -> int:
+def decode_splits(batch: int, kv_heads: int, device: torch.device, max_len: int | None = None
+                  ) -> int:
     """How many ranges to cut each sequence into so that about two programs run per SM.
     max_len, when known, stops splitting short contexts finer than 128 tokens a range."""
     programs = batch * kv_heads
@@ -231,15 +235,18 @@ def decode_config(batch: int, kv_heads: int, head_dim: int, device: torch.device
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, max_len: int | None = None,
-                     config: DecodeConfig | None = None) -> torch.Tensor:
+                     config: DecodeConfig | None = None, window: int = 0) -> torch.Tensor:
     """One query token per sequence, in one launch. q: [B, heads, d] (rows contiguous) ->
-    [B, heads, d]. config overrides the launch shape (for tuning)."""
+    [B, heads, d]. config overrides the launch shape (for tuning); window > 0: the last `window`
+    keys alone."""
     B, heads, d = q.shape
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kvh
     out = torch.empty_like(q) if out is None else out
     if not B:
         return out
+    if window > 0:  # the splits cut the window alone
+        max_len = min(max_len, window) if max_len else window
     cfg = config or decode_config(B, kvh, d, q.device, max_len)
     tickets = _tickets(q.device)
     part = lse = out  # unused when not split
@@ -251,7 +258,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty(B, heads, cfg.splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(B, kvh, cfg.splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, tickets, scale,
-        q.stride(0), out.stride(0), block_tables.stride(0),
+        q.stride(0), out.stride(0), block_tables.stride(0), window,
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         MERGE_PAD=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLITS=cfg.splits, PDL=pdl(q), launch_pdl=pdl(q),
@@ -262,7 +269,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @triton.jit(do_not_specialize=["stride_table", "num_seqs"],
             do_not_specialize_on_alignment=["table_ptr"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_ptr, scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs, window,
                     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (head, sequence, query tile). Query i of a sequence sits at position
@@ -289,16 +296,23 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
     n = tl.arange(0, BLOCK_N)
     qk_scale = scale * 1.4426950408889634
     table = table_ptr + seq * stride_table
-    # Keys before the tile's first query are visible to every row: no causal mask there.
-    unmasked_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    # Keys before the tile's first query are visible to every row: no causal mask there. With a
+    # window, the loop starts at the tile's first query's first key (a BLOCK_N step below it),
+    # and every step is masked.
+    windowed = window > 0
+    unmasked_end = tl.where(windowed, 0, (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N)
+    lo = tl.where(windowed, tl.maximum(context + tile * BLOCK_M - window + 1, 0), 0)
+    lo = lo // BLOCK_N * BLOCK_N
     hi = context + tl.minimum((tile + 1) * BLOCK_M, q_len)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         k, v, valid = _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS,
                                HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if start >= unmasked_end:
             pos = start + n
-            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            seen = seen & ((pos[None, :] > q_pos[:, None] - window) | (window <= 0))
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -312,10 +326,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
-                      out: torch.Tensor) -> torch.Tensor:
+                      out: torch.Tensor, window: int = 0) -> torch.Tensor:
     """Causal attention for several sequences' new tokens, their K/V already in the cache.
     q, out: [tokens, heads, d]; seqs: [3, num_seqs] int32 rows (first q row, new tokens, context);
-    block_tables: one row per sequence."""
+    block_tables: one row per sequence; window > 0: each query's last `window` keys alone."""
     heads, d = q.shape[1], q.shape[2]
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs = seqs.shape[1]
@@ -325,7 +339,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if num_seqs:
         _prefill_kernel[(heads, num_seqs, triton.cdiv(max_q_len, block_m))](
             q, k_cache, v_cache, block_tables, seqs, out, scale, q.stride(0), q.stride(1),
-            out.stride(0), out.stride(1), block_tables.stride(0), num_seqs,
+            out.stride(0), out.stride(1), block_tables.stride(0), num_seqs, window,
             KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out

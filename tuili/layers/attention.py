@@ -2,8 +2,9 @@
 
 The model sees only flat tokens plus an AttentionMetadata, which its attention backend builds (the
 runner asks it once per step). Rows are ordered decodes first (one token each), then prefill
-chunks. A backend is chosen once, with the model's (layers/backend.py): a sliding window or
-non-causal attention is a new backend, not a branch in these.
+chunks. A backend is chosen once, with the model's (layers/backend.py): non-causal attention is a
+new backend, not a branch in these. A sliding window is a layer's (Attention.window): each
+backend's kernels then read only the window's keys.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class AttentionMetadata:
         """cos, sin of the new tokens' positions [tokens, 1, head_dim], for the torch path."""
         return self.rope.lookup(self.positions)
 
+    @cached_property
+    def local_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from the local-rope table (layers with local_rope)."""
+        return self.rope.local.lookup(self.positions) if self.rope.local is not self.rope \
+            else self.cos_sin
+
 
 class TorchAttention:
     """The reference path: rotary in torch, K/V stored by index, each prefill attended alone."""
@@ -46,14 +53,15 @@ class TorchAttention:
 
     def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
                 q_norm=None, k_norm=None) -> torch.Tensor:
-        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *meta.cos_sin, q_norm, k_norm)
+        cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
+        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
         reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         out = torch.empty_like(q) if meta.prefills else None
         if nd:
             decoded = reference.decode_attention(
                 q[:nd], layer.k_cache, layer.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                meta.max_decode_len, layer.scale)
+                meta.max_decode_len, layer.scale, layer.window)
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded
@@ -61,7 +69,7 @@ class TorchAttention:
             rows = slice(start, start + n)
             out[rows] = reference.prefill_attention(
                 q[rows], k[rows], v[rows], layer.k_cache, layer.v_cache,
-                meta.block_tables[nd + i], cached, layer.scale)
+                meta.block_tables[nd + i], cached, layer.scale, layer.window)
         return out.flatten(1)
 
 
@@ -87,24 +95,25 @@ class TritonAttention:
         attention = self._attention
         if layer.head_dim & (layer.head_dim - 1) == 0:
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
+            rope = meta.rope.local if layer.local_rope else meta.rope
             q = self._rope.rope_and_store(
-                qkv, meta.positions, meta.rope.cos, meta.rope.sin, layer.k_cache, layer.v_cache,
+                qkv, meta.positions, rope.cos, rope.sin, layer.k_cache, layer.v_cache,
                 meta.slot_mapping, layer.num_heads, weights,
                 q_norm.eps if q_norm is not None else 0.0)
         else:
-            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *meta.cos_sin, q_norm,
-                                k_norm)
+            cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
+            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
             attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         out = torch.empty_like(q)
         if nd:
             attention.decode_attention(q[:nd], layer.k_cache, layer.v_cache, meta.block_tables,
                                        meta.seq_lens, layer.scale, out=out[:nd],
-                                       max_len=meta.max_decode_len or None)
+                                       max_len=meta.max_decode_len or None, window=layer.window)
         if meta.prefills:
             attention.prefill_attention(
                 q, layer.k_cache, layer.v_cache, meta.block_tables[nd:], meta.prefill_seqs,
-                max(n for _, n, _ in meta.prefills), layer.scale, out)
+                max(n for _, n, _ in meta.prefills), layer.scale, out, window=layer.window)
         return out.flatten(1)
 
 
@@ -112,10 +121,13 @@ class Attention(nn.Module):
     """One layer's attention and its slice of the KV cache (bound by the runner)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 backend: TorchAttention | TritonAttention):
+                 backend: TorchAttention | TritonAttention, scale: float | None = None,
+                 window: int = 0, local_rope: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window = window  # > 0: each query sees only its last `window` keys
+        self.local_rope = local_rope  # rotary from the metadata's rope.local table
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None

@@ -38,15 +38,19 @@ def _llama3(inv: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Holds cos/sin for every position up to max_len; the runner indexes them once per step."""
+    """Holds cos/sin for every position up to max_len; the runner indexes them once per step.
+    `local`: the table of the layers marked local_rope (Gemma 3's sliding layers have their own
+    base, unscaled), this one where no local_theta is given."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, local_theta: float | None = None):
         inv = inv_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
+        self.local = self if local_theta is None else RotaryEmbedding(
+            head_dim, max_len, local_theta, None, dtype, device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [tokens, 1, head_dim], ready to broadcast over heads."""

@@ -26,6 +26,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model (models/moe.py)
     bos_token_id: int | None = None
+    # Per layer: its sliding window in tokens, 0 where it attends to the whole context (empty: all).
+    layer_windows: list[int] = field(default_factory=list)
+    rope_local_theta: float | None = None  # the sliding layers' own rope base (Gemma 3)
     eos_token_ids: list[int] = field(default_factory=list)
     # the whole config.json, for what one family reads its own way (BERT: layer_norm_eps, ...)
     hf: dict = field(default_factory=dict, repr=False)
@@ -80,6 +83,10 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def windows(self) -> list[int]:
+        """Each layer's sliding window, 0 for a layer that sees the whole context."""
+        return self.layer_windows or [0] * self.num_layers
 
 
 def architecture(cfg: dict) -> str:

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from tuili.errors import ModelLoadError
 from tuili.layers.int4 import Int4Weight
+from tuili.models import chat_templates
 from tuili.models.config import ModelConfig
 from tuili.models.tokenizer import Tokenizer
 
@@ -31,7 +32,10 @@ INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 # GGUF architecture -> HF class name
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
+# Families whose config is parsed by their own class from the metadata as an HF config.json.
+OWN_CONFIG = ("gemma3",)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -41,6 +45,9 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Gemma 3 norms both sides of attention and the MLP: llama.cpp's ffn_norm is the one before it.
+_GEMMA3_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 
 # Pre-tokenizer split patterns by llama.cpp's tokenizer.ggml.pre name.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -95,6 +102,10 @@ class GGUFModel:
                 f"{self.path}: architecture {a!r} is not supported; supported GGUF "
                 f"architectures: {', '.join(ARCHITECTURES)}")
         get = lambda k, d=None: self._get(f"{a}.{k}", d)  # noqa: E731
+        if a in OWN_CONFIG:
+            from tuili.models.registry import config_from_hf
+
+            return config_from_hf(self._hf_config(get))
         heads = get("attention.head_count")
         hidden = get("embedding_length")
         tokens = self._get("tokenizer.ggml.tokens") or []
@@ -124,6 +135,24 @@ class GGUFModel:
             eos_token_ids=[eos] if eos is not None else [],
         )
 
+    def _hf_config(self, get) -> dict:
+        """The metadata as the HF config.json keys it holds (as transformers' GGUF loader reads
+        them); what it lacks takes the family's HF defaults."""
+        cfg = {"architectures": [ARCHITECTURES[self.arch]],
+               "vocab_size": get("vocab_size") or len(self._get("tokenizer.ggml.tokens") or []),
+               "hidden_size": get("embedding_length"), "intermediate_size": get("feed_forward_length"),
+               "num_hidden_layers": get("block_count"),
+               "num_attention_heads": get("attention.head_count"),
+               "num_key_value_heads": get("attention.head_count_kv"),
+               "head_dim": get("attention.key_length"),
+               "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+               "rope_theta": get("rope.freq_base"), "max_position_embeddings": get("context_length"),
+               "sliding_window": get("attention.sliding_window"),
+               "tie_word_embeddings": "output.weight" not in self.tensors,
+               "bos_token_id": self._get("tokenizer.ggml.bos_token_id"),
+               "eos_token_id": self._get("tokenizer.ggml.eos_token_id")}
+        return {k: v for k, v in cfg.items() if v is not None}
+
     def _tensor(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
         if t.tensor_type not in SUPPORTED_TYPES:
@@ -145,8 +174,9 @@ class GGUFModel:
         """HF-named tensors, q/k rows put back in HF's rotate-half order. Float32, except that
         with int4=True the 4-bit linear weights stay packed as Int4Weight."""
         c = self.config()
+        layer_names = _GEMMA3_NAMES if self.arch == "gemma3" else _LAYER_NAMES
         for name in self.tensors:
-            hf_name = _hf_name(name)
+            hf_name = _hf_name(name, layer_names)
             if hf_name is None:
                 continue
             t = self.tensors[name]
@@ -161,6 +191,9 @@ class GGUFModel:
                     tensor = tensor.permute_rows(lambda x: unpermute_rope_rows(x, heads))
                 else:
                     tensor = unpermute_rope_rows(tensor, heads)
+            # llama.cpp's converter stores Gemma's norm weights with their 1 added.
+            if self.arch == "gemma3" and name.endswith("norm.weight"):
+                tensor = tensor - 1
             yield hf_name, tensor
 
     def tokenizer(self) -> Tokenizer:
@@ -189,8 +222,9 @@ class GGUFModel:
         if self._get("tokenizer.ggml.add_bos_token", default_bos) and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        template = self._get("tokenizer.chat_template") or chat_templates.FOR_GGUF.get(self.arch)
         return Tokenizer(backend, bos_token=bos, eos_token=tokens[eos_id] if eos_id is not None else None,
-                         chat_template=self._get("tokenizer.chat_template"))
+                         chat_template=template)
 
 
 def unpack_q4(data: np.ndarray, qtype: Q) -> Int4Weight:
@@ -232,13 +266,13 @@ def unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str | None:
     base, _, kind = name.rpartition(".")
     if base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{kind}"
     parts = base.split(".")
-    if parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{kind}"
+    if parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{kind}"
     return None  # rope_freqs and the like are read into the config instead
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tuili.errors import ModelLoadError
 from tuili.models.bert import BertForSequenceClassification, BertModel
 from tuili.models.config import ModelConfig, architecture
+from tuili.models.gemma3 import Gemma3ForCausalLM
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.moe import MoEForCausalLM
 
@@ -15,6 +16,7 @@ MODELS = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": MoEForCausalLM, "Qwen2MoeForCausalLM": MoEForCausalLM,
     "MixtralForCausalLM": MoEForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM, "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
 }
