@@ -128,6 +128,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 class Gemma3ForCausalLM(nn.Module):
     MERGED = LlamaForCausalLM.MERGED
+    checkpoint_target = LlamaForCausalLM.checkpoint_target
 
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
