@@ -62,6 +62,11 @@ class EngineConfig:
     async_scheduling: bool | None = _opt(None, "plan and queue each step before the last step's "
                                                "tokens are read back (default: on for GPU, off "
                                                "for CPU, where it only adds a step per request)")
+    speculative_config: str | dict | None = _opt(
+        None, "speculative decoding, as JSON (vLLM's shape): {\"method\": \"ngram\", "
+              "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4} or {\"model\": PATH, "
+              "\"num_speculative_tokens\": 4}; \"disable_by_batch_size\": N turns it off for "
+              "steps of more than N decodes")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "
@@ -92,6 +97,9 @@ class EngineConfig:
         need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")
         need("max_prefill_graph_tokens", self.max_prefill_graph_tokens >= 0, ">= 0")
         need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
+        from tuili.engine.spec_decode.config import SpeculativeConfig
+
+        SpeculativeConfig.parse(self.speculative_config)  # raises what to change
         return self
 
     @classmethod
