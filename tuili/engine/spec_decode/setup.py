@@ -9,8 +9,8 @@ from tuili.engine.spec_decode.ngram import NgramProposer
 from tuili.engine.spec_decode.speculator import Speculator
 
 
-def make_speculator(config, model_config, tokenizer, max_model_len: int, dtype: torch.dtype,
-                    device: torch.device) -> Speculator | None:
+def make_speculator(config, model_config, tokenizer, max_model_len: int, num_blocks: int,
+                    dtype: torch.dtype, device: torch.device) -> Speculator | None:
     """None when config.speculative_config is unset (the engine's plain path)."""
     spec = SpeculativeConfig.parse(config.speculative_config)
     if spec is None:
@@ -21,6 +21,7 @@ def make_speculator(config, model_config, tokenizer, max_model_len: int, dtype: 
     else:
         from tuili.engine.spec_decode.draft_model import DraftModelProposer
 
+        # as many blocks as the target's: the draft never runs out before it does
         proposer = DraftModelProposer(spec, config, model_config, tokenizer, max_model_len,
-                                      dtype, device)
+                                      num_blocks, dtype, device)
     return Speculator(spec, proposer, max_model_len)
