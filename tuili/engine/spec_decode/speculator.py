@@ -29,6 +29,19 @@ class SpecStats:
         """Tokens gained per verify step: the kept drafts plus the target's own token."""
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def summary(self) -> dict:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "acceptance_rate": self.acceptance_rate,
+                "mean_acceptance_length": self.mean_acceptance_length,
+                "num_steps_off": self.num_steps_off}
+
+    def format(self) -> str:
+        return (f"speculative decoding: {self.num_draft_tokens} tokens proposed, "
+                f"{self.num_accepted_tokens} accepted ({self.acceptance_rate:.1%}), mean "
+                f"acceptance length {self.mean_acceptance_length:.2f} over {self.num_drafts} "
+                f"verify steps; {self.num_steps_off} steps too large to speculate")
+
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int):
@@ -66,6 +79,9 @@ class Speculator:
         if r.params.max_tokens is not None:
             cap = min(cap, r.params.max_tokens - r.num_output_tokens - 1)
         return cap
+
+    def reset_stats(self) -> None:
+        self.stats = SpecStats()
 
     def verify(self, logits: torch.Tensor, reqs: list[Request],
                generator: torch.Generator) -> list[Verified]:
