@@ -75,6 +75,31 @@ def test_ngram_one_at_a_time_then_prefix_hits(ngram, all_prompts, plain):
     check_kv_consistent(ngram.engine)
 
 
+def test_rollback_keeps_tables_and_hashes_of_real_tokens(ngram, all_prompts):
+    """After every step: a request holds exactly the blocks its computed tokens need (rejected
+    drafts' blocks given back), and each block it registered is hashed from real tokens."""
+    from tuili.engine.kv_cache import chain_hash
+
+    engine, bs = ngram.engine, ngram.engine.config.block_size
+    stats = engine.spec_stats
+    rejected_before = stats.num_draft_tokens - stats.num_accepted_tokens
+    engine.add_request("rollback", all_prompts[0], GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+        for req in engine.scheduler.running:
+            if req.draft is not None:
+                continue  # its verify step is in flight: its drafts count as computed
+            table = engine.kv.tables[req.request_id]
+            assert len(table) == engine.kv.blocks_needed(req.num_computed_tokens)
+            assert req.num_computed_tokens == req.num_tokens - 1  # the new token is pending
+            parent = None
+            for i in range(engine.kv.registered[req.request_id]):
+                parent = chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs])
+                assert engine.pool.block_hash[table[i]] == parent
+    assert stats.num_draft_tokens - stats.num_accepted_tokens > rejected_before  # some rolled back
+    check_kv_consistent(engine)
+
+
 def test_off_switch_for_large_batches(ngram, all_prompts, plain):
     spec = ngram.engine.speculator
     config = spec.config

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from tuili.errors import InvalidParameter
+from tuili.speculative_config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -97,8 +98,6 @@ class EngineConfig:
         need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")
         need("max_prefill_graph_tokens", self.max_prefill_graph_tokens >= 0, ">= 0")
         need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
-        from tuili.engine.spec_decode.config import SpeculativeConfig
-
         SpeculativeConfig.parse(self.speculative_config)  # raises what to change
         return self
 

@@ -13,7 +13,7 @@ from tuili.engine.request import Request
 from tuili.engine.runner import ModelRunner
 from tuili.engine.sampler import draw_seed
 from tuili.engine.scheduler import Batch
-from tuili.engine.spec_decode.config import SpeculativeConfig
+from tuili.speculative_config import SpeculativeConfig
 from tuili.engine.spec_decode.draft import Draft
 from tuili.engine.spec_decode.verify import RowView, target_probs
 from tuili.errors import InvalidParameter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuili.engine.spec_decode.config import SpeculativeConfig
+from tuili.speculative_config import SpeculativeConfig
 from tuili.engine.spec_decode.ngram import NgramProposer
 from tuili.engine.spec_decode.speculator import Speculator
 

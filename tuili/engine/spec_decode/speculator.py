@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tuili.engine.request import Request
-from tuili.engine.spec_decode.config import SpeculativeConfig
+from tuili.speculative_config import SpeculativeConfig
 from tuili.engine.spec_decode.verify import Verified, verify
 
 
