@@ -12,6 +12,11 @@ METHODS = ("ngram", "draft_model", "eagle")
 # decoding: when it pays"): on the 2-core CPU a verify row costs about a decode row, so beyond a
 # few sequences the guessed rows crowd out real ones.
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+# A request whose guesses are kept less often than this stops guessing for a while: a verify
+# step of k + 1 rows must gain more tokens than it costs in decode steps. On the 2-core CPU a
+# verify of 4 rows costs ~1.9 decode steps, break-even at ~30% acceptance for k = 3; on a GPU a
+# verify row is nearly free (benchmarks/gpu_spec_decode.py measures it).
+DEFAULT_MIN_ACCEPTANCE = {"cpu": 0.3, "cuda": 0.05}
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram: the longest
     model: str | None = None  # draft_model / eagle: the checkpoint
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
+    min_acceptance_rate: float | None = None  # None: DEFAULT_MIN_ACCEPTANCE of the device
 
     @classmethod
     def parse(cls, value: str | dict | None) -> SpeculativeConfig | None:
@@ -37,7 +43,7 @@ class SpeculativeConfig:
             raise InvalidParameter("speculative_config", "must be a JSON object")
         value = dict(value)
         known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                 "model", "disable_by_batch_size"}
+                 "model", "disable_by_batch_size", "min_acceptance_rate"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise InvalidParameter("speculative_config",
@@ -71,5 +77,8 @@ class SpeculativeConfig:
              and self.prompt_lookup_max >= self.prompt_lookup_min, ">= prompt_lookup_min")
         need("model", (self.model is not None) == (self.method != "ngram"),
              "a path for a draft model, none for ngram")
+        a = self.min_acceptance_rate
+        need("min_acceptance_rate", a is None or (isinstance(a, (int, float)) and 0 <= a <= 1),
+             "a number in [0, 1]")
         need("disable_by_batch_size", type(self.disable_by_batch_size) is int
              and self.disable_by_batch_size >= 1, "an integer >= 1")

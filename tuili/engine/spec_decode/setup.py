@@ -24,4 +24,4 @@ def make_speculator(config, model_config, tokenizer, max_model_len: int, num_blo
         # as many blocks as the target's: the draft never runs out before it does
         proposer = DraftModelProposer(spec, config, model_config, tokenizer, max_model_len,
                                       num_blocks, dtype, device)
-    return Speculator(spec, proposer, max_model_len)
+    return Speculator(spec, proposer, max_model_len, device.type)

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from tuili.engine.request import Request
-from tuili.speculative_config import SpeculativeConfig
+from tuili.speculative_config import DEFAULT_MIN_ACCEPTANCE, SpeculativeConfig
+
+# Each request's running acceptance: an exponential average over its verify steps (this weight
+# on the newest); while below the minimum it rises by RECOVERY a step, so it tries again later.
+_WEIGHT, _RECOVERY = 0.3, 0.05
 from tuili.engine.spec_decode.verify import Verified, verify
 
 
@@ -44,10 +48,14 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int,
+                 device_type: str = "cpu"):
         self.config, self.proposer = config, proposer
         self.max_model_len = max_model_len
         self.stats = SpecStats()
+        self.min_acceptance = (config.min_acceptance_rate if config.min_acceptance_rate is not None
+                               else DEFAULT_MIN_ACCEPTANCE.get(device_type, 0.05))
+        self.acceptance: dict[str, float] = {}  # request id -> running acceptance
 
     def plan(self, decodes: list[Request], budget: int) -> None:
         """Set the draft of each decode that speculates this step (None for the others)."""
@@ -60,13 +68,21 @@ class Speculator:
         reqs, caps = [], []
         for r in decodes:
             cap = min(self._cap(r), spare)
-            if cap > 0 and self._speculates(r):
+            if cap > 0 and self._speculates(r) and self._pays(r):
                 reqs.append(r)
                 caps.append(cap)
                 spare -= cap
         if reqs:
             for r, draft in zip(reqs, self.proposer.propose(reqs, caps)):
                 r.draft = draft
+
+    def _pays(self, r: Request) -> bool:
+        """Whether the request's guesses have been kept often enough to be worth a verify."""
+        rate = self.acceptance.get(r.request_id)
+        if rate is None or rate >= self.min_acceptance:
+            return True
+        self.acceptance[r.request_id] = rate + _RECOVERY
+        return False
 
     def _speculates(self, r: Request) -> bool:
         # A pending token is not known yet (async scheduling); a grammar's mask would have to
@@ -87,7 +103,9 @@ class Speculator:
                generator: torch.Generator) -> list[Verified]:
         verified = verify(logits, reqs, generator)
         s = self.stats
-        for v in verified:
+        for r, v in zip(reqs, verified):
+            rate = self.acceptance.get(r.request_id, 1.0)
+            self.acceptance[r.request_id] = (1 - _WEIGHT) * rate + _WEIGHT * v.kept / v.proposed
             s.num_drafts += 1
             s.num_draft_tokens += v.proposed
             s.num_accepted_tokens += v.kept
@@ -96,4 +114,5 @@ class Speculator:
     def release(self, req: Request) -> None:
         """A request is finished: the proposer forgets it."""
         req.draft = None
+        self.acceptance.pop(req.request_id, None)
         self.proposer.release(req)
