@@ -166,6 +166,8 @@ class LLMEngine:
                 self.step()
         self.pool.reset_prefix_cache()
         self.pool.stats = PrefixCacheStats()
+        if self.speculator is not None:
+            self.speculator.reset_stats()
 
     # ---- requests in and out -------------------------------------------------------------
 
