@@ -1,7 +1,8 @@
 """Speculative decoding on the CPU: SmolLM2-135M single stream, n-gram lookup against none, on
 prompts that repeat (code editing, summarising a given text) and prompts that do not.
 
-Run: python benchmarks/cpu_spec_decode.py [--tokens 96] [--k 3] [--repeats 2] [--dtype float32]
+Run: python benchmarks/cpu_spec_decode.py [--tokens 96] [--k 3] [--lookup-min 1] [--repeats 2]
+     [--dtype float32]
      [--batch-rule] [--json OUT]
 
 Greedy, end-of-sequence ignored, --tokens new tokens per prompt. Both engines are loaded once and
@@ -57,7 +58,8 @@ def timed(llm: LLM, prompt: str, params: SamplingParams) -> tuple[float, list[in
 
 
 def single_stream(args) -> list[dict]:
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3}
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3,
+            "prompt_lookup_min": args.lookup_min}
     plain = LLM("smollm2-135m", dtype=args.dtype)
     ngram = LLM("smollm2-135m", dtype=args.dtype, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
@@ -78,7 +80,7 @@ def single_stream(args) -> list[dict]:
                      "speedup": best["none"] / best["ngram"], "acceptance_rate": s.acceptance_rate,
                      "mean_acceptance_length": s.mean_acceptance_length})
     print(f"SmolLM2-135M {args.dtype}, single stream, {args.tokens} greedy tokens, ngram "
-          f"k={args.k}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+          f"k={args.k} lookup {args.lookup_min}..3, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"{'prompt':<11} {'repeats':>7} {'none tok/s':>10} {'ngram tok/s':>11} {'speedup':>8} "
           f"{'accept':>7} {'mean len':>8}")
     for r in rows:
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--lookup-min", type=int, default=1, help="prompt_lookup_min")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-rule", action="store_true")
     ap.add_argument("--json", default=None)
