@@ -166,7 +166,7 @@ def arrival(llm: LLM, vocab: int, trials: int = 5, mixed_graphs: bool = True) ->
     eng = llm.engine
     graphs = eng.runner.prefill_graphs
     if not mixed_graphs:
-        graphs.fits = lambda n, seqs: seqs == 1 and type(graphs).fits(graphs, n, seqs)
+        graphs.fits = lambda n, seqs, rows=0: seqs == 1 and type(graphs).fits(graphs, n, seqs, rows)
     g = torch.Generator().manual_seed(0)
     results = []
     for k in range(trials):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from tuili.errors import InvalidParameter
+from tuili.speculative_config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -65,6 +66,11 @@ class EngineConfig:
     engine_process: bool | None = _opt(None, "AsyncLLM and `tuili serve`: run the engine in a "
                                              "process of its own, so the HTTP side never waits "
                                              "for its GIL (default: on GPU)")
+    speculative_config: str | dict | None = _opt(
+        None, "speculative decoding, as JSON (vLLM's shape): {\"method\": \"ngram\", "
+              "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4} or {\"model\": PATH, "
+              "\"num_speculative_tokens\": 4}; \"disable_by_batch_size\": N turns it off for "
+              "steps of more than N decodes")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "
@@ -95,6 +101,7 @@ class EngineConfig:
         need("max_model_len", self.max_model_len is None or self.max_model_len >= 2, ">= 2")
         need("max_prefill_graph_tokens", self.max_prefill_graph_tokens >= 0, ">= 0")
         need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
+        SpeculativeConfig.parse(self.speculative_config)  # raises what to change
         return self
 
     @classmethod

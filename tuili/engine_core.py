@@ -33,6 +33,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    spec: dict[str, float] = field(default_factory=dict)  # speculative decoding's, when on
     profile: dict[str, float] = field(default_factory=dict)  # the phase profiler's, with --profile
 
 
@@ -157,6 +158,7 @@ class EngineLoop:
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
             kv_cache_usage=e.pool.usage, prefix_cache_queries=e.prefix_cache_stats.queries,
             prefix_cache_hits=e.prefix_cache_stats.hits, num_preemptions=e.num_preemptions,
+            spec=e.spec_stats.summary() if e.spec_stats is not None else {},
             profile=e.profiler.snapshot() if e.profiler is not None else {})
 
 

@@ -66,6 +66,10 @@ def _llm(args: argparse.Namespace):
 
 
 def _finish(args: argparse.Namespace, llm, results: dict, lines: list[str]) -> None:
+    spec = llm.engine.spec_stats
+    if spec is not None:
+        results["speculative"] = spec.summary()
+        lines.append(spec.format())
     profiler = llm.engine.profiler
     if profiler is not None:
         results["profile"] = profiler.summary()

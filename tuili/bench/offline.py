@@ -30,6 +30,8 @@ def warm_up(llm) -> None:
     llm.generate([random_prompts(llm.engine.model_config.vocab_size, 1, 8)[0]], _params(2))
     if llm.engine.profiler is not None:
         llm.engine.profiler.reset()
+    if llm.engine.speculator is not None:
+        llm.engine.speculator.reset_stats()
 
 
 def throughput(llm, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:

@@ -201,8 +201,10 @@ class PrefillGraphs:
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
-    def fits(self, num_tokens: int, num_seqs: int) -> bool:
-        return num_tokens <= self.max_tokens and num_seqs <= PREFILL_SEQS
+    def fits(self, num_tokens: int, num_seqs: int, num_rows: int = 0) -> bool:
+        """Whether a step of these tokens, sequences and sampled rows (a verify step samples
+        several per sequence) fits the graphs."""
+        return num_tokens <= self.max_tokens and max(num_seqs, num_rows) <= PREFILL_SEQS
 
     def _views(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, positions, slots = self.tokens[:3 * size].view(3, size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from tuili.engine.request_checks import ParamsCheck, encode_prompt
 from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
 from tuili.engine.scheduler import Batch, Scheduler
+from tuili.engine.spec_decode.setup import make_speculator
 from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
@@ -70,6 +71,7 @@ class _InFlight:
     sampled_requests: list[Request]  # those that sampled a token (each has one pending)
     sampled: SampledTokens | None
     groups: list[str]  # the groups it advanced, in batch order
+    verified: list = field(default_factory=list)  # (request, spec_decode Verified), read back
 
     @property
     def device_tokens(self) -> DeviceTokens | None:
@@ -110,7 +112,9 @@ class LLMEngine:
                                                        self.prefill_graph_tokens)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.speculator = make_speculator(config, self.model_config, self.tokenizer,
+                                          self.max_model_len, num_blocks, self.dtype, self.device)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
@@ -118,6 +122,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
+        if self.speculator is not None:  # proposals need every request's last token read back
+            self.async_scheduling = False
         self.output = OutputProcessor(self.tokenizer)
         self.pooling_output = PoolingOutputProcessor(
             self.pooling_config.normalize if self.pooling_config else False)
@@ -160,6 +166,8 @@ class LLMEngine:
                 self.step()
         self.pool.reset_prefix_cache()
         self.pool.stats = PrefixCacheStats()
+        if self.speculator is not None:
+            self.speculator.reset_stats()
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -295,7 +303,12 @@ class LLMEngine:
             sampled = self.sampler(logits, reqs, argmax, graph, mask)
             for r in reqs:
                 r.num_pending += 1
-        return _InFlight(batch, reqs, sampled, self.output.group_ids(batch.requests))
+        verified = []
+        if result.verify_requests:  # read back now: the next step's drafts start from them
+            found = self.speculator.verify(result.verify_logits, result.verify_requests,
+                                           self.sampler.generator)
+            verified = list(zip(result.verify_requests, found))
+        return _InFlight(batch, reqs, sampled, self.output.group_ids(batch.requests), verified)
 
     def _resolve(self) -> list[RequestOutput]:
         """Read back the last step's tokens, apply them (stops, limits, prefix cache) and build
@@ -305,7 +318,7 @@ class LLMEngine:
             return []
         tokens, logprobs = step.sampled.resolve() if step.sampled is not None else ([], [])
         self.scheduler.update(step.batch, step.sampled_requests, tokens, logprobs,
-                              self.output.stop_string)
+                              self.output.stop_string, step.verified)
         if grammars := self.checks.made_grammars:
             for req in grammars.accept(step.sampled_requests, tokens):
                 self.scheduler.finish(req, "stop")  # the grammar is complete
@@ -314,6 +327,11 @@ class LLMEngine:
     @property
     def prefix_cache_stats(self):
         return self.pool.stats
+
+    @property
+    def spec_stats(self):
+        """Speculative decoding's counters (spec_decode.speculator.SpecStats), or None."""
+        return self.speculator.stats if self.speculator is not None else None
 
     @property
     def num_preemptions(self) -> int:

@@ -151,6 +151,17 @@ class KVCacheManager:
         self.registered.pop(req.request_id, None)
         req.num_computed_tokens = 0
 
+    def trim(self, req: Request) -> None:
+        """Give back the blocks past the request's computed tokens (those only rejected drafts
+        had reached); nothing there is registered, as only blocks of real tokens are."""
+        table = self.tables.get(req.request_id)
+        if table is None:
+            return
+        keep = self.blocks_needed(req.num_computed_tokens)
+        if len(table) > keep:
+            self.pool.release(list(reversed(table[keep:])))
+            del table[keep:]
+
     def remove(self, req: Request) -> None:
         """A finished request: its blocks given back and everything kept for it dropped."""
         self.free(req)

@@ -43,6 +43,9 @@ class Request:
     # num_tokens, and the step takes it straight from the device.
     num_pending: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or scheduled to be)
+    # This step's guessed next tokens (spec_decode.draft.Draft), computed after the last real
+    # token and counted in num_computed_tokens until the verify step's update rolls them back.
+    draft: object | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
     logprobs: list[Logprob] = field(default_factory=list)

@@ -39,6 +39,15 @@ class StepOutput:
     prompt_logits: list[PromptLogits] = field(default_factory=list)
     pooled_requests: list[Request] = field(default_factory=list)  # pooling requests, done
     pooled: torch.Tensor | None = None  # their embeddings [n, D] or scores [n] (Pooler)
+    verify_requests: list[Request] = field(default_factory=list)  # decodes with drafts
+    verify_logits: torch.Tensor | None = None  # their len(draft) + 1 rows each, in order
+
+    def take_logits(self, logits: torch.Tensor) -> None:
+        """Split the LM head's rows: sampled requests' first, then the verify rows."""
+        n = len(self.sample_requests)
+        self.sample_logits = logits[:n] if self.verify_requests else logits
+        if self.verify_requests:
+            self.verify_logits = logits[n:]
 
 
 @dataclass
@@ -96,12 +105,14 @@ class ModelRunner:
                               self.graphs.sampler_for(len(batch)))
         ids, positions, slots, tables, seq_lens, seqs = [], [], [], [], [], []
         out = StepOutput()
-        sample_rows, prompt_rows, pool_seqs = [], [], []
+        sample_rows, prompt_rows, pool_seqs, verify_rows = [], [], [], []
         bs, row = self.block_size, 0
         for req, n, start, table in zip(batch.requests, batch.num_new, batch.starts,
                                         batch.block_tables):
             end = start + n
             ids.extend(req.token_ids[start:end])
+            if req.draft:  # a verify step: the last real token, then the guesses
+                ids.extend(req.draft.tokens)
             if req.num_pending and end > len(req.token_ids):  # fed from the device below
                 ids.extend([0] * (end - max(start, len(req.token_ids))))
             positions.extend(range(start, end))
@@ -112,6 +123,9 @@ class ModelRunner:
             if req.pooling is not None:  # scheduled whole (scheduler.py): pooled, not sampled
                 pool_seqs.append((row, n))
                 out.pooled_requests.append(req)
+            elif req.draft:
+                verify_rows.extend(range(row, row + n))
+                out.verify_requests.append(req)
             elif end == req.num_tokens:
                 sample_rows.append(row + n - 1)
                 out.sample_requests.append(req)
@@ -120,14 +134,15 @@ class ModelRunner:
                 prompt_rows.append((req, row, m, start + 1))
             row += n
 
+        sample_rows += verify_rows
         # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken
         # as sequences of one new token.
         if (self.prefill_graphs and not prompt_rows and not pool_seqs
-                and self.prefill_graphs.fits(row, len(seqs))):
+                and self.prefill_graphs.fits(row, len(seqs), len(sample_rows))):
             hidden = self.prefill_graphs.run(ids, positions, slots, seqs, tables, sample_rows,
                                              feed, pending.tokens if pending else None)
             if sample_rows:
-                out.sample_logits = self.model.logits(hidden)
+                out.take_logits(self.model.logits(hidden))
             return out
         prefills = seqs[batch.num_decodes:]
         dev, long = self.device, torch.long
@@ -147,13 +162,13 @@ class ModelRunner:
         if prompt_rows or pool_seqs:  # prompt logprobs and pooling want every row
             hidden = self.model(input_ids, meta)
             if rows is not None:
-                out.sample_logits = self.model.logits(hidden.index_select(0, rows))
+                out.take_logits(self.model.logits(hidden.index_select(0, rows)))
             if pool_seqs:
                 out.pooled = self.pooler(hidden, pool_seqs)
         else:  # only the sampled rows: the last layer skips the rest
             hidden = self.model(input_ids, meta, rows)
             if rows is not None:
-                out.sample_logits = self.model.logits(hidden)
+                out.take_logits(self.model.logits(hidden))
         for req, start, m, first in prompt_rows:
             logits = self.model.logits(hidden[start:start + m]).float()
             out.prompt_logits.append(PromptLogits(req, logits, first))

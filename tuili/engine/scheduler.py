@@ -16,10 +16,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tuili.config import EngineConfig
 from tuili.engine.kv_cache import KVCacheManager
 from tuili.engine.request import Logprob, Request, Status
+
+if TYPE_CHECKING:
+    from tuili.engine.spec_decode.speculator import Speculator
+    from tuili.engine.spec_decode.verify import Verified
 
 # Whether a sampled token completes one of the request's stop strings (given only requests that
 # have some; check: min_tokens is reached): the output processor's detokenizer knows.
@@ -51,8 +56,10 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int,
+                 speculator: Speculator | None = None):
         self.kv = kv
+        self.speculator = speculator  # guesses decodes' next tokens (spec_decode/)
         self.max_num_seqs = config.max_num_seqs
         self.budget = config.max_num_batched_tokens
         self.chunked = config.enable_chunked_prefill
@@ -75,6 +82,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.remove(req)
+        if self.speculator is not None:
+            self.speculator.release(req)
 
     def schedule(self) -> Batch:
         """The next step's batch; its tokens count as computed from now on (the step that computes
@@ -83,14 +92,24 @@ class Scheduler:
         decodes = [r for r in self.running
                    if r.num_tokens - r.num_computed_tokens == 1 and not self._at_limit(r)]
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        # Decodes with drafts verify them as short prefills after the plain decodes.
+        guessing = []
+        if self.speculator is not None:
+            self.speculator.plan(decodes, budget)
+            guessing = [r for r in decodes if r.draft]
+            decodes = [r for r in decodes if not r.draft]
         preempted = False
-        for group in (decodes, prefills):
+        for group in (decodes, guessing, prefills):
             for req in group:
                 if budget == 0:
                     break
                 if req.status is not Status.RUNNING:  # preempted earlier in this loop
                     continue
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if req.draft and not self._fit_draft(req, budget):
+                    n = 1
+                elif req.draft:
+                    n += len(req.draft)
                 if not self._allocate_or_preempt(req, n, batch):
                     preempted = True
                     continue
@@ -102,24 +121,50 @@ class Scheduler:
             self._admit_waiting(batch, budget)
         for req, n in zip(batch.requests, batch.num_new):
             req.num_computed_tokens += n
+        scheduled = {r.request_id for r in batch.requests}
+        for req in guessing:
+            if req.request_id not in scheduled:
+                req.draft = None
         return batch
 
+    def _fit_draft(self, req: Request, budget: int) -> bool:
+        """Shorten the request's draft to the budget and the free blocks (guesses never preempt
+        anyone); False (and no draft) when none of it fits."""
+        req.draft.truncate(budget - 1)
+        if req.draft and self.kv.allocate(req, 1 + len(req.draft)):
+            return True
+        req.draft = None
+        return False
+
     def update(self, batch: Batch, sampled: list[Request], tokens: list[int],
-               logprobs: list[Logprob | None], stop_strings: StopStrings) -> None:
+               logprobs: list[Logprob | None], stop_strings: StopStrings,
+               verified: list[tuple[Request, Verified]] = ()) -> None:
         """Apply a step's tokens, read back: each sampled token takes its pending place; stop
         tokens, stop strings and length limits finish requests; the batch's other requests offer
-        their newly filled blocks to the prefix cache."""
+        their newly filled blocks to the prefix cache. A verified request first rolls back the
+        K/V of its rejected drafts, then gains its kept tokens one by one."""
         for req, token, lp in zip(sampled, tokens, logprobs):
             if not req.is_finished:  # not aborted meanwhile
                 self._append_token(req, token, lp, stop_strings)
+        for req, v in verified:
+            req.draft = None
+            if req.is_finished:
+                continue
+            # computed: the tokens before the last real one, it, and the kept drafts
+            req.num_computed_tokens = len(req.token_ids) + v.kept
+            self.kv.trim(req)
+            for token, lp in zip(v.tokens, v.logprobs):
+                self._append_token(req, token, lp, stop_strings, pending=False)
+                if req.is_finished:
+                    break
         for req in batch.requests:
             if not req.is_finished:
                 self.kv.cache_computed_blocks(req)
 
     def _append_token(self, req: Request, token: int, logprob: Logprob | None,
-                      stop_strings: StopStrings) -> None:
+                      stop_strings: StopStrings, pending: bool = True) -> None:
         req.token_ids.append(token)
-        req.num_pending -= 1
+        req.num_pending -= pending
         if logprob is not None:
             req.logprobs.append(logprob)
         p, n_out = req.params, req.num_output_tokens
@@ -154,6 +199,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.draft = None
         self.kv.free(req)
         req.status = Status.PREEMPTED
         req.num_preemptions += 1

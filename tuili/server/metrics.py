@@ -39,6 +39,15 @@ class _EngineCollector:
                 ("tuili:num_preemptions", "Sequences preempted for lack of KV blocks.",
                  s.num_preemptions)):
             yield CounterMetricFamily(name, doc, value=value)
+        if s.spec:  # speculative decoding, named as vLLM's spec_decode metrics
+            for key, doc in (("num_drafts", "Verify steps of requests with drafts."),
+                             ("num_draft_tokens", "Draft tokens proposed."),
+                             ("num_accepted_tokens", "Draft tokens accepted.")):
+                yield CounterMetricFamily(f"tuili:spec_decode_{key}", doc, value=s.spec[key])
+            for key, doc in (("acceptance_rate", "Accepted / proposed draft tokens."),
+                             ("mean_acceptance_length",
+                              "Tokens gained per verify step (accepted drafts + 1).")):
+                yield GaugeMetricFamily(f"tuili:spec_decode_{key}", doc, value=s.spec[key])
         for name, value in s.profile.items():  # per phase: MBU, MFU, rates (--profile)
             yield GaugeMetricFamily(name.replace("tuili_", "tuili:", 1),
                                     "Phase profiler: " + name.split("_", 3)[-1], value=value)

@@ -1,0 +1,174 @@
+"""Speculative decoding on the GPU, Llama-3.1-8B shape (random bf16 weights, 32 layers), batch 1:
+what a verify step of k guesses costs against a plain decode step, beside HF transformers.
+
+    python benchmarks/gpu_spec_decode.py [--ks 1,2,3,4,5,6,7,8] [--tokens 128] [--context 128]
+                                          [--draft-self] [--json OUT]
+
+Random weights make acceptance meaningless, so the guesses come from an oracle: the target's own
+greedy continuation, computed first without speculation ("a draft equal to the target", every
+guess kept, at no draft cost). Per k:
+- tuili step ms: wall time per engine step of the speculating engine (one verify of k + 1 rows,
+  CUDA graphs where k + 1 <= 8 rows, then the sync read-back), against the plain engine's decode
+  step (async scheduling, decode CUDA graphs): `cost` = verify / decode;
+- ceiling tok/s: tokens / wall time with every guess kept, and its ratio to plain decode (the
+  issue's target: >= 2.5x at k = 4);
+- implied speedup at acceptance a: E[tokens per step] / cost, E = (1 - a^(k+1)) / (1 - a);
+- HF: the same shape's forward of 1 token and of k + 1 tokens after `--context` cached ones
+  (DynamicCache, cropped back after each), as HF's own verify cost ratio.
+--draft-self also runs the real draft-model proposer with the target as its draft (eager draft
+steps, every guess kept): the end-to-end rate with the draft's cost included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_common import cuda_time  # noqa: E402
+from tests.gpu.random_models import build  # noqa: E402
+from tuili import LLM, SamplingParams  # noqa: E402
+from tuili.engine.spec_decode.draft import Draft  # noqa: E402
+
+RATES = (0.5, 0.7, 0.9)
+
+
+class OracleProposer:
+    """Guesses the continuation it was given: every guess is kept."""
+
+    def __init__(self, future: dict[str, list[int]]):
+        self.future = future
+
+    def propose(self, reqs, caps):
+        out = []
+        for r, cap in zip(reqs, caps):
+            want = self.future[r.request_id]
+            n = r.num_output_tokens
+            out.append(Draft(want[n:n + cap]) if want[n:n + cap] else None)
+        return out
+
+    def release(self, req) -> None:
+        pass
+
+
+def run_steps(llm: LLM, prompt: list[int], params: SamplingParams, rid: str) -> tuple[float, int, list[int]]:
+    """(seconds after the first token, steps after it, tokens) of one request."""
+    engine = llm.engine
+    engine.add_request(rid, prompt, params, stream=True)
+    first, steps, tokens = None, 0, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.outputs[0].token_ids and first is None:
+                torch.cuda.synchronize()
+                first, steps = time.perf_counter(), 0
+            tokens = out.outputs[0].token_ids
+        steps += 1
+    torch.cuda.synchronize()
+    return time.perf_counter() - first, steps, tokens
+
+
+@torch.inference_mode()
+def hf_costs(hf, context: int, ks: list[int]) -> dict[int, float]:
+    from transformers import DynamicCache
+
+    ids = torch.randint(2, hf.config.vocab_size, (1, context), device="cuda")
+    cache = DynamicCache()
+    hf(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = {}
+    for k in [0] + ks:
+        step = torch.randint(2, hf.config.vocab_size, (1, k + 1), device="cuda")
+
+        def fwd():
+            hf(input_ids=step, past_key_values=cache, use_cache=True)
+            cache.crop(context)
+
+        out[k] = cuda_time(fwd, repeat=10, warmup=2)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ks", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--draft-self", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    results = {"ks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build("llama3-8b", Path(tmp), num_layers=args.layers)
+        hf_ms = {k: s * 1e3 for k, s in hf_costs(hf, args.context, ks).items()}
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(2, 128256, (args.context,), generator=g).tolist()
+        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+        opts = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=4, max_num_seqs=8,
+                    max_model_len=args.context + args.tokens + 64)
+        plain = LLM(tmp, **opts)
+        run_steps(plain, prompt, params, "warm")
+        secs, steps, want = run_steps(plain, prompt, params, "plain")
+        decode_ms, plain_tok_s = secs / steps * 1e3, (len(want) - 1) / secs
+        del plain
+        gc.collect()
+        torch.cuda.empty_cache()
+        llm = LLM(tmp, speculative_config={"method": "ngram", "num_speculative_tokens": max(ks)},
+                  **opts)
+        spec = llm.engine.speculator
+        base = spec.config
+        print(f"Llama-3.1-8B shape ({args.layers} layers, random bf16), batch 1, context "
+              f"{args.context}, {args.tokens} greedy tokens; plain decode step {decode_ms:.2f} ms "
+              f"= {plain_tok_s:.1f} tok/s; HF forward of 1 token {hf_ms[0]:.2f} ms")
+        print(f"{'k':>2} {'step ms':>8} {'cost':>5} {'HF cost':>7} {'ceiling tok/s':>13} "
+              f"{'ceiling x':>9} " + " ".join(f"{'x@a=' + str(a):>7}" for a in RATES))
+        for k in ks:
+            spec.config = replace(base, num_speculative_tokens=k)
+            for rid in ("warm", "oracle"):
+                spec.proposer = OracleProposer({f"{rid}-{k}": want})
+                spec.reset_stats()
+                secs, steps, got = run_steps(llm, prompt, params, f"{rid}-{k}")
+            kept = spec.stats.acceptance_rate
+            verify_ms = secs / steps * 1e3
+            cost = verify_ms / decode_ms
+            tok_s = (len(got) - 1) / secs
+            implied = {a: (1 - a ** (k + 1)) / (1 - a) / cost for a in RATES}
+            results["ks"][k] = {"verify_step_ms": verify_ms, "cost": cost,
+                                "hf_cost": hf_ms[k] / hf_ms[0], "ceiling_tok_s": tok_s,
+                                "ceiling_speedup": tok_s / plain_tok_s, "oracle_acceptance": kept,
+                                "implied_speedup": implied, "same_tokens": got == want}
+            print(f"{k:>2} {verify_ms:>8.2f} {cost:>5.2f} {hf_ms[k] / hf_ms[0]:>7.2f} "
+                  f"{tok_s:>13.1f} {tok_s / plain_tok_s:>8.2f}x "
+                  + " ".join(f"{implied[a]:>6.2f}x" for a in RATES)
+                  + ("" if got == want else "  (bf16 ties: tokens differ)"))
+        results.update(decode_step_ms=decode_ms, plain_tok_s=plain_tok_s, hf_ms=hf_ms)
+        del llm, spec
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.draft_self:
+            llm = LLM(tmp, speculative_config={"model": tmp, "num_speculative_tokens": 4}, **opts)
+            run_steps(llm, prompt, params, "warm-draft")
+            llm.engine.speculator.reset_stats()
+            secs, steps, got = run_steps(llm, prompt, params, "draft")
+            s = llm.engine.spec_stats
+            results["draft_self_k4"] = {"tok_s": (len(got) - 1) / secs,
+                                        "acceptance_rate": s.acceptance_rate}
+            print(f"draft = target (real draft model, eager), k=4: {(len(got) - 1) / secs:.1f} "
+                  f"tok/s ({(len(got) - 1) / secs / plain_tok_s:.2f}x plain), acceptance "
+                  f"{s.acceptance_rate:.1%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""A smaller model of the same vocabulary guesses: it runs the request's new tokens (a prefill
+when it first sees the request, then what the target kept) and k - 1 decodes, each draft drawn
+from its own distribution with the request's sampling parameters. Its paged KV cache is its own
+(own block pool, own runner); after a verify step it keeps the K/V of the tokens the target
+kept and recomputes from there."""
+
+from __future__ import annotations
+
+import torch
+
+from tuili.engine.kv_cache import BlockPool, KVCacheManager
+from tuili.engine.request import Request
+from tuili.engine.runner import ModelRunner
+from tuili.engine.sampler import draw_seed
+from tuili.engine.scheduler import Batch
+from tuili.speculative_config import SpeculativeConfig
+from tuili.engine.spec_decode.draft import Draft
+from tuili.engine.spec_decode.verify import RowView, target_probs
+from tuili.errors import InvalidParameter
+from tuili.models import loader
+
+_SALT = 0x27D4EB2F  # seeded requests' draft draws: a stream apart from the target's
+
+
+class DraftSeq:
+    """A request as the draft model's runner and KV manager see it: the tokens in (or going to)
+    its cache, and how many of them are real (the target's) rather than guesses."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_real = 0
+        self.num_pending = 0
+        self.draft = self.pooling = None
+        self.wants_prompt_logprobs = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def follow(self, req: Request) -> None:
+        """Take the target's tokens; keep the computed ones that are still right."""
+        real, tokens = self.num_real, req.token_ids
+        keep = real
+        for mine, theirs in zip(self.token_ids[real:self.num_computed_tokens], tokens[real:]):
+            if mine != theirs:
+                break
+            keep += 1
+        # the last token is always run again: its logits give the first draft
+        self.num_computed_tokens = min(self.num_computed_tokens, keep, len(tokens) - 1)
+        self.token_ids = list(tokens)
+        self.num_real = len(tokens)
+
+
+class DraftModelProposer:
+    def __init__(self, spec: SpeculativeConfig, config, target_config, tokenizer,
+                 max_model_len: int, num_blocks: int, dtype: torch.dtype, device: torch.device):
+        loaded = loader.load(spec.model, dtype, device)
+        if loaded.config.vocab_size != target_config.vocab_size:
+            raise InvalidParameter("speculative_config.model",
+                                   f"{spec.model} has a vocabulary of {loaded.config.vocab_size} "
+                                   f"tokens, the target {target_config.vocab_size}; a draft must "
+                                   "share the target's tokenizer")
+        self.k = spec.num_speculative_tokens
+        self.device = device
+        self.kv = KVCacheManager(BlockPool(num_blocks, config.block_size, enable_caching=False))
+        # eager: the draft's steps replay no CUDA graphs yet
+        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size,
+                                  max_model_len, dtype, device)
+        self.seqs: dict[str, DraftSeq] = {}
+        self.generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    def propose(self, reqs: list[Request], caps: list[int]) -> list[Draft | None]:
+        seqs = []
+        for r in reqs:
+            seq = self.seqs.setdefault(r.request_id, DraftSeq(r.request_id))
+            seq.follow(r)
+            self.kv.trim(seq)
+            seqs.append(seq)
+        drafts: list[list[int]] = [[] for _ in reqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
+        live = list(range(len(reqs)))
+        for step in range(max(caps)):
+            live = [i for i in live if caps[i] > step]
+            live = self._run(live, reqs, seqs, drafts, probs)
+            if not live:
+                break
+        return [Draft(d, torch.cat(p)) if d else None for d, p in zip(drafts, probs)]
+
+    def _run(self, live: list[int], reqs: list[Request], seqs: list[DraftSeq],
+             drafts: list[list[int]], probs: list[list[torch.Tensor]]) -> list[int]:
+        """One draft step over the live requests (decodes first, then catch-ups); each gains a
+        draft. -> the requests that ran (a full pool leaves some out)."""
+        live = sorted(live, key=lambda i: seqs[i].num_tokens - seqs[i].num_computed_tokens > 1)
+        batch, ran = Batch(), []
+        for i in live:
+            seq = seqs[i]
+            n = seq.num_tokens - seq.num_computed_tokens
+            if not self.kv.allocate(seq, n):
+                continue
+            batch.add(seq, n, self.kv.block_ids(seq))
+            if n == 1:
+                batch.num_decodes += 1
+            ran.append(i)
+        if not ran:
+            return []
+        for seq, n in zip(batch.requests, batch.num_new):
+            seq.num_computed_tokens += n
+        logits = self.runner.execute(batch).sample_logits
+        views = [RowView(reqs[i], drafts[i]) for i in ran]
+        q, _ = target_probs(logits, views)
+        noise = torch.empty_like(q).exponential_(generator=self.generator)
+        for row, i in enumerate(ran):
+            if reqs[i].seed is not None:
+                own = torch.Generator(device=q.device).manual_seed(
+                    draw_seed(reqs[i].seed ^ _SALT, views[row].num_output_tokens))
+                noise[row].exponential_(generator=own)
+        tokens = (q / noise).argmax(-1).tolist()  # exponential race: a draw from q
+        for row, i in enumerate(ran):
+            drafts[i].append(tokens[row])
+            probs[i].append(q[row:row + 1])
+            seqs[i].token_ids.append(tokens[row])
+        return ran
+
+    def release(self, req: Request) -> None:
+        seq = self.seqs.pop(req.request_id, None)
+        if seq is not None:
+            self.kv.remove(seq)
