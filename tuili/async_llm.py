@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tuili.config import EngineConfig
+from tuili.distributed.group import RankFailure
 from tuili.engine.engine import LLMEngine
 from tuili.errors import InvalidParameter, PromptTooLong, RequestCancelled, check_text
 from tuili.outputs import RequestOutput
@@ -85,6 +86,7 @@ class AsyncLLM:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
+        self.failure: Exception | None = None  # what stopped the engine for good (a dead rank)
         self._thread = threading.Thread(target=self._run, args=(config,), name="tuili-engine",
                                         daemon=True)
         self._thread.start()
@@ -189,12 +191,15 @@ class AsyncLLM:
                     outputs = engine.step()
                 except Exception as e:  # a broken step fails the requests in flight, not the server
                     log.exception("engine step failed")
+                    if isinstance(e, RankFailure):  # a tensor-parallel rank is gone: /health 503
+                        self.failure = e
                     self._fail_all(e)
                     outputs = []
                 self._dispatch(outputs, time.monotonic())
             self._publish_stats()
         self._fail_all(RuntimeError("the server is shutting down"))
         self._publish_stats()
+        engine.shutdown()
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); False once told to stop."""

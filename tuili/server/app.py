@@ -49,7 +49,8 @@ def _public_routes(state: ServerState) -> APIRouter:
 
     @r.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if state.draining else 200)
+        failed = getattr(state.llm, "failure", None)  # a tensor-parallel rank died
+        return Response(status_code=503 if state.draining or failed else 200)
 
     @r.get("/version")
     async def version() -> dict:
