@@ -52,6 +52,9 @@ class Ranks:
         self.procs: list[subprocess.Popen] = []
         self.failure: str | None = None
         self._stopping = False
+        if dist.is_initialized():
+            raise RankFailure("this process already holds a tensor-parallel group (another "
+                              "engine's); shut that engine down first (engine.shutdown())")
         launched = env_rank()
         addr = port = None
         if launched is None:

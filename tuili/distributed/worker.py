@@ -31,7 +31,10 @@ def spawned_rank_main(config: EngineConfig, rank: int, addr: str, port: int) -> 
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    sys.exit(run_rank(config, rank, addr, port))
+    code = run_rank(config, rank, addr, port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not through the group's teardown, which would wait on the other ranks
 
 
 def launched_rank_main(config: EngineConfig) -> int:
@@ -81,7 +84,6 @@ def run_rank(config: EngineConfig, rank: int, addr: str | None = None,
     except Exception as e:  # rank 0 gone, or a collective timed out: nothing left to serve
         log.error("tensor-parallel rank %d stops: %s", rank, e)
         return 1
-    torch.distributed.destroy_process_group()
     return 0
 
 

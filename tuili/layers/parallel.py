@@ -24,7 +24,7 @@ def take(tensor, dim: int, start: int, n: int):
     GGUF 4-bit one (dequantized to be cut), or a safetensors slice not read yet (models/
     shard_reader.py reads just these). The whole tensor passes through as it came."""
     if start == 0 and tensor.shape[dim] == n:
-        return tensor
+        return tensor.materialize() if hasattr(tensor, "materialize") else tensor
     if isinstance(tensor, Int4Weight):
         tensor = tensor.dequantize()
     return tensor.narrow(dim, start, n)
