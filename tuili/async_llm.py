@@ -148,8 +148,8 @@ class AsyncLLM:
     def _queue(self, request_id: str, prompt_ids: list[int],
                params: SamplingParams | PoolingParams, sink: asyncio.Queue) -> None:
         if not self._core.alive:
-            raise EngineDied("the engine is not running (its process exited); the server must "
-                             "be restarted")
+            raise EngineDied("the engine is not running (its process exited or a rank failed); "
+                             "the server must be restarted")
         self._sinks[request_id] = (asyncio.get_running_loop(), sink)
         self._core.send(Add(request_id, prompt_ids, params))
 

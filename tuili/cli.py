@@ -76,9 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_launched_rank(args: argparse.Namespace) -> bool:
+    """Under torchrun (RANK set), ranks > 0 of a tensor-parallel engine serve rank 0's steps
+    instead of running the command; True once such a rank is done."""
+    from tuili.distributed.launch import env_rank
+
+    launched = env_rank()
+    if launched is None or launched[0] == 0 or getattr(args, "tensor_parallel_size", 1) <= 1:
+        return False
+    from tuili.config import EngineConfig
+    from tuili.distributed.worker import launched_rank_main
+
+    sys.exit(launched_rank_main(EngineConfig(**engine_options(args)).validate()))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if run_launched_rank(args):
+            return
         args.func(args)
     except TuiliError as e:
         sys.exit(f"error: {e}")

@@ -71,6 +71,11 @@ class EngineConfig:
               "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4} or {\"model\": PATH, "
               "\"num_speculative_tokens\": 4}; \"disable_by_batch_size\": N turns it off for "
               "steps of more than N decodes")
+    tensor_parallel_size: int = _opt(1, "split the model over this many processes (one per GPU "
+                                        "on GPU, gloo on CPU); ranks 1..N-1 are spawned here, or "
+                                        "started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR)")
+    distributed_timeout_s: float = _opt(120.0, "tensor-parallel: seconds a collective waits for "
+                                               "a rank before the engine stops with an error")
     seed: int = _opt(0, "seed for requests that give none")
     num_threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     profile: bool = _opt(False, "profile each step: per-phase time, achieved bandwidth (MBU) and "
@@ -102,6 +107,8 @@ class EngineConfig:
         need("max_prefill_graph_tokens", self.max_prefill_graph_tokens >= 0, ">= 0")
         need("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1")
         SpeculativeConfig.parse(self.speculative_config)  # raises what to change
+        need("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1")
+        need("distributed_timeout_s", self.distributed_timeout_s > 0, "> 0")
         return self
 
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tuili.config import EngineConfig
+from tuili.errors import EngineDied, RankFailure
 from tuili.models.tokenizer import Tokenizer
 from tuili.outputs import RequestOutput
 from tuili.pooling_params import PoolingParams
@@ -118,6 +119,8 @@ class EngineLoop:
                 except Exception as e:  # a broken step fails the requests in flight, not the server
                     log.exception("engine step failed")
                     self._fail_all(e)
+                    if isinstance(e, RankFailure):  # the engine cannot run on: /health 503
+                        break
                     outputs = []
                 for out in outputs:
                     if out.finished:
@@ -127,6 +130,7 @@ class EngineLoop:
             self.events.on_stats(self.stats())
         self._fail_all(RuntimeError("the server is shutting down"))
         self.events.on_stats(self.stats())
+        engine.shutdown()
 
     def _apply(self, commands: list) -> bool:
         for cmd in commands:
@@ -203,6 +207,7 @@ class ThreadCore:
         finally:
             self._ready.set()
         EngineLoop(self.engine, events).run(lambda block: drain(self._inbox, block))
+        events.on_ended(EngineDied("the engine stopped"))  # streams that came in meanwhile
 
     def send(self, cmd) -> None:
         self._inbox.put(cmd)

@@ -69,3 +69,7 @@ class WrongTask(InvalidParameter):
         super().__init__("model", f"this model serves task={served}, not {asked}; serve a model "
                                   f"with that task (or choose it with --task)")
         self.served, self.asked = served, asked
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died or stopped answering: the engine cannot run on."""

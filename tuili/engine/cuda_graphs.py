@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 from tuili.engine.inputs import pad_tables
-from tuili.engine.scheduler import Batch
 from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax, sample_on_gpu
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
 from tuili.layers.attention import AttentionMetadata
@@ -140,18 +139,15 @@ class DecodeGraphs:
 
         return sample
 
-    def run(self, batch: Batch, feed: tuple[list[int], list[int]] = ([], []),
+    def run(self, ids: list[int], positions: list[int], slots: list[int],
+            tables: list[list[int]], feed: tuple[list[int], list[int]] = ([], []),
             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [len(batch), vocab] and their argmax [len(batch)] for a batch of decodes (one
-        new token each). The input tokens of rows feed[0] are still on the device (0 stands in
-        for them here): rows feed[1] of `tokens`."""
-        n, bs = len(batch), self.block_size
+        """Logits [n, vocab] and their argmax [n] for a step of n decodes (one new token each:
+        its id, position, cache slot and block table). The input tokens of rows feed[0] are
+        still on the device (0 stands in for them in ids): rows feed[1] of `tokens`."""
+        n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        positions = batch.starts
-        ids = [r.token_ids[p] if p < len(r.token_ids) else 0
-               for r, p in zip(batch.requests, positions)]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.block_tables, positions)]
-        tables = pad_tables(batch.block_tables)
+        tables = pad_tables(tables)
         pad = [0] * (size - n)
         inputs = self.inputs[size]
         rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tuili.config import EngineConfig
+from tuili.distributed.group import SINGLE
 from tuili.engine.cuda_graphs import PREFILL_SEQS
 from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
 from tuili.engine.memory import plan_kv_cache
@@ -81,22 +82,45 @@ class _InFlight:
                             {r.request_id: i for i, r in enumerate(self.sampled_requests)})
 
 
+def device_defaults(config: EngineConfig, device: torch.device) -> EngineConfig:
+    """GPU steps are cheap per token up to several thousand and per sequence up to hundreds
+    (BENCHMARKS.md, eleventh session); CPU steps are not."""
+    gpu = device.type == "cuda"
+    return replace(
+        config, max_num_batched_tokens=config.max_num_batched_tokens or (8192 if gpu else 1024),
+        max_num_seqs=config.max_num_seqs or (256 if gpu else 64))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = pick_device(config.device)
-        # Device defaults: GPU steps are cheap per token up to several thousand and per sequence
-        # up to hundreds (BENCHMARKS.md, eleventh session); CPU steps are not.
-        gpu = self.device.type == "cuda"
-        config = self.config = replace(
-            config, max_num_batched_tokens=config.max_num_batched_tokens or (8192 if gpu else 1024),
-            max_num_seqs=config.max_num_seqs or (256 if gpu else 64))
+        config = self.config = device_defaults(config, self.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         start = time.perf_counter()
+        self.ranks = None  # tensor parallelism: the other ranks (distributed/launch.py)
+        if config.tensor_parallel_size > 1:
+            from tuili.distributed.launch import Ranks, rank_device
+
+            from tuili.distributed.group import rank_threads
+
+            self.device = rank_device(self.device, 0)
+            if self.device.type == "cpu" and not config.num_threads:
+                torch.set_num_threads(rank_threads(config.tensor_parallel_size))
+            self.ranks = Ranks(config, self.device)
+        try:
+            self._build(config, start)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.abort()
+            raise
+
+    def _build(self, config: EngineConfig, start: float) -> None:
+        tp = self.ranks.tp if self.ranks is not None else SINGLE
         loaded = loader.load(config.model, self.dtype, self.device, config.revision,
-                             config.quantization, config.quantize_lm_head)
+                             config.quantization, config.quantize_lm_head, tp)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
@@ -109,7 +133,7 @@ class LLMEngine:
                                                         config.max_num_batched_tokens)
         num_blocks, self.max_model_len = plan_kv_cache(config, self.model_config, loaded.model,
                                                        self.dtype, self.device,
-                                                       self.prefill_graph_tokens)
+                                                       self.prefill_graph_tokens, tp)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
@@ -118,7 +142,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
-                                  self.pooler)
+                                  self.pooler, self.ranks.channel if self.ranks else None)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
@@ -253,7 +277,10 @@ class LLMEngine:
         result = None
         if batch:
             pending = self.inflight.device_tokens if self.inflight else None
-            result = self.runner.execute(batch, pending)  # queued on the device, not awaited
+            if self.ranks is None:
+                result = self.runner.execute(batch, pending)  # queued on the device, not awaited
+            else:
+                result = self.ranks.execute(self.runner, batch, pending)
         if self.async_scheduling:
             outputs = self._resolve()
         if result is None:
@@ -323,6 +350,12 @@ class LLMEngine:
             for req in grammars.accept(step.sampled_requests, tokens):
                 self.scheduler.finish(req, "stop")  # the grammar is complete
         return self.output.outputs(step.groups)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one rank)."""
+        if self.ranks is not None:
+            self.ranks.shutdown()
+            self.ranks = None
 
     @property
     def prefix_cache_stats(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 
 def pad_tables(tables: list[list[int]]) -> list[list[int]]:
     """Block tables as rows of one width (the widest), padded with block 0 (never read)."""
@@ -18,3 +20,22 @@ def add_slots(slots: list[int], table: list[int], start: int, end: int, block_si
         shift = (table[block] - block) * block_size  # slot = position + shift within the block
         slots.extend(range(pos + shift, stop + shift))
         pos = stop
+
+
+@dataclass
+class StepInputs:
+    """A step's flat host inputs: all a rank needs to run the model on it (tensor-parallel ranks
+    get them from rank 0, distributed/channel.py). Rows: decodes first, then prefill chunks."""
+    ids: list[int]  # 0 where the token is still on the device (feed)
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    seq_lens: list[int]
+    seqs: list[tuple[int, int, int]]  # per sequence: first row, new tokens, cached tokens
+    num_decodes: int
+    sample_rows: list[int]
+    prompt_rows: list[tuple[int, int]] = field(default_factory=list)  # (first row, rows)
+    pool_seqs: list[tuple[int, int]] = field(default_factory=list)  # (first row, rows)
+    # (rows here, rows of the last step's device tokens) of ids not read back yet
+    feed: tuple[list[int], list[int]] = ([], [])
+    num_device_tokens: int = 0  # rows in that tensor (a rank's copy of it is this long)

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from tuili.config import EngineConfig
+from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.engine.runner import profile_activation_bytes
 from tuili.errors import InvalidParameter
 from tuili.kernels import HAS_TRITON
@@ -16,11 +17,16 @@ log = logging.getLogger("tuili")
 
 
 def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,
-                  device: torch.device, prefill_graph_tokens: int) -> tuple[int, int]:
-    """(KV-cache blocks, max_model_len) for this config; errors say which option to change."""
-    per_block = c.block_size * mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
-    num_blocks = c.num_kv_blocks or int(
-        _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) // per_block)
+                  device: torch.device, prefill_graph_tokens: int,
+                  tp: TensorParallel = SINGLE) -> tuple[int, int]:
+    """(KV-cache blocks, max_model_len) for this config; errors say which option to change.
+    Under tensor parallelism each rank sizes its own (its KV heads, its free memory) and all
+    take the smallest count: the scheduler's block ids must exist on every rank."""
+    layers = model.attention_layers()
+    per_token = 2 * sum(a.num_kv_heads * a.head_dim for a in layers) * (torch.finfo(dtype).bits // 8)
+    per_block = c.block_size * (per_token or mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8))
+    num_blocks = tp.min_over_ranks(c.num_kv_blocks or int(
+        _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) // per_block))
     capacity = num_blocks * c.block_size
     if num_blocks < 1:
         raise InvalidParameter("kv_cache_memory_gb", f"the KV-cache budget holds no block of "

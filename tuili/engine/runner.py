@@ -15,7 +15,7 @@ import torch
 from tuili.engine.request import Request
 from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
-from tuili.engine.inputs import add_slots, pad_tables
+from tuili.engine.inputs import StepInputs, add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.encoder_attention import EncoderMetadata
@@ -51,6 +51,17 @@ class StepOutput:
 
 
 @dataclass
+class ModelOutputs:
+    """What `run` computed: the sampled rows' logits (and argmax, from a decode graph), every
+    row's hidden states where pooling or prompt logprobs wanted them, the prompt rows' logits."""
+    sample_logits: torch.Tensor | None = None
+    sample_argmax: torch.Tensor | None = None
+    decode_graph: bool = False
+    hidden: torch.Tensor | None = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class DeviceTokens:
     """The last step's sampled tokens, still on the device, and each request's row in them."""
     tokens: torch.Tensor
@@ -65,14 +76,16 @@ class DeviceTokens:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
-                 cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None):
+                 cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
+                 channel=None):
         self.model, self.config, self.device = model, config, device
+        self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
         self.encoder = getattr(model, "is_encoder", False)
         self.block_size = block_size
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = []
-        for attn in model.attention_layers():
+        for attn in model.attention_layers():  # this rank's KV heads (all, on one rank)
+            shape = (num_blocks, block_size, attn.num_kv_heads, config.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
@@ -97,15 +110,31 @@ class ModelRunner:
         """Queue the batch on the device; input tokens still pending are taken from `pending`."""
         if self.encoder:
             return self._execute_encoder(batch)
+        inputs, out, prompt_reqs = self.prepare(batch, pending)
+        tokens = pending.tokens if pending else None
+        if self.channel is not None:  # tensor-parallel: the other ranks run the same inputs
+            self.channel.send(inputs, tokens)
+        ran = self.run(inputs, tokens)
+        if ran.sample_logits is not None:
+            out.take_logits(ran.sample_logits)
+        out.sample_argmax = ran.sample_argmax
+        if ran.decode_graph:
+            out.sample_graph = self.graphs.sampler_for(len(batch))
+        if out.pooled_requests:
+            out.pooled = self.pooler(ran.hidden, inputs.pool_seqs)
+        for (req, first), logits in zip(prompt_reqs, ran.prompt_logits):
+            out.prompt_logits.append(PromptLogits(req, logits, first))
+        return out
+
+    def prepare(self, batch: Batch, pending: DeviceTokens | None = None
+                ) -> tuple[StepInputs, StepOutput, list[tuple[Request, int]]]:
+        """The batch's flat inputs, its output with the requests in place, and per prompt-logprob
+        row group its request and first target token."""
         decodes = batch.requests[: batch.num_decodes]
         feed = pending.feed(decodes) if pending else ([], [])
-        if self.graphs and batch.num_decodes == len(batch) <= self.graphs.max_batch:
-            logits, argmax = self.graphs.run(batch, feed, pending.tokens if pending else None)
-            return StepOutput(list(batch.requests), logits, argmax,
-                              self.graphs.sampler_for(len(batch)))
         ids, positions, slots, tables, seq_lens, seqs = [], [], [], [], [], []
         out = StepOutput()
-        sample_rows, prompt_rows, pool_seqs, verify_rows = [], [], [], []
+        sample_rows, prompt_rows, prompt_reqs, pool_seqs, verify_rows = [], [], [], [], []
         bs, row = self.block_size, 0
         for req, n, start, table in zip(batch.requests, batch.num_new, batch.starts,
                                         batch.block_tables):
@@ -131,48 +160,60 @@ class ModelRunner:
                 out.sample_requests.append(req)
             if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
                 m = min(end, req.num_prompt_tokens - 1) - start
-                prompt_rows.append((req, row, m, start + 1))
+                prompt_rows.append((row, m))
+                prompt_reqs.append((req, start + 1))
             row += n
+        sample_rows += verify_rows  # a verify step's rows follow the sampled ones (take_logits)
+        inputs = StepInputs(ids, positions, slots, tables, seq_lens, seqs, batch.num_decodes,
+                            sample_rows, prompt_rows, pool_seqs, feed,
+                            pending.tokens.shape[0] if pending else 0)
+        return inputs, out, prompt_reqs
 
-        sample_rows += verify_rows
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs, tokens: torch.Tensor | None = None) -> ModelOutputs:
+        """The model over a step's flat inputs (on every tensor-parallel rank alike: the same
+        calls, so the same collectives); `tokens`: the last step's, for the rows of inputs.feed."""
+        feed, seqs, sample_rows = inputs.feed, inputs.seqs, inputs.sample_rows
+        num_tokens, ran = len(inputs.ids), ModelOutputs()
+        if self.graphs and inputs.num_decodes == len(seqs) <= self.graphs.max_batch:
+            ran.sample_logits, ran.sample_argmax = self.graphs.run(
+                inputs.ids, inputs.positions, inputs.slots, inputs.tables, feed, tokens)
+            ran.decode_graph = True
+            return ran
         # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken
         # as sequences of one new token.
-        if (self.prefill_graphs and not prompt_rows and not pool_seqs
-                and self.prefill_graphs.fits(row, len(seqs), len(sample_rows))):
-            hidden = self.prefill_graphs.run(ids, positions, slots, seqs, tables, sample_rows,
-                                             feed, pending.tokens if pending else None)
+        if (self.prefill_graphs and not inputs.prompt_rows and not inputs.pool_seqs
+                and self.prefill_graphs.fits(num_tokens, len(seqs), len(sample_rows))):
+            hidden = self.prefill_graphs.run(inputs.ids, inputs.positions, inputs.slots, seqs,
+                                             inputs.tables, sample_rows, feed, tokens)
             if sample_rows:
-                out.take_logits(self.model.logits(hidden))
-            return out
-        prefills = seqs[batch.num_decodes:]
+                ran.sample_logits = self.model.logits(hidden)
+            return ran
+        nd = inputs.num_decodes
         dev, long = self.device, torch.long
         meta = self.model.backend.attention.metadata(
-            slot_mapping=to_device(slots, long, dev),
-            block_tables=to_device(pad_tables(tables), long, dev),
-            seq_lens=to_device(seq_lens, long, dev),
-            positions=to_device(positions, long, dev), rope=self.rope,
-            num_decodes=batch.num_decodes,
-            max_decode_len=max(seq_lens[: batch.num_decodes], default=0),
-            prefills=prefills,
+            slot_mapping=to_device(inputs.slots, long, dev),
+            block_tables=to_device(pad_tables(inputs.tables), long, dev),
+            seq_lens=to_device(inputs.seq_lens, long, dev),
+            positions=to_device(inputs.positions, long, dev), rope=self.rope,
+            num_decodes=nd, max_decode_len=max(inputs.seq_lens[:nd], default=0),
+            prefills=seqs[nd:],
         )
         rows = to_device(sample_rows, long, dev) if sample_rows else None
-        input_ids = to_device(ids, long, dev)
+        input_ids = to_device(inputs.ids, long, dev)
         if feed[0]:
-            copy_rows(input_ids, feed[0], pending.tokens, feed[1])
-        if prompt_rows or pool_seqs:  # prompt logprobs and pooling want every row
-            hidden = self.model(input_ids, meta)
+            copy_rows(input_ids, feed[0], tokens, feed[1])
+        if inputs.prompt_rows or inputs.pool_seqs:  # prompt logprobs and pooling want every row
+            hidden = ran.hidden = self.model(input_ids, meta)
             if rows is not None:
-                out.take_logits(self.model.logits(hidden.index_select(0, rows)))
-            if pool_seqs:
-                out.pooled = self.pooler(hidden, pool_seqs)
+                ran.sample_logits = self.model.logits(hidden.index_select(0, rows))
         else:  # only the sampled rows: the last layer skips the rest
             hidden = self.model(input_ids, meta, rows)
             if rows is not None:
-                out.take_logits(self.model.logits(hidden))
-        for req, start, m, first in prompt_rows:
-            logits = self.model.logits(hidden[start:start + m]).float()
-            out.prompt_logits.append(PromptLogits(req, logits, first))
-        return out
+                ran.sample_logits = self.model.logits(hidden)
+        for start, m in inputs.prompt_rows:
+            ran.prompt_logits.append(self.model.logits(hidden[start:start + m]).float())
+        return ran
 
     def _execute_encoder(self, batch: Batch) -> StepOutput:
         """An encoder's step: whole sequences, no KV cache, every request pooled."""
@@ -195,7 +236,7 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     """Peak GPU memory of one prefill step of `num_tokens` tokens, beyond what is allocated now.
     Runs over a stand-in cache of one-token blocks shared by every layer."""
     layers = model.attention_layers()
-    stand_in = torch.zeros(num_tokens, 1, config.num_kv_heads, config.head_dim, dtype=dtype,
+    stand_in = torch.zeros(num_tokens, 1, layers[0].num_kv_heads, config.head_dim, dtype=dtype,
                            device=device)
     for attn in layers:
         attn.k_cache = attn.v_cache = stand_in

@@ -89,6 +89,10 @@ class TritonBackend(TorchBackend):
             norm_pass = norm is not None and norm_sumsq is None
             config = self._gemv.default_config(x.shape[0], n, weight.shape[1], norm_pass, gated,
                                                self._gpu)
+            if config is not None and layer.reduces:  # the residual joins the summed output
+                out = layer.tp.all_reduce(self._gemv.gemv(x, weight, config=config))
+                out = out if residual is None else out + residual
+                return (out, None) if want_sumsq else out
             if config is not None:
                 return self._gemv.gemv(
                     x, weight, layer.bias, residual, norm.weight if norm is not None else None,

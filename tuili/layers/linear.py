@@ -69,6 +69,8 @@ class Linear(nn.Module):
     """y = x W^T (+ b) over out_sizes parts stacked in one weight. `weight`: share an existing
     parameter (an LM head tied to the embedding), loaded by its owner."""
 
+    reduces = False  # a row-parallel shard: its output is a partial sum (layers/parallel.py)
+
     def __init__(self, in_features: int, out_sizes: int | list[int], bias: bool = False,
                  weight: nn.Parameter | None = None):
         super().__init__()

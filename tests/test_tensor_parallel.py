@@ -1,0 +1,139 @@
+"""Tensor parallelism on the CPU (gloo): SmolLM2 over 3 ranks (9 heads, 3 KV heads: one each)
+against one rank, and a Llama-shaped model with one KV head over 2 ranks (replicated); a rank
+killed mid-service stops the engine with an error, not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.conftest import MODEL
+from tuili import LLM
+from tuili.errors import RankFailure
+from tuili.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+TIMEOUT_S = 20.0
+
+
+# One tensor-parallel engine per process at a time: each class's engine ends with its class.
+@pytest.fixture(scope="class")
+def tp3():
+    """3 ranks, every engine path at once: chunked prefill (16-token steps), a cache small enough
+    to preempt, the prefix cache, async scheduling (the tokens fed from the device)."""
+    llm = LLM(MODEL, dtype="float32", tensor_parallel_size=3, max_num_batched_tokens=16,
+              num_kv_blocks=12, async_scheduling=True, distributed_timeout_s=TIMEOUT_S)
+    yield llm
+    llm.engine.shutdown()
+
+
+class TestThreeRanks:
+    def test_greedy_tokens_match_one_rank(self, llm, tp3, prompts):
+        model = tp3.engine.runner.model
+        attn = model.layers[0].self_attn
+        assert (attn.nh, attn.nkv) == (3, 1)  # this rank's share of 9 heads and 3 KV heads
+        assert model.embed_tokens.weight.shape[0] == 49152 // 3
+        shared = prompts[-1]  # the chat prompts share their template's prefix
+        batch = prompts + [shared[:-2] + [11, 12]]
+        want = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)]
+        first = tp3.generate(batch, GREEDY)
+        again = tp3.generate(batch, GREEDY)  # the prompts' blocks are cached now
+        assert [o.outputs[0].token_ids for o in first] == want
+        assert [o.outputs[0].token_ids for o in again] == want
+        assert tp3.engine.prefix_cache_stats.hits > 0
+        assert tp3.engine.num_preemptions > 0
+
+    def test_seeded_sampling_and_logprobs_match_one_rank(self, llm, tp3, prompts):
+        params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, logprobs=2)
+        want = llm.generate(prompts[:3], params)
+        got = tp3.generate(prompts[:3], params)
+        for w, g in zip(want, got):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            for lw, lg in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
+                assert lg.logprob == pytest.approx(lw.logprob, abs=1e-3)
+
+
+def _tiny_llama(folder, gguf_path) -> None:
+    """A Llama-shaped model with random weights: 4 query heads, 1 KV head (so 2 ranks hold it
+    replicated), q/k/v biases, an untied LM head over a vocabulary that does not split evenly
+    (SmolLM2's tokenizer and 3 spare ids)."""
+    from safetensors.torch import save_file
+
+    from tuili.models.gguf_file import open_gguf
+
+    folder.mkdir()
+    open_gguf(gguf_path).tokenizer().backend.save(str(folder / "tokenizer.json"))
+    h, heads, kv, d, inter, vocab, layers = 128, 4, 1, 32, 256, 49155, 2
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+           "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+           "tie_word_embeddings": False, "attention_bias": True, "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=0.15):
+        return torch.randn(*shape, generator=g) * std
+
+    w = {"model.embed_tokens.weight": rand(vocab, h, std=1.0), "model.norm.weight": 1 + rand(h),
+         "lm_head.weight": rand(vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": 1 + rand(h),
+              p + "post_attention_layernorm.weight": 1 + rand(h),
+              p + "self_attn.q_proj.weight": rand(heads * d, h),
+              p + "self_attn.k_proj.weight": rand(kv * d, h),
+              p + "self_attn.v_proj.weight": rand(kv * d, h),
+              p + "self_attn.q_proj.bias": rand(heads * d),
+              p + "self_attn.k_proj.bias": rand(kv * d), p + "self_attn.v_proj.bias": rand(kv * d),
+              p + "self_attn.o_proj.weight": rand(h, heads * d),
+              p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+              p + "mlp.down_proj.weight": rand(h, inter)}
+    save_file(w, str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gguf_path):
+    folder = tmp_path_factory.mktemp("tp") / "tiny-llama"
+    _tiny_llama(folder, gguf_path)
+    return str(folder)
+
+
+@pytest.fixture(scope="class")
+def tp2(tiny):
+    llm = LLM(tiny, dtype="float32", tensor_parallel_size=2, distributed_timeout_s=TIMEOUT_S)
+    yield llm
+    llm.engine.shutdown()
+
+
+class TestTwoRanksOneKVHead:
+    def test_replicates_the_kv_head(self, tiny, tp2, prompts):
+        attn = tp2.engine.runner.model.layers[0].self_attn
+        assert (attn.nh, attn.nkv) == (2, 1)
+        head = tp2.engine.runner.model.lm_head
+        assert head.weight.shape[0] == 24578  # 49155 ids: 24578 a rank, the last row padding
+        one = LLM(tiny, dtype="float32")
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+        want = one.generate(prompts[:4], params)
+        got = tp2.generate(prompts[:4], params)
+        for w, g in zip(want, got):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            assert [lp.logprob for lp in g.outputs[0].logprobs] == pytest.approx(
+                [lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4)
+
+    def test_killed_rank_stops_the_engine_with_an_error(self, tp2, prompts):
+        """Runs last in its class: it kills tp2's rank 1."""
+        worker = tp2.engine.ranks.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(5)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 .* killed by signal 9"):
+            tp2.generate(prompts[:2], GREEDY)
+        assert time.monotonic() - start < TIMEOUT_S
+        with pytest.raises(RankFailure):  # and it stays down
+            tp2.generate(prompts[:1], GREEDY)
