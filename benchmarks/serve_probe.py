@@ -54,6 +54,9 @@ def install() -> None:
     LLMEngine.step = timed_step
 
 
+if __name__ == "__mp_main__":  # the engine's process (spawned) imports this file under that name
+    install()
+
 if __name__ == "__main__":
     install()
     from tuili.cli import main

@@ -203,17 +203,15 @@ def test_bad_speculative_config_is_refused(config, match):
 
 def test_metrics_and_bench_report_acceptance(ngram, all_prompts, capsys):
     import argparse
-    import types
 
-    from tuili.async_llm import AsyncLLM
     from tuili.bench.commands import _finish
+    from tuili.engine_core import EngineLoop
     from tuili.server.metrics import Metrics
 
     ngram.generate(all_prompts[:1], GREEDY)
     stats = ngram.engine.spec_stats
-    front = types.SimpleNamespace(engine=ngram.engine)
-    AsyncLLM._publish_stats(front)  # what the server's engine thread publishes after a step
-    text = Metrics(lambda: front.stats).render().decode()
+    published = EngineLoop(ngram.engine, None).stats()  # what the engine loop publishes after a step
+    text = Metrics(lambda: published).render().decode()
     assert f"tuili:spec_decode_num_draft_tokens_total {float(stats.num_draft_tokens)}" in text
     assert f"tuili:spec_decode_num_accepted_tokens_total {float(stats.num_accepted_tokens)}" in text
     assert f"tuili:spec_decode_acceptance_rate {stats.acceptance_rate}" in text

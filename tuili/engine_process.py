@@ -2,7 +2,7 @@
 loop) and the engine's Python never wait for one GIL.
 
 The two sides talk over one pipe. Commands go down as they come; each step comes up as one
-message: its outputs, each carrying only what is new (token ids, logprobs; the text whole),
+message: its outputs, each carrying only what is new (token ids, logprobs, text),
 from which this side rebuilds the RequestOutputs the thread-run engine would have handed over,
 and the engine's state after it. An engine process that dies fails every request in flight.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -126,26 +127,48 @@ def _engine_main(config: EngineConfig, conn, log_level: int) -> None:
         except (EOFError, OSError):  # the server is gone
             return [STOP]
 
-    EngineLoop(engine, _PipeEvents(conn)).run(take)
+    events = _PipeEvents(conn)
+    EngineLoop(engine, events).run(take)
+    events.close()
 
 
 class _PipeEvents:
-    """The loop's events, up the pipe: a step's outputs and the state after it in one message."""
+    """The loop's events, up the pipe: a step's outputs and the state after it in one message.
+    A thread of their own encodes and sends them, while the loop goes on to the next step (its
+    GPU wait leaves the GIL free)."""
 
     def __init__(self, conn):
         self.conn, self.pending = conn, []
         self.wire = _Wire()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_all, name="tuili-engine-sender",
+                                        daemon=True)
+        self._thread.start()
 
     def on_outputs(self, outputs: list, t: float) -> None:
-        self.pending.extend(self.wire.encode(o) for o in outputs)
+        self._queue.put(("outputs", outputs))
 
     def on_failed(self, request_id: str, error: BaseException) -> None:
-        self.wire.drop(request_id)
-        _send(self.conn, ("failed", request_id, _picklable(error)))
+        self._queue.put(("failed", request_id, error))
 
     def on_stats(self, stats: EngineStats) -> None:
-        msg, self.pending = ("step", self.pending, stats), []
-        _send(self.conn, msg)
+        self._queue.put(("stats", stats))
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _send_all(self) -> None:
+        while (event := self._queue.get()) is not None:
+            if event[0] == "outputs":
+                self.pending.extend(self.wire.encode(o) for o in event[1])
+            elif event[0] == "stats":
+                msg, self.pending = ("step", self.pending, event[1]), []
+                _send(self.conn, msg)
+            else:
+                self.wire.drop(event[1])
+                _send(self.conn, ("failed", event[1], _picklable(event[2])))
 
 
 def _send(conn, msg) -> None:
@@ -172,7 +195,9 @@ def _picklable(error: BaseException) -> BaseException:
 
 @dataclass
 class _Sent:
-    """A generation request's part of the wire: how many logprobs of each sample have gone."""
+    """A generation request's part of the wire: how much text and how many logprobs of each
+    sample have gone."""
+    text: list[int]
     logprobs: list[int]
 
 
@@ -186,14 +211,18 @@ class _Wire:
         if not isinstance(out, RequestOutput):  # a pooling output: one message, whole
             return out
         first = out.request_id not in self.sent
-        sent = self.sent.setdefault(out.request_id, _Sent([0] * len(out.outputs)))
+        n = len(out.outputs)
+        sent = self.sent.setdefault(out.request_id, _Sent([0] * n, [0] * n))
         samples = []
         for i, o in enumerate(out.outputs):
             new_logprobs = None
             if o.logprobs is not None:
                 new_logprobs, sent.logprobs[i] = o.logprobs[sent.logprobs[i]:], len(o.logprobs)
-            samples.append((o.text, o.delta_text, o.delta_token_ids, o.finish_reason,
-                            o.stop_reason, new_logprobs))
+            # The text only when it is not what went before plus the delta (a stop string cut)
+            grown = len(o.text) == sent.text[i] + len(o.delta_text) and o.text.endswith(o.delta_text)
+            sent.text[i] = len(o.text)
+            samples.append((None if grown else o.text, o.delta_text, o.delta_token_ids,
+                            o.finish_reason, o.stop_reason, new_logprobs))
         if out.finished:
             del self.sent[out.request_id]
         head = (out.prompt, out.prompt_token_ids) if first else None
@@ -208,6 +237,7 @@ class _Wire:
 class _Stream:
     prompt: str | None
     prompt_token_ids: list[int]
+    texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[Logprob]] = field(default_factory=list)
 
@@ -230,8 +260,10 @@ class _Rebuilder:
         outputs = []
         for i, (text, delta, new_ids, reason, stop, new_logprobs) in enumerate(samples):
             if i == len(stream.token_ids):
+                stream.texts.append("")
                 stream.token_ids.append([])
                 stream.logprobs.append([])
+            text = stream.texts[i] = stream.texts[i] + delta if text is None else text
             stream.token_ids[i].extend(new_ids)
             if new_logprobs is not None:
                 stream.logprobs[i].extend(new_logprobs)

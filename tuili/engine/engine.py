@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -163,6 +164,11 @@ class LLMEngine:
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
                                                   int4_rows, weight_format(loaded.quantization))
+        # What start-up built (modules, the model, its graphs) is never scanned by the collector
+        # again: a full collection over it stalled 256-sequence decode steps by ~120 ms (H200,
+        # BENCHMARKS.md, issue 19).
+        gc.collect()
+        gc.freeze()
         weights = "weights" if loaded.quantization == "none" else f"{loaded.quantization} weights"
         log.info("loaded %s (%s, %s %s, %s) in %.1fs", loaded.source, self.model_config.architecture,
                  str(self.dtype).removeprefix("torch."), weights, self.device,
