@@ -184,6 +184,32 @@ def test_prefill_attention_window():
         torch.testing.assert_close(ref[-1], last[:, 0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d, window", [(32, 7), (256, 1), (256, 64)])
+def test_prefill_attention_window_past_whole_key_steps(d, window):
+    """A window narrower than a query tile (the kernel's tiles for head dim 32 and 256): a tile's
+    later rows see none of the keys of its first key steps, which must add nothing (not NaN)."""
+    heads, kvh, bs = 2, 1, 16
+    torch.manual_seed(window)
+    new, cached = [150, 70], [0, 200]
+    caches = [torch.randn(40, bs, kvh, d) for _ in range(2)]
+    blocks = torch.randperm(40)
+    tables = torch.zeros(2, 17, dtype=torch.long)
+    tables[0, :10], tables[1] = blocks[:10], blocks[10:27]
+    q = torch.randn(sum(new), heads, d)
+    out = nan(*q.shape)
+    seqs = torch.tensor([[0, new[0]], new, cached], dtype=torch.int32)
+    triton_attention.prefill_attention(q, *caches, tables, seqs, max(new), d ** -0.5, out,
+                                       window=window)
+    for i, start in enumerate((0, new[0])):
+        rows = slice(start, start + new[i])
+        total = cached[i] + new[i]
+        k = reference.gather_kv(caches[0], tables[i], total)
+        v = reference.gather_kv(caches[1], tables[i], total)
+        ref = reference.prefill_attention(q[rows], k[cached[i]:], v[cached[i]:], *caches, tables[i],
+                                          cached[i], d ** -0.5, window)
+        torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_argmax():
     """First index on ties within a chunk and across chunks, in one launch (also written to a
     second tensor when asked); the counters the chunks arrive on are left at 0, so a second

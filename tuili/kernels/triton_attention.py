@@ -290,7 +290,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
     q = tl.load(q_ptr + (q_start + m).to(tl.int64)[:, None] * stride_qt + head * stride_qh
                 + d[None, :], mask=m_valid[:, None], other=0.0)
     q_pos = context + m
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # The running max starts finite, below any score: with a window, a row may see none of a
+    # step's keys (one before its window: its rows' windows start up to BLOCK_M - 1 keys apart),
+    # and an all -inf max would give exp2(-inf - -inf) = NaN. From -1e30 such a step adds
+    # exp2(-inf) = 0 and rescales by exp2(0) = 1, and the first seen key rescales the rest by
+    # exp2(-1e30 - max) = 0: the results, and the cost, of the unwindowed path are unchanged.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
