@@ -39,11 +39,25 @@ def run(folder: str, vocab: int, params: int, kv_tok: int, options: dict, device
     inner = LLMEngine.step
 
     last: list = []  # the batch queued by the call before: this call waits for its tokens
+    calls: list[tuple[int, float, float]] = []  # per call: tokens queued, host ms to queue, ms
+    runner = llm.engine.runner
+    execute = runner.execute
+    queued = [0.0]
+
+    def timed_execute(*a, **kw):
+        start = time.perf_counter()
+        try:
+            return execute(*a, **kw)
+        finally:
+            queued[0] = time.perf_counter() - start
 
     def timed(self):
         start = time.perf_counter()
+        queued[0] = 0.0
         out = inner(self)
         secs = time.perf_counter() - start
+        b = self.inflight.batch if self.inflight is not None else None
+        calls.append((b.num_tokens if b is not None else 0, queued[0] * 1e3, secs * 1e3))
         if last:
             steps.append((*last.pop(), secs))
         batch = self.inflight.batch if self.inflight is not None else None
@@ -58,12 +72,16 @@ def run(folder: str, vocab: int, params: int, kv_tok: int, options: dict, device
     rng = random.Random(9)  # warm on other prompts: the measured ones must miss the prefix cache
     llm.generate([random_prompt(rng, vocab, len(q)) for q in prompts[:8]], greedy[:8])
     LLMEngine.step = timed
+    runner.execute = timed_execute
     try:
         start = time.perf_counter()
         llm.generate(prompts, greedy)
         wall = time.perf_counter() - start
     finally:
         LLMEngine.step = inner
+        runner.execute = execute
+    print("first calls (tokens queued, host ms to queue them, call ms): "
+          + ", ".join(f"({n}, {q:.1f}, {c:.1f})" for n, q, c in calls[:6]))
     kinds: dict[str, list] = {}
     for prefill, decodes, context, secs in steps:
         kind = "prefill" if prefill and not decodes else "mixed" if prefill else "decode"

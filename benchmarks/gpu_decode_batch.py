@@ -63,19 +63,37 @@ def engine_profile(batch: int, context: int, steps: int = 5) -> None:
                                              ignore_eos=True))
     finally:
         LLMEngine.step = inner
+    print_kernels(prof, steps, f"eager engine decode step, batch {batch}, context ~{context + 22}")
+    prefill_profile(llm)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def prefill_profile(llm, tokens: int = 2048) -> None:
+    """The kernels of one eager prefill of a `tokens`-token prompt (time to first token)."""
+    from tuili import SamplingParams
+
+    rng = random.Random(5)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    for _ in range(2):  # warm: compiles, allocator, cuBLAS heuristics
+        llm.generate([[rng.randrange(2, VOCAB) for _ in range(tokens)]], one)
+    prompt = [rng.randrange(2, VOCAB) for _ in range(tokens)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], one)
+    print_kernels(prof, 1, f"eager prefill of {tokens} tokens")
+
+
+def print_kernels(prof, steps: int, what: str) -> None:
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if t > 0:
             rows.append((t / steps / 1e3, e.count // steps, e.key))
     rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"\neager engine step, batch {batch}, context ~{context + 22}: {total:.2f} ms of kernels")
+    print(f"\n{what}: {sum(r[0] for r in rows):.2f} ms of kernels a step")
     for ms, n, name in rows[:18]:
         print(f"{ms:8.3f} ms {n:5d}x  {name[:110]}")
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def projections(batch: int) -> None:

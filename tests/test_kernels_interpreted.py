@@ -154,16 +154,25 @@ def test_decode_attention_window(splits):
         torch.testing.assert_close(ref[i], alone[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_attention_window():
+@pytest.mark.parametrize("d, bs, window, new, cached, kvh", [
+    (32, 4, 7, [20, 5], [0, 140], 2),  # a chunk after a prefix long enough to skip key tiles
+    # windows narrower than a query tile (the tiles for head dims 32 and 256): a tile's later
+    # rows see none of the keys of its first key steps, which must add nothing (not NaN)
+    (32, 16, 7, [150, 70], [0, 200], 1),
+    (256, 16, 1, [150, 70], [0, 200], 1),
+    (256, 16, 64, [150, 70], [0, 200], 1)])
+def test_prefill_attention_window(d, bs, window, new, cached, kvh):
     """A sliding window in prefill: a fresh prompt longer than the window, and a chunk after a
-    cached prefix long enough that the kernel starts past its first key tiles."""
-    heads, kvh, d, bs, window = 4, 2, 32, 4, 7
-    torch.manual_seed(0)
-    new, cached = [20, 5], [0, 140]
-    caches = [torch.randn(48, bs, kvh, d) for _ in range(2)]
-    blocks = torch.randperm(48)
-    tables = torch.zeros(2, 37, dtype=torch.long)
-    tables[0, :5], tables[1] = blocks[:5], blocks[5:42]
+    cached prefix; the last query sees exactly its window's keys."""
+    heads = 2 * kvh
+    torch.manual_seed(window)
+    lens = [c + n for c, n in zip(cached, new)]
+    widths = [-(-n // bs) for n in lens]
+    num_blocks = sum(widths) + 3
+    caches = [torch.randn(num_blocks, bs, kvh, d) for _ in range(2)]
+    blocks = torch.randperm(num_blocks)
+    tables = torch.zeros(2, max(widths), dtype=torch.long)
+    tables[0, :widths[0]], tables[1, :widths[1]] = blocks[:widths[0]], blocks[widths[0]:sum(widths)]
     q = torch.randn(sum(new), heads, d)
     out = nan(*q.shape)
     seqs = torch.tensor([[0, new[0]], new, cached], dtype=torch.int32)
@@ -171,43 +180,16 @@ def test_prefill_attention_window():
                                        window=window)
     for i, start in enumerate((0, new[0])):
         rows = slice(start, start + new[i])
-        total = cached[i] + new[i]
+        total = lens[i]
         k = reference.gather_kv(caches[0], tables[i], total)
         v = reference.gather_kv(caches[1], tables[i], total)
         ref = reference.prefill_attention(q[rows], k[cached[i]:], v[cached[i]:], *caches, tables[i],
                                           cached[i], d ** -0.5, window)
         torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
-        # The last query sees exactly its window's keys.
         last = torch.nn.functional.scaled_dot_product_attention(
             q[rows][-1][:, None], k[total - window:].transpose(0, 1),
             v[total - window:].transpose(0, 1), scale=d ** -0.5, enable_gqa=True)
         torch.testing.assert_close(ref[-1], last[:, 0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("d, window", [(32, 7), (256, 1), (256, 64)])
-def test_prefill_attention_window_past_whole_key_steps(d, window):
-    """A window narrower than a query tile (the kernel's tiles for head dim 32 and 256): a tile's
-    later rows see none of the keys of its first key steps, which must add nothing (not NaN)."""
-    heads, kvh, bs = 2, 1, 16
-    torch.manual_seed(window)
-    new, cached = [150, 70], [0, 200]
-    caches = [torch.randn(40, bs, kvh, d) for _ in range(2)]
-    blocks = torch.randperm(40)
-    tables = torch.zeros(2, 17, dtype=torch.long)
-    tables[0, :10], tables[1] = blocks[:10], blocks[10:27]
-    q = torch.randn(sum(new), heads, d)
-    out = nan(*q.shape)
-    seqs = torch.tensor([[0, new[0]], new, cached], dtype=torch.int32)
-    triton_attention.prefill_attention(q, *caches, tables, seqs, max(new), d ** -0.5, out,
-                                       window=window)
-    for i, start in enumerate((0, new[0])):
-        rows = slice(start, start + new[i])
-        total = cached[i] + new[i]
-        k = reference.gather_kv(caches[0], tables[i], total)
-        v = reference.gather_kv(caches[1], tables[i], total)
-        ref = reference.prefill_attention(q[rows], k[cached[i]:], v[cached[i]:], *caches, tables[i],
-                                          cached[i], d ** -0.5, window)
-        torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_argmax():
