@@ -19,7 +19,8 @@ from tuili.kernels.reference_gguf import TYPES, GgufPlanes, bits_per_weight, pla
 from tuili.layers.linear import Linear, matmul
 from tuili.quantization.base import QuantMethod, drop_weight
 
-__all__ = ["TYPES", "GgufMethod", "GgufTensor", "bits_per_weight", "prepare_gguf"]
+GEMV_ROWS = 8  # steps of up to so many rows run the GEMV (triton_gguf.MAX_ROWS)
+__all__ = ["GEMV_ROWS", "TYPES", "GgufMethod", "GgufTensor", "bits_per_weight", "prepare_gguf"]
 
 
 @dataclass
