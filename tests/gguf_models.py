@@ -20,11 +20,12 @@ SCALES = {"Q8_0": 3e-4, "Q4_0": 4e-3, "Q4_1": 4e-3, "Q4_K": 6e-5, "Q5_K": 3e-5, 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [rows, bytes per row]: random quants and scales, float16 d/min of SCALES' size."""
     values, nbytes, fields = LAYOUTS[qtype]
-    b = rng.integers(0, 256, (rows, cols // values, nbytes), dtype=np.uint8)
+    b = np.frombuffer(rng.bytes(rows * cols // values * nbytes), dtype=np.uint8)
+    b = b.reshape(rows, cols // values, nbytes).copy()
     for f in ("d", "m"):
         if f in fields:
             lo, hi = fields[f]
-            d = rng.uniform(0.5, 1.5, (rows, cols // values, 1)) * SCALES[qtype]
+            d = rng.uniform(0.5, 1.5, (rows, cols // values, 1)).astype(np.float32) * SCALES[qtype]
             d = -d * 8 if f == "m" and qtype == "Q4_1" else d  # Q4_1: min ~ -8 d centres it
             b[..., lo:hi] = d.astype(np.float16).view(np.uint8)
     return b.reshape(rows, -1)
@@ -32,23 +33,23 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
 
 def tensor_data(qtype: str, rows: int, cols: int, rng: np.random.Generator):
     """(data, raw type or None) for GGUFWriter.add_tensor: random blocks for the kernels' types,
-    random float weights quantized by gguf for the others (F32 kept as is)."""
+    random float weights quantized by gguf for the others (F32 and F16 kept as they are)."""
     if qtype in LAYOUTS:
         return random_blocks(qtype, rows, cols, rng), Q[qtype]
-    w = (rng.standard_normal((rows, cols)) * 0.03).astype(np.float32)
-    if qtype == "F32":
-        return w, None
+    w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.03)
+    if qtype in ("F32", "F16"):
+        return w.astype(np.float16 if qtype == "F16" else np.float32), None
     return quantize(w, Q[qtype]), Q[qtype]
 
 
 def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, heads: int,
                      kv_heads: int, types: dict[str, str], seed: int = 0,
-                     head_type: str = "F32") -> Path:
-    """A random llama GGUF with a 256-token byte vocabulary; `types` maps llama.cpp's tensor
+                     head_type: str = "F32", vocab: int = 256, embed_type: str = "F32") -> Path:
+    """A random llama GGUF whose vocabulary opens with the 256 byte tokens (then "<tN>" ones up
+    to `vocab`); `types` maps llama.cpp's tensor
     names (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down) to block types,
     a key "L.name" overriding layer L's."""
     rng = np.random.default_rng(seed)
-    vocab = 256
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
     w.add_context_length(2048)
@@ -59,7 +60,8 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    w.add_token_list(tokens + [f"<t{i}>" for i in range(len(tokens), vocab)])
     w.add_token_types([1] * vocab)
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
@@ -73,7 +75,7 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
         data, raw = tensor_data(qtype, rows, cols, rng)
         w.add_tensor(name, data, raw_dtype=raw) if raw is not None else w.add_tensor(name, data)
 
-    add("token_embd.weight", "F32", vocab, hidden)
+    add("token_embd.weight", embed_type, vocab, hidden)
     w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     add("output.weight", head_type, vocab, hidden)
     for i in range(layers):

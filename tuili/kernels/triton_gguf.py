@@ -126,7 +126,7 @@ def _gemv_kernel(x_ptr, qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
         q_lo, q_hi, a_lo, b_lo, a_hi, b_hi, off_lo, off_hi = _decode(
             qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, n3, p3, l3, n_ok & p_ok, n_ok & p_ok, K, QT)
         for mi in tl.static_range(M_PAD):
-            x_ok = p_ok & (mi < M)
+            x_ok = p_ok & (M > mi)
             x_lo = tl.load(x_ptr + mi * stride_x + off_lo, mask=x_ok, other=0.0).to(tl.float32)
             t = (a_lo * tl.sum(q_lo * x_lo, axis=2, keep_dims=True)
                  + b_lo * tl.sum(x_lo, axis=2, keep_dims=True))
