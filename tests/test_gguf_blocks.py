@@ -66,3 +66,19 @@ def test_mixed_blocks_run_as_their_dequantized_weights(mixed_gguf):
             assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
             assert [t for t, _ in la.top] == [t for t, _ in lb.top]
             assert [p for _, p in la.top] == pytest.approx([p for _, p in lb.top], abs=1e-4)
+
+
+def test_analysis_counts_gguf_bytes():
+    """q4_k layers read 4.5 bits a weight; a file's mix reads its mean ("gguf-<bits>")."""
+    from tuili.analysis.shapes import model_config
+
+    config, _ = model_config("llama-3.1-8b", None)
+    layers = ops.num_params(config)["layers"]
+    bf16 = ops.weight_bytes(config, ops.Precision.for_dtype("bf16"))
+    q4k = ops.weight_bytes(config, ops.Precision.for_dtype("q4_k"))
+    assert bf16 - q4k == pytest.approx(layers * (16 - 4.5) / 8)
+    mixed = ops.Precision("gguf-4.5", "bf16", "bf16", "bf16")
+    assert ops.step_ops(config, [(1, 100)], 1, mixed) == ops.step_ops(
+        config, [(1, 100)], 1, ops.Precision.for_dtype("q4_k"))
+    with pytest.raises(Exception, match="must be one of"):
+        ops.weight_bytes_per_param("gguf-x")

@@ -132,6 +132,8 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
     model = model.eval()
+    if blocks and device.type == "cuda":  # the float weights the planes replaced: give them back
+        torch.cuda.empty_cache()
     if tp.size > 1:  # ranks load at their own pace; the model's collectives start together
         torch.distributed.barrier(group=tp.cpu_group)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
