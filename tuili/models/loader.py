@@ -191,7 +191,8 @@ def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bo
     ok = device.type == "cpu" and dtype == torch.bfloat16 and int4_supported()
     if quantization == "int4" and not ok:
         raise InvalidParameter("quantization", "int4 runs on CPU with dtype bfloat16 (this torch "
-                               "build or device/dtype has no int4 kernel); use quantization=none")
+                               "build or device/dtype has no int4 kernel); use quantization=none, or on "
+                               "the GPU auto or gguf for the file's own blocks")
     return ok
 
 
