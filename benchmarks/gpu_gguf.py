@@ -2,10 +2,11 @@
 layers in Q4_K and in Q8_0 (blocks kept packed, the default), beside the Q8_0 file's weights
 dequantized to bf16 (quantization none), each beside its read floor (the layers' stored bytes +
 the bf16 LM head at 4.18 TB/s). --sweep instead times the GEMV alone on the 8B layer shapes over
-tile shapes (graph replays), with its share of the read bandwidth.
+tile shapes (graph replays), with its share of the read bandwidth; past 8 rows the tiled GEMM's
+tiles and dequantize + cuBLAS, beside bf16's cuBLAS.
 
     python3 benchmarks/gpu_gguf.py [--arms q4_k,q8_0,bf16] [--layers 32] [--dir /tmp/gguf8b]
-    python3 benchmarks/gpu_gguf.py --sweep [--types Q4_K,Q8_0,Q6_K] [--rows 1]
+    python3 benchmarks/gpu_gguf.py --sweep [--types Q4_K,Q8_0] [--rows 1,16,64]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def sweep(types: list[str], m: int) -> None:
     rng = np.random.default_rng(0)
     dev = torch.device("cuda")
     x_by_k = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _, k in LAYER_SHAPES.values()}
-    print(f"{'type':<6}{'layer':<9}{'tile':>10}{'us':>9}{'GB/s':>8}{'of read':>9}")
+    print(f"{'type':<6}{'layer':<9}{'tile':>14}{'us':>9}{'GB/s':>8}{'of read':>9}")
     for qtype in types:
         lanes, halves = triton_gguf.PIECES[qtype]
         for name, (n, k) in LAYER_SHAPES.items():
@@ -89,23 +90,18 @@ def sweep(types: list[str], m: int) -> None:
                                         qtype, k).to(dev)
             x = x_by_k[k]
             best = None
-            for block_n in (4, 8, 16, 32):
-                for span in (64, 128, 256, 512):
-                    pieces = span // (lanes * halves)
-                    if pieces < 1:
-                        continue
-                    try:
-                        s = cuda_time(lambda: triton_gguf.gguf_gemv(x, planes, None, None, block_n,
-                                                                      pieces), graph=True)
-                    except Exception as e:  # a tile the compiler refuses (registers, shared)
-                        print(f"{qtype:<6}{name:<9}{block_n:>4} x {span:<4} failed: {e}")
-                        continue
-                    gbs = planes.nbytes / s / 1e9
-                    best = min(best or (s, block_n, span), (s, block_n, span))
-                    print(f"{qtype:<6}{name:<9}{block_n:>4} x {span:<4}{s * 1e6:>9.1f}{gbs:>8.0f}"
-                          f"{gbs * 1e9 / READ:>9.0%}", flush=True)
-            s, block_n, span = best
-            print(f"best {qtype} {name}: {block_n} x {span}, {s * 1e6:.1f} us "
+            for tile, fn in tiles(triton_gguf, x, planes, lanes * halves):
+                try:
+                    s = cuda_time(fn, graph=True)
+                except Exception as e:  # a tile the compiler refuses (registers, shared)
+                    print(f"{qtype:<6}{name:<9}{tile:>14} failed: {type(e).__name__}")
+                    continue
+                gbs = planes.nbytes / s / 1e9
+                best = min(best or (s, tile), (s, tile))
+                print(f"{qtype:<6}{name:<9}{tile:>14}{s * 1e6:>9.1f}{gbs:>8.0f}"
+                      f"{gbs * 1e9 / READ:>9.0%}", flush=True)
+            s, tile = best
+            print(f"best {qtype} {name}: {tile}, {s * 1e6:.1f} us "
                   f"({planes.nbytes / s / READ:.0%} of read)")
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
             s16 = cuda_time(lambda: torch.nn.functional.linear(x, w), graph=True)
@@ -114,17 +110,40 @@ def sweep(types: list[str], m: int) -> None:
             torch.cuda.empty_cache()
 
 
+def tiles(kernels, x, planes, piece):
+    """(label, timed call) per tile: the GEMV's at decode rows (block_n x span of K), else the
+    tiled GEMM's (block_m x block_n x span) and dequantize + cuBLAS."""
+    if x.shape[0] <= kernels.MAX_ROWS:
+        for block_n in (4, 8, 16, 32):
+            for span in (64, 128, 256, 512):
+                if span >= piece:
+                    yield f"{block_n} x {span}", lambda b=block_n, p=span // piece: \
+                        kernels.gguf_gemv(x, planes, None, None, b, p)
+        return
+    for block_m in (16, 32, 64, 128):
+        for block_n in (32, 64, 128):
+            for span in (32, 64, 128):
+                if span >= piece:
+                    yield f"{block_m}x{block_n}x{span}", \
+                        lambda bm=block_m, bn=block_n, sp=span: kernels.gguf_gemm(
+                            x, planes, None, None, bm, bn, sp)
+    yield "dequant+cuBLAS", lambda: torch.nn.functional.linear(
+        x, kernels.gguf_dequantize(planes, x.dtype))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", default="q4_k,q8_0,bf16")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--dir", default="/tmp/gguf8b", help="where the GGUF files are (re)used")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--types", default="Q4_K,Q8_0,Q6_K")
-    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--types", default="Q4_K,Q8_0")
+    p.add_argument("--rows", default="1", help="rows of x, comma-separated (e.g. 1,16,64)")
     args = p.parse_args()
     if args.sweep:
-        sweep(args.types.split(","), args.rows)
+        for rows in map(int, args.rows.split(",")):
+            print(f"\n{rows} rows")
+            sweep(args.types.split(","), rows)
         return
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The GGUF block kernels (kernels/triton_gguf.py) on the CPU under Triton's interpreter, against
 the gguf package's own dequantizer on random blocks: every block type, rows that pad the last
-tile, 1 to 8 decode rows, bias, the dequantize path of larger steps, and a merged layer whose
+tile, 1 to 8 decode rows, bias, the tiled GEMM and the dequantize path of larger steps, and a merged layer whose
 parts differ in type. Skipped where Triton is not installed or a GPU is (tests/gpu runs them
 compiled)."""
 
@@ -54,15 +54,25 @@ def test_gemv_and_dequantize_match_gguf(qtype):
         close(out, torch.nn.functional.linear(x, ref_w, bias))
 
 
-def test_large_steps_dequantize_then_multiply():
+@pytest.mark.parametrize("qtype", TYPES)
+def test_tiled_gemm_matches_gguf(qtype):
+    planes, ref_w = weight(qtype, 40, 512)  # 40 rows: the last tile of 32 padded
+    x, bias = torch.randn(20, 512), torch.randn(40)  # 20 rows: two tiles of 16, one padded
+    close(triton_gguf.gguf_gemm(x, planes, bias, block_m=16, block_n=32),
+          torch.nn.functional.linear(x, ref_w, bias))
+
+
+def test_larger_steps():
     planes, ref_w = weight("Q4_K", 12, 256)
-    x = torch.randn(2, 6, 256)  # 12 rows: past the GEMV
+    x = torch.randn(2, 6, 256)  # 12 rows: past the GEMV, the tiled GEMM
+    close(triton_gguf.gguf_linear(x, planes), x @ ref_w.t())
+    x = torch.randn(triton_gguf.TILE_MAX_ROWS + 1, 256)  # dequantize, then matmul
     close(triton_gguf.gguf_linear(x, planes), x @ ref_w.t())
 
 
 def test_merged_layer_of_mixed_types():
     """q/k/v-like parts in Q4_K, Q4_K and Q6_K plus a float part: segments written into their
-    columns of one output, by the GEMV at decode rows and by dequantize + matmul past them."""
+    columns of one output, whichever kernel a step's rows choose."""
     sizes, cols = [16, 8, 8, 5], 256
     layer = Linear(cols, sizes, bias=True)
     model = torch.nn.ModuleDict({"proj": layer})
@@ -83,7 +93,7 @@ def test_merged_layer_of_mixed_types():
     layer.process_weights_after_loading()
     assert [s.rows for s in layer.method.segments] == [24, 8, 5]
     ref_w = torch.cat(refs)
-    for m in (2, 11):
+    for m in (2, 11, 300):  # the GEMV, the tiled GEMM, dequantize + matmul
         x = torch.randn(m, cols)
         close(layer(x), torch.nn.functional.linear(x, ref_w, layer.bias))
     with pytest.raises(ValueError, match=r"does not fit part 1 \(8, 256\)"):

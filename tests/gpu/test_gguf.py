@@ -29,7 +29,7 @@ MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 20])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 20, 300])
 @pytest.mark.parametrize("n,k", [(1000, 3072), (4096, 4096), (37, 512)])
 def test_kernels_match_gguf(qtype, m, n, k):
     raw = random_blocks(qtype, n, k, np.random.default_rng(m + n))

@@ -6,7 +6,9 @@ registers. A row's K values are cut in pieces of L lanes, each piece with one sc
 per row, w = a * q + b; the 4-bit and 6-bit types give each lane two values (its low and high
 bits: "halves"), each half a piece of its own. Scales are applied after the lane sums
 (a * sum(q x) + b * sum(x)), so each weight costs its unpack and one multiply-add per row.
-Larger steps dequantize to the activations' dtype, then cuBLAS multiplies."""
+Up to TILE_MAX_ROWS rows a GEMM decodes each weight tile in registers once per BLOCK_M rows
+and multiplies on the tensor cores; larger steps dequantize the weight to the activations'
+dtype, then cuBLAS multiplies."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import triton.language as tl
 from tuili.kernels.reference_gguf import GgufPlanes
 
 MAX_ROWS = 8
+TILE_MAX_ROWS = 256  # unmeasured: benchmarks/gpu_gguf.py --sweep --rows 16,64,256 times both
 QTYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
 # type -> (L: lanes per piece, halves per lane); a piece spans L * halves values of K.
 PIECES = {"Q8_0": (32, 1), "Q4_0": (16, 2), "Q4_1": (16, 2), "Q4_K": (32, 2), "Q5_K": (32, 2),
@@ -142,6 +145,50 @@ def _gemv_kernel(x_ptr, qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
+def _gemm_kernel(x_ptr, qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, bias_ptr, out_ptr, M, N, K,
+                 stride_x, stride_out, QT: tl.constexpr, L: tl.constexpr, HALVES: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 P: tl.constexpr, IEEE: tl.constexpr):
+    """Dequantize-in-tile: each weight tile is decoded once per BLOCK_M rows, in registers, into
+    the activations' dtype, and multiplied on the tensor cores (each half against the columns
+    of x it holds)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = n[:, None, None]
+    n_ok = n3 < N
+    pr = tl.arange(0, P)[None, :, None]
+    l3 = tl.arange(0, L)[None, None, :]
+    pieces = K // (L * HALVES)
+    ty = x_ptr.dtype.element_ty
+    rows = x_ptr + m[:, None].to(tl.int64) * stride_x
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for p0 in range(0, pieces, P):
+        p3 = p0 + pr
+        p_ok = p3 < pieces
+        q_lo, q_hi, a_lo, b_lo, a_hi, b_hi, off_lo, off_hi = _decode(
+            qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, n3, p3, l3, n_ok & p_ok, n_ok & p_ok, K, QT)
+        x_ok = (m[:, None] < M) & tl.reshape(p_ok & (l3 < L), [1, P * L])
+        w = tl.reshape((a_lo * q_lo + b_lo).to(ty), [BLOCK_N, P * L])
+        x = tl.load(rows + tl.reshape(off_lo, [1, P * L]), mask=x_ok, other=0.0)
+        acc = _dot(x, w, acc, IEEE)
+        if HALVES == 2:
+            w = tl.reshape((a_hi * q_hi + b_hi).to(ty), [BLOCK_N, P * L])
+            x = tl.load(rows + tl.reshape(off_hi, [1, P * L]), mask=x_ok, other=0.0)
+            acc = _dot(x, w, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None].to(tl.int64) * stride_out + n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+@triton.jit
+def _dot(x, w, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 activations: exact products (tests, and a float32 engine)
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _dequant_kernel(qs_ptr, qh_ptr, sc_ptr, d_ptr, m_ptr, out_ptr, N, K, QT: tl.constexpr,
                     L: tl.constexpr, HALVES: tl.constexpr, BLOCK_N: tl.constexpr,
                     P: tl.constexpr):
@@ -195,14 +242,36 @@ def gguf_dequantize(p: GgufPlanes, dtype: torch.dtype, block_n: int = 32,
     return out
 
 
-def gguf_linear(x: torch.Tensor, p: GgufPlanes, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMV for decode rows; dequantize + cuBLAS for larger steps."""
+def gguf_gemm(x: torch.Tensor, p: GgufPlanes, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+              span: int = 64) -> torch.Tensor:
+    """x [M, cols] @ the weight.T (+ bias), the weight dequantized tile by tile in registers."""
+    m, k = x.shape
+    lanes, halves = PIECES[p.qtype]
+    out = torch.empty(m, p.rows, dtype=x.dtype, device=x.device) if out is None else out
+    grid = (triton.cdiv(m, block_m), triton.cdiv(p.rows, block_n))
+    _gemm_kernel[grid](
+        x, *_args(p), bias if bias is not None else x, out, m, p.rows, k, x.stride(0),
+        out.stride(0), QT=QTYPES[p.qtype], L=lanes, HALVES=halves, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, P=max(1, span // (lanes * halves)),
+        IEEE=x.dtype == torch.float32)
+    return out
+
+
+def gguf_linear(x: torch.Tensor, p: GgufPlanes, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMV for decode rows, the dequantize-in-tile GEMM up to TILE_MAX_ROWS rows, then
+    dequantize + cuBLAS (a large step's matmul outweighs writing the 16-bit weight once).
+    out: a [M, rows] view to write into (e.g. a merged layer's columns)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     if not x.is_contiguous():
         x = x.contiguous()
     if x.shape[0] <= MAX_ROWS:
-        out = gguf_gemv(x, p, bias)
+        res = gguf_gemv(x, p, bias, out)
+    elif x.shape[0] <= TILE_MAX_ROWS:
+        res = gguf_gemm(x, p, bias, out)
     else:
-        out = F.linear(x, gguf_dequantize(p, x.dtype), bias)
-    return out.reshape(*shape[:-1], p.rows)
+        res = F.linear(x, gguf_dequantize(p, x.dtype), bias)
+        res = res if out is None else out.copy_(res)
+    return res.reshape(*shape[:-1], p.rows)

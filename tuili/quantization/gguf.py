@@ -19,8 +19,10 @@ from tuili.kernels.reference_gguf import TYPES, GgufPlanes, bits_per_weight, pla
 from tuili.layers.linear import Linear, matmul
 from tuili.quantization.base import QuantMethod, drop_weight
 
-GEMV_ROWS = 8  # steps of up to so many rows run the GEMV (triton_gguf.MAX_ROWS)
-__all__ = ["GEMV_ROWS", "TYPES", "GgufMethod", "GgufTensor", "bits_per_weight", "prepare_gguf"]
+# Steps of up to so many rows read the packed planes (triton_gguf.TILE_MAX_ROWS); larger ones
+# also write and read a 16-bit copy of each weight.
+PACKED_MAX_ROWS = 256
+__all__ = ["PACKED_MAX_ROWS", "TYPES", "GgufMethod", "GgufTensor", "bits_per_weight", "prepare_gguf"]
 
 
 @dataclass
@@ -123,10 +125,8 @@ class GgufMethod(QuantMethod):
         for s in self.segments:
             bias = None if layer.bias is None else layer.bias[s.start:s.start + s.rows]
             view = out[:, s.start:s.start + s.rows]
-            if s.planes is not None and x.shape[0] <= kernels.MAX_ROWS:
-                kernels.gguf_gemv(x, s.planes, bias, out=view)
-            elif s.planes is not None:
-                view.copy_(F.linear(x, kernels.gguf_dequantize(s.planes, x.dtype), bias))
+            if s.planes is not None:
+                kernels.gguf_linear(x, s.planes, bias, out=view)
             else:
                 view.copy_(F.linear(x, s.weight, bias))
         return out.reshape(*shape[:-1], out.shape[-1])
