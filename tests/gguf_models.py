@@ -18,16 +18,18 @@ SCALES = {"Q8_0": 3e-4, "Q4_0": 4e-3, "Q4_1": 4e-3, "Q4_K": 6e-5, "Q5_K": 3e-5, 
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, bytes per row]: random quants and scales, float16 d/min of SCALES' size."""
+    """uint8 [rows, bytes per row]: random quants and sub-block scales, float16 d of SCALES'
+    size and a min that centres the weights."""
     values, nbytes, fields = LAYOUTS[qtype]
     b = np.frombuffer(rng.bytes(rows * cols // values * nbytes), dtype=np.uint8)
     b = b.reshape(rows, cols // values, nbytes).copy()
-    for f in ("d", "m"):
-        if f in fields:
-            lo, hi = fields[f]
-            d = rng.uniform(0.5, 1.5, (rows, cols // values, 1)).astype(np.float32) * SCALES[qtype]
-            d = -d * 8 if f == "m" and qtype == "Q4_1" else d  # Q4_1: min ~ -8 d centres it
-            b[..., lo:hi] = d.astype(np.float16).view(np.uint8)
+    d = rng.uniform(0.5, 1.5, (rows, cols // values, 1)).astype(np.float32) * SCALES[qtype]
+    lo, hi = fields["d"]
+    b[..., lo:hi] = d.astype(np.float16).view(np.uint8)
+    if "m" in fields:  # the min that centres the weights on average (mean q times the scale)
+        lo, hi = fields["m"]
+        m = {"Q4_1": -8 * d, "Q4_K": 7.5 * d, "Q5_K": 15.5 * d}[qtype]
+        b[..., lo:hi] = m.astype(np.float16).view(np.uint8)
     return b.reshape(rows, -1)
 
 
