@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 from tests.gguf_models import random_blocks, write_llama_gguf
-from tuili import LLM, SamplingParams
+from tuili import LLM, InvalidParameter, SamplingParams
 from tuili.analysis import ops
 from tuili.kernels.reference_gguf import TYPES, bits_per_weight, dequantize as planes_dequantize
 from tuili.kernels.reference_gguf import planes_from_blocks
@@ -66,6 +66,13 @@ def test_mixed_blocks_run_as_their_dequantized_weights(mixed_gguf):
             assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
             assert [t for t, _ in la.top] == [t for t, _ in lb.top]
             assert [p for _, p in la.top] == pytest.approx([p for _, p in lb.top], abs=1e-4)
+
+
+def test_gguf_needs_a_file_of_its_types(tmp_path):
+    floats = write_llama_gguf(tmp_path / "f32.gguf", hidden=64, intermediate=128, layers=1,
+                              heads=2, kv_heads=1, types={n: "F32" for n in MIXED})
+    with pytest.raises(InvalidParameter, match="hold none of the types it reads .Q8_0"):
+        LLM(str(floats), quantization="gguf")
 
 
 def test_analysis_counts_gguf_bytes():

@@ -22,6 +22,7 @@ from tuili.models.shard_reader import TensorSlice, as_loaded
 from tuili.models.tokenizer import Tokenizer
 from tuili.kernels import HAS_TRITON
 from tuili.quantization import prepare as prepare_quantized
+from tuili.quantization.gguf import TYPES as GGUF_TYPES
 from tuili.quantization.gguf import gguf_bits, prepare_gguf
 from tuili.quantization import resolve as quantization_config
 
@@ -104,6 +105,10 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         # Shards of 4-bit blocks are cut from the dequantized tensor (layers/parallel.take).
         # On the GPU the blocks stay packed (quantization/gguf.py); on CPU 4-bit ones do.
         blocks = _use_gguf_blocks(quantization, device, tp) and bool(gguf.packed_types())
+        if quantization == "gguf" and not blocks:
+            raise InvalidParameter("quantization", f"gguf keeps a GGUF file's blocks packed, and "
+                                   f"{path}'s layers hold none of the types it reads "
+                                   f"({', '.join(GGUF_TYPES)}); use auto or none")
         int4 = not blocks and _use_int4(quantization, dtype, device) and gguf.has_int4_weights() \
             and tp.size == 1
         config, tokenizer, gen = gguf.config(), gguf.tokenizer(), {}
