@@ -269,7 +269,8 @@ def gguf_linear(x: torch.Tensor, p: GgufPlanes, bias: torch.Tensor | None = None
         x = x.contiguous()
     if x.shape[0] <= MAX_ROWS:
         res = gguf_gemv(x, p, bias, out)
-    elif x.shape[0] <= TILE_MAX_ROWS:
+    elif x.shape[0] <= TILE_MAX_ROWS and (x.dtype != torch.float32 or not x.is_cuda):
+        # (float32 activations on CUDA: its tiles spill without tensor cores; cuBLAS does it)
         res = gguf_gemm(x, p, bias, out)
     else:
         res = F.linear(x, gguf_dequantize(p, x.dtype), bias)
