@@ -12,7 +12,7 @@ from tuili.speculative_config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "int4", "int8", "fp8", "gptq", "awq")
+QUANTIZATIONS = ("auto", "none", "int4", "int8", "fp8", "gptq", "awq", "gguf")
 TASKS = ("auto", "generate", "embed", "score")
 POOLINGS = ("auto", "cls", "mean", "last")
 
@@ -28,8 +28,10 @@ class EngineConfig:
                               "with bf16 units, else float32), float32, bfloat16, float16")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
     quantization: str = _opt("auto", "auto: a checkpoint's own quantization_config (GPTQ, AWQ, "
-                                     "FP8), and a GGUF file's 4-bit weights kept packed when "
+                                     "FP8), a GGUF file's blocks kept packed on the GPU (Q8_0, "
+                                     "Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) and its 4-bit weights when "
                                      "running bfloat16 on CPU; none: float weights in dtype; "
+                                     "gguf: require a GGUF file's blocks kept packed; "
                                      "fp8, int8, int4: quantize float weights at load (int4 on a "
                                      "GGUF file: require its packed blocks); gptq, awq: require "
                                      "such a checkpoint")

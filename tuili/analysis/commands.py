@@ -6,7 +6,8 @@ import argparse
 
 from tuili.options import positive
 
-ANALYZE_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4", "fp32")
+ANALYZE_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4", "fp32", "q8_0", "q4_0", "q4_1", "q4_k",
+                  "q5_k", "q6_k")
 
 
 def add_analyze_parser(sub) -> None:
@@ -20,7 +21,8 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--device", default="h100",
                    help="h100, h200, a100, rtx4090, l4, cpu, or measure (measure this machine)")
     p.add_argument("--dtype", default="bf16", choices=ANALYZE_DTYPES,
-                   help="weight format (quantized formats keep a 16-bit LM head and activations)")
+                   help="weight format (quantized formats keep a 16-bit LM head and activations; "
+                        "q8_0 ... q6_k: GGUF blocks as the GPU reads them)")
     p.add_argument("--kv-dtype", default=None, choices=("bf16", "fp16", "fp8", "fp32"),
                    help="K/V cache format (default: fp8 with --dtype fp8, else 16-bit)")
     p.add_argument("--batch", type=positive, default=1, help="sequences per step")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from tuili.analysis.moe import mlp_params, mlp_step
 from tuili.errors import InvalidParameter
+from tuili.kernels.reference_gguf import TYPES as GGUF_TYPES
+from tuili.kernels.reference_gguf import bits_per_weight
 from tuili.models.config import ModelConfig
 
 # Bits per stored weight, scales included.
@@ -23,16 +25,24 @@ WEIGHT_BITS = {
     "int8": 8,    # per-channel scales: negligible
     "int4": 4.25,  # 4-bit groups of 128 with a 16-bit scale and zero (GPTQ/AWQ-style)
     "int4-g32": 5,  # tuili's CPU packing: groups of 32 with a bf16 scale and zero
+    # GGUF block types as stored (q4_k: 144 bytes per 256 weights, ...), read packed on the GPU
+    **{t.lower(): bits_per_weight(t) for t in GGUF_TYPES},
 }
+GGUF_PREFIX = "gguf-"  # "gguf-4.89": a file's mix of block types, its mean bits per weight
 # What the multiply runs in: fp8/int8 weights with activations of the same kind (W8A8); 4-bit
 # weights are unpacked and multiplied in bf16 (W4A16).
 COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "int8": "int8",
-                 "int4": "bf16", "int4-g32": "bf16"}
+                 "int4": "bf16", "int4-g32": "bf16", **{t.lower(): "bf16" for t in GGUF_TYPES}}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 OP_NAMES = ("embedding", "qkv_proj", "attention", "o_proj", "mlp", "lm_head")
 
 
 def weight_bytes_per_param(fmt: str) -> float:
+    if fmt.startswith(GGUF_PREFIX):
+        try:
+            return float(fmt.removeprefix(GGUF_PREFIX)) / 8
+        except ValueError:
+            pass
     if fmt not in WEIGHT_BITS:
         raise InvalidParameter("dtype", f"got {fmt!r}, must be one of {', '.join(WEIGHT_BITS)}")
     return WEIGHT_BITS[fmt] / 8
@@ -73,6 +83,11 @@ class Precision:
         wide = "fp32" if dtype == "fp32" else ("fp16" if dtype == "fp16" else "bf16")
         kv = kv or ("fp8" if dtype == "fp8" else wide)
         return cls(weights=dtype, head=wide, kv=kv, activations=wide)
+
+
+def compute_dtype(fmt: str) -> str:
+    """What a weight format multiplies in (GGUF blocks: unpacked to bf16)."""
+    return "bf16" if fmt.startswith(GGUF_PREFIX) else COMPUTE_DTYPE[fmt]
 
 
 def matmul(name: str, rows: int, k: int, n: int, weight_bytes: float, act_bytes: int,
@@ -127,7 +142,7 @@ def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
     wb, hb = weight_bytes_per_param(precision.weights), weight_bytes_per_param(precision.head)
     ab = DTYPE_BYTES[precision.activations]
     kvb = weight_bytes_per_param(precision.kv)
-    cd = COMPUTE_DTYPE[precision.weights]
+    cd = compute_dtype(precision.weights)
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     qkv = matmul("qkv_proj", t, h, q + 2 * kv, wb, ab, cd)
     o = matmul("o_proj", t, q, h, wb, ab, cd)
@@ -135,7 +150,7 @@ def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
     flops, params, act_in, act_out = mlp_step(c, t)
     mlp = Op("mlp", flops, params * wb + act_in * ab, act_out * ab, cd)
     layer_ops = [_times(op, layers) for op in (qkv, o)] + [mlp]
-    head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, COMPUTE_DTYPE[precision.head])
+    head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, compute_dtype(precision.head))
     return [embedding_gather(t, h, hb, ab), layer_ops[0],
             attention(c, seqs, kvb, ab, "fp32" if ab == 4 else "bf16"),
             layer_ops[1], layer_ops[2], head]

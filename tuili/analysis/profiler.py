@@ -43,10 +43,11 @@ class PhaseProfiler:
 
     @classmethod
     def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0,
-                weights: str | None = None) -> PhaseProfiler:
+                weights: str | None = None, small_weights: str = "int4-g32") -> PhaseProfiler:
         """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
-        device; int4_rows: steps of up to so many tokens read packed int4 weights (0: none);
-        weights: the layers' quantized format (ops.WEIGHT_BITS), the head and K/V staying dtype."""
+        device; int4_rows: steps of up to so many tokens read the layers as small_weights
+        (tuili's packed int4 on CPU by default; 0: none); weights: the layers' format in other
+        steps (ops.WEIGHT_BITS), the head and K/V staying dtype."""
         from tuili.analysis.measure import for_torch_device
 
         precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype])
@@ -55,7 +56,7 @@ class PhaseProfiler:
                                          precision.activations)
         small = None
         if int4_rows:
-            small = opsmod.Precision("int4-g32", precision.head, precision.kv, precision.activations)
+            small = opsmod.Precision(small_weights, precision.head, precision.kv, precision.activations)
         return cls(config, for_torch_device(device), precision, small, int4_rows)
 
     def record(self, seqs: list[tuple[int, int]], sampled: int, num_decodes: int,
@@ -80,7 +81,7 @@ class PhaseProfiler:
     def summary(self) -> dict[str, dict[str, float]]:
         """Per phase with steps: totals, achieved rates, MBU and MFU (fractions of the ceilings),
         and floor_ratio (the roofline's lower bound / the time taken)."""
-        peak = self.device.peak_flops(opsmod.COMPUTE_DTYPE[self.precision.weights])
+        peak = self.device.peak_flops(opsmod.compute_dtype(self.precision.weights))
         out = {}
         for name, s in self.phases.items():
             if not s.steps:
@@ -113,7 +114,7 @@ class PhaseProfiler:
                 for phase, s in self.summary().items()]
         d = self.device
         head = (f"profile against {d.name}: {d.bandwidth / 1e9:.1f} GB/s, "
-                f"{d.peak_flops(opsmod.COMPUTE_DTYPE[self.precision.weights]) / 1e12:.2f} TFLOP/s "
+                f"{d.peak_flops(opsmod.compute_dtype(self.precision.weights)) / 1e12:.2f} TFLOP/s "
                 f"({self.precision.weights})")
         return head + "\n" + format_table(
             ["phase", "steps", "tokens", "time s", "tok/s", "GB/s", "MBU", "GFLOP/s", "MFU",

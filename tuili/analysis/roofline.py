@@ -84,7 +84,7 @@ def decode_sweep(c: ModelConfig, device: Device, context: int, precision: opsmod
         tot = totals(placed)
         linears = [p for p in placed if p.name in ("qkv_proj", "o_proj", "mlp")]
         lin_flops, lin_bytes = sum(p.flops for p in linears), sum(p.bytes for p in linears)
-        ridge = device.ridge(opsmod.COMPUTE_DTYPE[precision.weights])
+        ridge = device.ridge(opsmod.compute_dtype(precision.weights))
         lin_i = lin_flops / lin_bytes
         rows.append(SweepRow(
             b, tot.time_s, b / tot.time_s, tot.intensity, lin_i,

@@ -28,6 +28,7 @@ from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Int4CpuMethod
 from tuili.quantization import weight_format
+from tuili.quantization.gguf import PACKED_MAX_ROWS as GGUF_PACKED_ROWS
 from tuili.models import loader
 from tuili.models.pooler import Pooler
 from tuili.outputs import RequestOutput
@@ -164,6 +165,13 @@ class LLMEngine:
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
                                                   int4_rows, weight_format(loaded.quantization))
+            # GGUF blocks on the GPU: read packed by the GEMV and the tiled GEMM, dequantized
+            # to 16 bits (written, then read by cuBLAS) in larger steps.
+            if loaded.bits_per_weight and self.device.type == "cuda":
+                bits = loaded.bits_per_weight
+                self.profiler = PhaseProfiler.for_run(
+                    self.model_config, str(self.dtype), self.device, GGUF_PACKED_ROWS,
+                    f"gguf-{bits + 32:.4f}", small_weights=f"gguf-{bits:.4f}")
         # What start-up built (modules, the model, its graphs) is never scanned by the collector
         # again: a full collection over it stalled 256-sequence decode steps by ~120 ms (H200,
         # BENCHMARKS.md, issue 19).

@@ -24,6 +24,8 @@ from tuili.layers.int4 import Int4Weight
 from tuili.models import chat_templates
 from tuili.models.config import ModelConfig
 from tuili.models.tokenizer import Tokenizer
+from tuili.quantization.gguf import TYPES as GGUF_TYPES
+from tuili.quantization.gguf import GgufTensor
 
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -170,9 +172,17 @@ class GGUFModel:
     def has_int4_weights(self) -> bool:
         return any(t.tensor_type in INT4_TYPES for t in self.reader.tensors)
 
-    def weights(self, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    def packed_types(self) -> set[str]:
+        """The block types among the layers' weights that GgufMethod keeps packed."""
+        return {t.tensor_type.name for n, t in self.tensors.items() if n.startswith("blk.")
+                and t.tensor_type.name in GGUF_TYPES and len(t.shape) == 2}
+
+    def weights(self, int4: bool = False, blocks: bool = False, head_blocks: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | GgufTensor]]:
         """HF-named tensors, q/k rows put back in HF's rotate-half order. Float32, except that
-        with int4=True the 4-bit linear weights stay packed as Int4Weight."""
+        with int4=True the 4-bit linear weights stay packed as Int4Weight, and with blocks=True
+        the layers' weights of the types GgufMethod reads stay the file's blocks (GgufTensor;
+        the LM head too with head_blocks=True)."""
         c = self.config()
         layer_names = _GEMMA3_NAMES if self.arch == "gemma3" else _LAYER_NAMES
         for name in self.tensors:
@@ -180,14 +190,19 @@ class GGUFModel:
             if hf_name is None:
                 continue
             t = self.tensors[name]
+            linear = (name.startswith("blk.") or (head_blocks and name == "output.weight")) \
+                and len(t.shape) == 2
             if int4 and t.tensor_type in INT4_TYPES and name.startswith("blk."):
                 tensor = unpack_q4(np.asarray(t.data), t.tensor_type)
+            elif blocks and linear and t.tensor_type.name in GGUF_TYPES:
+                data = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1))
+                tensor = GgufTensor(t.tensor_type.name, data, int(t.shape[0]))
             else:
                 tensor = self._tensor(name)
             # llama.cpp's converter interleaves q/k rows for its rope; llama-arch files only.
             if self.arch in ("llama", "mistral") and name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
-                if isinstance(tensor, Int4Weight):
+                if isinstance(tensor, (Int4Weight, GgufTensor)):
                     tensor = tensor.permute_rows(lambda x: unpermute_rope_rows(x, heads))
                 else:
                     tensor = unpermute_rope_rows(tensor, heads)

@@ -20,7 +20,10 @@ from tuili.models.config import ModelConfig
 from tuili.models.registry import config_from_hf, model_class
 from tuili.models.shard_reader import TensorSlice, as_loaded
 from tuili.models.tokenizer import Tokenizer
+from tuili.kernels import HAS_TRITON
 from tuili.quantization import prepare as prepare_quantized
+from tuili.quantization.gguf import TYPES as GGUF_TYPES
+from tuili.quantization.gguf import gguf_bits, prepare_gguf
 from tuili.quantization import resolve as quantization_config
 
 log = logging.getLogger("tuili")
@@ -44,6 +47,7 @@ class LoadedModel:
     generation_config: dict = field(default_factory=dict)
     source: str = ""
     quantization: str = "none"
+    bits_per_weight: float | None = None  # GGUF blocks: the layers' stored bits per weight
 
 
 def resolve(name: str, revision: str | None = None) -> Path:
@@ -87,8 +91,11 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
          tp: TensorParallel = SINGLE) -> LoadedModel:
     """The model (this rank's shard of it, under tensor parallelism `tp`) on device in dtype."""
     path = resolve(name, revision)
-    int4 = False
+    int4 = blocks = False
     if path.is_dir():
+        if quantization == "gguf":
+            raise InvalidParameter("quantization", f"gguf reads a GGUF file's blocks, and {path} "
+                                   "is an HF folder; use auto")
         config, weights, tokenizer, gen, raw = _open_folder(path, lazy=tp.size > 1)
         hf_quant = raw.get("quantization_config")
     else:
@@ -96,8 +103,16 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
 
         gguf = open_gguf(path)
         # Shards of 4-bit blocks are cut from the dequantized tensor (layers/parallel.take).
-        int4 = _use_int4(quantization, dtype, device) and gguf.has_int4_weights() and tp.size == 1
-        config, weights, tokenizer, gen = gguf.config(), gguf.weights(int4), gguf.tokenizer(), {}
+        # On the GPU the blocks stay packed (quantization/gguf.py); on CPU 4-bit ones do.
+        blocks = _use_gguf_blocks(quantization, device, tp) and bool(gguf.packed_types())
+        if quantization == "gguf" and not blocks:
+            raise InvalidParameter("quantization", f"gguf keeps a GGUF file's blocks packed, and "
+                                   f"{path}'s layers hold none of the types it reads "
+                                   f"({', '.join(GGUF_TYPES)}); use auto or none")
+        int4 = not blocks and _use_int4(quantization, dtype, device) and gguf.has_int4_weights() \
+            and tp.size == 1
+        config, tokenizer, gen = gguf.config(), gguf.tokenizer(), {}
+        weights = gguf.weights(int4, blocks, head_blocks=blocks and quantize_lm_head)
         hf_quant = None
     qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
     cls = model_class(config.architecture, source=str(path))
@@ -116,10 +131,14 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     try:
         if qc is not None:
             prepare_quantized(model, qc)
+        if blocks:
+            prepare_gguf(model, quantize_lm_head)
         model.load_weights(weights)
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
     model = model.eval()
+    if blocks and device.type == "cuda":  # the float weights the planes replaced: give them back
+        torch.cuda.empty_cache()
     if tp.size > 1:  # ranks load at their own pace; the model's collectives start together
         torch.distributed.barrier(group=tp.cpu_group)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
@@ -128,10 +147,12 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
         if token not in config.eos_token_ids:
             config.eos_token_ids.append(token)
-    # "int4" names a GGUF file's packed blocks (the engine sizes their kernel's steps by it).
-    label = "int4" if int4 else "none" if qc is None else (
+    # "int4" names a GGUF file's packed blocks on CPU (the engine sizes their kernel's steps by
+    # it), "gguf" its blocks on the GPU.
+    label = "int4" if int4 else "gguf" if blocks else "none" if qc is None else (
         f"{qc.method}-g128" if qc.method == "int4" else qc.method)
-    return LoadedModel(model, config, tokenizer, gen, str(path), label)
+    return LoadedModel(model, config, tokenizer, gen, str(path), label,
+                       gguf_bits(model) if blocks else None)
 
 
 def model_folder(source: str) -> Path | None:
@@ -157,13 +178,26 @@ def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> N
         raise InvalidParameter("tensor_parallel_size", str(e)) from None
 
 
+def _use_gguf_blocks(quantization: str, device: torch.device, tp: TensorParallel) -> bool:
+    """Whether a GGUF file's blocks stay packed on the GPU (GgufMethod): by default on CUDA
+    with Triton; `gguf` asks for them anywhere (on CPU: dequantized once, then matmul), `none`
+    for the dequantized float weights. Tensor-parallel ranks cut float weights."""
+    if quantization == "gguf":
+        if tp.size > 1:
+            raise InvalidParameter("quantization", "gguf blocks do not shard yet; use "
+                                   "tensor_parallel_size 1, or quantization none")
+        return True
+    return quantization == "auto" and device.type == "cuda" and HAS_TRITON and tp.size == 1
+
+
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
     if quantization not in ("auto", "int4"):
         return False
     ok = device.type == "cpu" and dtype == torch.bfloat16 and int4_supported()
     if quantization == "int4" and not ok:
         raise InvalidParameter("quantization", "int4 runs on CPU with dtype bfloat16 (this torch "
-                               "build or device/dtype has no int4 kernel); use quantization=none")
+                               "build or device/dtype has no int4 kernel); use quantization=none, or on "
+                               "the GPU auto or gguf for the file's own blocks")
     return ok
 
 

@@ -50,8 +50,8 @@ def resolve(requested: str, hf_quant: dict | None, source: str, gguf: bool,
                                    f"{qc.method} checkpoint; use auto or {qc.method}")
         lm_head = qc.quantize_lm_head or quantize_lm_head
         return QuantConfig(**{**qc.__dict__, "quantize_lm_head": lm_head})
-    if requested in ("auto", "none") or (gguf and requested == "int4"):
-        return None  # a GGUF file's own 4-bit blocks: layers/int4.py
+    if requested in ("auto", "none") or (gguf and requested in ("int4", "gguf")):
+        return None  # a GGUF file's own blocks: layers/int4.py (CPU), quantization/gguf.py
     if requested in ("gptq", "awq"):
         raise InvalidParameter("quantization", f"{requested} reads a {requested.upper()} "
                                f"checkpoint, and {source} has no quantization_config; to "
