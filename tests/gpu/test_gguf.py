@@ -56,13 +56,13 @@ def test_packed_blocks_decode_as_dequantized_bf16(mixed_gguf):
     prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     common = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=1, max_num_seqs=4)
-    eager = LLM(str(mixed_gguf), enforce_eager=True, **common)
+    eager = LLM(str(mixed_gguf), enforce_eager=True, quantization="gguf", **common)
     methods = [m.method for m in eager.engine.runner.model.modules()
                if isinstance(getattr(m, "method", None), GgufMethod)]
     assert len(methods) == 4 * 4 and all(m.use_triton for m in methods)  # qkv, o, gate_up, down
     packed = eager.generate(prompts, greedy)
     del eager
-    graphs = LLM(str(mixed_gguf), **common).generate(prompts, greedy)
+    graphs = LLM(str(mixed_gguf), quantization="gguf", **common).generate(prompts, greedy)
     floats = LLM(str(mixed_gguf), quantization="none", **common).generate(prompts, greedy)
     for ours, graphed, ref in zip(packed, graphs, floats):
         a, b = ours.outputs[0].token_ids, ref.outputs[0].token_ids
@@ -89,7 +89,7 @@ def test_real_gguf_packed_as_dequantized(name):
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 359, 346, 47, 1458, 4553, 30, 216]]
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
     common = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=1, max_num_seqs=4)
-    packed_llm = LLM(model, **common)
+    packed_llm = LLM(model, quantization="gguf", **common)
     assert any(isinstance(getattr(m, "method", None), GgufMethod)
                for m in packed_llm.engine.runner.model.modules())
     packed = packed_llm.generate(prompts, greedy)

@@ -20,7 +20,6 @@ from tuili.models.config import ModelConfig
 from tuili.models.registry import config_from_hf, model_class
 from tuili.models.shard_reader import TensorSlice, as_loaded
 from tuili.models.tokenizer import Tokenizer
-from tuili.kernels import HAS_TRITON
 from tuili.quantization import prepare as prepare_quantized
 from tuili.quantization.gguf import TYPES as GGUF_TYPES
 from tuili.quantization.gguf import gguf_bits, prepare_gguf
@@ -179,15 +178,17 @@ def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> N
 
 
 def _use_gguf_blocks(quantization: str, device: torch.device, tp: TensorParallel) -> bool:
-    """Whether a GGUF file's blocks stay packed on the GPU (GgufMethod): by default on CUDA
-    with Triton; `gguf` asks for them anywhere (on CPU: dequantized once, then matmul), `none`
-    for the dequantized float weights. Tensor-parallel ranks cut float weights."""
+    """Whether a GGUF file's blocks stay packed on the GPU (GgufMethod): only when `gguf` asks
+    for them (on CPU: dequantized once, then matmul); `auto` and `none` dequantize to float
+    weights. (Not the CUDA default yet: on the H200 the kernels matched gguf, but one engine
+    test's greedy tokens did not match the dequantized run; see BENCHMARKS.md, issue 22.)
+    Tensor-parallel ranks cut float weights."""
     if quantization == "gguf":
         if tp.size > 1:
             raise InvalidParameter("quantization", "gguf blocks do not shard yet; use "
                                    "tensor_parallel_size 1, or quantization none")
         return True
-    return quantization == "auto" and device.type == "cuda" and HAS_TRITON and tp.size == 1
+    return False
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
