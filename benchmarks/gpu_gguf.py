@@ -57,7 +57,7 @@ def decode(folder: Path, arms: list[str], layers: int) -> None:
         path = gguf_file(folder, qtype, layers)
         bits = 16 if arm == "bf16" else bits_per_weight(qtype)
         llm = LLM(str(path), dtype="bfloat16", device="cuda", max_num_seqs=8, max_model_len=1024,
-                  gpu_memory_utilization=0.5, quantization="none" if arm == "bf16" else "auto")
+                  gpu_memory_utilization=0.5, quantization="none" if arm == "bf16" else "gguf")
         ms = min(tuili_decode_ms(llm, prompt) for _ in range(2))
         tokens = list(llm.generate([prompt], greedy)[0].outputs[0].token_ids)
         base = base or tokens
