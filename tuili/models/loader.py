@@ -103,7 +103,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         gguf = open_gguf(path)
         # Shards of 4-bit blocks are cut from the dequantized tensor (layers/parallel.take).
         # On the GPU the blocks stay packed (quantization/gguf.py); on CPU 4-bit ones do.
-        blocks = _use_gguf_blocks(quantization, device, tp) and bool(gguf.packed_types())
+        blocks = _use_gguf_blocks(quantization, tp) and bool(gguf.packed_types())
         if quantization == "gguf" and not blocks:
             raise InvalidParameter("quantization", f"gguf keeps a GGUF file's blocks packed, and "
                                    f"{path}'s layers hold none of the types it reads "
@@ -177,18 +177,16 @@ def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> N
         raise InvalidParameter("tensor_parallel_size", str(e)) from None
 
 
-def _use_gguf_blocks(quantization: str, device: torch.device, tp: TensorParallel) -> bool:
+def _use_gguf_blocks(quantization: str, tp: TensorParallel) -> bool:
     """Whether a GGUF file's blocks stay packed on the GPU (GgufMethod): only when `gguf` asks
     for them (on CPU: dequantized once, then matmul); `auto` and `none` dequantize to float
     weights. (Not the CUDA default yet: on the H200 the kernels matched gguf, but one engine
     test's greedy tokens did not match the dequantized run; see BENCHMARKS.md, issue 22.)
     Tensor-parallel ranks cut float weights."""
-    if quantization == "gguf":
-        if tp.size > 1:
-            raise InvalidParameter("quantization", "gguf blocks do not shard yet; use "
-                                   "tensor_parallel_size 1, or quantization none")
-        return True
-    return False
+    if quantization == "gguf" and tp.size > 1:
+        raise InvalidParameter("quantization", "gguf blocks do not shard yet; use "
+                               "tensor_parallel_size 1, or quantization none")
+    return quantization == "gguf"
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:
