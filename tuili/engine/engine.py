@@ -202,6 +202,17 @@ class LLMEngine:
                                  stream=False)
             while self.has_unfinished_requests():
                 self.step()
+        # One step that fills the whole token budget: the first such step after start-up took
+        # 331 ms against 190 ms for each later one (8B shape, 8192 tokens, H200; BENCHMARKS.md,
+        # fourteenth session), growing the allocator's pool and cuBLAS's choices at that size.
+        budget = min(self.scheduler.budget, self.pool.num_blocks * self.config.block_size // 2)
+        longest = max(1, self.max_model_len - 4)
+        for i in range(-(-budget // longest)):
+            size = min(longest, budget - i * longest)
+            self.add_request(f"warm-up-full-{i}", [(11 * i + j) % vocab for j in range(size)],
+                             kinds[0], stream=False)
+        while self.has_unfinished_requests():
+            self.step()
         self.pool.reset_prefix_cache()
         self.pool.stats = PrefixCacheStats()
         if self.speculator is not None:
