@@ -6,8 +6,10 @@ under load."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -250,3 +252,42 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_streamed(clust
     assert f'tuili_router:worker_up{{worker="{doomed.url}"}} 0.0' in text
     # the kill hit requests in flight (else this test showed nothing): the router saw them fail
     assert f'worker="{doomed.url}"' in text.split("tuili_router:worker_errors_total", 1)[1]
+
+
+def test_a_draining_worker_leaves_the_pool_and_finishes_its_stream(cluster):
+    """Runs last: SIGTERM drains `other`'s worker. Its open stream (already streaming: never
+    retried) ends whole; the router takes the worker out of the pool at once."""
+    router, workers = cluster
+    a, draining = workers[0], workers[2]
+    chunks: list[str] = []
+    began = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "other", "prompt": "Tell a long story", "max_tokens": 96,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{router.url}/v1/completions", headers=AUTH, json=body,
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    chunks.append(line)
+                    began.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert began.wait(60)
+    draining.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: f'tuili_router:worker_up{{worker="{draining.url}"}} 0.0'
+             in httpx.get(f"{router.url}/metrics").text, timeout=5)
+    for i in range(3):  # the shared model's pool is now the first worker alone
+        r = httpx.post(f"{router.url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "shared", "prompt": f"Hello {i}", "max_tokens": 1})
+        assert r.status_code == 200 and r.headers["x-tuili-worker"] == a.url
+    reader.join(60)
+    assert chunks[-1] == "data: [DONE]" and not any('"error"' in c for c in chunks)
+    assert len(chunks) == 97  # 96 tokens, then [DONE]: the stream was relayed whole
+    assert draining.proc.wait(40) == 0
+    r = httpx.post(f"{router.url}/v1/completions", headers=AUTH,
+                   json={"model": "other", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available"
+    text = httpx.get(f"{router.url}/metrics").text
+    assert f'worker="{a.url}"' in text.split("tuili_router:request_duration_seconds_count", 1)[1]

@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
 import torch
 
 from tests.conftest import MODEL
+from tests.server_process import ROOT, TuiliProcess
 from tuili import LLM
 from tuili.errors import RankFailure
 from tuili.sampling_params import SamplingParams
@@ -58,17 +63,17 @@ class TestThreeRanks:
                 assert lg.logprob == pytest.approx(lw.logprob, abs=1e-3)
 
 
-def _tiny_llama(folder, gguf_path) -> None:
-    """A Llama-shaped model with random weights: 4 query heads, 1 KV head (so 2 ranks hold it
-    replicated), q/k/v biases, an untied LM head over a vocabulary that does not split evenly
-    (SmolLM2's tokenizer and 3 spare ids)."""
+def _tiny_llama(folder, gguf_path, heads: int = 4, kv: int = 1, inter: int = 256) -> None:
+    """A Llama-shaped model with random weights: by default 4 query heads, 1 KV head (so 2 ranks
+    hold it replicated), q/k/v biases, an untied LM head over a vocabulary that does not split
+    evenly over 2 (SmolLM2's tokenizer and 3 spare ids)."""
     from safetensors.torch import save_file
 
     from tuili.models.gguf_file import open_gguf
 
     folder.mkdir()
     open_gguf(gguf_path).tokenizer().backend.save(str(folder / "tokenizer.json"))
-    h, heads, kv, d, inter, vocab, layers = 128, 4, 1, 32, 256, 49155, 2
+    h, d, vocab, layers = 128, 32, 49155, 2
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
            "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d,
@@ -137,3 +142,88 @@ class TestTwoRanksOneKVHead:
         assert time.monotonic() - start < TIMEOUT_S
         with pytest.raises(RankFailure):  # and it stays down
             tp2.generate(prompts[:1], GREEDY)
+
+
+# ---- ranks started by a launcher, as torchrun or a LeaderWorkerSet starts them --------------
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory, gguf_path):
+    """6 query heads, 3 KV heads, an MLP of 384: one KV head a rank over 3."""
+    folder = tmp_path_factory.mktemp("tp3") / "tiny-llama-3"
+    _tiny_llama(folder, gguf_path, heads=6, kv=3, inter=384)
+    return str(folder)
+
+
+@pytest.fixture(scope="class")
+def launched(tmp_path_factory, tiny3):
+    """`tuili serve` started once per rank with MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and
+    LOCAL_RANK (one host here); rank 0 answers HTTP."""
+    tmp = tmp_path_factory.mktemp("launched")
+    port = _free_port()
+    flags = ["serve", "--model", tiny3, "--tensor-parallel-size", "3", "--dtype", "float32",
+             "--distributed-timeout-s", str(TIMEOUT_S), "--served-model-name", "tiny"]
+
+    def env(rank: int) -> dict[str, str]:
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                "WORLD_SIZE": "3", "LOCAL_RANK": str(rank)}
+
+    others = []
+    for rank in (1, 2):
+        log = (tmp / f"rank{rank}.log").open("w")
+        others.append((subprocess.Popen(
+            [sys.executable, "-m", "tuili", *flags, "--port", str(_free_port())],
+            env={**os.environ, **env(rank), "PYTHONPATH": str(ROOT)}, stdout=log,
+            stderr=subprocess.STDOUT), tmp / f"rank{rank}.log"))
+    try:
+        leader = TuiliProcess(tmp, flags, timeout=120, env=env(0))
+    except Exception:
+        for p, _ in others:
+            p.kill()
+        raise
+    yield leader, others
+    leader.stop()
+    for p, _ in others:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestLaunchedRanks:
+    def test_rank_zero_serves_the_same_tokens_as_one_process(self, launched, tiny3):
+        leader, others = launched
+        prompts = ["The capital of France is", "def add(a, b):"]
+        want = LLM(tiny3, dtype="float32").generate(prompts, SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True))
+        for prompt, w in zip(prompts, want):
+            r = httpx.post(f"{leader.url}/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == w.outputs[0].text
+        assert all(p.poll() is None for p, _ in others)  # ranks 1, 2 serve steps, not HTTP
+
+    def test_a_killed_rank_turns_health_and_requests_503(self, launched):
+        """Runs last in its class: it kills rank 2."""
+        leader, others = launched
+        victim, _ = others[1]
+        victim.kill()
+        victim.wait(5)
+        start = time.monotonic()
+        r = httpx.post(f"{leader.url}/v1/completions", timeout=TIMEOUT_S + 10, json={
+            "model": "tiny", "prompt": "Hello", "max_tokens": 4})
+        assert time.monotonic() - start < TIMEOUT_S
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "engine_dead" and "tensor-parallel" in error["message"]
+        assert httpx.get(f"{leader.url}/health").status_code == 503
+        again = httpx.post(f"{leader.url}/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+        rank1, log1 = others[0]
+        assert rank1.wait(TIMEOUT_S) != 0  # the surviving rank stops too, saying why
+        assert "rank 1 stops" in log1.read_text()

@@ -147,7 +147,7 @@ class Router:
             try:
                 async for chunk in resp.aiter_raw():
                     if first:
-                        metrics.first_byte.labels(model).observe(time.perf_counter() - started)
+                        metrics.first_byte.labels(model, url).observe(time.perf_counter() - started)
                         first = False
                     yield chunk
             except httpx.TransportError as e:  # the worker went away mid-answer: no retry now
