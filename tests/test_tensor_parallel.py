@@ -4,6 +4,7 @@ killed mid-service stops the engine with an error, not a hang."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -26,23 +27,93 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 TIMEOUT_S = 20.0
 
 
+# ---- what a rank reads of a GGUF file ---------------------------------------------------------
+
+def test_a_rank_reads_and_decodes_only_its_part_of_a_gguf_tensor(gguf_path, monkeypatch):
+    """Each form (dequantized, 4-bit unpacked, the file's blocks) of a rank's rows (q with its
+    rope order, the embedding) and columns (down) equals the whole tensor's cut, and decoding
+    columns on block boundaries decodes only their blocks."""
+    from tuili.models import gguf_file
+    from tuili.quantization.gguf import GgufTensor
+
+    g = copy.copy(gguf_file.open_gguf(gguf_path))
+    whole = {}
+    for form in ("float", "int4", "blocks"):  # decoded whole: the reference (the embedding once)
+        g.tensors = {n: gguf_file.open_gguf(gguf_path).tensors[n] for n in (
+            "blk.0.attn_q.weight", "blk.0.ffn_down.weight") + ("token_embd.weight",) * (
+            form == "float")}
+        whole[form] = dict(g.weights(int4=form == "int4", blocks=form == "blocks"))
+    g = gguf_file.open_gguf(gguf_path)
+    lazy = {form: dict(g.weights(int4=form == "int4", blocks=form == "blocks", lazy=True))
+            for form in ("float", "int4", "blocks")}
+    layer = "model.layers.0."
+    cuts = [(layer + "self_attn.q_proj.weight", 0, 192, 192),  # rank 1 of 3: 3 of 9 heads
+            (layer + "mlp.down_proj.weight", 1, 1024, 512),  # rank 2 of 3: 16 blocks a row
+            (layer + "mlp.down_proj.weight", 1, 16, 48),  # off the block boundaries
+            ("model.embed_tokens.weight", 0, 16384, 16384)]
+
+    def same(a, b) -> bool:
+        if isinstance(a, GgufTensor):
+            return a.qtype == b.qtype and a.cols == b.cols and torch.equal(a.blocks, b.blocks)
+        if hasattr(a, "dequantize"):
+            a, b = a.dequantize(), b.dequantize()
+        return torch.equal(a, b)
+
+    for form in whole:
+        for name, dim, start, n in cuts[:None if form == "float" else -1]:
+            full = whole[form][name]
+            if dim == 1 and start % 32 and form != "float":  # decoded whole rows, then cut
+                want = whole["float"][name].narrow(dim, start, n)
+            elif isinstance(full, GgufTensor):
+                if dim == 1:
+                    per = full.blocks.shape[1] * 32 // full.cols  # bytes per 32 columns
+                    want = GgufTensor(full.qtype, full.blocks[:, start // 32 * per:
+                                                                (start + n) // 32 * per], n)
+                else:
+                    want = full.permute_rows(lambda x: x.narrow(0, start, n))
+            else:
+                want = full.narrow(dim, start, n)
+            assert same(lazy[form][name].narrow(dim, start, n), want), (form, name, dim, start)
+    decoded = []
+    real = gguf_file.dequantize
+    monkeypatch.setattr(gguf_file, "dequantize",
+                        lambda data, qtype: decoded.append(data.size) or real(data, qtype))
+    lazy["float"][layer + "mlp.down_proj.weight"].narrow(1, 512, 512)
+    assert decoded == [576 * 16 * 20]  # 576 rows of 16 Q4_1 blocks (20 bytes), not 48
+
+
 # One tensor-parallel engine per process at a time: each class's engine ends with its class.
+# Every engine path at once: int8 weights quantized at load, chunked prefill (16-token steps),
+# a cache small enough to preempt, the prefix cache, async scheduling (tokens fed from the
+# device). One rank and three run the same steps (the int8 kernel serves steps of <= 4 rows).
+INT8_ENGINE = dict(dtype="float32", quantization="int8", max_num_batched_tokens=16,
+                   num_kv_blocks=12, async_scheduling=True)
+
+
+@pytest.fixture(scope="module")
+def llm_int8():
+    """One rank, SmolLM2's GGUF in float32 with its weights quantized to int8 at load."""
+    return LLM(MODEL, **INT8_ENGINE)
+
+
 @pytest.fixture(scope="class")
 def tp3():
-    """3 ranks, every engine path at once: chunked prefill (16-token steps), a cache small enough
-    to preempt, the prefix cache, async scheduling (the tokens fed from the device)."""
-    llm = LLM(MODEL, dtype="float32", tensor_parallel_size=3, max_num_batched_tokens=16,
-              num_kv_blocks=12, async_scheduling=True, distributed_timeout_s=TIMEOUT_S)
+    """3 ranks, each reading, decoding and quantizing only its part of the GGUF file."""
+    llm = LLM(MODEL, tensor_parallel_size=3, distributed_timeout_s=TIMEOUT_S, **INT8_ENGINE)
     yield llm
     llm.engine.shutdown()
 
 
 class TestThreeRanks:
-    def test_greedy_tokens_match_one_rank(self, llm, tp3, prompts):
+    def test_greedy_tokens_match_one_rank(self, llm_int8, tp3, prompts):
+        llm = llm_int8
         model = tp3.engine.runner.model
         attn = model.layers[0].self_attn
         assert (attn.nh, attn.nkv) == (3, 1)  # this rank's share of 9 heads and 3 KV heads
         assert model.embed_tokens.weight.shape[0] == 49152 // 3
+        o_proj = model.layers[0].self_attn.o_proj
+        assert o_proj.method.name == "int8" and tuple(o_proj.weight.shape) == (576, 192)
+        assert o_proj.weight.dtype == torch.int8
         shared = prompts[-1]  # the chat prompts share their template's prefix
         batch = prompts + [shared[:-2] + [11, 12]]
         want = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)]
@@ -51,9 +122,10 @@ class TestThreeRanks:
         assert [o.outputs[0].token_ids for o in first] == want
         assert [o.outputs[0].token_ids for o in again] == want
         assert tp3.engine.prefix_cache_stats.hits > 0
-        assert tp3.engine.num_preemptions > 0
+        assert tp3.engine.num_preemptions > 0 and llm.engine.num_preemptions > 0
 
-    def test_seeded_sampling_and_logprobs_match_one_rank(self, llm, tp3, prompts):
+    def test_seeded_sampling_and_logprobs_match_one_rank(self, llm_int8, tp3, prompts):
+        llm = llm_int8
         params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, logprobs=2)
         want = llm.generate(prompts[:3], params)
         got = tp3.generate(prompts[:3], params)
@@ -157,10 +229,12 @@ def tiny3(tmp_path_factory, gguf_path):
 @pytest.fixture(scope="class")
 def launched(tmp_path_factory, tiny3):
     """`tuili serve` started once per rank with MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and
-    LOCAL_RANK (one host here); rank 0 answers HTTP."""
+    LOCAL_RANK (one host here); rank 0 answers HTTP. The weights are quantized to int4 at load,
+    each rank its own shard."""
     tmp = tmp_path_factory.mktemp("launched")
     port = _free_port()
     flags = ["serve", "--model", tiny3, "--tensor-parallel-size", "3", "--dtype", "float32",
+             "--quantization", "int4",
              "--distributed-timeout-s", str(TIMEOUT_S), "--served-model-name", "tiny"]
 
     def env(rank: int) -> dict[str, str]:
@@ -198,7 +272,10 @@ class TestLaunchedRanks:
     def test_rank_zero_serves_the_same_tokens_as_one_process(self, launched, tiny3):
         leader, others = launched
         prompts = ["The capital of France is", "def add(a, b):"]
-        want = LLM(tiny3, dtype="float32").generate(prompts, SamplingParams(
+        one = LLM(tiny3, dtype="float32", quantization="int4")
+        assert one.engine.runner.model.layers[0].mlp.down_proj.method.group == 128
+        assert "float32 int4-g128 weights" in leader.log()
+        want = one.generate(prompts, SamplingParams(
             max_tokens=8, temperature=0, ignore_eos=True))
         for prompt, w in zip(prompts, want):
             r = httpx.post(f"{leader.url}/v1/completions", timeout=60, json={
