@@ -20,10 +20,12 @@ import random
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.router_overhead import pick_model  # noqa: E402
 
 HIDDEN, VOCAB, LAYERS = 576, 49152, 30
 
@@ -111,7 +113,9 @@ def time_steps(tp: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="auto",
+                    help="a model tuili loads, 'random' (SmolLM2's shape, random weights, built "
+                         "offline) or 'auto' (smollm2-135m if its package is installed)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tp", type=int, default=3)
     ap.add_argument("--prefill-len", type=int, default=256)
@@ -119,11 +123,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--iters", type=int, default=200, help="collective timings per shape")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = pick_model(args.model, Path(tmp))
+        run(args)
+
+
+def run(args) -> None:
     rows = {f"prefill {args.prefill_len}": args.prefill_len, "decode batch 1": 1, "decode batch 8": 8}
     comm = time_collectives(args.tp, sorted(set(rows.values())), args.iters)
     one = time_steps(1, args)
     many = time_steps(args.tp, args)
-    print(f"\nSmolLM2-135M {args.dtype} on {os.cpu_count()} cores; TP={args.tp} over gloo. "
+    print(f"\nSmolLM2-135M ({args.model}) {args.dtype} on {os.cpu_count()} cores; TP={args.tp} over gloo. "
           f"Per step: {2 * LAYERS} row-parallel all-reduces + 1 embedding all-reduce of "
           f"[rows, {HIDDEN}], 1 LM-head all-gather of [rows, {VOCAB // args.tp}]")
     print(f"{'step':<16}{'TP=1 ms':>9}{f'TP={args.tp} ms':>9}{'speed-up':>9}"
