@@ -21,13 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 class TuiliProcess:
     """`python -m tuili COMMAND ... --port P` on a free port, returned once /health answers."""
 
-    def __init__(self, tmp: Path, command: list[str], timeout: float = 180):
+    def __init__(self, tmp: Path, command: list[str], timeout: float = 180,
+                 env: dict[str, str] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"{command[0]}-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, **(env or {}),
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with self.log_path.open("w") as log:  # the child keeps its own copy of the file
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tuili", *command, "--port", str(self.port)],

@@ -6,8 +6,11 @@ under load."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import ROOT, Server, TuiliProcess, wait_for
+from tests.server_process import ROOT, TuiliProcess, wait_for
+from tests.tiny_models import tiny_llama
 from tuili.errors import InvalidParameter
 from tuili.router.balance import PrefixIndex, VersionPicker, choose_worker
 from tuili.router.config import RouterConfig, Version
@@ -103,13 +107,17 @@ class RouterProcess(TuiliProcess):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, gguf_path):
+    """Workers of a tiny random Llama (SmolLM2's tokenizer and chat template): routing, not
+    the model's words, is what these tests check, and it starts in a fraction of the time."""
     tmp = tmp_path_factory.mktemp("router")
+    model = tmp / "tiny-llama"
+    tiny_llama(model, gguf_path)
     names = ["smol-a", "smol-b", "other"]
     with ThreadPoolExecutor(3) as pool:
-        workers = list(pool.map(lambda name: Server(tmp, "--served-model-name", name,
-                                                    "--num-threads", "1",
-                                                    "--max-model-len", "1024"), names))
+        workers = list(pool.map(lambda name: TuiliProcess(tmp, [
+            "serve", "--model", str(model), "--served-model-name", name, "--num-threads", "1",
+            "--dtype", "float32"]), names))
     a, b, c = (w.url for w in workers)
     config = f"""
 models:
@@ -218,7 +226,7 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_streamed(clust
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
             async def one(i: int) -> None:
                 stream = i % 2 == 0
-                body = {"model": "smol", "prompt": f"Tell a story {i}", "max_tokens": 16,
+                body = {"model": "smol", "prompt": f"Tell a story {i}", "max_tokens": 64,
                         "ignore_eos": True, "stream": stream}
                 async with client.stream("POST", f"{router.url}/v1/completions",
                                          json=body) as r:
@@ -228,8 +236,15 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_streamed(clust
                                                if stream else '"text"' in text)
                 results.append((stream, worker, ok, r.status_code, text[-300:]))
 
-            async def killer() -> None:
-                await asyncio.sleep(0.5)
+            async def killer() -> None:  # once the doomed worker holds requests
+                gauge = f'tuili_router:worker_in_flight{{worker="{doomed.url}"}}'
+                while True:
+                    await asyncio.sleep(0.05)
+                    text = (await client.get(f"{router.url}/metrics")).text
+                    held = [ln for ln in text.splitlines() if ln.startswith(gauge)]
+                    if held and float(held[0].split()[-1]) >= 3:
+                        break
+                await asyncio.sleep(0.1)
                 doomed.proc.kill()
 
             await asyncio.gather(killer(), *(one(i) for i in range(40)))
@@ -248,5 +263,49 @@ def test_a_worker_killed_under_load_loses_no_request_that_had_not_streamed(clust
     assert httpx.get(f"{router.url}/health").status_code == 200
     text = httpx.get(f"{router.url}/metrics").text
     assert f'tuili_router:worker_up{{worker="{doomed.url}"}} 0.0' in text
-    # the kill hit requests in flight (else this test showed nothing): the router saw them fail
+    # the kill hit requests in flight (else this test showed nothing): the router saw them fail,
+    # and sent those that had no byte back yet to the other version's worker
     assert f'worker="{doomed.url}"' in text.split("tuili_router:worker_errors_total", 1)[1]
+    retried = [line for line in text.splitlines()
+               if line.startswith('tuili_router:retries_total{model="smol"}')]
+    assert retried and float(retried[0].split()[-1]) >= 1, retried
+
+
+def test_a_draining_worker_leaves_the_pool_and_finishes_its_stream(cluster):
+    """Runs last: SIGTERM drains `other`'s worker. Its open stream (already streaming: never
+    retried) ends whole; the router takes the worker out of the pool at once."""
+    router, workers = cluster
+    a, draining = workers[0], workers[2]
+    chunks: list[str] = []
+    began = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "other", "prompt": "Tell a long story", "max_tokens": 400,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{router.url}/v1/completions", headers=AUTH, json=body,
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    chunks.append(line)
+                    began.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert began.wait(60)
+    draining.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: f'tuili_router:worker_up{{worker="{draining.url}"}} 0.0'
+             in httpx.get(f"{router.url}/metrics").text, timeout=5)
+    for i in range(3):  # the shared model's pool is now the first worker alone
+        r = httpx.post(f"{router.url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "shared", "prompt": f"Hello {i}", "max_tokens": 1})
+        assert r.status_code == 200 and r.headers["x-tuili-worker"] == a.url
+    reader.join(60)
+    assert chunks[-1] == "data: [DONE]" and not any('"error"' in c for c in chunks)
+    last = json.loads(chunks[-2].removeprefix("data: "))  # the stream was relayed whole
+    assert last["choices"][0]["finish_reason"] == "length", last
+    assert draining.proc.wait(40) == 0
+    r = httpx.post(f"{router.url}/v1/completions", headers=AUTH,
+                   json={"model": "other", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available"
+    text = httpx.get(f"{router.url}/metrics").text
+    assert f'worker="{a.url}"' in text.split("tuili_router:request_duration_seconds_count", 1)[1]

@@ -118,9 +118,10 @@ class EngineLoop:
                     outputs = engine.step()
                 except Exception as e:  # a broken step fails the requests in flight, not the server
                     log.exception("engine step failed")
-                    self._fail_all(e)
-                    if isinstance(e, RankFailure):  # the engine cannot run on: /health 503
+                    if isinstance(e, RankFailure):  # the engine cannot run on: /health 503,
+                        self._fail_all(EngineDied(str(e)))  # and requests an OpenAI 503
                         break
+                    self._fail_all(e)
                     outputs = []
                 for out in outputs:
                     if out.finished:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 # Ranks 1..N-1 wait for rank 0's next step for as long as the engine idles: their control
 # group's timeout is long; the model's collectives keep the short one (a dead rank's error).
 IDLE_TIMEOUT = timedelta(days=30)
+STOP_KEY = "tuili/stop"
 
 
 @dataclass
@@ -21,6 +22,23 @@ class TensorParallel:
     size: int = 1
     group: object = None  # the model's collectives (NCCL on GPU, gloo on CPU)
     cpu_group: object = None  # gloo: step inputs and other host data
+    store: object = None  # the rendezvous store (rank 0 hosts it): the stop flag below
+
+    def announce_stop(self, why: str) -> None:
+        """Rank 0: tell every rank to leave, past any collective it waits in (a rank died, so
+        the group's collectives cannot end the others' waits)."""
+        if self.store is not None:
+            try:
+                self.store.set(STOP_KEY, why)
+            except Exception:  # the store is gone too: the ranks see that instead
+                pass
+
+    def stop_announced(self) -> bool:
+        """Ranks 1..N-1: whether rank 0 said stop, or its store is gone (rank 0 died)."""
+        try:
+            return self.store.check([STOP_KEY])
+        except Exception:
+            return True
 
     @property
     def first(self) -> bool:
@@ -30,6 +48,12 @@ class TensorParallel:
         """The sum over ranks, in place (NCCL's is graph-capturable)."""
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise largest over ranks, in place."""
+        if self.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +102,12 @@ def init_group(rank: int, size: int, device: torch.device, timeout_s: float,
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                            world_size=size, timeout=timedelta(seconds=timeout_s),
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(addr, port, size, is_master=rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    tp = TensorParallel(rank, size, dist.group.WORLD, cpu_group)
+    tp = TensorParallel(rank, size, dist.group.WORLD, cpu_group, store)
     # NCCL's communicator comes up on the first collective: before any CUDA graph capture.
     tp.all_reduce(torch.zeros(1, device=device))
     return tp

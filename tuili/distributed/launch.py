@@ -92,12 +92,15 @@ class Ranks:
     def check(self) -> None:
         """Raise RankFailure if a rank is gone (before a step would wait on it)."""
         if self.failure is not None:
+            self.tp.announce_stop(self.failure)
             raise RankFailure(self.failure)
 
     def failed(self, error: Exception) -> RankFailure:
-        """A collective's error as the RankFailure it means, naming the dead rank if known."""
+        """A collective's error as the RankFailure it means, naming the dead rank if known; the
+        ranks still alive are told to stop."""
         self.failure = self.failure or f"a tensor-parallel collective failed ({error}); the " \
                                        "engine stopped"
+        self.tp.announce_stop(self.failure)
         return RankFailure(self.failure)
 
     def execute(self, runner, batch, pending):

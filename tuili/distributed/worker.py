@@ -78,6 +78,7 @@ def run_rank(config: EngineConfig, rank: int, addr: str | None = None,
                          max_model_len, dtype, device, 0 if eager else config.max_num_seqs,
                          prefill_graph_tokens)
     channel = StepChannel(tp, device)
+    threading.Thread(target=_watch_stop, args=(tp, rank), daemon=True).start()
     try:
         while (step := channel.receive()) is not None:
             runner.run(*step)
@@ -85,6 +86,16 @@ def run_rank(config: EngineConfig, rank: int, addr: str | None = None,
         log.error("tensor-parallel rank %d stops: %s", rank, e)
         return 1
     return 0
+
+
+def _watch_stop(tp, rank: int, every_s: float = 1.0) -> None:
+    """Leave once rank 0 says stop (another rank died: the collective this rank waits in may
+    never end) or its rendezvous store is gone (rank 0 died)."""
+    while not tp.stop_announced():
+        time.sleep(every_s)
+    log.error("tensor-parallel rank %d stops: rank 0 stopped the group", rank)
+    logging.shutdown()
+    os._exit(1)
 
 
 if __name__ == "__main__":  # python -m tuili.distributed.worker OPTIONS_JSON RANK ADDR PORT

@@ -28,6 +28,16 @@ class Int4Weight:
         z = self.zero.repeat_interleave(GROUP, dim=1)
         return (self.q.float() - 8) * s + z
 
+    def narrow(self, dim: int, start: int, length: int) -> Int4Weight:
+        """Rows (dim 0), or columns (dim 1) in whole groups of 32, still packed."""
+        if dim == 0:
+            return Int4Weight(*(t.narrow(0, start, length) for t in (self.q, self.scale, self.zero)))
+        if start % GROUP or length % GROUP:
+            raise ValueError(f"columns {start}..{start + length} are not whole groups of {GROUP}")
+        g0, gn = start // GROUP, length // GROUP
+        return Int4Weight(self.q.narrow(1, start, length), self.scale.narrow(1, g0, gn),
+                          self.zero.narrow(1, g0, gn))
+
     def permute_rows(self, fn) -> Int4Weight:
         return Int4Weight(fn(self.q), fn(self.scale), fn(self.zero))
 

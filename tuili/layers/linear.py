@@ -93,6 +93,16 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
+    def shard_of(self, tensor, part: int = 0):
+        """This rank's piece of a checkpoint tensor (the whole of it here; layers/parallel.py
+        cuts it); quantized methods whose loaders replace weight_loader cut through this."""
+        return tensor
+
+    def row_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Each output row's largest magnitude (per-channel scales at load): of the whole row,
+        also where this layer holds a rank's columns of it."""
+        return w.abs().amax(-1)
+
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor | Int4Weight,
                       part: int = 0) -> None:
         """Copy a checkpoint tensor into output part `part` of param (weight or bias)."""

@@ -15,17 +15,18 @@ from torch import nn
 
 from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.layers.embedding import Embedding
-from tuili.layers.int4 import Int4Weight
+from tuili.layers.int4 import GROUP, Int4Weight
 from tuili.layers.linear import Linear
 
 
 def take(tensor, dim: int, start: int, n: int):
     """Rows (dim 0) or columns (dim 1) start..start+n of a checkpoint tensor: a torch tensor, a
-    GGUF 4-bit one (dequantized to be cut), or a safetensors slice not read yet (models/
-    shard_reader.py reads just these). The whole tensor passes through as it came."""
+    GGUF 4-bit one (cut packed in whole groups, else dequantized to be cut), or a tensor not
+    read yet (a safetensors slice, models/shard_reader.py, or a GGUF one, models/gguf_file.py:
+    they read just these). The whole tensor passes through as it came."""
     if start == 0 and tensor.shape[dim] == n:
         return tensor.materialize() if hasattr(tensor, "materialize") else tensor
-    if isinstance(tensor, Int4Weight):
+    if isinstance(tensor, Int4Weight) and dim == 1 and (start % GROUP or n % GROUP):
         tensor = tensor.dequantize()
     return tensor.narrow(dim, start, n)
 
@@ -50,9 +51,12 @@ class ColumnParallelLinear(Linear):
         _mark(self.weight if weight is None else None)
         _mark(self.bias)
 
-    def weight_loader(self, param: nn.Parameter, tensor, part: int = 0) -> None:
+    def shard_of(self, tensor, part: int = 0):
         start, rows = self.shards[part]
-        super().weight_loader(param, take(tensor, 0, start, rows), part)
+        return take(tensor, 0, start, rows)
+
+    def weight_loader(self, param: nn.Parameter, tensor, part: int = 0) -> None:
+        super().weight_loader(param, self.shard_of(tensor, part), part)
 
 
 class RowParallelLinear(Linear):
@@ -67,8 +71,16 @@ class RowParallelLinear(Linear):
         self.reduces = tp.size > 1
         _mark(self.weight)
 
+    def shard_of(self, tensor, part: int = 0):
+        return take(tensor, 1, self.in_start, self.in_features)
+
     def weight_loader(self, param: nn.Parameter, tensor, part: int = 0) -> None:
-        super().weight_loader(param, take(tensor, 1, self.in_start, self.in_features), part)
+        super().weight_loader(param, self.shard_of(tensor, part), part)
+
+    def row_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Over every rank's columns: one rank quantizes as the whole layer would (the same
+        per-channel scales at any tensor_parallel_size)."""
+        return self.tp.all_max(w.abs().amax(-1).float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.method.apply(self, x))

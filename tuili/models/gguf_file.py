@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
@@ -155,19 +156,17 @@ class GGUFModel:
                "eos_token_id": self._get("tokenizer.ggml.eos_token_id")}
         return {k: v for k, v in cfg.items() if v is not None}
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        t = self.tensors[name]
+    def _check_type(self, name: str, t) -> None:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
                 f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which tuili cannot "
                 f"read; supported: {', '.join(q.name for q in SUPPORTED_TYPES)}")
-        data = np.asarray(t.data)
-        if t.tensor_type in (Q.F32, Q.F16):
-            array = data.astype(np.float32)
-        else:
-            array = dequantize(data, t.tensor_type)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        self._check_type(name, t)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
-        return torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
+        return _as_float(np.asarray(t.data), t.tensor_type).reshape(shape)
 
     def has_int4_weights(self) -> bool:
         return any(t.tensor_type in INT4_TYPES for t in self.reader.tensors)
@@ -177,12 +176,14 @@ class GGUFModel:
         return {t.tensor_type.name for n, t in self.tensors.items() if n.startswith("blk.")
                 and t.tensor_type.name in GGUF_TYPES and len(t.shape) == 2}
 
-    def weights(self, int4: bool = False, blocks: bool = False, head_blocks: bool = False
-                ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | GgufTensor]]:
+    def weights(self, int4: bool = False, blocks: bool = False, head_blocks: bool = False,
+                lazy: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | GgufTensor | GgufSlice]]:
         """HF-named tensors, q/k rows put back in HF's rotate-half order. Float32, except that
         with int4=True the 4-bit linear weights stay packed as Int4Weight, and with blocks=True
         the layers' weights of the types GgufMethod reads stay the file's blocks (GgufTensor;
-        the LM head too with head_blocks=True)."""
+        the LM head too with head_blocks=True). lazy: 2-D tensors come as GgufSlice, of which a
+        tensor-parallel rank reads (dequantizes, unpacks) only its part."""
         c = self.config()
         layer_names = _GEMMA3_NAMES if self.arch == "gemma3" else _LAYER_NAMES
         for name in self.tensors:
@@ -190,8 +191,18 @@ class GGUFModel:
             if hf_name is None:
                 continue
             t = self.tensors[name]
+            rope = self.arch in ("llama", "mistral") and name.endswith(
+                ("attn_q.weight", "attn_k.weight"))
+            heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
             linear = (name.startswith("blk.") or (head_blocks and name == "output.weight")) \
                 and len(t.shape) == 2
+            if lazy and len(t.shape) == 2:
+                self._check_type(name, t)
+                form = "int4" if int4 and t.tensor_type in INT4_TYPES and name.startswith("blk.") \
+                    else "blocks" if blocks and linear and t.tensor_type.name in GGUF_TYPES \
+                    else "float"
+                yield hf_name, GgufSlice(t, form, heads if rope else None)
+                continue
             if int4 and t.tensor_type in INT4_TYPES and name.startswith("blk."):
                 tensor = unpack_q4(np.asarray(t.data), t.tensor_type)
             elif blocks and linear and t.tensor_type.name in GGUF_TYPES:
@@ -200,8 +211,7 @@ class GGUFModel:
             else:
                 tensor = self._tensor(name)
             # llama.cpp's converter interleaves q/k rows for its rope; llama-arch files only.
-            if self.arch in ("llama", "mistral") and name.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
+            if rope:
                 if isinstance(tensor, (Int4Weight, GgufTensor)):
                     tensor = tensor.permute_rows(lambda x: unpermute_rope_rows(x, heads))
                 else:
@@ -240,6 +250,66 @@ class GGUFModel:
         template = self._get("tokenizer.chat_template") or chat_templates.FOR_GGUF.get(self.arch)
         return Tokenizer(backend, bos_token=bos, eos_token=tokens[eos_id] if eos_id is not None else None,
                          chat_template=template)
+
+
+def _as_float(data: np.ndarray, qtype: Q) -> torch.Tensor:
+    """A GGUF array (rows of blocks, or of floats) as float32 values."""
+    array = data.astype(np.float32) if qtype in (Q.F32, Q.F16) else dequantize(data, qtype)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class GgufSlice:
+    """A 2-D GGUF tensor not read yet, with torch's `shape` and `narrow`: a tensor-parallel rank
+    reads its rows alone, and its columns alone where they start and end on block boundaries
+    (else whole rows, cut once decoded). form: what comes out, "float" (dequantized), "int4"
+    (4-bit blocks unpacked as Int4Weight) or "blocks" (the file's bytes as GgufTensor; a column
+    cut off the block boundaries dequantizes). rope_heads: q/k rows (the rank's whole heads)
+    put back in HF's order."""
+
+    def __init__(self, tensor, form: str = "float", rope_heads: int | None = None):
+        self._t, self._form, self._rope_heads = tensor, form, rope_heads
+        self.shape = torch.Size(int(d) for d in reversed(tensor.shape))
+        self.block, self.block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor | Int4Weight:
+        rows, cols = (start, length), (0, self.shape[1])
+        if dim == 1:
+            rows, cols = (0, self.shape[0]), (start, length)
+        if self._rope_heads is not None and dim == 0:
+            per_head = self.shape[0] // self._rope_heads
+            if start % per_head or length % per_head:
+                raise ValueError(f"rows {start}..{start + length} of a q/k weight are not whole "
+                                 f"heads of {per_head} rows")
+        return self._read(rows, cols)
+
+    def materialize(self) -> torch.Tensor | Int4Weight:
+        return self._read((0, self.shape[0]), (0, self.shape[1]))
+
+    def _read(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor | Int4Weight:
+        qtype = self._t.tensor_type
+        data = np.asarray(self._t.data)[rows[0]:rows[0] + rows[1]]
+        # Int4Weight groups are 32 columns: a K-quant's 256-wide blocks unpack whole, then cut.
+        step = self.block
+        if cols[0] % step or cols[1] % step:
+            cut, whole = cols, True
+        else:
+            first, n = cols[0] // step, cols[1] // step
+            width = self.block_bytes if qtype not in (Q.F32, Q.F16) else 1
+            data = data[:, first * width:(first + n) * width]
+            cut, whole = (0, cols[1]), False
+        if self._form == "int4" and not (whole and (cut[0] % 32 or cut[1] % 32)):
+            w = unpack_q4(data, qtype)
+            w = w if not whole else w.narrow(1, *cut)
+        elif self._form == "blocks" and not whole:
+            w = GgufTensor(qtype.name, torch.from_numpy(np.array(data, dtype=np.uint8)), cols[1])
+        else:
+            w = _as_float(data, qtype)
+            w = w if not whole else w.narrow(1, *cut)
+        if self._rope_heads is not None:
+            heads = self._rope_heads * rows[1] // self.shape[0]
+            fn = lambda x: unpermute_rope_rows(x, heads)  # noqa: E731
+            w = w.permute_rows(fn) if isinstance(w, (Int4Weight, GgufTensor)) else fn(w)
+        return w
 
 
 def unpack_q4(data: np.ndarray, qtype: Q) -> Int4Weight:

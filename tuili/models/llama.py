@@ -19,7 +19,6 @@ from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
                                    VocabParallelEmbedding, qkv_shards)
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
-from tuili.models.shard_reader import TensorSlice
 
 
 class LlamaAttention(nn.Module):
@@ -155,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
-            if isinstance(tensor, TensorSlice) and not getattr(param, "reads_slices", False):
+            if hasattr(tensor, "materialize") and not getattr(param, "reads_slices", False):
                 tensor = tensor.materialize()  # replicated on every rank: read whole
             try:
                 if parts is None:  # the whole parameter at once (e.g. experts already stacked)

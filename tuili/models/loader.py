@@ -101,17 +101,18 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         from tuili.models.gguf_file import open_gguf  # the gguf package only when a GGUF is read
 
         gguf = open_gguf(path)
-        # Shards of 4-bit blocks are cut from the dequantized tensor (layers/parallel.take).
-        # On the GPU the blocks stay packed (quantization/gguf.py); on CPU 4-bit ones do.
-        blocks = _use_gguf_blocks(quantization, tp) and bool(gguf.packed_types())
+        # On the GPU the blocks stay packed (quantization/gguf.py); on CPU 4-bit ones do. A
+        # tensor-parallel rank reads and decodes only its rows/columns (gguf_file.GgufSlice).
+        # (Opt-in, not the CUDA default yet: see BENCHMARKS.md, issue 22.)
+        blocks = quantization == "gguf" and bool(gguf.packed_types())
         if quantization == "gguf" and not blocks:
             raise InvalidParameter("quantization", f"gguf keeps a GGUF file's blocks packed, and "
                                    f"{path}'s layers hold none of the types it reads "
                                    f"({', '.join(GGUF_TYPES)}); use auto or none")
-        int4 = not blocks and _use_int4(quantization, dtype, device) and gguf.has_int4_weights() \
-            and tp.size == 1
+        int4 = not blocks and _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
         config, tokenizer, gen = gguf.config(), gguf.tokenizer(), {}
-        weights = gguf.weights(int4, blocks, head_blocks=blocks and quantize_lm_head)
+        weights = gguf.weights(int4, blocks, head_blocks=blocks and quantize_lm_head,
+                               lazy=tp.size > 1)
         hf_quant = None
     qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
     cls = model_class(config.architecture, source=str(path))
@@ -175,18 +176,6 @@ def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> N
         tp.shard(config.intermediate_size, "intermediate_size")
     except ValueError as e:
         raise InvalidParameter("tensor_parallel_size", str(e)) from None
-
-
-def _use_gguf_blocks(quantization: str, tp: TensorParallel) -> bool:
-    """Whether a GGUF file's blocks stay packed on the GPU (GgufMethod): only when `gguf` asks
-    for them (on CPU: dequantized once, then matmul); `auto` and `none` dequantize to float
-    weights. (Not the CUDA default yet: on the H200 the kernels matched gguf, but one engine
-    test's greedy tokens did not match the dequantized run; see BENCHMARKS.md, issue 22.)
-    Tensor-parallel ranks cut float weights."""
-    if quantization == "gguf" and tp.size > 1:
-        raise InvalidParameter("quantization", "gguf blocks do not shard yet; use "
-                               "tensor_parallel_size 1, or quantization none")
-    return quantization == "gguf"
 
 
 def _use_int4(quantization: str, dtype: torch.dtype, device: torch.device) -> bool:

@@ -23,9 +23,12 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 GEMV_MAX_ROWS = 8
 
 
-def quantize_per_row(w: torch.Tensor, dtype: torch.dtype, qmax: float):
-    """(q, scale [rows]) with w ~ q * scale, each row's largest magnitude mapped to qmax."""
-    scale = (w.abs().amax(-1).float() / qmax).clamp(min=1e-12)
+def quantize_per_row(w: torch.Tensor, dtype: torch.dtype, qmax: float,
+                     amax: torch.Tensor | None = None):
+    """(q, scale [rows]) with w ~ q * scale, each row's largest magnitude (or `amax`, the whole
+    row's where w is a rank's columns of it) mapped to qmax."""
+    amax = w.abs().amax(-1) if amax is None else amax
+    scale = (amax.float() / qmax).clamp(min=1e-12)
     q = (w.float() / scale[:, None]).clamp(-qmax, qmax)
     q = q.round() if not dtype.is_floating_point else q
     return q.to(dtype), scale
@@ -54,7 +57,8 @@ class Fp8Method(QuantMethod):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         if not self.qc.from_checkpoint:
-            q, scale = quantize_per_row(layer.weight.data, FP8, FP8_MAX)
+            q, scale = quantize_per_row(layer.weight.data, FP8, FP8_MAX,
+                                        layer.row_absmax(layer.weight.data))
             add_param(layer, "weight", tuple(q.shape), FP8, out_dim=0).data.copy_(q)
             add_param(layer, "weight_scale", tuple(scale.shape), torch.float32,
                       out_dim=0).data.copy_(scale)

@@ -60,11 +60,14 @@ class GgufMethod(QuantMethod):
         self.segments: list[Segment] = []
 
     def create_weights(self, layer: Linear) -> None:
-        """`weight` becomes a placeholder whose loader keeps each part as it comes."""
+        """`weight` becomes a placeholder whose loader keeps each part as it comes (this rank's
+        piece of it, under tensor parallelism)."""
+        reads_slices = getattr(layer.weight, "reads_slices", False)
         drop_weight(layer)
         param = nn.Parameter(torch.empty(0, device=layer.params_device), requires_grad=False)
         param.num_parts = len(layer.out_sizes)
-        param.weight_loader = self.load_part
+        param.reads_slices = reads_slices
+        param.weight_loader = lambda p, t, part=0: self.load_part(p, layer.shard_of(t, part), part)
         layer.register_parameter("weight", param)
         self.layer_shape = (layer.out_sizes, layer.in_features)
 
@@ -139,7 +142,10 @@ def prepare_gguf(model: nn.Module, quantize_lm_head: bool = False) -> list[str]:
               for p in m.parameters(recurse=False)}  # an LM head tied to them stays theirs
     done = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, Linear) or (name == "lm_head" and not quantize_lm_head):
+        # A tensor-parallel LM head pads its rows (layers/parallel.py): it stays float.
+        sharded = getattr(getattr(layer, "tp", None), "size", 1) > 1
+        if not isinstance(layer, Linear) or (name == "lm_head" and (not quantize_lm_head or
+                                                                    sharded)):
             continue
         if id(layer.weight) in tables:
             continue

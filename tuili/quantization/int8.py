@@ -22,7 +22,8 @@ class Int8Method(QuantMethod):
         self.qc = qc
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        q, scale = quantize_per_row(layer.weight.data, torch.int8, 127)
+        q, scale = quantize_per_row(layer.weight.data, torch.int8, 127,
+                                    layer.row_absmax(layer.weight.data))
         add_param(layer, "weight", tuple(q.shape), torch.int8, out_dim=0).data.copy_(q)
         # Scales in the activations' dtype: the CPU kernel wants them so.
         add_param(layer, "weight_scale", tuple(scale.shape), layer.params_dtype,

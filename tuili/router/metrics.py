@@ -21,27 +21,32 @@ class RouterMetrics:
         self.retries = Counter("tuili_router:retries", "Requests served on a second worker after "
                                "the first failed before answering.", ["model"], registry=r)
         self.first_byte = Histogram("tuili_router:time_to_first_byte_seconds", "Request sent to "
-                                    "the worker's first byte back.", ["model"], buckets=_LATENCY,
-                                    registry=r)
+                                    "the worker's first byte back.", ["model", "worker"],
+                                    buckets=_LATENCY, registry=r)
         self.duration = Histogram("tuili_router:request_duration_seconds", "Request sent to the "
-                                  "worker's last byte back.", ["model"], buckets=_LATENCY,
-                                  registry=r)
+                                  "worker's last byte back.", ["model", "worker"],
+                                  buckets=_LATENCY, registry=r)
 
     def watch(self, pool) -> None:
-        """Export each worker's state (up, in-flight requests, reported queue) at every scrape."""
+        """Export each worker's state (up, draining, in-flight requests, reported queue) at every
+        scrape."""
         class _Workers:
             def collect(self):
                 up = GaugeMetricFamily("tuili_router:worker_up", "1 while the worker serves.",
                                        labels=["worker"])
+                draining = GaugeMetricFamily("tuili_router:worker_draining", "1 while the "
+                                             "worker's /health answers 503 (out of the pool).",
+                                             labels=["worker"])
                 flight = GaugeMetricFamily("tuili_router:worker_in_flight", "Requests this "
                                            "router has open on the worker.", labels=["worker"])
                 load = GaugeMetricFamily("tuili_router:worker_reported_load", "Running + "
                                          "waiting sequences the worker reports.", labels=["worker"])
                 for w in pool.workers.values():
                     up.add_metric([w.url], float(w.serving))
+                    draining.add_metric([w.url], float(w.state == "draining"))
                     flight.add_metric([w.url], w.in_flight)
                     load.add_metric([w.url], w.reported)
-                yield from (up, flight, load)
+                yield from (up, draining, flight, load)
 
         self.registry.register(_Workers())
 
@@ -50,7 +55,7 @@ class RouterMetrics:
 
     def finished(self, model: str, version: str, worker: str, status: int, seconds: float) -> None:
         self.requests.labels(model, version, worker, str(status)).inc()
-        self.duration.labels(model).observe(seconds)
+        self.duration.labels(model, worker).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

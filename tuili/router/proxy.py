@@ -1,6 +1,7 @@
 """Router: picks a version and a worker for each request and relays the worker's answer as it
-arrives. A request that fails before its first byte (the worker unreachable, or a 5xx) is tried
-once more on another worker; once bytes have reached the client nothing is retried."""
+arrives. A request that fails before its first byte (the worker unreachable, gone before its
+answer's first body bytes, or a 5xx) is tried once more on another worker; once bytes have
+reached the client nothing is retried."""
 
 from __future__ import annotations
 
@@ -109,26 +110,37 @@ class Router:
                                             headers=self._upstream_headers(headers, request_id))
             started = time.perf_counter()
             worker.in_flight += 1
+            resp = None
             try:
                 resp = await self.client.send(req, stream=True)
+                # The body's first bytes are awaited here, not in the relay: until they come (a
+                # stream's headers alone say nothing yet) the request may still move elsewhere.
+                rest = resp.aiter_raw()
+                first = await anext(rest, b"")
             except httpx.TransportError as e:
                 worker.in_flight -= 1
+                if resp is not None:
+                    await resp.aclose()
                 why = f"{url}: {type(e).__name__}: {e}"
                 self.pool.mark_down(url, why)
-                self.metrics.error(model, url, "connect")
+                self.metrics.error(model, url, "connect" if resp is None else "before_first_byte")
                 continue
             if resp.status_code >= 500 and attempt == 0:
-                await resp.aread()
+                try:
+                    content = first + b"".join([chunk async for chunk in rest])
+                except httpx.TransportError:
+                    content = first
                 await resp.aclose()
                 worker.in_flight -= 1
                 self.metrics.error(model, url, f"status_{resp.status_code}")
                 why = f"{url} answered {resp.status_code}"
-                failure = Response(resp.content, resp.status_code,
+                failure = Response(content, resp.status_code,
                                    headers=self._answer_headers(resp, version, url))
                 continue
             if attempt:
                 self.metrics.retries.labels(model).inc()
-            return self._relay(resp, model, version, url, started)
+            self.metrics.first_byte.labels(model, url).observe(time.perf_counter() - started)
+            return self._relay(resp, first, rest, model, version, url, started)
         if failure is not None:  # nowhere else to try: the worker's own answer
             return failure
         raise APIError(503 if not tried else 502,
@@ -136,19 +148,17 @@ class Router:
                        type="server_error", code="no_worker_available",
                        headers={"Retry-After": "1"})
 
-    def _relay(self, resp: httpx.Response, model: str, version: Version, url: str,
-               started: float) -> StreamingResponse:
+    def _relay(self, resp: httpx.Response, first: bytes, rest, model: str, version: Version,
+               url: str, started: float) -> StreamingResponse:
         worker = self.pool.workers[url]
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         metrics = self.metrics
 
         async def chunks():
-            first = True
             try:
-                async for chunk in resp.aiter_raw():
-                    if first:
-                        metrics.first_byte.labels(model).observe(time.perf_counter() - started)
-                        first = False
+                if first:
+                    yield first
+                async for chunk in rest:
                     yield chunk
             except httpx.TransportError as e:  # the worker went away mid-answer: no retry now
                 log.warning("router: %s failed mid-answer (%s: %s)", url, type(e).__name__, e)
