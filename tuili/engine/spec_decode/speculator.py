@@ -96,6 +96,10 @@ class Speculator:
             cap = min(cap, r.params.max_tokens - r.num_output_tokens - 1)
         return cap
 
+    def observe(self, batch, tapped: torch.Tensor) -> None:
+        """The target's tapped hidden states of a step's rows, for a proposer that reads them."""
+        self.proposer.observe(batch, tapped)
+
     def reset_stats(self) -> None:
         self.stats = SpecStats()
 
