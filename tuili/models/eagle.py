@@ -96,7 +96,9 @@ class EagleHead(nn.Module):
         self.fc = Linear(d * (3 if eagle3 else 2), d, bias=fc_bias)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c, self.backend)
                                     for _ in range(1 if eagle3 else c.num_layers))
-        if eagle3:
+        if not eagle3:
+            self.layers[0].input_layernorm = None  # the original skips it (see _NoNorm)
+        else:
             attn = self.layers[0].self_attn
             attn.qkv_proj = ColumnParallelLinear(2 * d, list(attn.qkv_proj.out_sizes),
                                                  bias=c.attention_bias)
