@@ -132,15 +132,15 @@ class LlamaForCausalLM(nn.Module):
     def _forward_tapped(self, stream, meta: AttentionMetadata, rows: torch.Tensor | None,
                         tap: HiddenTap) -> torch.Tensor:
         """forward, every row through every layer, the tap's states of all rows taken."""
-        states = []
+        states = {}
         for i, layer in enumerate(self.layers):
             if i in tap.layers:
-                states.append(stream.hidden())
+                states[i] = stream.hidden()
             stream = layer(stream, meta)
         hidden = stream.hidden()
         if len(self.layers) in tap.layers:
-            states.append(self.norm(hidden))
-        tap.take(states)
+            states[len(self.layers)] = self.norm(hidden)
+        tap.take([states[i] for i in tap.layers])
         if rows is None:
             self._final = (hidden, stream.sumsq)
             return hidden
