@@ -138,6 +138,12 @@ def batch_prompts(n: int, context: int, seed: int) -> list[list[int]]:
     return [torch.randint(2, 128256, (context,), generator=g).tolist() for _ in range(n)]
 
 
+def header(*cols: str) -> None:
+    """A markdown table's head (BENCHMARKS.md takes the tables as printed)."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
+
+
 def free() -> None:
     """Give the GPU memory of the objects just deleted back."""
     gc.collect()
@@ -196,8 +202,8 @@ def main() -> None:
               f"{args.context}, {args.tokens} greedy tokens; plain decode step {decode_ms:.2f} ms "
               f"= {plain_tok_s:.1f} tok/s; HF forward of 1 token {hf_ms[0]:.2f} ms")
         print("\nverify step of k oracle guesses (every one kept) against a plain decode step")
-        print(f"| {'k':>2} | {'step ms':>8} | {'cost':>5} | {'HF cost':>7} | {'ceiling tok/s':>13} "
-              f"| {'ceiling x':>9} | " + " | ".join(f"{'x@a=' + str(a):>7}" for a in RATES) + " |")
+        header(f"{'k':>2}", f"{'step ms':>8}", f"{'cost':>5}", f"{'HF cost':>7}",
+               f"{'ceiling tok/s':>13}", f"{'ceiling x':>9}", *(f"{'x@a=' + str(a):>7}" for a in RATES))
         for k in ks:
             spec.config = replace(base, num_speculative_tokens=k)
             for rid in ("warm", "oracle"):
@@ -225,8 +231,8 @@ def main() -> None:
         spec.config = replace(base, num_speculative_tokens=k)
         print(f"\nbatch sweep: plain decode step against a verify step of {k} oracle guesses "
               f"per request ({args.batch_tokens} tokens each, context {args.context})")
-        print(f"| {'batch':>5} | {'decode ms':>9} | {'verify ms':>9} | {'cost':>5} | "
-              f"{'ceiling x':>9} | " + " | ".join(f"{'x@a=' + str(a):>7}" for a in RATES) + " |")
+        header(f"{'batch':>5}", f"{'decode ms':>9}", f"{'verify ms':>9}", f"{'cost':>5}",
+               f"{'ceiling x':>9}", *(f"{'x@a=' + str(a):>7}" for a in RATES))
         stops = None
         for b in batches:
             spec.proposer = OracleProposer({rid.replace(f"plain{b}", name): toks
@@ -258,8 +264,8 @@ def main() -> None:
         if eagle_ks:
             print(f"\nEAGLE arm: random heads proposing for real (eager head steps; nothing "
                   f"kept, so a step gains one token), batch 1, {args.batch_tokens} tokens")
-            print(f"| {'head':>6} | {'k':>2} | {'step ms':>8} | {'cost':>5} | "
-                  + " | ".join(f"{'x@a=' + str(a):>7}" for a in RATES) + " |")
+            header(f"{'head':>6}", f"{'k':>2}", f"{'step ms':>8}", f"{'cost':>5}",
+                   *(f"{'x@a=' + str(a):>7}" for a in RATES))
         for method in ("eagle", "eagle3") if eagle_ks else ():
             head = save_head(Path(tmp) / f"head-{method}", target_cfg, method == "eagle3",
                              draft_vocab=32000 if method == "eagle3" else None)

@@ -12,7 +12,7 @@ import torch
 from tuili import LLM, SamplingParams
 from tuili.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
-from tests.eagle_heads import save_head
+from ..eagle_heads import save_head
 from .random_models import SHAPES, build
 from .test_spec_decode import repeating_prompts
 
