@@ -26,13 +26,14 @@ from tuili.speculative_config import SpeculativeConfig
 
 class EagleSeq(DraftSeq):
     """A request as the head sees it: token_ids are the target's shifted by one (entry p holds
-    token p + 1), num_real the entries whose state is the target's; `hidden` the target's
-    states for positions hidden_start.. not read yet (and the last one read, for a rerun)."""
+    token p + 1), num_real the entries whose state is the target's; the target's states for
+    positions hidden_start .. hidden_start + count - 1 not read yet (and the last one read, for
+    a rerun) in the first rows of `buf`, which grows by doubling (no copy of it per step)."""
 
     def __init__(self, request_id: str):
         super().__init__(request_id)
-        self.hidden: torch.Tensor | None = None
-        self.hidden_start = 0
+        self.buf: torch.Tensor | None = None
+        self.hidden_start = self.count = 0
         self.last_out: torch.Tensor | None = None  # the head's state after its last entry
 
     def follow(self, req: Request) -> None:
@@ -42,8 +43,8 @@ class EagleSeq(DraftSeq):
         self.num_computed_tokens = min(self.num_computed_tokens, self.num_real, n - 2)
         self.token_ids = list(req.token_ids[1:])
         self.num_real = n - 1
-        if self.hidden is not None:  # states past n - 2 were computed on rejected drafts
-            self.hidden = self.hidden[:max(0, n - 1 - self.hidden_start)]
+        # states past n - 2 were computed on rejected drafts
+        self.count = min(self.count, max(0, n - 1 - self.hidden_start))
 
     def observe(self, start: int, states: torch.Tensor) -> None:
         """The target's states at positions start.. (a recompute of ones read already is
@@ -52,11 +53,17 @@ class EagleSeq(DraftSeq):
         states = states[first - start:]
         if not len(states):
             return
-        end = self.hidden_start + (len(self.hidden) if self.hidden is not None else 0)
-        if self.hidden is None or not self.hidden_start <= first <= end:
-            self.hidden, self.hidden_start = states.clone(), first
-        else:
-            self.hidden = torch.cat([self.hidden[:first - self.hidden_start], states])
+        if not self.hidden_start <= first <= self.hidden_start + self.count:
+            self.hidden_start, self.count = first, 0  # a gap: what came before is no use
+        at = first - self.hidden_start
+        need = at + len(states)
+        if self.buf is None or need > len(self.buf):
+            grown = states.new_empty(max(need, 2 * self.count, 16), states.shape[-1])
+            if self.buf is not None:
+                grown[:at] = self.buf[:at]
+            self.buf = grown
+        self.buf[at:need] = states
+        self.count = need
 
     def inputs(self, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
         """The head's input states for entries start .. start + n - 1: the target's for real
@@ -64,14 +71,15 @@ class EagleSeq(DraftSeq):
         if start >= self.num_real:
             return self.last_out
         out = like.new_zeros(n, like.shape[-1])
-        if self.hidden is not None:
-            lo = max(start, self.hidden_start)
-            hi = min(start + n, self.hidden_start + len(self.hidden))
-            if lo < hi:
-                out[lo - start:hi - start] = self.hidden[lo - self.hidden_start:hi - self.hidden_start]
-            keep = start + n - 1 - self.hidden_start  # the last entry may run again
-            if keep > 0:
-                self.hidden, self.hidden_start = self.hidden[keep:], self.hidden_start + keep
+        hs = self.hidden_start
+        lo, hi = max(start, hs), min(start + n, hs + self.count)
+        if lo < hi:
+            out[lo - start:hi - start] = self.buf[lo - hs:hi - hs]
+        drop = min(start + n - 1 - hs, self.count)  # read; the last entry may run again
+        if drop > 0:
+            rest = self.count - drop
+            self.buf[:rest] = self.buf[drop:self.count].clone()
+            self.hidden_start, self.count = hs + drop, rest
         return out
 
 
