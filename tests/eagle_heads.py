@@ -1,5 +1,6 @@
 """Random-weight EAGLE-1/2 and EAGLE-3 head checkpoints in the public layouts, for a target of a
-given HF config (the CPU tests' SmolLM2, the GPU tests' and benchmarks' Llama-3.1-8B shape)."""
+given HF config (the CPU tests' SmolLM2, the GPU tests' and benchmarks' Llama-3.1-8B shape),
+and a one-request run of an engine."""
 
 from __future__ import annotations
 
@@ -63,3 +64,12 @@ def save_head(folder: Path, target: dict, eagle3: bool, fmt: str = "safetensors"
     else:
         torch.save(t, folder / "pytorch_model.bin")
     return folder
+
+
+def run_alone(engine, rid: str, prompt: list[int], params) -> list[int]:
+    """The tokens of one request run to its end by the engine's own steps (named `rid`)."""
+    engine.add_request(rid, prompt, params, stream=False)
+    out = []
+    while engine.has_unfinished_requests():
+        out += [o.outputs[0].token_ids for o in engine.step() if o.request_id == rid]
+    return out[-1]

@@ -16,7 +16,7 @@ from tuili.errors import ModelLoadError
 from tuili.models.eagle import load_head
 
 from .conftest import MODEL
-from .eagle_heads import save_head
+from .eagle_heads import run_alone, save_head
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 ONE_STEP = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)  # never guesses
@@ -84,14 +84,6 @@ def test_sampled_and_seeded(eagle):
     first, again = eagle.generate([REPEATING], p)[0], eagle.generate([REPEATING], p)[0]
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
     assert all(len(o.token_ids) == 6 for o in first.outputs)
-
-
-def run_alone(engine, rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
-    engine.add_request(rid, prompt, params, stream=False)
-    out = []
-    while engine.has_unfinished_requests():
-        out += [o.outputs[0].token_ids for o in engine.step() if o.request_id == rid]
-    return out[-1]
 
 
 @pytest.mark.parametrize("eagle", ["eagle3"], indirect=True)

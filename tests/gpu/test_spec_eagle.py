@@ -1,10 +1,10 @@
 """EAGLE heads on the GPU (bf16, random weights of the Llama-3.1-8B shape, 4 layers, and random
 EAGLE-1 and EAGLE-3 heads of its shape): greedy tokens identical to the plain engine's (bf16
 ties aside: a verify row is a prefill row, a plain one a decode row), with the target's decode
-and verify steps replaying CUDA graphs that put out the tapped hidden states."""
+and verify steps replaying CUDA graphs that put out the tapped hidden states, and the states
+the head reads from those graphs the ones a prefill of the whole sequence computes."""
 
 import gc
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +12,9 @@ import torch
 from tuili import LLM, SamplingParams
 from tuili.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
-from ..eagle_heads import save_head
+from tuili.engine.spec_decode.eagle import EagleSeq
+
+from ..eagle_heads import run_alone, save_head
 from .random_models import SHAPES, build
 from .test_spec_decode import repeating_prompts
 
@@ -79,12 +81,36 @@ def test_eagle_greedy_identical_in_cuda_graphs(target, method, tmp_path, monkeyp
     alone = llm.generate(prompts[:1], GREEDY)  # k + 1 rows of one request: a prefill graph
     assert_same_up_to_ties(plain[:1], alone)
     assert replays["verify"] > 0
-    # steps of more than one decode run plain, in decode graphs whose tap feeds the head
+    # A request whose guesses are kept less often than min_acceptance pauses guessing: its
+    # decodes replay decode graphs, whose tap must hand the head the same states a prefill
+    # computes (bf16: within rounding).
     spec = llm.engine.speculator
-    spec.config = replace(spec.config, disable_by_batch_size=1)
-    mixed = llm.generate(prompts, [replace(GREEDY, max_tokens=n) for n in (24, 8, 12, 16)])
-    assert_same_up_to_ties(plain, mixed)  # the prefix each asked for
-    assert replays["decode"] > 0 and spec.stats.num_steps_off > 0
+    spec.min_acceptance = 1.0
+    read, computed = {}, {}
+    inputs, observe = EagleSeq.inputs, EagleSeq.observe
+
+    def spy_inputs(self, start, n, like):
+        out = inputs(self, start, n, like)
+        if self.request_id == "read" and start < self.num_real:
+            read.update({start + j: out[j].float() for j in range(n)})
+        return out
+
+    def spy_observe(self, start, states):
+        if self.request_id == "full":
+            computed.update({start + j: states[j].float() for j in range(len(states))})
+        observe(self, start, states)
+
+    monkeypatch.setattr(EagleSeq, "inputs", spy_inputs)
+    monkeypatch.setattr(EagleSeq, "observe", spy_observe)
+    decodes = replays["decode"]
+    llm.engine.pool.reset_prefix_cache()
+    out = run_alone(llm.engine, "read", prompts[0], GREEDY)
+    assert replays["decode"] > decodes
+    llm.engine.pool.reset_prefix_cache()
+    run_alone(llm.engine, "full", prompts[0] + out, SamplingParams(temperature=0, max_tokens=1))
+    assert sorted(read) == list(range(max(read) + 1)) and max(read) > len(prompts[0])
+    for pos, state in read.items():
+        torch.testing.assert_close(state, computed[pos], atol=0.05, rtol=0.05)
     assert llm.engine.spec_stats.num_drafts > 0
     pool = llm.engine.pool
     assert pool.num_free == pool.num_blocks
