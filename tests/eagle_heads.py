@@ -1,6 +1,6 @@
 """Random-weight EAGLE-1/2 and EAGLE-3 head checkpoints in the public layouts, for a target of a
 given HF config (the CPU tests' SmolLM2, the GPU tests' and benchmarks' Llama-3.1-8B shape),
-and a one-request run of an engine."""
+a one-request run of an engine, and the states an EAGLE head read against a prefill's."""
 
 from __future__ import annotations
 
@@ -73,3 +73,34 @@ def run_alone(engine, rid: str, prompt: list[int], params) -> list[int]:
     while engine.has_unfinished_requests():
         out += [o.outputs[0].token_ids for o in engine.step() if o.request_id == rid]
     return out[-1]
+
+
+def states_read_and_computed(engine, monkeypatch, prompt: list[int], params
+                             ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Run `prompt` alone, then prompt + its output as one prefill (prefix cache reset before
+    each): ({position: the state the head read for that real entry} of the first run,
+    {position: the target's state} of the prefill), in float32."""
+    from tuili import SamplingParams
+    from tuili.engine.spec_decode.eagle import EagleSeq
+
+    read, computed = {}, {}
+    inputs, observe = EagleSeq.inputs, EagleSeq.observe
+
+    def spy_inputs(self, start, n, like):
+        out = inputs(self, start, n, like)
+        if self.request_id == "read" and start < self.num_real:
+            read.update({start + j: out[j].float() for j in range(n)})
+        return out
+
+    def spy_observe(self, start, states):
+        if self.request_id == "full":
+            computed.update({start + j: states[j].float() for j in range(len(states))})
+        observe(self, start, states)
+
+    monkeypatch.setattr(EagleSeq, "inputs", spy_inputs)
+    monkeypatch.setattr(EagleSeq, "observe", spy_observe)
+    engine.pool.reset_prefix_cache()
+    out = run_alone(engine, "read", prompt, params)
+    engine.pool.reset_prefix_cache()
+    run_alone(engine, "full", prompt + out, SamplingParams(temperature=0, max_tokens=1))
+    return read, computed

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from tuili import LLM, SamplingParams
-from tuili.engine.spec_decode.eagle import EagleSeq
 from tuili.errors import ModelLoadError
 from tuili.models.eagle import load_head
 
 from .conftest import MODEL
-from .eagle_heads import run_alone, save_head
+from .eagle_heads import save_head, states_read_and_computed
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 ONE_STEP = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)  # never guesses
@@ -90,30 +89,11 @@ def test_sampled_and_seeded(eagle):
 def test_head_reads_the_targets_states_of_real_tokens(eagle, batch, monkeypatch):
     """Every state the head reads for a real entry is the target's at that position, as a
     plain prefill of the whole sequence computes it (rejected drafts' states dropped)."""
-    engine, prompt = eagle.engine, batch[0][0]
-    read, computed = {}, {}
-    inputs, observe = EagleSeq.inputs, EagleSeq.observe
-
-    def spy_inputs(self, start, n, like):
-        out = inputs(self, start, n, like)
-        if self.request_id == "read" and start < self.num_real:
-            read.update({start + j: out[j].clone() for j in range(n)})
-        return out
-
-    def spy_observe(self, start, states):
-        if self.request_id == "full":
-            computed.update({start + j: states[j].clone() for j in range(len(states))})
-        observe(self, start, states)
-
-    monkeypatch.setattr(EagleSeq, "inputs", spy_inputs)
-    monkeypatch.setattr(EagleSeq, "observe", spy_observe)
-    engine.pool.reset_prefix_cache()
-    out = run_alone(engine, "read", prompt, GREEDY)
-    engine.pool.reset_prefix_cache()
-    run_alone(engine, "full", prompt + out, SamplingParams(temperature=0, max_tokens=1))
+    prompt = batch[0][0]
+    read, computed = states_read_and_computed(eagle.engine, monkeypatch, prompt, GREEDY)
     # entries 0, 1, ... each read once its state was known, up to the last guess's start
     assert sorted(read) == list(range(max(read) + 1))
-    assert max(read) >= len(prompt) + len(out) - 2 - 4
+    assert max(read) >= max(computed) - 1 - 4 > len(prompt)  # the prefill: every position
     for pos, state in read.items():
         torch.testing.assert_close(state, computed[pos], atol=2e-3, rtol=1e-3)
 

@@ -12,9 +12,7 @@ import torch
 from tuili import LLM, SamplingParams
 from tuili.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
-from tuili.engine.spec_decode.eagle import EagleSeq
-
-from ..eagle_heads import run_alone, save_head
+from ..eagle_heads import save_head, states_read_and_computed
 from .random_models import SHAPES, build
 from .test_spec_decode import repeating_prompts
 
@@ -86,28 +84,9 @@ def test_eagle_greedy_identical_in_cuda_graphs(target, method, tmp_path, monkeyp
     # computes (bf16: within rounding).
     spec = llm.engine.speculator
     spec.min_acceptance = 1.0
-    read, computed = {}, {}
-    inputs, observe = EagleSeq.inputs, EagleSeq.observe
-
-    def spy_inputs(self, start, n, like):
-        out = inputs(self, start, n, like)
-        if self.request_id == "read" and start < self.num_real:
-            read.update({start + j: out[j].float() for j in range(n)})
-        return out
-
-    def spy_observe(self, start, states):
-        if self.request_id == "full":
-            computed.update({start + j: states[j].float() for j in range(len(states))})
-        observe(self, start, states)
-
-    monkeypatch.setattr(EagleSeq, "inputs", spy_inputs)
-    monkeypatch.setattr(EagleSeq, "observe", spy_observe)
     decodes = replays["decode"]
-    llm.engine.pool.reset_prefix_cache()
-    out = run_alone(llm.engine, "read", prompts[0], GREEDY)
+    read, computed = states_read_and_computed(llm.engine, monkeypatch, prompts[0], GREEDY)
     assert replays["decode"] > decodes
-    llm.engine.pool.reset_prefix_cache()
-    run_alone(llm.engine, "full", prompts[0] + out, SamplingParams(temperature=0, max_tokens=1))
     assert sorted(read) == list(range(max(read) + 1)) and max(read) > len(prompts[0])
     for pos, state in read.items():
         torch.testing.assert_close(state, computed[pos], atol=0.05, rtol=0.05)
