@@ -2,7 +2,8 @@
 what a verify step of k guesses costs against a plain decode step, beside HF transformers.
 
     python benchmarks/gpu_spec_decode.py [--ks 1,2,3,4,5,6,7,8] [--tokens 128] [--context 128]
-                                          [--draft-self] [--json OUT]
+                                          [--eagle-ks 1,2,4] [--batches 1,2,4,8,16,32]
+                                          [--batch-k 4] [--draft-self] [--json OUT]
 
 Random weights make acceptance meaningless, so the guesses come from an oracle: the target's own
 greedy continuation, computed first without speculation ("a draft equal to the target", every
@@ -17,6 +18,16 @@ guess kept, at no draft cost). Per k:
   (DynamicCache, cropped back after each), as HF's own verify cost ratio.
 --draft-self also runs the real draft-model proposer with the target as its draft (eager draft
 steps, every guess kept): the end-to-end rate with the draft's cost included.
+
+Two more tables:
+- EAGLE arm: random EAGLE-1 and EAGLE-3 heads of the shape (tests/eagle_heads.py) proposing for
+  real (eager head steps) at k in --eagle-ks; random heads are never right, so each step gains
+  one token and its wall time is the whole cost of a speculative step (head catch-up + k - 1
+  head decodes + verify): `cost` = step / plain decode step, and the speedup it implies at
+  acceptance a (the kept guesses of a trained head are measured elsewhere: BENCHMARKS.md);
+- batch sweep (--batches): plain decode step against a verify step of --batch-k oracle guesses
+  per request (every one kept) at each batch size; where the implied speedup at a = 0.7 drops
+  below 1, speculation stops paying: the disable_by_batch_size rule for this GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import cuda_time  # noqa: E402
-from tests.gpu.random_models import build  # noqa: E402
+from tests.eagle_heads import save_head  # noqa: E402
+from tests.gpu.random_models import SHAPES, build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.engine.spec_decode.draft import Draft  # noqa: E402
 
@@ -94,44 +106,104 @@ def hf_costs(hf, context: int, ks: list[int]) -> dict[int, float]:
     return out
 
 
+def run_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams,
+              prefix: str) -> tuple[float, dict[str, list[int]]]:
+    """(seconds per step after every request has its first token, tokens by request id) of a
+    batch run to the end together."""
+    engine = llm.engine
+    rids = [f"{prefix}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(rids, prompts):
+        engine.add_request(rid, prompt, params, stream=True)
+    started, first, steps, out = set(), None, 0, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id] = o.outputs[0].token_ids
+            if o.outputs[0].token_ids:
+                started.add(o.request_id)
+        if first is None and len(started) == len(rids):
+            torch.cuda.synchronize()
+            first, steps = time.perf_counter(), 0
+        steps += 1
+    torch.cuda.synchronize()
+    return (time.perf_counter() - first) / max(steps, 1), out
+
+
+def implied(cost: float, k: int) -> dict[float, float]:
+    """Speedup at acceptance a: expected tokens per verify step over its cost in decode steps."""
+    return {a: (1 - a ** (k + 1)) / (1 - a) / cost for a in RATES}
+
+
+def batch_prompts(n: int, context: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 128256, (context,), generator=g).tolist() for _ in range(n)]
+
+
+def header(*cols: str) -> None:
+    """A markdown table's head (BENCHMARKS.md takes the tables as printed)."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
+
+
+def free() -> None:
+    """Give the GPU memory of the objects just deleted back."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", default="1,2,3,4,5,6,7,8")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--eagle-ks", default="1,2,4")
+    p.add_argument("--batches", default="1,2,4,8,16,32")
+    p.add_argument("--batch-k", type=int, default=4)
+    p.add_argument("--batch-tokens", type=int, default=48)
     p.add_argument("--draft-self", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
-    results = {"ks": {}}
+    eagle_ks = [int(k) for k in args.eagle_ks.split(",") if k]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    results = {"ks": {}, "eagle": {}, "batches": {}}
     with tempfile.TemporaryDirectory() as tmp:
         hf = build("llama3-8b", Path(tmp), num_layers=args.layers)
         hf_ms = {k: s * 1e3 for k, s in hf_costs(hf, args.context, ks).items()}
+        target_cfg = {**SHAPES["llama3-8b"][2], "num_hidden_layers": args.layers}
         del hf
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(2, 128256, (args.context,), generator=g).tolist()
         params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-        opts = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=4, max_num_seqs=8,
+        short = SamplingParams(temperature=0, max_tokens=args.batch_tokens, ignore_eos=True)
+        most = max(batches, default=1)
+        opts = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=6,
+                    max_num_seqs=max(8, most),
                     max_model_len=args.context + args.tokens + 64)
         plain = LLM(tmp, **opts)
         run_steps(plain, prompt, params, "warm")
         secs, steps, want = run_steps(plain, prompt, params, "plain")
         decode_ms, plain_tok_s = secs / steps * 1e3, (len(want) - 1) / secs
+        plain_batch, futures = {}, {}
+        warm = replace(short, max_tokens=8)  # each batch size's kernels compile before timing
+        for b in batches:
+            run_batch(plain, batch_prompts(b, args.context, b), warm, f"warm{b}")
+            step_s, out = run_batch(plain, batch_prompts(b, args.context, b), short, f"plain{b}")
+            plain_batch[b] = step_s * 1e3
+            futures[b] = out
         del plain
-        gc.collect()
-        torch.cuda.empty_cache()
-        llm = LLM(tmp, speculative_config={"method": "ngram", "num_speculative_tokens": max(ks)},
-                  **opts)
+        free()
+        llm = LLM(tmp, speculative_config={"method": "ngram", "num_speculative_tokens": max(ks),
+                                           "disable_by_batch_size": max(64, most)}, **opts)
         spec = llm.engine.speculator
         base = spec.config
         print(f"Llama-3.1-8B shape ({args.layers} layers, random bf16), batch 1, context "
               f"{args.context}, {args.tokens} greedy tokens; plain decode step {decode_ms:.2f} ms "
               f"= {plain_tok_s:.1f} tok/s; HF forward of 1 token {hf_ms[0]:.2f} ms")
-        print(f"{'k':>2} {'step ms':>8} {'cost':>5} {'HF cost':>7} {'ceiling tok/s':>13} "
-              f"{'ceiling x':>9} " + " ".join(f"{'x@a=' + str(a):>7}" for a in RATES))
+        print("\nverify step of k oracle guesses (every one kept) against a plain decode step")
+        header(f"{'k':>2}", f"{'step ms':>8}", f"{'cost':>5}", f"{'HF cost':>7}",
+               f"{'ceiling tok/s':>13}", f"{'ceiling x':>9}", *(f"{'x@a=' + str(a):>7}" for a in RATES))
         for k in ks:
             spec.config = replace(base, num_speculative_tokens=k)
             for rid in ("warm", "oracle"):
@@ -142,19 +214,79 @@ def main() -> None:
             verify_ms = secs / steps * 1e3
             cost = verify_ms / decode_ms
             tok_s = (len(got) - 1) / secs
-            implied = {a: (1 - a ** (k + 1)) / (1 - a) / cost for a in RATES}
+            imp = implied(cost, k)
             results["ks"][k] = {"verify_step_ms": verify_ms, "cost": cost,
                                 "hf_cost": hf_ms[k] / hf_ms[0], "ceiling_tok_s": tok_s,
                                 "ceiling_speedup": tok_s / plain_tok_s, "oracle_acceptance": kept,
-                                "implied_speedup": implied, "same_tokens": got == want}
-            print(f"{k:>2} {verify_ms:>8.2f} {cost:>5.2f} {hf_ms[k] / hf_ms[0]:>7.2f} "
-                  f"{tok_s:>13.1f} {tok_s / plain_tok_s:>8.2f}x "
-                  + " ".join(f"{implied[a]:>6.2f}x" for a in RATES)
+                                "implied_speedup": imp, "same_tokens": got == want}
+            print(f"| {k:>2} | {verify_ms:>8.2f} | {cost:>5.2f} | {hf_ms[k] / hf_ms[0]:>7.2f} | "
+                  f"{tok_s:>13.1f} | {tok_s / plain_tok_s:>8.2f}x | "
+                  + " | ".join(f"{imp[a]:>6.2f}x" for a in RATES) + " |"
                   + ("" if got == want else "  (bf16 ties: tokens differ)"))
+        if 4 in results["ks"]:
+            c = results["ks"][4]["ceiling_speedup"]
+            print(f"ceiling at k = 4 (draft = target, every guess kept): {c:.2f}x plain tok/s "
+                  f"(target >= 2.5x: {'met' if c >= 2.5 else 'NOT met'})")
+        k = args.batch_k
+        spec.config = replace(base, num_speculative_tokens=k)
+        print(f"\nbatch sweep: plain decode step against a verify step of {k} oracle guesses "
+              f"per request ({args.batch_tokens} tokens each, context {args.context})")
+        header(f"{'batch':>5}", f"{'decode ms':>9}", f"{'verify ms':>9}", f"{'cost':>5}",
+               f"{'ceiling x':>9}", *(f"{'x@a=' + str(a):>7}" for a in RATES))
+        stops = None
+        for b in batches:
+            spec.proposer = OracleProposer({rid.replace(f"plain{b}", name): toks
+                                            for rid, toks in futures[b].items()
+                                            for name in (f"oracle{b}", f"warmoracle{b}")})
+            run_batch(llm, batch_prompts(b, args.context, b), warm, f"warmoracle{b}")
+            step_s, _ = run_batch(llm, batch_prompts(b, args.context, b), short, f"oracle{b}")
+            verify_ms = step_s * 1e3
+            cost = verify_ms / plain_batch[b]
+            imp = implied(cost, k)
+            ceiling = (k + 1) / cost
+            results["batches"][b] = {"decode_step_ms": plain_batch[b], "verify_step_ms": verify_ms,
+                                     "cost": cost, "ceiling_speedup": ceiling,
+                                     "implied_speedup": imp}
+            print(f"| {b:>5} | {plain_batch[b]:>9.2f} | {verify_ms:>9.2f} | {cost:>5.2f} | "
+                  f"{ceiling:>8.2f}x | " + " | ".join(f"{imp[a]:>6.2f}x" for a in RATES) + " |")
+            if stops is None and imp[0.7] < 1:
+                stops = b
+        rule = (f"speculation stops paying (a = 0.7, k = {k}) at batch {stops}: "
+                f"disable_by_batch_size = {max(b for b in batches if b < stops)}"
+                if stops and stops > min(batches) else
+                f"speculation pays at every batch measured (up to {most}) at a = 0.7, k = {k}"
+                if stops is None else f"speculation does not pay even at batch {stops}")
+        print(rule)
+        results["disable_by_batch_size_rule"] = rule
         results.update(decode_step_ms=decode_ms, plain_tok_s=plain_tok_s, hf_ms=hf_ms)
         del llm, spec
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
+        if eagle_ks:
+            print(f"\nEAGLE arm: random heads proposing for real (eager head steps; nothing "
+                  f"kept, so a step gains one token), batch 1, {args.batch_tokens} tokens")
+            header(f"{'head':>6}", f"{'k':>2}", f"{'step ms':>8}", f"{'cost':>5}",
+                   *(f"{'x@a=' + str(a):>7}" for a in RATES))
+        for method in ("eagle", "eagle3") if eagle_ks else ():
+            head = save_head(Path(tmp) / f"head-{method}", target_cfg, method == "eagle3",
+                             draft_vocab=32000 if method == "eagle3" else None)
+            llm = LLM(tmp, speculative_config={"method": method, "model": str(head),
+                                               "num_speculative_tokens": max(eagle_ks),
+                                               "min_acceptance_rate": 0}, **opts)
+            spec = llm.engine.speculator
+            base = spec.config
+            for k in eagle_ks:
+                spec.config = replace(base, num_speculative_tokens=k)
+                run_steps(llm, prompt, short, f"warm-{method}-{k}")
+                secs, steps, _ = run_steps(llm, prompt, short, f"{method}-{k}")
+                step_ms = secs / steps * 1e3
+                cost = step_ms / decode_ms
+                imp = implied(cost, k)
+                results["eagle"][f"{method}-k{k}"] = {"step_ms": step_ms, "cost": cost,
+                                                      "implied_speedup": imp}
+                print(f"| {method:>6} | {k:>2} | {step_ms:>8.2f} | {cost:>5.2f} | "
+                      + " | ".join(f"{imp[a]:>6.2f}x" for a in RATES) + " |")
+            del llm, spec
+            free()
         if args.draft_self:
             llm = LLM(tmp, speculative_config={"model": tmp, "num_speculative_tokens": 4}, **opts)
             run_steps(llm, prompt, params, "warm-draft")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tuili.errors import InvalidParameter
 
-METHODS = ("ngram", "draft_model", "eagle")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # Decodes in one step above which speculation is off for that step (BENCHMARKS.md, "speculative
 # decoding: when it pays"): on the 2-core CPU a verify row costs about a decode row, so beyond a
 # few sequences the guessed rows crowd out real ones.
@@ -21,11 +21,11 @@ DEFAULT_MIN_ACCEPTANCE = {"cpu": 0.3, "cuda": 0.05}
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str  # ngram | draft_model | eagle
+    method: str  # ngram | draft_model | eagle (EAGLE-1/2 or -3 head) | eagle3
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram: the shortest suffix looked up in the context
     prompt_lookup_max: int = 4  # ngram: the longest
-    model: str | None = None  # draft_model / eagle: the checkpoint
+    model: str | None = None  # draft_model / eagle / eagle3: the checkpoint (a folder)
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
     min_acceptance_rate: float | None = None  # None: DEFAULT_MIN_ACCEPTANCE of the device
 
@@ -55,9 +55,6 @@ class SpeculativeConfig:
             raise InvalidParameter("speculative_config.method",
                                    f"got {method!r}, must be one of {', '.join(METHODS)} (or give "
                                    "a draft 'model')")
-        if method == "eagle":
-            raise InvalidParameter("speculative_config.method",
-                                   "eagle heads are not supported yet; use ngram or a draft model")
         value.setdefault("num_speculative_tokens", None)
         config = cls(method=method, **value)
         config._check()
@@ -76,7 +73,7 @@ class SpeculativeConfig:
         need("prompt_lookup_max", type(self.prompt_lookup_max) is int
              and self.prompt_lookup_max >= self.prompt_lookup_min, ">= prompt_lookup_min")
         need("model", (self.model is not None) == (self.method != "ngram"),
-             "a path for a draft model, none for ngram")
+             "a path for a draft model or an EAGLE head, none for ngram")
         a = self.min_acceptance_rate
         need("min_acceptance_rate", a is None or (isinstance(a, (int, float)) and 0 <= a <= 1),
              "a number in [0, 1]")

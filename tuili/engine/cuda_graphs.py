@@ -65,6 +65,12 @@ def capture(sizes: list[int], forward, desc: str, pool=None, reset=None):
     return graphs, outputs, pool
 
 
+def tapped(model: torch.nn.Module) -> torch.Tensor | None:
+    """The hidden states the model's tap took in the forward just run (None: no tap)."""
+    tap = getattr(model, "tap", None)
+    return tap.hidden if tap is not None else None
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_batch: int,
                  max_blocks: int, block_size: int, device: torch.device, pool=None):
@@ -84,6 +90,7 @@ class DecodeGraphs:
         # Each size's logits and its rows' greedy tokens, computed in the graph.
         self.logits = {size: out[0] for size, out in outputs.items()}
         self.argmax = {size: out[1] for size, out in outputs.items()}
+        self.tapped = {size: out[2] for size, out in outputs.items()}  # the model's tap, if set
         # Sampling graphs: per size, the rows' parameters (floats: 1 / temperature, top_p, min_p;
         # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one).
         vocab = self.logits[self.sizes[0]].shape[1]
@@ -112,7 +119,7 @@ class DecodeGraphs:
             slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens,
             positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
         logits = self.model.logits(self.model(ids, meta))
-        return logits, row_argmax(logits, also=ids)
+        return logits, row_argmax(logits, also=ids), tapped(self.model)
 
     def _sample(self, key: tuple[int, int]) -> torch.Tensor:
         size, width = key
@@ -163,6 +170,8 @@ class DecodeGraphs:
             self._tables_held = tables
         readbacks_done(inputs.device)  # the replay rewrites the outputs the last step reads back
         self.graphs[size].replay()
+        if self.tapped[size] is not None:
+            self.model.tap.hidden = self.tapped[size]
         return self.logits[size][:n], self.argmax[size][:n]
 
 
@@ -188,8 +197,10 @@ class PrefillGraphs:
         self.seq_lens = torch.zeros(PREFILL_SEQS, **long)  # decode's input: unused here
         start = time.perf_counter()
         with torch.inference_mode():
-            self.graphs, self.hidden, self.pool = capture(
+            self.graphs, outputs, self.pool = capture(
                 self.sizes, self._forward, "capturing prefill CUDA graphs", reset=self._reset)
+        self.hidden = {size: out[0] for size, out in outputs.items()}
+        self.tapped = {size: out[1] for size, out in outputs.items()}  # the model's tap, if set
         log.info("captured %d prefill CUDA graphs (up to %d tokens, %d sequences) in %.1fs",
                  len(self.sizes), self.max_tokens, PREFILL_SEQS, time.perf_counter() - start)
 
@@ -210,7 +221,7 @@ class PrefillGraphs:
         self.tokens.zero_()
         self._views(size)[2].fill_(-1)  # no KV writes while capturing
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, positions, slots, rows = self._views(size)
         # prefills stands in for the sequences (their real sizes are in seqs, on the device):
         # the attention kernel's launch covers any sequence of up to `size` new tokens.
@@ -218,7 +229,7 @@ class PrefillGraphs:
             slot_mapping=slots, block_tables=self.tables, seq_lens=self.seq_lens,
             positions=positions, rope=self.rope, num_decodes=0, max_decode_len=0,
             prefills=[(0, size, 0)], prefill_seqs=self.seqs)
-        return self.model(ids, meta, rows)
+        return self.model(ids, meta, rows), tapped(self.model)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             seqs: list[tuple[int, int, int]], tables: list[list[int]],
@@ -248,4 +259,6 @@ class PrefillGraphs:
             to_device(tables, torch.long, self.tokens.device))
         readbacks_done(self.tokens.device)  # the replay may reuse memory other graphs' outputs hold
         self.graphs[size].replay()
+        if self.tapped[size] is not None:
+            self.model.tap.hidden = self.tapped[size]
         return self.hidden[size][:len(sample_rows)]

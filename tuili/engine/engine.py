@@ -139,7 +139,8 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
-                                          self.max_model_len, num_blocks, self.dtype, self.device)
+                                          self.max_model_len, num_blocks, self.dtype, self.device,
+                                          loaded.model)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
@@ -306,6 +307,8 @@ class LLMEngine:
                 result = self.runner.execute(batch, pending)  # queued on the device, not awaited
             else:
                 result = self.ranks.execute(self.runner, batch, pending)
+        if result is not None and result.tapped is not None:  # an EAGLE head's inputs
+            self.speculator.observe(batch, result.tapped)
         if self.async_scheduling:
             outputs = self._resolve()
         if result is None:

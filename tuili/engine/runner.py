@@ -41,6 +41,7 @@ class StepOutput:
     pooled: torch.Tensor | None = None  # their embeddings [n, D] or scores [n] (Pooler)
     verify_requests: list[Request] = field(default_factory=list)  # decodes with drafts
     verify_logits: torch.Tensor | None = None  # their len(draft) + 1 rows each, in order
+    tapped: torch.Tensor | None = None  # every row's hidden states the model's tap took
 
     def take_logits(self, logits: torch.Tensor) -> None:
         """Split the LM head's rows: sampled requests' first, then the verify rows."""
@@ -115,6 +116,9 @@ class ModelRunner:
         if self.channel is not None:  # tensor-parallel: the other ranks run the same inputs
             self.channel.send(inputs, tokens)
         ran = self.run(inputs, tokens)
+        tap = getattr(self.model, "tap", None)
+        if tap is not None:  # set by an EAGLE proposer; graph replays point it at their output
+            out.tapped = tap.hidden[:len(inputs.ids)]
         if ran.sample_logits is not None:
             out.take_logits(ran.sample_logits)
         out.sample_argmax = ran.sample_argmax

@@ -13,6 +13,7 @@ from torch import nn
 from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.layers.attention import Attention, AttentionMetadata
 from tuili.layers.backend import TORCH, Backend
+from tuili.layers.hidden_tap import HiddenTap
 from tuili.layers.linear import Linear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -105,6 +106,7 @@ class LlamaForCausalLM(nn.Module):
                                       tied=self.embed_tokens if c.tie_word_embeddings else None)
         # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.tap: HiddenTap | None = None  # hidden states for an EAGLE head (None: none taken)
 
     def make_mlp(self, c: ModelConfig, layer: int, backend: Backend) -> nn.Module | None:
         """Layer `layer`'s feed-forward block; None: the dense LlamaMLP (families override this)."""
@@ -117,11 +119,32 @@ class LlamaForCausalLM(nn.Module):
         token's K/V, but the last one runs o_proj and its MLP on those rows alone (for a 32-layer
         prompt that is ~3% of the prefill's matmuls saved)."""
         stream = residual_stream(self.backend, self.embed_tokens(input_ids))
-        last = len(self.layers) - 1
+        last, tap = len(self.layers) - 1, self.tap
+        if tap is not None:
+            return self._forward_tapped(stream, meta, rows, tap)
         for i, layer in enumerate(self.layers):
             stream = layer(stream, meta, rows if i == last else None)
         hidden = stream.hidden()
         self._final = (hidden, stream.sumsq)
+        return hidden
+
+    def _forward_tapped(self, stream, meta: AttentionMetadata, rows: torch.Tensor | None,
+                        tap: HiddenTap) -> torch.Tensor:
+        """forward, every row through every layer, the tap's states of all rows taken."""
+        states = {}
+        for i, layer in enumerate(self.layers):
+            if i in tap.layers:
+                states[i] = stream.hidden()
+            stream = layer(stream, meta)
+        hidden = stream.hidden()
+        if len(self.layers) in tap.layers:
+            states[len(self.layers)] = self.norm(hidden)
+        tap.take([states[i] for i in tap.layers])
+        if rows is None:
+            self._final = (hidden, stream.sumsq)
+            return hidden
+        hidden = hidden.index_select(0, rows)
+        self._final = (hidden, None)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

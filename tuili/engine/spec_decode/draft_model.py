@@ -62,19 +62,36 @@ class DraftModelProposer:
                                    f"{spec.model} has a vocabulary of {loaded.config.vocab_size} "
                                    f"tokens, the target {target_config.vocab_size}; a draft must "
                                    "share the target's tokenizer")
+        self._start(loaded.model, loaded.config, spec, config, max_model_len, num_blocks, dtype,
+                    device)
+
+    def _start(self, model, model_config, spec: SpeculativeConfig, config, max_model_len: int,
+               num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        """The draft's own KV cache, runner and random stream."""
         self.k = spec.num_speculative_tokens
         self.device = device
         self.kv = KVCacheManager(BlockPool(num_blocks, config.block_size, enable_caching=False))
         # eager: the draft's steps replay no CUDA graphs yet
-        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size,
+        self.runner = ModelRunner(model, model_config, num_blocks, config.block_size,
                                   max_model_len, dtype, device)
         self.seqs: dict[str, DraftSeq] = {}
         self.generator = torch.Generator(device=device).manual_seed(config.seed + 1)
 
+    def _seq(self, req: Request) -> DraftSeq:
+        """The request's sequence here, made on first sight."""
+        seq = self.seqs.get(req.request_id)
+        if seq is None:
+            seq = self.seqs[req.request_id] = DraftSeq(req.request_id)
+        return seq
+
+    def _execute(self, batch: Batch) -> torch.Tensor:
+        """The draft model over one of its steps -> the logits of each sequence's last row."""
+        return self.runner.execute(batch).sample_logits
+
     def propose(self, reqs: list[Request], caps: list[int]) -> list[Draft | None]:
         seqs = []
         for r in reqs:
-            seq = self.seqs.setdefault(r.request_id, DraftSeq(r.request_id))
+            seq = self._seq(r)
             seq.follow(r)
             self.kv.trim(seq)
             seqs.append(seq)
@@ -107,7 +124,7 @@ class DraftModelProposer:
             return []
         for seq, n in zip(batch.requests, batch.num_new):
             seq.num_computed_tokens += n
-        logits = self.runner.execute(batch).sample_logits
+        logits = self._execute(batch)
         views = [RowView(reqs[i], drafts[i]) for i in ran]
         q, _ = target_probs(logits, views)
         noise = torch.empty_like(q).exponential_(generator=self.generator)

@@ -10,14 +10,19 @@ from tuili.engine.spec_decode.speculator import Speculator
 
 
 def make_speculator(config, model_config, tokenizer, max_model_len: int, num_blocks: int,
-                    dtype: torch.dtype, device: torch.device) -> Speculator | None:
-    """None when config.speculative_config is unset (the engine's plain path)."""
+                    dtype: torch.dtype, device: torch.device, target=None) -> Speculator | None:
+    """None when config.speculative_config is unset (the engine's plain path). `target`: the
+    target model, whose hidden states an EAGLE head reads (it sets the model's tap)."""
     spec = SpeculativeConfig.parse(config.speculative_config)
     if spec is None:
         return None
     if spec.method == "ngram":
         proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
                                  spec.prompt_lookup_max)
+    elif spec.method in ("eagle", "eagle3"):
+        from tuili.engine.spec_decode.eagle import EagleProposer
+
+        proposer = EagleProposer(spec, config, target, max_model_len, num_blocks, dtype, device)
     else:
         from tuili.engine.spec_decode.draft_model import DraftModelProposer
 

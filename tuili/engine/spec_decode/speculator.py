@@ -56,12 +56,14 @@ class Speculator:
         self.min_acceptance = (config.min_acceptance_rate if config.min_acceptance_rate is not None
                                else DEFAULT_MIN_ACCEPTANCE.get(device_type, 0.05))
         self.acceptance: dict[str, float] = {}  # request id -> running acceptance
+        self.observing = True  # whether this step's hidden states are kept (observe)
 
     def plan(self, decodes: list[Request], budget: int) -> None:
         """Set the draft of each decode that speculates this step (None for the others)."""
         for r in decodes:
             r.draft = None
-        if len(decodes) > self.config.disable_by_batch_size:
+        self.observing = len(decodes) <= self.config.disable_by_batch_size
+        if not self.observing:
             self.stats.num_steps_off += 1  # verify rows would cost more than they save
             return
         spare = budget - len(decodes)  # every decode takes one token first
@@ -95,6 +97,14 @@ class Speculator:
         if r.params.max_tokens is not None:
             cap = min(cap, r.params.max_tokens - r.num_output_tokens - 1)
         return cap
+
+    def observe(self, batch, tapped: torch.Tensor) -> None:
+        """The target's tapped hidden states of a step's rows, for a proposer that reads them.
+        Not kept from steps too large to speculate: keeping them per request would cost every
+        such step host time, and the positions they miss reach the head with no state (its
+        guesses there are worse, never wrong)."""
+        if self.observing:
+            self.proposer.observe(batch, tapped)
 
     def reset_stats(self) -> None:
         self.stats = SpecStats()
