@@ -254,11 +254,16 @@ class LLMEngine:
                 self.pooling_output.is_running(request_id):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         ids = self.encode_prompt(prompt)
-        check_pooling_request(prompt, ids, params, self.max_pooling_len,
-                              self.model_config.hidden_size)
+        check_pooling_request(prompt, ids, params, self.max_pooling_len, self.embedding_size)
         req = Request(request_id, ids, _NO_SAMPLING, self.eos_token_ids, pooling=params)
         self.pooling_output.add(req)
         self.scheduler.add(req)
+
+    @property
+    def embedding_size(self) -> int:
+        """The width of a pooling model's embeddings (its last Dense module's, else hidden)."""
+        hidden = self.model_config.hidden_size
+        return self.pooling_config.embedding_size(hidden) if self.pooling_config else hidden
 
     @property
     def max_pooling_len(self) -> int:
