@@ -125,6 +125,9 @@ class EngineLoop:
                 for out in outputs:
                     if out.finished:
                         self.live.discard(out.request_id)
+                for rid, error in engine.take_failures():
+                    self.live.discard(rid)
+                    self.events.on_failed(rid, error)
                 if outputs:
                     self.events.on_outputs(outputs, time.monotonic())
             self.events.on_stats(self.stats())
