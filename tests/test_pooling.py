@@ -180,6 +180,25 @@ def test_unsupported_sentence_transformers_modules_are_named(dense_folders, tmp_
         load_pooling_config("embed", "BertModel", folder, "auto", None, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
+def test_onednn_linear_equals_f_linear(dtype, activation):
+    from tuili.layers import onednn_linear
+    from tuili.models.bert import _ACTIVATIONS
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160).to(dtype)
+    packed = onednn_linear.pack(lin, activation)
+    if packed is None:
+        pytest.skip("no oneDNN path for this dtype on this CPU")
+    for rows in (1, 37):
+        x = torch.randn(rows, 96).to(dtype)
+        want = F.linear(x, lin.weight, lin.bias)
+        want = _ACTIVATIONS[activation](want) if activation else want
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(packed(x).float(), want.float(), atol=tol, rtol=tol)
+
+
 # ---- decoders: SmolLM2's real weights against HF transformers --------------------------------
 
 @pytest.fixture(scope="module")
