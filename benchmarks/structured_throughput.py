@@ -13,7 +13,7 @@ xgrammar must be installed there (carry its wheel).
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import statistics
 import sys
 import tempfile
@@ -40,20 +40,12 @@ def run(llm: LLM, prompt: list[int], batch: int, params: SamplingParams) -> floa
 
 
 def random_model(shape: str, layers: int) -> str:
-    """A folder with a random `shape`-shaped model, its vocabulary built offline, <|eot_id|> its
-    end of sequence."""
-    from tests.gpu.random_models import SHAPES, build, vocabulary_tokenizer
+    """A folder with a random `shape`-shaped model, its vocabulary built offline."""
+    from tests.gpu.random_models import build_with_vocabulary
 
     folder = Path(tempfile.mkdtemp())
-    build(shape, folder, num_layers=layers)
-    vocab = SHAPES[shape][2]["vocab_size"]
-    vocabulary_tokenizer(vocab).save(str(folder / "tokenizer.json"))
-    for name in ("config.json", "generation_config.json"):
-        path = folder / name
-        if path.exists():
-            cfg = json.loads(path.read_text())
-            cfg.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
-            path.write_text(json.dumps(cfg))
+    build_with_vocabulary(shape, folder, layers)  # the HF model it returns is dropped here
+    gc.collect()
     return str(folder)
 
 

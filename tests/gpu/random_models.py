@@ -121,6 +121,23 @@ def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bf
     return model
 
 
+def build_with_vocabulary(name: str, folder: Path, num_layers: int | None = None):
+    """build(), then the shape's whole vocabulary as text (vocabulary_tokenizer), <|eot_id|> (its
+    last id) the end of sequence: for what needs real token strings, such as grammars."""
+    import json
+
+    model = build(name, folder, num_layers)
+    vocab = SHAPES[name][2]["vocab_size"]
+    vocabulary_tokenizer(vocab).save(str(folder / "tokenizer.json"))
+    for file in ("config.json", "generation_config.json"):
+        path = folder / file
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            cfg.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+            path.write_text(json.dumps(cfg))
+    return model
+
+
 def random_cache(num_blocks: int, block_size: int, kvh: int, d: int, dtype=torch.bfloat16):
     """A random paged K and V cache: [num_blocks, block_size, kv_heads, head_dim] each, on the GPU."""
     return (torch.randn(num_blocks, block_size, kvh, d, device="cuda", dtype=dtype),

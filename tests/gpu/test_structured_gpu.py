@@ -22,7 +22,7 @@ from tuili.kernels import reference, triton_bitmask  # noqa: E402
 from tuili.structured import StructuredOutputs  # noqa: E402
 from tuili.structured.mask import StepMask  # noqa: E402
 
-from .random_models import build, vocabulary_tokenizer  # noqa: E402
+from .random_models import build_with_vocabulary  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "colour": {"enum": ["red", "green", "blue"]},
@@ -70,14 +70,7 @@ def test_kernel_equals_reference_on_a_128k_vocabulary(dtype):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2-shape")
-    build("smollm2-135m", path, num_layers=2)
-    vocab = 49152
-    vocabulary_tokenizer(vocab).save(str(path / "tokenizer.json"))
-    for name in ("config.json", "generation_config.json"):
-        if (path / name).exists():
-            cfg = json.loads((path / name).read_text())
-            cfg.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
-            (path / name).write_text(json.dumps(cfg))
+    build_with_vocabulary("smollm2-135m", path, num_layers=2)
     gc.collect()
     torch.cuda.empty_cache()
     return path
