@@ -94,7 +94,8 @@ def launch_all() -> None:
 
 
 def decode_step(name: str, shape: tuple, card: str) -> None:
-    from tuili.kernels import triton_attention, triton_gemv, triton_rope, triton_sampling
+    from tuili.kernels import (triton_attention, triton_bitmask, triton_gemv, triton_rope,
+                               triton_sampling)
     from tuili.layers.rotary import RotaryEmbedding
 
     bf = torch.bfloat16
@@ -144,6 +145,10 @@ def decode_step(name: str, shape: tuple, card: str) -> None:
         WHERE["launch"] = "sample: the race alone (no filters)"
         triton_sampling.sample(torch.zeros(m, vocab, dtype=bf), i, f, i * vocab, f * 2, f * 0,
                                i, 1)
+        mask = torch.zeros(m, (vocab + 31) // 32, dtype=torch.int32)
+        for dtype in (bf, torch.float32):  # eager (the logits' dtype) and the masked graphs
+            WHERE["launch"] = f"structured-output bitmask ({str(dtype).removeprefix('torch.')})"
+            triton_bitmask.apply_bitmask(torch.zeros(m, vocab, dtype=dtype), mask)
 
 
 def prefill_attention(name: str, shape: tuple) -> None:

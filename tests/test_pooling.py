@@ -1,9 +1,11 @@
-"""Pooling models on real weights: all-MiniLM-L6-v2 against sentence-transformers, SmolLM2 as an
+"""Pooling models on real weights: all-MiniLM-L6-v2 against sentence-transformers (also with
+random-weight Dense modules added), SmolLM2 as an
 embedder (last-token, mean) and as a yes/no reranker against HF transformers, and a cross-encoder
 (BertForSequenceClassification) against HF transformers; the errors a pooling call can meet."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from tuili import LLM, SamplingParams
-from tuili.errors import InvalidParameter, WrongTask
+from tuili.errors import InvalidParameter, ModelLoadError, WrongTask
 from tuili.models.loader import resolve
+from tuili.models.pooling_config import load_pooling_config
 from tuili.pooling_params import PoolingParams
 from tuili.scoring import DECODER_PAIR
 
@@ -103,6 +106,97 @@ def test_pooling_requests_share_steps_under_the_token_budget():
     assert not any(llm.engine.pool.ref_counts)
     with pytest.raises(InvalidParameter, match="more than the 64"):
         llm.embed(TEXTS[4])  # fits max_model_len, not one step
+
+
+# ---- sentence-transformers Dense modules (random weights on all-MiniLM-L6-v2) ---------------
+
+OLD_NAMES = {"Transformer": "sentence_transformers.models.Transformer",
+             "Pooling": "sentence_transformers.models.Pooling",
+             "Dense": "sentence_transformers.models.Dense",
+             "Normalize": "sentence_transformers.models.Normalize"}
+
+
+@pytest.fixture(scope="module")
+def dense_folders(tmp_path_factory, st_model):
+    """MiniLM plus Dense(384 -> 256, GELU, bias) and Dense(256 -> 128, no bias, Identity), saved
+    by sentence-transformers itself (its newer module names), and a copy spelled the old way
+    (sentence_transformers.models.*, pooling_mode_* flags)."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.modules.dense import Dense
+
+    torch.manual_seed(0)
+    modules = list(st_model)
+    dense = [Dense(384, 256, activation_function=torch.nn.GELU()),
+             Dense(256, 128, bias=False, activation_function=torch.nn.Identity())]
+    model = st.SentenceTransformer(modules=[*modules[:2], *dense, modules[2]], device="cpu")
+    root = tmp_path_factory.mktemp("st-dense")
+    new = root / "new"
+    model.save(str(new))
+    old = root / "old"
+    shutil.copytree(new, old)
+    entries = json.loads((old / "modules.json").read_text())
+    for e in entries:
+        e["type"] = OLD_NAMES[e["type"].rsplit(".", 1)[-1]]
+    (old / "modules.json").write_text(json.dumps(entries))
+    (old / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
+    return new, old, model
+
+
+def test_dense_modules_equal_sentence_transformers(dense_folders):
+    new, old, model = dense_folders
+    assert "base.modules.dense.Dense" in (new / "modules.json").read_text()
+    reference = torch.tensor(model.encode(TEXTS))
+    assert reference.shape == (len(TEXTS), 128)
+    llm = LLM(str(new), dtype="float32")
+    got = llm.embed(TEXTS)
+    assert got.shape == reference.shape
+    assert cosines(got, reference).min() >= 0.9999
+    assert cosines(llm.embed(TEXTS[1])[0], reference[1]) >= 0.9999
+    assert llm.embed(TEXTS[1], dimensions=64).shape == (1, 64)
+    with pytest.raises(InvalidParameter, match="have 128"):
+        llm.embed("a", dimensions=129)
+    old_llm = LLM(str(old), dtype="float32")
+    assert cosines(old_llm.embed(TEXTS), reference).min() >= 0.9999
+
+
+def test_unsupported_sentence_transformers_modules_are_named(dense_folders, tmp_path):
+    new, _, _ = dense_folders
+    folder = tmp_path / "m"
+    shutil.copytree(new, folder)
+    entries = json.loads((folder / "modules.json").read_text())
+    layer_norm = {"idx": 9, "name": "9", "path": "9_LayerNorm",
+                  "type": "sentence_transformers.sentence_transformer.modules.layer_norm.LayerNorm"}
+    (folder / "modules.json").write_text(json.dumps(entries + [layer_norm]))
+    with pytest.raises(ModelLoadError, match="LayerNorm"):
+        load_pooling_config("embed", "BertModel", folder, "auto", None, None)
+    (folder / "modules.json").write_text(json.dumps([entries[0], entries[2], entries[1]]))
+    with pytest.raises(ModelLoadError, match="order"):
+        load_pooling_config("embed", "BertModel", folder, "auto", None, None)
+    (folder / "modules.json").write_text(json.dumps(entries))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "max"}))
+    with pytest.raises(ModelLoadError, match="max"):
+        load_pooling_config("embed", "BertModel", folder, "auto", None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
+def test_onednn_linear_equals_f_linear(dtype, activation):
+    from tuili.layers import onednn_linear
+    from tuili.models.bert import _ACTIVATIONS
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160).to(dtype)
+    packed = onednn_linear.pack(lin, activation)
+    if packed is None:
+        pytest.skip("no oneDNN path for this dtype on this CPU")
+    for rows in (1, 37):
+        x = torch.randn(rows, 96).to(dtype)
+        want = F.linear(x, lin.weight, lin.bias)
+        want = _ACTIVATIONS[activation](want) if activation else want
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(packed(x).float(), want.float(), atol=tol, rtol=tol)
 
 
 # ---- decoders: SmolLM2's real weights against HF transformers --------------------------------

@@ -143,13 +143,18 @@ def test_tool_choice_required_and_named(client, required):
     check_call(call)
 
 
-def test_streamed_tool_calls_arrive_incrementally(client):
+@pytest.mark.parametrize("tool_choice", ["required",
+                                         {"type": "function", "function": {"name": "add"}}],
+                         ids=["required", "named"])
+def test_streamed_tool_calls_arrive_incrementally(client, tool_choice):
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60,
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=60,
         temperature=0, parallel_tool_calls=False, stream=True))
     pieces = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     first, rest = pieces[0], pieces[1:]
     assert first.index == 0 and first.id.startswith("call_") and first.function.name
+    if isinstance(tool_choice, dict):
+        assert first.function.name == "add"
     assert len(rest) > 2 and all(p.id is None and p.function.name is None for p in rest)
     arguments = "".join(p.function.arguments or "" for p in pieces)
     jsonschema.validate(json.loads(arguments), SCHEMAS[first.function.name])

@@ -1,11 +1,13 @@
 """Structured output on SmolLM2 through the engine: every output of a set of JSON schemas parses
 and validates (greedy, sampled, streamed), choices and regexes hold, the grammar wins over
-min_tokens, masks work with every sampling option, bad constraints name their field."""
+min_tokens, masks work with every sampling option, bad constraints name their field, a new
+grammar compiles off the engine loop."""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 
@@ -143,6 +145,52 @@ def test_grammars_are_compiled_once(llm):
     first = compiler.compile(so)
     same = StructuredOutputs(json={"properties": {"k": {"type": "integer"}}, "type": "object"})
     assert compiler.compile(same) is first  # keyed by the schema, not its key order
+
+
+def test_a_new_grammar_compiles_while_other_requests_step(llm, prompt, monkeypatch):
+    """The engine compiles an uncached grammar in a background thread: its request waits, an
+    unconstrained one runs to the end meanwhile, then the constrained one runs and holds."""
+    from tuili.structured.grammar import GrammarCompiler
+
+    gate = threading.Event()
+    real = GrammarCompiler._compile
+
+    def held(self, so):
+        assert gate.wait(60)
+        return real(self, so)
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", held)
+    engine = llm.engine
+    regex = r"(ab|cd)[0-9]{2}"
+    engine.add_request("held", prompt, SamplingParams(
+        max_tokens=8, temperature=0, structured_outputs=constrained(regex=regex)))
+    engine.add_request("free", prompt, SamplingParams(max_tokens=3, temperature=0,
+                                                      ignore_eos=True))
+    seen, free_done = set(), False
+    for _ in range(20):
+        for out in engine.step():
+            seen.add(out.request_id)
+            free_done |= out.request_id == "free" and out.finished
+        if free_done:
+            break
+    assert not engine.take_failures()
+    assert free_done and "held" not in seen and engine.has_unfinished_requests()
+    gate.set()
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert re.fullmatch(regex, final["held"].outputs[0].text)
+
+
+def test_a_grammar_refused_in_the_background_fails_only_its_request(llm, prompt):
+    engine = llm.engine  # LLM compiles before queueing; the engine's own path is checked here
+    engine.add_request("bad", prompt, SamplingParams(
+        max_tokens=4, structured_outputs=constrained(regex="(unclosed")), stream=False)
+    while engine.has_unfinished_requests():
+        engine.step()
+    ((rid, error),) = engine.take_failures()
+    assert rid == "bad" and isinstance(error, InvalidParameter) and "regex" in str(error)
+    assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
 def _chunks(items, n):

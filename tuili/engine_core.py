@@ -45,7 +45,7 @@ class EngineFacts:
     tokenizer: Tokenizer
     generation_config: dict
     vocab_size: int
-    hidden_size: int
+    embedding_size: int  # a pooling model's embeddings' width
     eos_token_ids: frozenset[int]
     max_model_len: int
     max_pooling_len: int
@@ -58,7 +58,7 @@ class EngineFacts:
         return cls(
             model=engine.config.model, tokenizer=engine.tokenizer,
             generation_config=dict(engine.generation_config),
-            vocab_size=engine.model_config.vocab_size, hidden_size=engine.model_config.hidden_size,
+            vocab_size=engine.model_config.vocab_size, embedding_size=engine.embedding_size,
             eos_token_ids=engine.eos_token_ids, max_model_len=engine.max_model_len,
             max_pooling_len=engine.max_pooling_len, task=engine.task,
             cross_encoder=hasattr(engine.runner.model, "classify"),
@@ -126,6 +126,9 @@ class EngineLoop:
                 for out in outputs:
                     if out.finished:
                         self.live.discard(out.request_id)
+                for rid, error in engine.take_failures():
+                    self.live.discard(rid)
+                    self.events.on_failed(rid, error)
                 if outputs:
                     self.events.on_outputs(outputs, time.monotonic())
             self.events.on_stats(self.stats())

@@ -105,6 +105,8 @@ class LLM(PoolingCalls):
         added = []
         try:
             for rid, prompt, p in zip(ids, prompts, params):
+                if isinstance(p, SamplingParams):  # a bad grammar raises here, not in a step
+                    self.engine.check_params(p)
                 self.engine.add_request(rid, prompt, p, stream)
                 added.append(rid)
         except Exception:

@@ -63,6 +63,49 @@ def word_tokenizer(vocab: int) -> Tokenizer:
     return tok
 
 
+def vocabulary_tokenizer(vocab: int, specials: int = 256, seed: int = 0) -> Tokenizer:
+    """A byte-level tokenizer of `vocab` tokens built offline, shaped like Llama 3's vocabulary:
+    the 256 bytes, numbers of up to three digits, runs of JSON punctuation, words with and
+    without a leading space (random letters), and `specials` special tokens at the top (the last
+    is <|eot_id|>). It has no merges (text encodes to bytes), but every token decodes, so a
+    grammar engine sees a real vocabulary's mix of token strings, and its masks cost what a real
+    one's do."""
+    import random
+
+    rng = random.Random(seed)
+    space, newline = "\u0120", "\u010a"  # ByteLevel's ' ' and '\n'
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    seen = set(tokens)
+
+    def add(text: str) -> None:
+        piece = text.replace(" ", space).replace("\n", newline)
+        if piece not in seen and len(tokens) < vocab - specials:
+            seen.add(piece)
+            tokens.append(piece)
+
+    for width in (1, 2, 3):
+        for i in range(10 ** width):
+            add(f"{i:0{width}d}")
+    punct = ['{', '}', '[', ']', '"', ':', ',', ' ', '\n', '.', '-']
+    for a in punct:
+        for b in punct:
+            add(a + b)
+            for c in punct:
+                add(a + b + c)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(tokens) < vocab - specials:
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
+        add(rng.choice(["", " ", " ", '"', ' "']) + (word.title() if rng.random() < 0.2 else word))
+    model = models.BPE({t: i for i, t in enumerate(tokens)}, [])
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    names = [f"<|reserved_special_token_{i}|>" for i in range(specials - 1)] + ["<|eot_id|>"]
+    tok.add_special_tokens(names)
+    assert tok.get_vocab_size() == vocab
+    return tok
+
+
 def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bfloat16):
     """Save a random `name`-shaped model to `folder`; return the HF model (on the GPU)."""
     import transformers
@@ -75,6 +118,23 @@ def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bf
         model = getattr(transformers, model_cls)(config).to(dtype).eval()
     model.save_pretrained(folder)
     byte_tokenizer().save(str(folder / "tokenizer.json"))
+    return model
+
+
+def build_with_vocabulary(name: str, folder: Path, num_layers: int | None = None):
+    """build(), then the shape's whole vocabulary as text (vocabulary_tokenizer), <|eot_id|> (its
+    last id) the end of sequence: for what needs real token strings, such as grammars."""
+    import json
+
+    model = build(name, folder, num_layers)
+    vocab = SHAPES[name][2]["vocab_size"]
+    vocabulary_tokenizer(vocab).save(str(folder / "tokenizer.json"))
+    for file in ("config.json", "generation_config.json"):
+        path = folder / file
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            cfg.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+            path.write_text(json.dumps(cfg))
     return model
 
 

@@ -16,7 +16,11 @@ graphs).
 Decode batches of up to SAMPLE_BATCH rows also sample in a graph (one per batch size and candidate
 width, over the decode graph's logits): temperature, top-k, top-p and min-p cost one parameter
 upload and one replay instead of a dozen launches, so at batch 1 a sampled stream keeps the GPU as
-busy as a greedy one. The sampled tokens go to the input-id row as the argmax does.
+busy as a greedy one. The sampled tokens go to the input-id row as the argmax does. Each also has
+a masked twin for structured output: it copies the logits to a float32 buffer, applies the
+step's grammar bitmask there (uploaded to a static buffer before the replay, from the mask the
+host filled while the step ran), takes the masked argmax and samples, so a constrained stream
+keeps the graphs (the raw logits stay unmasked for logprobs).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm import tqdm
 from tuili.engine.inputs import pad_tables
 from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax, sample_on_gpu
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
+from tuili.kernels import triton_module
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.rotary import RotaryEmbedding
 
@@ -99,7 +104,14 @@ class DecodeGraphs:
             size: (torch.zeros(3, size, dtype=torch.float32, device=device),
                    torch.zeros(2, size, **long))
             for size in self.sizes if size <= SAMPLE_BATCH}
-        keys = [(size, width) for size in self.sample_params for width in self.widths]
+        # The masked twins' inputs, shared by every size (one replay at a time): the grammar
+        # bitmask (all ones: every token allowed) and the masked float32 logits.
+        rows = max(self.sample_params, default=0)
+        self.bitmask = torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32,
+                                  device=device)
+        self.masked = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        keys = [(size, width, masked) for size in self.sample_params for width in self.widths
+                for masked in (False, True)]
         with torch.inference_mode():
             self.sample_graphs, self.sampled, self.pool = capture(
                 keys, self._sample, "capturing sampling CUDA graphs", self.pool)
@@ -121,10 +133,15 @@ class DecodeGraphs:
         logits = self.model.logits(self.model(ids, meta))
         return logits, row_argmax(logits, also=ids), tapped(self.model)
 
-    def _sample(self, key: tuple[int, int]) -> torch.Tensor:
-        size, width = key
-        tokens = sample_on_gpu(self.logits[size], self.argmax[size], *self.sample_params[size],
-                               width)
+    def _sample(self, key: tuple[int, int, bool]) -> torch.Tensor:
+        size, width, masked = key
+        logits, greedy = self.logits[size], self.argmax[size]
+        if masked:
+            logits = self.masked[:size]
+            logits.copy_(self.logits[size])
+            triton_module("triton_bitmask").apply_bitmask(logits, self.bitmask[:size])
+            greedy = row_argmax(logits)
+        tokens = sample_on_gpu(logits, greedy, *self.sample_params[size], width)
         self.inputs[size][0].copy_(tokens)
         return tokens
 
@@ -135,14 +152,19 @@ class DecodeGraphs:
         if size not in self.sample_params:
             return None
 
-        def sample(floats: list[list[float]], ints: list[list[int]], width: int) -> torch.Tensor:
+        def sample(floats: list[list[float]], ints: list[list[int]], width: int,
+                   bitmask: torch.Tensor | None = None) -> torch.Tensor:
             params_f, params_i = self.sample_params[size]
             pad = size - n
             upload(params_f, [row + [0.0] * pad for row in floats])  # padding rows: greedy
             upload(params_i, [row + [1] * pad for row in ints])
+            masked = bitmask is not None
+            if masked:  # device to device; padding rows keep every token
+                self.bitmask[:n].copy_(bitmask)
+                self.bitmask[n:size].fill_(-1)
             readbacks_done(params_f.device)
-            self.sample_graphs[size, width].replay()
-            return self.sampled[size, width][:n]
+            self.sample_graphs[size, width, masked].replay()
+            return self.sampled[size, width, masked][:n]
 
         return sample
 

@@ -157,6 +157,7 @@ class LLMEngine:
         self.inflight: _InFlight | None = None  # the last step, its tokens not read back yet
         self.checks = ParamsCheck(self.tokenizer, self.model_config.vocab_size,
                                   self.eos_token_ids)
+        self.failures: list[tuple[str, BaseException]] = []  # see take_failures
         self.profiler = None
         if self.device.type == "cuda" and HAS_TRITON and self.task == "generate":
             self._warm_up()
@@ -244,7 +245,7 @@ class LLMEngine:
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if self.output.is_running(request_id, child_ids):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
-        self.check_params(params)
+        self.checks(params, compile=False)  # a new grammar compiles off the loop (below)
         ids = self.encode_prompt(prompt)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty; give at least one token")
@@ -255,9 +256,9 @@ class LLMEngine:
                     for i, child_id in enumerate(child_ids)]
         self.output.add(request_id, prompt if isinstance(prompt, str) else None, requests, stream)
         for req in requests:
-            if params.structured_outputs is not None:
-                self.grammars.add(req)
-            self.scheduler.add(req)
+            # a request whose grammar compiles waits for it outside the scheduler (_admit)
+            if params.structured_outputs is None or self.grammars.add(req):
+                self.scheduler.add(req)
 
     def _add_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams) -> None:
         if params.task != self.task:
@@ -266,11 +267,16 @@ class LLMEngine:
                 self.pooling_output.is_running(request_id):
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         ids = self.encode_prompt(prompt)
-        check_pooling_request(prompt, ids, params, self.max_pooling_len,
-                              self.model_config.hidden_size)
+        check_pooling_request(prompt, ids, params, self.max_pooling_len, self.embedding_size)
         req = Request(request_id, ids, _NO_SAMPLING, self.eos_token_ids, pooling=params)
         self.pooling_output.add(req)
         self.scheduler.add(req)
+
+    @property
+    def embedding_size(self) -> int:
+        """The width of a pooling model's embeddings (its last Dense module's, else hidden)."""
+        hidden = self.model_config.hidden_size
+        return self.pooling_config.embedding_size(hidden) if self.pooling_config else hidden
 
     @property
     def max_pooling_len(self) -> int:
@@ -286,7 +292,29 @@ class LLMEngine:
                 grammars.remove(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self.inflight is not None
+        grammars = self.checks.made_grammars
+        return (self.scheduler.has_unfinished() or self.inflight is not None
+                or (grammars is not None and bool(grammars.compiling)))
+
+    def take_failures(self) -> list[tuple[str, BaseException]]:
+        """(request id, error) of the requests that failed since the last call (a grammar that
+        did not compile in the background), each aborted already."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose grammar finished compiling; fail those it refused."""
+        grammars = self.checks.made_grammars
+        if grammars is None or not grammars.compiling:  # (its truth is "has matchers")
+            return
+        for req, error in grammars.ready():
+            if error is None:
+                self.scheduler.add(req)
+                continue
+            group = self.output.group_ids([req])
+            if group:  # its siblings (n > 1) go with it
+                self.abort_request(group[0])
+                self.failures.append((group[0], error))
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -299,6 +327,7 @@ class LLMEngine:
         last tokens are read: the GPU takes them from its own memory and never waits on Python."""
         start = time.perf_counter()
         outputs = [] if self.async_scheduling else self._resolve()
+        self._admit_compiled()
         batch = self.scheduler.schedule()
         result = None
         if batch:
@@ -312,6 +341,9 @@ class LLMEngine:
         if self.async_scheduling:
             outputs = self._resolve()
         if result is None:
+            grammars = self.checks.made_grammars
+            if not batch and grammars is not None and grammars.compiling:
+                grammars.wait(0.01)  # only compiles are left: idle on them, do not spin
             return outputs
         for pl in result.prompt_logits:
             self.output.add_prompt_logprobs(pl.request, pl.logits, pl.first_target)

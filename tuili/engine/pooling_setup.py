@@ -38,7 +38,7 @@ def choose_task(config: EngineConfig, loaded: loader.LoadedModel
 
 
 def check_pooling_request(prompt: str | list[int], ids: list[int], params: PoolingParams,
-                          limit: int, hidden_size: int) -> None:
+                          limit: int, embedding_size: int) -> None:
     """400s for a pooling request that cannot run: empty, longer than `limit` tokens (it runs
     whole, in one step), token types that do not fit, more dimensions than the model has."""
     if not ids or prompt == "":  # an encoder's tokenizer gives "" its [CLS] and [SEP]
@@ -50,6 +50,6 @@ def check_pooling_request(prompt: str | list[int], ids: list[int], params: Pooli
     if params.token_type_ids is not None and len(params.token_type_ids) != len(ids):
         raise InvalidParameter("token_type_ids", f"{len(params.token_type_ids)} for {len(ids)} "
                                                  "tokens")
-    if params.dimensions is not None and params.dimensions > hidden_size:
+    if params.dimensions is not None and params.dimensions > embedding_size:
         raise InvalidParameter("dimensions", f"got {params.dimensions}, this model's embeddings "
-                                             f"have {hidden_size}")
+                                             f"have {embedding_size}")

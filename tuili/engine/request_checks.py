@@ -32,12 +32,14 @@ class ParamsCheck:
         self._grammars = None  # GrammarMatchers, made by the first structured-output request
         self._lock = threading.Lock()  # the server's threads compile too
 
-    def __call__(self, params: SamplingParams) -> None:
+    def __call__(self, params: SamplingParams, compile: bool = True) -> None:
+        """Raise InvalidParameter for what cannot run; with compile, also compile (and cache)
+        the structured-output grammar, whose errors are raised here too."""
         bad = [t for t in params.stop_token_ids if t >= self.vocab]
         if bad:  # the sampler indexes logits with them
             raise InvalidParameter("stop_token_ids", f"token ids {shown(bad[:5])} are outside "
                                                      f"[0, {self.vocab})")
-        if params.structured_outputs is not None:
+        if compile and params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)
 
     @property

@@ -51,7 +51,8 @@ class SampledTokens:
 # Per-row parameters as the GPU path takes them: floats (1 / temperature, top_p, min_p) and ints
 # (top_k, seed), one list per field, and how many candidates to rank.
 RowParams = tuple[list[list[float]], list[list[int]], int]
-GraphSample = Callable[[list[list[float]], list[list[int]], int], torch.Tensor]
+# (floats, ints, width[, the step's grammar bitmask on the device]) -> tokens
+GraphSample = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -100,9 +101,13 @@ class Sampler:
         """logits: in the model's dtype (cast to float32 only where a row needs more than its
         argmax); argmax: logits.argmax(-1) when the caller has it (the decode graph computes it);
         graph: samples these logits by replaying a CUDA graph, given row_params; mask: the
-        structured-output bitmask of the rows (a step with one runs outside the graphs)."""
+        structured-output bitmask of the rows (applied inside the graph when one samples)."""
         batch = SamplingBatch.build(reqs, logits.shape[1], mask)
         raw = logits
+        if (mask is not None and self.gpu and graph is not None and not batch.penalties
+                and not batch.banned):  # the graph's masked twin: mask, argmax and sample
+            tokens = graph(*self.row_params(reqs, logits.shape[1]), mask.bitmask)
+            return self._sampled(raw, tokens, batch)
         if batch.penalties:
             logits = apply_penalties(logits.to(torch.float32, copy=True), reqs)
         if batch.banned:  # flat indices into the rows: one fill for the batch
@@ -121,10 +126,15 @@ class Sampler:
             tokens = self._sample_gpu(logits, reqs, argmax if as_raw else None)
         else:
             tokens = self._sample(logits, reqs)
+        return self._sampled(raw, tokens, batch)
+
+    @staticmethod
+    def _sampled(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
+        """The tokens, with the logprobs their rows asked for (of the raw logits)."""
         wanted, params = batch.logprob_rows, batch.params
         parts = []
         if wanted:
-            rows = to_device(wanted, torch.long, logits.device)
+            rows = to_device(wanted, torch.long, raw.device)
             top_n = max(params[i].logprobs for i in wanted)
             parts = [HostCopy(t) for t in logprob_tensors(raw[rows], tokens[rows], top_n)]
         return SampledTokens(tokens, HostCopy(tokens), wanted,

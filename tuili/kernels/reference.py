@@ -102,3 +102,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Structured output's mask, in place: logits [rows, V] -inf where bitmask [rows,
+    >= ceil(V / 32)] int32 has bit t % 32 of word t // 32 clear (triton_bitmask's oracle)."""
+    rows, vocab = logits.shape
+    if bitmask.shape[0] != rows or bitmask.shape[1] * 32 < vocab:
+        raise ValueError(f"bitmask {tuple(bitmask.shape)} does not cover logits "
+                         f"{tuple(logits.shape)}")
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(rows, -1)[:, :vocab]
+    logits.masked_fill_(allowed == 0, float("-inf"))

@@ -1,7 +1,10 @@
 """Bidirectional attention over a flat batch of whole sequences, for encoders: no KV cache.
 
-Linear layers see the flat, unpadded tokens; only attention lays the sequences out padded to the
-longest ([seqs, heads, longest, d] with a key mask), and one SDPA call attends them all.
+Linear layers see the flat, unpadded tokens. On the GPU attention lays the sequences out padded
+to the longest ([seqs, heads, longest, d] with a key mask) and one SDPA call attends them all;
+on the CPU each sequence gets its own unmasked SDPA call over a contiguous copy of its q, k, v
+(no padding to fill, copy in and gather out, and no mask: at 64 texts of 6-70 tokens this was
+1.6x (float32) to 1.9x (bfloat16) faster than the padded call, measured on a loaded 2-core VM).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class EncoderMetadata:
             torch.arange(seq_lens[0])
         types = torch.tensor(token_type_ids) if token_type_ids is not None else None
         meta = cls(positions.to(device), seq_lens, None if types is None else types.to(device))
-        if len(seq_lens) > 1:
+        if len(seq_lens) > 1 and device.type != "cpu":
             longest = max(seq_lens)
             lens = torch.tensor(seq_lens)
             starts = torch.arange(len(seq_lens)) * longest
@@ -43,9 +46,16 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       meta: EncoderMetadata) -> torch.Tensor:
     """q, k, v [tokens, heads, d] -> [tokens, heads * d], each sequence attending to itself."""
     tokens, heads, d = q.shape
-    if meta.padded_rows is None:  # one sequence: no padding, no mask
-        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
-        return out[0].transpose(0, 1).reshape(tokens, heads * d)
+    if meta.padded_rows is None:  # each sequence alone: no padding, no mask
+        out = q.new_empty(tokens, heads, d)
+        start = 0
+        for n in meta.seq_lens:
+            end = start + n
+            o = F.scaled_dot_product_attention(
+                *(t[start:end].transpose(0, 1)[None].contiguous() for t in (q, k, v)))
+            out[start:end] = o[0].transpose(0, 1)
+            start = end
+        return out.view(tokens, heads * d)
     seqs, longest = len(meta.seq_lens), meta.key_mask.shape[-1]
 
     def padded(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.layers import onednn_linear
 from tuili.layers.backend import TORCH, Backend
 from tuili.layers.encoder_attention import EncoderMetadata, encoder_attention
 from tuili.models.config import ModelConfig
@@ -32,20 +33,35 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Linear(h, c.intermediate_size)
         self.output = nn.Linear(c.intermediate_size, h)
         self.output_norm = nn.LayerNorm(h, eps)
-        self.act = _ACTIVATIONS[c.hf.get("hidden_act", "gelu")]
+        self.act_name = c.hf.get("hidden_act", "gelu")
+        self.act = _ACTIVATIONS[self.act_name]
+        self.linears = None  # (qkv, attention out, intermediate + activation, output): prepare()
 
-    def forward(self, x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
+    def prepare(self) -> None:
+        """Choose the linears once the weights are in: oneDNN's with the weights reordered on the
+        CPU where it runs (layers/onednn_linear.py), F.linear on the parameters elsewhere."""
+        parts = [(self.qkv, None), (self.attention_out, None), (self.intermediate, self.act_name),
+                 (self.output, None)]
+        packed = [onednn_linear.pack(lin, act) for lin, act in parts]
+        if all(p is not None for p in packed):
+            self.linears = tuple(packed)
+            return
         # Functional calls on the parameters: a small batch's step is short enough that
         # nn.Module's call overhead (~50 calls a step) shows.
-        linear, norm = F.linear, F.layer_norm
-        qkv, out, n1 = self.qkv, self.attention_out, self.attention_norm
-        q, k, v = linear(x, qkv.weight, qkv.bias).view(x.shape[0], 3, self.heads, self.d).unbind(1)
-        x = norm(x + linear(encoder_attention(q, k, v, meta), out.weight, out.bias),
-                 n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        up, down, n2 = self.intermediate, self.output, self.output_norm
-        h = self.act(linear(x, up.weight, up.bias))
-        return norm(x + linear(h, down.weight, down.bias), n2.normalized_shape, n2.weight,
-                    n2.bias, n2.eps)
+        qkv, out, up, down = (lin for lin, _ in parts)
+        act = self.act
+        self.linears = (lambda x: F.linear(x, qkv.weight, qkv.bias),
+                        lambda x: F.linear(x, out.weight, out.bias),
+                        lambda x: act(F.linear(x, up.weight, up.bias)),
+                        lambda x: F.linear(x, down.weight, down.bias))
+
+    def forward(self, x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
+        qkv, out, up, down = self.linears
+        n1, n2 = self.attention_norm, self.output_norm
+        q, k, v = qkv(x).view(x.shape[0], 3, self.heads, self.d).unbind(1)
+        x = F.layer_norm(x + out(encoder_attention(q, k, v, meta)), n1.normalized_shape,
+                         n1.weight, n1.bias, n1.eps)
+        return F.layer_norm(x + down(up(x)), n2.normalized_shape, n2.weight, n2.bias, n2.eps)
 
 
 class BertModel(nn.Module):
@@ -74,6 +90,9 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
         """Token states [tokens, hidden] of whole sequences laid flat."""
+        if self.layers[0].linears is None:  # the first step, after load_weights
+            for layer in self.layers:
+                layer.prepare()
         x = self.word_embeddings(input_ids) + self.position_embeddings(meta.positions)
         if meta.token_type_ids is not None:
             x = x + self.token_type_embeddings(meta.token_type_ids)
@@ -132,6 +151,8 @@ class BertModel(nn.Module):
                    if (n, None) not in filled and not all((n, p) in filled for p in range(3))]
         if missing:
             raise KeyError("checkpoint lacks tensors: " + ", ".join(missing[:8]))
+        for layer in self.layers:
+            layer.linears = None  # packed again from the new weights on the next step
 
 
 class BertForSequenceClassification(BertModel):

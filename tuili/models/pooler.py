@@ -16,6 +16,8 @@ class Pooler:
         # decoders return the stream before their final norm; encoders their last states
         self.final_norm = getattr(model, "final_norm", None)
         self.classify = getattr(model, "classify", None)  # cross-encoders
+        device = next(model.parameters()).device
+        self.dense = [layer.to(device) for layer in config.dense]  # sentence-transformers Dense
 
     def __call__(self, hidden: torch.Tensor, seqs: list[tuple[int, int]]) -> torch.Tensor:
         """hidden [tokens, H], seqs (first row, tokens) of each whole sequence -> [seqs, D]
@@ -29,7 +31,10 @@ class Pooler:
             last = self.model.logits(hidden[[row + n - 1 for row, n in seqs]]).float()
             no, yes = c.score_token_ids
             return (last[:, yes] - last[:, no]).sigmoid()  # = softmax over (no, yes), yes's share
-        return self.embed(hidden, seqs)
+        pooled = self.embed(hidden, seqs)
+        for layer in self.dense:
+            pooled = layer(pooled)
+        return pooled
 
     def embed(self, hidden: torch.Tensor, seqs: list[tuple[int, int]]) -> torch.Tensor:
         pooling = self.config.pooling

@@ -32,7 +32,7 @@ def pooling_routes(state: ServerState) -> APIRouter:
         require_task(state, "embed")
         inputs = _inputs(body.input)
         params = PoolingParams("embed", dimensions=body.dimensions)
-        size = state.llm.facts.hidden_size
+        size = state.llm.facts.embedding_size
         if body.dimensions is not None and body.dimensions > size:
             raise InvalidParameter("dimensions", f"got {body.dimensions}, this model's "
                                                  f"embeddings have {size}")

@@ -33,15 +33,21 @@ class GrammarCompiler:
     def vocab_size(self) -> int:
         return self.info.vocab_size
 
+    def cached(self, so: StructuredOutputs) -> xgr.CompiledGrammar | None:
+        """The compiled grammar for `so` if it is in the cache, else None (no compiling)."""
+        with self.lock:
+            found = self.cache.get(so.key)
+            if found is not None:
+                self.cache.move_to_end(so.key)
+            return found
+
     def compile(self, so: StructuredOutputs) -> xgr.CompiledGrammar:
         """The compiled grammar for `so`; a bad schema, regex or grammar is an InvalidParameter
         naming its field."""
         key = so.key
-        with self.lock:
-            found = self.cache.get(key)
-            if found is not None:
-                self.cache.move_to_end(key)
-                return found
+        found = self.cached(so)
+        if found is not None:
+            return found
         compiled = self._compile(so)  # outside the lock: two threads may both compile a miss
         with self.lock:
             self.cache[key] = compiled

@@ -1,11 +1,14 @@
 """StepMask: a step's structured-output constraint as the sampler applies it (xgrammar's
-bitmask; xgrammar itself is imported only when a request brings a constraint)."""
+bitmask layout), by the Triton kernel on the GPU (also inside the sampling CUDA graphs,
+engine/cuda_graphs.py) and its torch reference on the CPU."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from tuili.kernels import on_gpu, reference, triton_module
 
 
 @dataclass
@@ -17,7 +20,8 @@ class StepMask:
     only_stop_rows: set[int]
 
     def apply(self, logits: torch.Tensor) -> None:
-        """Set the disallowed tokens' logits (float32) to -inf, in place, on their device."""
-        import xgrammar as xgr
-
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=logits.shape[1])
+        """Set the disallowed tokens' logits to -inf, in place, on their device."""
+        if on_gpu(logits):
+            triton_module("triton_bitmask").apply_bitmask(logits, self.bitmask)
+        else:
+            reference.apply_bitmask(logits, self.bitmask)

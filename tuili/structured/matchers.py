@@ -3,11 +3,16 @@
 The engine fills a step's bitmask on the host after queueing the model's forward pass, so the
 work overlaps the device's; the sampler applies it on the device. A request's matcher has seen
 every token read back so far: the engine samples a step only after the previous step's tokens
-are resolved, so no rollback is needed (until speculative decoding brings one)."""
+are resolved, so no rollback is needed (until speculative decoding brings one).
+
+A grammar not compiled yet compiles in a background thread (a big schema over a 128k vocabulary
+takes tens to hundreds of ms): its request waits outside the scheduler, the others step on, and
+`ready()` hands it back once its matcher exists."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 import xgrammar as xgr
@@ -27,6 +32,8 @@ class GrammarMatchers:
         self.stop_token_ids = sorted(stop_token_ids)
         self.compiler = GrammarCompiler(tokenizer, vocab_size, self.stop_token_ids)
         self.matchers: dict[str, xgr.GrammarMatcher] = {}
+        self.compiling: dict[str, tuple[Request, Future]] = {}  # by request id
+        self._executor: ThreadPoolExecutor | None = None
         self._host = xgr.allocate_token_bitmask(1, vocab_size)
         words = self._host.shape[1]
         self._stop_words = torch.zeros(words, dtype=torch.int32)  # the stop ids' bits
@@ -36,13 +43,39 @@ class GrammarMatchers:
     def compile(self, so: StructuredOutputs) -> xgr.CompiledGrammar:
         return self.compiler.compile(so)
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Request) -> bool:
+        """Give req its matcher; True if it can be scheduled now (its grammar was compiled),
+        False if the grammar compiles in the background (see ready)."""
         so = req.params.structured_outputs
-        if so is not None:
-            self.matchers[req.request_id] = xgr.GrammarMatcher(self.compile(so))
+        compiled = self.compiler.cached(so)
+        if compiled is not None:
+            self.matchers[req.request_id] = xgr.GrammarMatcher(compiled)
+            return True
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="tuili-grammar")
+        self.compiling[req.request_id] = (req, self._executor.submit(self.compile, so))
+        return False
+
+    def ready(self) -> list[tuple[Request, BaseException | None]]:
+        """The requests whose grammar finished compiling since the last call, each with the
+        error that stopped it (None: its matcher is made, it can be scheduled)."""
+        done = [rid for rid, (_, future) in self.compiling.items() if future.done()]
+        out = []
+        for rid in done:
+            req, future = self.compiling.pop(rid)
+            error = future.exception()
+            if error is None:
+                self.matchers[rid] = xgr.GrammarMatcher(future.result())
+            out.append((req, error))
+        return out
+
+    def wait(self, timeout: float) -> None:
+        """Block until a background compile ends, at most `timeout` seconds."""
+        wait([future for _, future in self.compiling.values()], timeout, FIRST_COMPLETED)
 
     def remove(self, req: Request) -> None:
         self.matchers.pop(req.request_id, None)
+        self.compiling.pop(req.request_id, None)  # a compile under way still fills the cache
 
     def __bool__(self) -> bool:
         return bool(self.matchers)
