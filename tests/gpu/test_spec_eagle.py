@@ -89,7 +89,10 @@ def test_eagle_greedy_identical_in_cuda_graphs(target, method, tmp_path, monkeyp
     assert replays["decode"] > decodes
     assert sorted(read) == list(range(max(read) + 1)) and max(read) > len(prompts[0])
     for pos, state in read.items():
-        torch.testing.assert_close(state, computed[pos], atol=0.05, rtol=0.05)
+        # EAGLE-3 reads residual streams before three layers' norms (values of several units):
+        # bf16's rounding there is relative, so the check is on the whole vector's error.
+        err = (state.float() - computed[pos].float()).norm() / computed[pos].float().norm()
+        assert err < 0.02, (pos, err)
     assert llm.engine.spec_stats.num_drafts > 0
     pool = llm.engine.pool
     assert pool.num_free == pool.num_blocks

@@ -94,7 +94,8 @@ class ModelRunner:
                                     config.rope_scaling, dtype, device, config.rope_local_theta)
         self.graphs = self.prefill_graphs = None
         max_blocks = -(-max_model_len // block_size)
-        if device.type == "cuda" and (cuda_graph_batch or prefill_graph_tokens):
+        # An encoder runs whole sequences eagerly (_execute_encoder): no graphs to capture.
+        if device.type == "cuda" and not self.encoder and (cuda_graph_batch or prefill_graph_tokens):
             from tuili.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
             pool = None  # one memory pool for all graphs: they never run at the same time
