@@ -75,16 +75,20 @@ def pick_model(name: str, tmp: Path) -> str:
 
 
 def start_worker(model: str, port: int, threads: int, cores: list[int] | None,
-                 clients: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuili", "serve", "--model", model, "--port", str(port),
-         "--served-model-name", "smol", "--num-threads", str(threads),
-         "--max-num-seqs", str(clients), "--max-waiting", "100000"],
-        stderr=subprocess.DEVNULL, preexec_fn=pinned(cores))
+                 clients: int, log: Path) -> subprocess.Popen:
+    """A CPU worker (on a GPU machine too: the arms compare the router's cost, not engines)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuili", "serve", "--model", model, "--port", str(port),
+             "--served-model-name", "smol", "--device", "cpu", "--num-threads", str(threads),
+             "--max-num-seqs", str(clients), "--max-waiting", "100000"],
+            stderr=err, preexec_fn=pinned(cores))
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", 300, proc)
     except RuntimeError:
         proc.kill()
+        print(f"worker on port {port} failed; the end of its log:", flush=True)
+        print(log.read_text(errors="replace")[-3000:], flush=True)
         raise
     return proc
 
@@ -144,7 +148,8 @@ def main() -> None:
             model = pick_model(args.model, Path(tmp))
             ports = [free_port(), free_port()]
             for port, cores in zip(ports, (plan["w0"], plan["w1"])):
-                procs.append(start_worker(model, port, per_worker, cores, args.clients))
+                procs.append(start_worker(model, port, per_worker, cores, args.clients,
+                                          Path(tmp) / f"worker-{port}.log"))
             urls = [f"http://127.0.0.1:{p}" for p in ports]
             one, one_url = start_router(urls[:1], Path(tmp), plan["router"])
             two, two_url = start_router(urls, Path(tmp), plan["router"])
