@@ -33,6 +33,16 @@ class AttentionMetadata:
     # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
     prefill_seqs: torch.Tensor | None = None
 
+    @classmethod
+    def one_prefill(cls, n: int, rope: RotaryEmbedding, device: torch.device) -> AttentionMetadata:
+        """One sequence's whole prefill of n tokens into caches of n one-token blocks (a
+        start-up measurement's stand-ins)."""
+        positions = torch.arange(n, device=device)
+        return cls(slot_mapping=positions, block_tables=positions[None, :],
+                   seq_lens=torch.tensor([n], device=device), positions=positions, rope=rope,
+                   num_decodes=0, max_decode_len=0, prefills=[(0, n, 0)],
+                   prefill_seqs=torch.tensor([[0], [n], [0]], dtype=torch.int32, device=device))
+
     @cached_property
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of the new tokens' positions [tokens, 1, head_dim], for the torch path."""
