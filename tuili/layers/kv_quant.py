@@ -111,7 +111,7 @@ def calibrate(model: torch.nn.Module, config: ModelConfig, token_ids: list[int],
     return scales
 
 
-def calibration_tokens(encode, vocab_size: int, count: int = 256) -> list[int]:
+def calibration_tokens(encode, vocab_size: int, count: int = 128) -> list[int]:
     """About `count` tokens of CALIBRATION_TEXT (repeated), or seeded random ids where the
     tokenizer gives too few."""
     ids = [t for t in encode(CALIBRATION_TEXT) if 0 <= t < vocab_size]
