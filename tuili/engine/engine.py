@@ -174,15 +174,17 @@ class LLMEngine:
             from tuili.analysis.profiler import PhaseProfiler
 
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
+            kv = "fp8" if self.kv_dtype == kv_quant.FP8 else None  # the bytes attention reads
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
-                                                  int4_rows, weight_format(loaded.quantization))
+                                                  int4_rows, weight_format(loaded.quantization),
+                                                  kv=kv)
             # GGUF blocks on the GPU: read packed by the GEMV and the tiled GEMM, dequantized
             # to 16 bits (written, then read by cuBLAS) in larger steps.
             if loaded.bits_per_weight and self.device.type == "cuda":
                 bits = loaded.bits_per_weight
                 self.profiler = PhaseProfiler.for_run(
                     self.model_config, str(self.dtype), self.device, GGUF_PACKED_ROWS,
-                    f"gguf-{bits + 32:.4f}", small_weights=f"gguf-{bits:.4f}")
+                    f"gguf-{bits + 32:.4f}", small_weights=f"gguf-{bits:.4f}", kv=kv)
         # What start-up built (modules, the model, its graphs) is never scanned by the collector
         # again: a full collection over it stalled 256-sequence decode steps by ~120 ms (H200,
         # BENCHMARKS.md, issue 19).

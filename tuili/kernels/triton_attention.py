@@ -31,11 +31,12 @@ MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: 
 def quantize(x, scale_ptr, head, mask, cache_ptr, QUANT: tl.constexpr):
     """x as the cache stores it: x / scale[head] clamped to +-448 (float8_e4m3fn's largest
     finite value), cast (QUANT); else x."""
-    if QUANT:
+    y = x
+    if QUANT:  # one return after the branch: the compiler types every return alike
         s = tl.load(scale_ptr + head, mask=mask, other=1.0)
-        x = tl.minimum(tl.maximum(x.to(tl.float32) / s, -448.0), 448.0)
-        return x.to(cache_ptr.dtype.element_ty)
-    return x
+        y = tl.minimum(tl.maximum(x.to(tl.float32) / s, -448.0), 448.0)
+        y = y.to(cache_ptr.dtype.element_ty)
+    return y
 
 
 @triton.jit
@@ -90,9 +91,12 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS: tl.c
 @triton.jit
 def kv_scales(k_scale_ptr, v_scale_ptr, kv_head, QUANT: tl.constexpr):
     """An FP8 cache's (k scale, v scale) of one kv head; (1, 1) for a 16-bit cache."""
+    k_scale = 1.0
+    v_scale = 1.0
     if QUANT:
-        return tl.load(k_scale_ptr + kv_head), tl.load(v_scale_ptr + kv_head)
-    return 1.0, 1.0
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    return k_scale, v_scale
 
 
 @triton.jit
