@@ -162,3 +162,27 @@ def test_smollm2_greedy_tokens_agree_with_the_float_cache(smol_runs):
     for r, f in zip(ref, first):
         if r.outputs[0].token_ids[0] == f.outputs[0].token_ids[0]:
             assert abs(r.outputs[0].logprobs[0].logprob - f.outputs[0].logprobs[0].logprob) < 0.3
+
+
+def test_prefix_cache_and_chunked_prefill_repeat_exactly(folder):
+    """Prompts prefilled in chunks of 8 tokens, then again through the prefix cache (their
+    blocks read back as stored): the same FP8 cache, the same tokens."""
+    llm = LLM(model=str(folder), kv_cache_dtype="fp8", max_num_batched_tokens=8,
+              **{**OPTIONS, "max_num_seqs": 2})
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    long = [p * 10 for p in PROMPTS[:3]]  # 50+ tokens: full blocks to share
+    first = llm.generate(long, params)
+    again = llm.generate(long, params)
+    assert all(o.num_cached_tokens > 0 for o in again)
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+
+
+def test_kv_cache_dtype_flag():
+    import argparse
+
+    from tuili.options import add_engine_options, engine_options
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    assert engine_options(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
+    assert engine_options(parser.parse_args([]))["kv_cache_dtype"] == "auto"
