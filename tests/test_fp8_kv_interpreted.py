@@ -133,3 +133,50 @@ def test_prefill_attention_fp8():
         exact = reference.prefill_attention(q[rows], k, v, *full, tables[i], cached[i],
                                             D ** -0.5)
         assert (ref - exact).abs().max() < 0.1 * full[1].abs().max()
+
+
+def test_attention_layer_fp8_through_the_gpu_code_path():
+    """A small Llama's step (two decodes, a 3-token chunk after 4 cached tokens) over an FP8
+    cache with per-head scales, through TritonAttention (the rope + store kernel, Triton decode
+    and prefill attention): logits as TorchAttention's over the same cache, and the same bytes
+    stored (but for the interpreter's known miss)."""
+    import tuili.layers.backend as backend
+    import tuili.models.llama as llama
+    from tuili.layers.attention import AttentionMetadata
+    from tuili.models.config import ModelConfig
+
+    torch.manual_seed(0)
+    c = ModelConfig("LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=256,
+                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64)
+    model = llama.LlamaForCausalLM(c)
+    for p in model.parameters():
+        p.data.normal_(0, 0.08)
+    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
+    gpu_model.load_state_dict(model.state_dict())
+    rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
+    scales = [torch.tensor([0.004, 0.006]), torch.tensor([0.003, 0.005])]
+    start = [reference.quantize_kv(torch.randn(32, 2, 64), s, FP8).view(8, 4, 2, 64)
+             for s in scales]
+    lens = torch.tensor([5, 9, 7])
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]])
+    positions = torch.tensor([4, 8, 4, 5, 6])
+    rows = torch.tensor([0, 1, 2, 2, 2])
+    slots = tables[rows, positions // 4] * 4 + positions % 4
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
+                             positions=positions, rope=rope, num_decodes=2, max_decode_len=9,
+                             prefills=[(2, 3, 4)],
+                             prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
+
+    def step(m):
+        attn = m.attention_layers()[0]
+        attn.k_cache, attn.v_cache = (t.clone() for t in start)
+        attn.k_scale, attn.v_scale = scales
+        with torch.inference_mode():
+            ids = torch.tensor([7, 100, 3, 50, 201])
+            return m.logits(m(ids, meta)), attn.k_cache, attn.v_cache
+
+    logits, *caches = step(gpu_model)
+    ref_logits, *ref_caches = step(model)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=2e-3)
+    for ours, ref in zip(caches, ref_caches):
+        assert_same_fp8(ours, ref, near=0.01)
