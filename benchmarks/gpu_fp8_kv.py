@@ -59,8 +59,10 @@ def step_ms(folder: str, kv: str, batch: int, context: int, steps: int) -> tuple
     return statistics.median(times[len(times) // 4:]) * 1e3, capacity
 
 
-def kernel_ms(batch: int, context: int, fp8: bool) -> float:
-    """decode_attention alone, one layer, in a CUDA graph."""
+def kernel_ms(batch: int, context: int, fp8: bool, block_n: int | None = None,
+              stages: int = 3) -> float:
+    """decode_attention alone, one layer, in a CUDA graph (block_n None: the engine's launch
+    shape; else that many keys a step and `stages` pipeline stages)."""
     from tuili.kernels import triton_attention
 
     nblocks = -(-context // BLOCK)
@@ -75,8 +77,12 @@ def kernel_ms(batch: int, context: int, fp8: bool) -> float:
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, 32, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
+    config = None
+    if block_n:
+        splits = triton_attention.decode_splits(batch, KV_HEADS, q.device, context)
+        config = triton_attention.DecodeConfig(splits, block_n, 4, stages)
     return cuda_time(lambda: triton_attention.decode_attention(
-        q, *caches, tables, lens, HEAD_DIM ** -0.5, out=out, k_scale=scales[0],
+        q, *caches, tables, lens, HEAD_DIM ** -0.5, out=out, config=config, k_scale=scales[0],
         v_scale=scales[1]), graph=True) * 1e3
 
 
@@ -97,6 +103,11 @@ def main() -> None:
         print(f"decode attention, one layer, {name} cache: {kernels[name]:.3f} ms "
               f"(floor {kv_elems * size / read * 1e3:.3f} ms)")
     print(f"kernel ratio fp8 / bf16: {kernels['fp8'] / kernels['bf16']:.2f}")
+    # The FP8 kernel holds more registers (214 against 124 per thread at this shape, sm_90):
+    # other launch shapes, should the engine's default be slow for it.
+    for block_n, stages in ((32, 3), (64, 2), (128, 2), (128, 3)):
+        ms = kernel_ms(args.batch, args.context, True, block_n, stages)
+        print(f"  fp8 cache, {block_n} keys a step, {stages} stages: {ms:.3f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         hf = build("llama3-8b", Path(tmp), num_layers=args.layers)
         weight_bytes = sum(p.numel() for n, p in hf.named_parameters()
