@@ -36,22 +36,31 @@ def step_ms(folder: str, kv: str, batch: int, context: int, steps: int) -> tuple
     """Median wall time of the engine's all-decode steps of `batch` sequences (the engine
     queues each step before reading the last one back: steady-state steps take the GPU's time),
     and the KV cache's capacity in tokens."""
+    # The first sequences decode while the later ones prefill (a prompt or so a step): room for
+    # that, then `steps` steps of the whole batch decoding.
+    tokens = steps + 3 * batch
     llm = LLM(folder, dtype="bfloat16", device="cuda", kv_cache_dtype=kv, max_num_seqs=batch,
-              max_model_len=context + steps + 32, enable_prefix_caching=False)
+              max_model_len=context + tokens + 16, enable_prefix_caching=False)
     engine = llm.engine
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{i}", [rng.randrange(2, vocab) for _ in range(context)], params,
                            stream=False)
     times = []
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests() and len(times) < steps:
         start = time.perf_counter()
         engine.step()
         b = engine.inflight.batch if engine.inflight is not None else None
         if b is not None and b.num_decodes == len(b) == batch:
             times.append(time.perf_counter() - start)
+    for i in range(batch):
+        engine.abort_request(f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    if len(times) < steps // 2:
+        raise RuntimeError(f"only {len(times)} steps decoded all {batch} sequences")
     capacity = engine.pool.num_blocks * engine.config.block_size
     del llm, engine
     gc.collect()
