@@ -88,6 +88,7 @@ def launch_all() -> None:
     for name, shape in SHAPES.items():
         prefill_attention(name, shape)
     qk_norm_rope()
+    fp8_kv_cache()
     quantized_linears()
     fused_moe()
     assert kernels.num_sms(torch.device("cpu")) == tuning.H100.sms
@@ -177,6 +178,39 @@ def qk_norm_rope() -> None:
     ids = torch.arange(5)
     w = torch.ones(128, dtype=bf)
     triton_rope.rope_and_store(qkv, ids, rope.cos, rope.sin, *caches, ids, 16, (w, w), 1e-6)
+
+
+def fp8_kv_cache() -> None:
+    """The FP8 KV cache's launches at Llama-3.1-8B's shape: the stores, decode attention at 1
+    and 8 rows (split and not), prefill attention."""
+    from tuili.kernels import triton_attention, triton_rope
+    from tuili.layers.rotary import RotaryEmbedding
+
+    bf, heads, kvh, d = torch.bfloat16, 32, 8, 128
+    caches = [torch.zeros(64, 16, kvh, d, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    scales = [torch.ones(kvh) for _ in range(2)]
+    rope = RotaryEmbedding(d, 256, 5e5, None, bf, torch.device("cpu"))
+    for m in (1, 8):
+        WHERE["model"] = f"llama3-8b, FP8 KV cache, {m} row{'s' if m > 1 else ''}"
+        ids = torch.arange(m)
+        WHERE["launch"] = "rope + KV store"
+        q = triton_rope.rope_and_store(torch.zeros(m, heads + 2 * kvh, d, dtype=bf), ids,
+                                       rope.cos, rope.sin, *caches, ids, heads, None, 0.0,
+                                       *scales)
+        WHERE["launch"] = "KV store"
+        kv = torch.zeros(m, kvh, d, dtype=bf)
+        triton_attention.store_kv(kv, kv, *caches, ids, *scales)
+        WHERE["launch"] = "decode attention"
+        triton_attention.decode_attention(q, *caches, torch.zeros(m, 19, dtype=torch.long),
+                                          torch.full((m,), 300), d ** -0.5, k_scale=scales[0],
+                                          v_scale=scales[1])
+    n = 300
+    WHERE.update(model=f"llama3-8b, FP8 KV cache, a {n}-token prompt", launch="prefill attention")
+    q = torch.zeros(n, heads, d, dtype=bf)
+    triton_attention.prefill_attention(q, *caches, torch.zeros(1, 19, dtype=torch.long),
+                                       torch.tensor([[0], [n], [0]], dtype=torch.int32), n,
+                                       d ** -0.5, torch.empty_like(q), k_scale=scales[0],
+                                       v_scale=scales[1])
 
 
 def quantized_linears() -> None:

@@ -12,6 +12,7 @@ from tuili.speculative_config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 QUANTIZATIONS = ("auto", "none", "int4", "int8", "fp8", "gptq", "awq", "gguf")
 TASKS = ("auto", "generate", "embed", "score")
 POOLINGS = ("auto", "cls", "mean", "last")
@@ -35,6 +36,10 @@ class EngineConfig:
                                      "fp8, int8, int4: quantize float weights at load (int4 on a "
                                      "GGUF file: require its packed blocks); gptq, awq: require "
                                      "such a checkpoint")
+    kv_cache_dtype: str = _opt("auto", "KV-cache dtype: auto (the model's dtype) or fp8 / "
+                                       "fp8_e4m3 (float8 e4m3, half the bytes of bfloat16, with "
+                                       "scales per layer and KV head: the checkpoint's k_scale / "
+                                       "v_scale, else calibrated at start-up)")
     quantize_lm_head: bool = _opt(False, "quantize the LM head too (default: it stays 16-bit)")
     task: str = _opt("auto", "what the model serves: auto (from its architecture and "
                              "sentence-transformers files), generate, embed or score")
@@ -94,6 +99,8 @@ class EngineConfig:
              "two comma-separated words, e.g. no,yes")
         need("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
         need("quantization", self.quantization in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
+        need("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"one of {', '.join(KV_CACHE_DTYPES)}")
         need("device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              "auto, cpu or cuda[:N]")
         need("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
@@ -111,6 +118,8 @@ class EngineConfig:
         SpeculativeConfig.parse(self.speculative_config)  # raises what to change
         need("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1")
         need("distributed_timeout_s", self.distributed_timeout_s > 0, "> 0")
+        need("kv_cache_dtype", self.kv_cache_dtype == "auto" or self.tensor_parallel_size == 1,
+             "auto under tensor parallelism (an FP8 cache's scales are not sharded yet)")
         return self
 
     @classmethod

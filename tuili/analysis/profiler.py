@@ -43,14 +43,16 @@ class PhaseProfiler:
 
     @classmethod
     def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0,
-                weights: str | None = None, small_weights: str = "int4-g32") -> PhaseProfiler:
+                weights: str | None = None, small_weights: str = "int4-g32",
+                kv: str | None = None) -> PhaseProfiler:
         """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
         device; int4_rows: steps of up to so many tokens read the layers as small_weights
         (tuili's packed int4 on CPU by default; 0: none); weights: the layers' format in other
-        steps (ops.WEIGHT_BITS), the head and K/V staying dtype."""
+        steps (ops.WEIGHT_BITS), the head staying dtype; kv: the KV cache's format ("fp8";
+        default dtype's)."""
         from tuili.analysis.measure import for_torch_device
 
-        precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype])
+        precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype], kv)
         if weights:
             precision = opsmod.Precision(weights, precision.head, precision.kv,
                                          precision.activations)

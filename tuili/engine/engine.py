@@ -26,6 +26,7 @@ from tuili.engine.spec_decode.setup import make_speculator
 from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
+from tuili.layers import kv_quant
 from tuili.layers.linear import Int4CpuMethod
 from tuili.quantization import weight_format
 from tuili.quantization.gguf import PACKED_MAX_ROWS as GGUF_PACKED_ROWS
@@ -139,9 +140,16 @@ class LLMEngine:
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
                                                         config.max_num_batched_tokens)
+        # An encoder keeps no KV cache between steps: nothing to quantize.
+        self.kv_dtype = self.dtype if getattr(loaded.model, "is_encoder", False) else \
+            kv_quant.cache_dtype(config.kv_cache_dtype, self.dtype)
         num_blocks, self.max_model_len = plan_kv_cache(config, self.model_config, loaded.model,
                                                        self.dtype, self.device,
-                                                       self.prefill_graph_tokens, tp)
+                                                       self.prefill_graph_tokens, tp, self.kv_dtype)
+        kv_scales = None
+        if self.kv_dtype != self.dtype:
+            kv_scales = kv_quant.prepare_scales(loaded.model, self.model_config, loaded.kv_scales,
+                                                self.tokenizer.encode, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
@@ -151,7 +159,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
-                                  self.pooler, self.ranks.channel if self.ranks else None)
+                                  self.pooler, self.ranks.channel if self.ranks else None,
+                                  self.kv_dtype, kv_scales)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
@@ -171,15 +180,17 @@ class LLMEngine:
             from tuili.analysis.profiler import PhaseProfiler
 
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
+            kv = "fp8" if self.kv_dtype == kv_quant.FP8 else None  # the bytes attention reads
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
-                                                  int4_rows, weight_format(loaded.quantization))
+                                                  int4_rows, weight_format(loaded.quantization),
+                                                  kv=kv)
             # GGUF blocks on the GPU: read packed by the GEMV and the tiled GEMM, dequantized
             # to 16 bits (written, then read by cuBLAS) in larger steps.
             if loaded.bits_per_weight and self.device.type == "cuda":
                 bits = loaded.bits_per_weight
                 self.profiler = PhaseProfiler.for_run(
                     self.model_config, str(self.dtype), self.device, GGUF_PACKED_ROWS,
-                    f"gguf-{bits + 32:.4f}", small_weights=f"gguf-{bits:.4f}")
+                    f"gguf-{bits + 32:.4f}", small_weights=f"gguf-{bits:.4f}", kv=kv)
         # What start-up built (modules, the model, its graphs) is never scanned by the collector
         # again: a full collection over it stalled 256-sequence decode steps by ~120 ms (H200,
         # BENCHMARKS.md, issue 19).

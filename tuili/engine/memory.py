@@ -18,13 +18,17 @@ log = logging.getLogger("tuili")
 
 def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,
                   device: torch.device, prefill_graph_tokens: int,
-                  tp: TensorParallel = SINGLE) -> tuple[int, int]:
-    """(KV-cache blocks, max_model_len) for this config; errors say which option to change.
+                  tp: TensorParallel = SINGLE, kv_dtype: torch.dtype | None = None
+                  ) -> tuple[int, int]:
+    """(KV-cache blocks, max_model_len) for this config, the cache in kv_dtype (default: dtype;
+    FP8 takes one byte an element); errors say which option to change.
     Under tensor parallelism each rank sizes its own (its KV heads, its free memory) and all
     take the smallest count: the scheduler's block ids must exist on every rank."""
     layers = model.attention_layers()
-    per_token = 2 * sum(a.num_kv_heads * a.head_dim for a in layers) * (torch.finfo(dtype).bits // 8)
-    per_block = c.block_size * (per_token or mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8))
+    kv_dtype = kv_dtype or dtype
+    element = torch.finfo(kv_dtype).bits // 8
+    per_token = 2 * sum(a.num_kv_heads * a.head_dim for a in layers) * element
+    per_block = c.block_size * (per_token or mc.kv_bytes_per_token(element))
     num_blocks = tp.min_over_ranks(c.num_kv_blocks or int(
         _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) // per_block))
     capacity = num_blocks * c.block_size
@@ -40,8 +44,9 @@ def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtyp
         raise InvalidParameter("max_num_batched_tokens", f"{c.max_num_batched_tokens} < "
                                f"max_model_len={max_len}: without chunked prefill a whole prompt "
                                "must fit in one step")
-    log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
-             num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30, max_len)
+    log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
+             num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30,
+             str(kv_dtype).removeprefix("torch."), max_len)
     return num_blocks, max_len
 
 

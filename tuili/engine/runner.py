@@ -17,6 +17,7 @@ from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
 from tuili.engine.inputs import StepInputs, add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
+from tuili.layers import kv_quant
 from tuili.layers.attention import AttentionMetadata
 from tuili.layers.encoder_attention import EncoderMetadata
 from tuili.layers.rotary import RotaryEmbedding
@@ -78,18 +79,22 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
-                 channel=None):
+                 channel=None, kv_dtype: torch.dtype | None = None,
+                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.model, self.config, self.device = model, config, device
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
         self.encoder = getattr(model, "is_encoder", False)
         self.block_size = block_size
         self.kv_caches = []
+        kv_dtype = kv_dtype or dtype  # FP8 (layers/kv_quant.py): with scales, bound before graphs
         for attn in model.attention_layers():  # this rank's KV heads (all, on one rank)
             shape = (num_blocks, block_size, attn.num_kv_heads, config.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
+        if kv_scales is not None:
+            kv_quant.bind(model.attention_layers(), kv_scales)
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
                                     config.rope_scaling, dtype, device, config.rope_local_theta)
         self.graphs = self.prefill_graphs = None
@@ -250,12 +255,7 @@ def profile_activation_bytes(model: torch.nn.Module, config: ModelConfig, num_to
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    positions = torch.arange(num_tokens, device=device)
-    meta = AttentionMetadata(
-        slot_mapping=positions, block_tables=positions[None, :],
-        seq_lens=torch.tensor([num_tokens], device=device), positions=positions, rope=rope,
-        num_decodes=0, max_decode_len=0, prefills=[(0, num_tokens, 0)],
-        prefill_seqs=torch.tensor([[0], [num_tokens], [0]], dtype=torch.int32, device=device))
+    meta = AttentionMetadata.one_prefill(num_tokens, rope, device)
     hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), meta)
     model.logits(hidden[-1:])
     torch.cuda.synchronize(device)

@@ -3,6 +3,9 @@
 Cache layout, per layer: k_cache and v_cache of shape [num_blocks, block_size, kv_heads, head_dim].
 Token t of a sequence lives in block block_table[t // block_size], row t % block_size; the flat
 slot of that row is block_id * block_size + t % block_size.
+
+An FP8 cache (float8_e4m3fn) comes with scales [kv_heads] per layer for K and for V: a store
+writes x / scale clamped to the format's +-448, and every read gives back cached * scale.
 """
 
 from __future__ import annotations
@@ -11,10 +14,33 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [tokens, kv_heads, d] / scale [kv_heads], clamped to +-FP8_MAX, in the cache's dtype."""
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+                  head_dim: int = -2) -> torch.Tensor:
+    """Cached rows back in `dtype`: x * scale along the kv-head dimension (x as is, no scale)."""
+    if scale is None:
+        return x
+    shape = [1] * x.dim()
+    shape[head_dim] = scale.numel()
+    return (x.float() * scale.view(shape)).to(dtype)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k, v ([tokens, kv_heads, head_dim]) into their cache slots."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Write k, v ([tokens, kv_heads, head_dim]) into their cache slots (quantized with scales)."""
     kvh, d = k.shape[1], k.shape[2]
+    if k_scale is not None:  # CPU torch has no index_copy_ of float8: copy the bytes
+        k = quantize_kv(k, k_scale, k_cache.dtype).view(torch.uint8)
+        v = quantize_kv(v, v_scale, v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
@@ -31,7 +57,8 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                     scale: float, window: int = 0) -> torch.Tensor:
+                     scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, d] -> [B, heads, d]. A window > 0 keeps each
     sequence's last `window` keys (its newest token's included)."""
     B, bs = q.shape[0], k_cache.shape[1]
@@ -39,6 +66,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     table = block_tables[:, :nblocks]
     k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, kvh, L, d]
     v = v_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    k, v = dequantize_kv(k, k_scale, q.dtype, 1), dequantize_kv(v, v_scale, q.dtype, 1)
     mask = None
     if B > 1 or 0 < window < max_len:
         pos = torch.arange(max_len, device=q.device)[None, :]
@@ -53,22 +81,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
-                      scale: float, window: int = 0) -> torch.Tensor:
+                      scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for one sequence's new tokens q/k/v ([n, heads, d]) that follow
     `context_len` tokens already in the cache; a window > 0 lets each query see only its last
-    `window` keys. Returns [n, heads, d]."""
+    `window` keys. Returns [n, heads, d]. With scales (an FP8 cache, this step's K/V already
+    stored) every key is read from the cache, as the Triton kernel reads them."""
     n = q.shape[0]
     total = context_len + n
     # The first key any query sees: the cached keys before it are not read.
     first = max(context_len - window + 1, 0) if window > 0 else 0
-    if context_len == 0 and not 0 < window < n:
+    if context_len == 0 and k_scale is None and not 0 < window < n:
         keys, values, causal, mask = k, v, True, None
     else:
-        if context_len == 0:
+        if context_len == 0 and k_scale is None:
             keys, values = k, v
         else:
-            keys = gather_kv(k_cache, block_table, total, first)
-            values = gather_kv(v_cache, block_table, total, first)
+            keys = dequantize_kv(gather_kv(k_cache, block_table, total, first), k_scale, q.dtype)
+            values = dequantize_kv(gather_kv(v_cache, block_table, total, first), v_scale, q.dtype)
         # Query i sits at position context_len + i and sees keys up to it (and within the window).
         q_pos = torch.arange(context_len, total, device=q.device)[:, None]
         k_pos = torch.arange(total - keys.shape[0], total, device=q.device)[None, :]

@@ -7,6 +7,9 @@ with slot -1 (store) or seq_len 0 (attention) are padding, as in a CUDA-graph ba
 Attention runs after this step's K/V are stored, so both kernels read every key from the cache:
 a cached prefix and a chunk computed earlier need no gather. A sliding window (> 0) keeps each
 query's last `window` keys: the kernels start their loops at the window, reading no key before it.
+An FP8 cache comes with per-kv-head scales (k_scale, v_scale: [kv_heads] float32): the store
+quantizes (x / scale, clamped to +-448), and the attention kernels cast each tile to q's dtype
+(exact for e4m3) and fold the scales in: k's into the scores' scale, v's into the output.
 """
 
 from __future__ import annotations
@@ -25,8 +28,21 @@ MAX_SPLIT_PROGRAMS = 4096  # (sequence, kv head) pairs a split launch may have: 
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+def quantize(x, scale_ptr, head, mask, cache_ptr, QUANT: tl.constexpr):
+    """x as the cache stores it: x / scale[head] clamped to +-448 (float8_e4m3fn's largest
+    finite value), cast (QUANT); else x."""
+    y = x
+    if QUANT:  # one return after the branch: the compiler types every return alike
+        s = tl.load(scale_ptr + head, mask=mask, other=1.0)
+        y = tl.minimum(tl.maximum(x.to(tl.float32) / s, -448.0), 448.0)
+        y = y.to(cache_ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+                     stride_k, stride_v, ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -34,46 +50,67 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         mask = offs < ROW
         k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+        k = quantize(k, k_scale_ptr, offs // HEAD_DIM, mask, k_cache_ptr, QUANT)
+        v = quantize(v, v_scale_ptr, offs // HEAD_DIM, mask, v_cache_ptr, QUANT)
         tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
         tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [tokens, kv_heads, head_dim], each token's row contiguous (they may be QKV views)."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """k, v: [tokens, kv_heads, head_dim], each token's row contiguous (they may be QKV views);
+    with scales, quantized into an FP8 cache."""
     tokens, kvh, d = k.shape
     assert k.stride(2) == 1 and k.stride(1) == d and v.stride(2) == 1 and v.stride(1) == d
     if tokens:
-        _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    ROW=kvh * d, BLOCK=triton.next_power_of_2(kvh * d))
+        _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping,
+                                    k_scale if k_scale is not None else k,
+                                    v_scale if v_scale is not None else v,
+                                    k.stride(0), v.stride(0), ROW=kvh * d, HEAD_DIM=d,
+                                    BLOCK=triton.next_power_of_2(kvh * d),
+                                    QUANT=k_scale is not None)
 
 
 @triton.jit
 def _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys and values start .. start + BLOCK_N of one sequence (rows past hi: zeros), and which
-    rows are keys."""
+             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+             dtype: tl.constexpr):
+    """Keys and values start .. start + BLOCK_N of one sequence (rows past hi: zeros) in dtype
+    (an FP8 cache's values unscaled), and which rows are keys."""
     pos = start + tl.arange(0, BLOCK_N)
     valid = pos < hi
     block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
     row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * KV_HEADS + kv_head
     offs = row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(dtype)
+    v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(dtype)
     return k, v, valid
 
 
 @triton.jit
-def _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, qk_scale,
+def kv_scales(k_scale_ptr, v_scale_ptr, kv_head, QUANT: tl.constexpr):
+    """An FP8 cache's (k scale, v scale) of one kv head; (1, 1) for a 16-bit cache."""
+    k_scale = 1.0
+    v_scale = 1.0
+    if QUANT:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    return k_scale, v_scale
+
+
+@triton.jit
+def _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, qk_scale, v_scale,
                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr):
-    """Online softmax of the q rows over keys lo..hi of one sequence: (acc, row max, row sum)."""
+    """Online softmax of the q rows over keys lo..hi of one sequence: (acc, row max, row sum);
+    qk_scale holds the keys' scale, acc is multiplied by the values'."""
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         k, v, valid = _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS,
-                               HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+                               HEAD_DIM, BLOCK_SIZE, BLOCK_N, q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,7 +119,7 @@ def _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, qk_scale,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc * v_scale, m_i, l_i
 
 
 @triton.jit
@@ -95,13 +132,13 @@ def _wait_for_q(q_rows, live, PDL: tl.constexpr):
 
 @triton.jit
 def _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, first,
-                  seq_len, qk_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  seq_len, qk_scale, v_scale, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
                   PDL: tl.constexpr):
     """Attention of the q rows over keys first .. seq_len, written to out_rows (zeros when none)."""
     q = _wait_for_q(q_rows, live, PDL)
     acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, first, seq_len,
-                                  qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
+                                  qk_scale, v_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=live)
 
@@ -141,8 +178,8 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_o, seq, kv_head, used,
 # are not specialised on: each new value would compile another variant mid-run.
 @triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["table_ptr"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
-                   ticket_ptr, scale, stride_q, stride_o, stride_table, window,
-                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   ticket_ptr, k_scale_ptr, v_scale_ptr, scale, stride_q, stride_o, stride_table,
+                   window, QUANT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     # One program per (sequence, kv head, split): the GROUP query heads sharing the kv head are the
@@ -166,22 +203,24 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, len_ptr, out_ptr,
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     live = (g < GROUP)[:, None]
-    qk_scale = scale * 1.4426950408889634
+    k_scale, v_scale = kv_scales(k_scale_ptr, v_scale_ptr, kv_head, QUANT)
+    qk_scale = scale * k_scale * 1.4426950408889634
     table = table_ptr + seq * stride_table
     q_rows = q_ptr + seq * stride_q + heads[:, None] * HEAD_DIM + d[None, :]
     out_rows = out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + d[None, :]
     if SPLITS == 1:
         _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head, first,
-                      seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD, PDL)
+                      seq_len, qk_scale, v_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
+                      PDL)
     elif used <= 1:  # one range (or none: a padding row gets zeros): split 0 writes the output
         if split == 0:
             _attend_whole(q_rows, out_rows, live, k_cache_ptr, v_cache_ptr, table, kv_head,
-                          first, seq_len, qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD,
-                          PDL)
+                          first, seq_len, qk_scale, v_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                          BLOCK_N, GROUP_PAD, PDL)
     elif lo < hi:
         q = _wait_for_q(q_rows, live, PDL)
         acc, m_i, l_i = _attend_range(q, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi,
-                                      qk_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
+                                      qk_scale, v_scale, KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GROUP_PAD)
         rows = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
         tl.store(part_ptr + rows[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=live)
         tl.store(lse_ptr + rows, m_i + tl.log2(l_i), mask=g < GROUP)
@@ -235,10 +274,12 @@ def decode_config(batch: int, kv_heads: int, head_dim: int, device: torch.device
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, max_len: int | None = None,
-                     config: DecodeConfig | None = None, window: int = 0) -> torch.Tensor:
+                     config: DecodeConfig | None = None, window: int = 0,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """One query token per sequence, in one launch. q: [B, heads, d] (rows contiguous) ->
     [B, heads, d]. config overrides the launch shape (for tuning); window > 0: the last `window`
-    keys alone."""
+    keys alone; scales: an FP8 cache's."""
     B, heads, d = q.shape
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kvh
@@ -257,8 +298,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part = torch.empty(B, heads, cfg.splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, heads, cfg.splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(B, kvh, cfg.splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, tickets, scale,
-        q.stride(0), out.stride(0), block_tables.stride(0), window,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, tickets,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q, scale,
+        q.stride(0), out.stride(0), block_tables.stride(0), window, QUANT=k_scale is not None,
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         MERGE_PAD=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLITS=cfg.splits, PDL=pdl(q), launch_pdl=pdl(q),
@@ -268,9 +310,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @triton.jit(do_not_specialize=["stride_table", "num_seqs"],
             do_not_specialize_on_alignment=["table_ptr"])
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_ptr, scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_seqs, window,
-                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_ptr, k_scale_ptr,
+                    v_scale_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+                    num_seqs, window, QUANT: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (head, sequence, query tile). Query i of a sequence sits at position
     # context + i and sees keys 0 .. context + i, all read from the paged cache. The last tiles
@@ -299,7 +341,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    qk_scale = scale * 1.4426950408889634
+    k_scale, v_scale = kv_scales(k_scale_ptr, v_scale_ptr, kv_head, QUANT)
+    qk_scale = scale * k_scale * 1.4426950408889634
     table = table_ptr + seq * stride_table
     # Keys before the tile's first query are visible to every row: no causal mask there. With a
     # window, the loop starts at the tile's first query's first key (a BLOCK_N step below it),
@@ -311,7 +354,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
     hi = context + tl.minimum((tile + 1) * BLOCK_M, q_len)
     for start in range(lo, hi, BLOCK_N):
         k, v, valid = _kv_tile(k_cache_ptr, v_cache_ptr, table, kv_head, start, hi, KV_HEADS,
-                               HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+                               HEAD_DIM, BLOCK_SIZE, BLOCK_N, q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if start >= unmasked_end:
             pos = start + n
@@ -324,17 +367,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seqs_ptr, out_pt
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + m).to(tl.int64)[:, None] * stride_ot + head * stride_oh
              + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
-                      out: torch.Tensor, window: int = 0) -> torch.Tensor:
+                      out: torch.Tensor, window: int = 0, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for several sequences' new tokens, their K/V already in the cache.
     q, out: [tokens, heads, d]; seqs: [3, num_seqs] int32 rows (first q row, new tokens, context);
-    block_tables: one row per sequence; window > 0: each query's last `window` keys alone."""
+    block_tables: one row per sequence; window > 0: each query's last `window` keys alone;
+    scales: an FP8 cache's."""
     heads, d = q.shape[1], q.shape[2]
     kvh, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs = seqs.shape[1]
@@ -343,8 +388,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m, block_n, warps, stages = (128, 64, 4, 3) if d <= 128 else (64, 32, 8, 2)
     if num_seqs:
         _prefill_kernel[(heads, num_seqs, triton.cdiv(max_q_len, block_m))](
-            q, k_cache, v_cache, block_tables, seqs, out, scale, q.stride(0), q.stride(1),
-            out.stride(0), out.stride(1), block_tables.stride(0), num_seqs, window,
-            KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
+            q, k_cache, v_cache, block_tables, seqs, out,
+            k_scale if k_scale is not None else q, v_scale if v_scale is not None else q, scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            num_seqs, window, QUANT=k_scale is not None, KV_HEADS=kvh, GROUP=heads // kvh, HEAD_DIM=d, BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out

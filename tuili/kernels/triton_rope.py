@@ -2,7 +2,8 @@
 (Qwen3's q_norm/k_norm, optional), rotary on q and k, and the store of k and v into the paged
 cache (slot -1: padding, skipped). Returns q rotated; k rotated goes only to the cache, from where
 the attention kernels read every key. Each token's cos and sin are read from the whole tables at
-its position, so no gather runs before it.
+its position, so no gather runs before it. With k/v scales (an FP8 cache) k and v are stored
+quantized per kv head (triton_attention.quantize).
 
 References: rms_norm, apply_rotary and store_kv in kernels/reference.py. The kernel rounds to the
 model dtype where they do (launched with fp fusion off, so no multiply-add contracts two steps).
@@ -16,6 +17,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tuili.kernels import pdl
+from tuili.kernels.triton_attention import quantize
 
 
 @triton.jit
@@ -61,8 +63,8 @@ def _rope_heads(x_ptr, heads, mask, norm_ptr, eps, c1, c2, s1, s2, j,
 
 @triton.jit
 def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
-                       k_cache_ptr, v_cache_ptr, slot_ptr, eps, stride_t,
-                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, eps,
+                       stride_t, QUANT: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                        KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
                        PDL: tl.constexpr):
     # One program per token: its q heads, then (unless padding) its k and v heads.
@@ -90,21 +92,26 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_pt
         k1, k2 = _rope_heads(row + HEADS * 2 * HALF, hk, mk, k_norm_ptr, eps, c1, c2, s1, s2, j, HALF,
                              HAS_NORM)
         cached = slot * (KV_HEADS * 2 * HALF) + hk * (2 * HALF)
-        tl.store(k_cache_ptr + cached + j, k1, mask=mk)
-        tl.store(k_cache_ptr + cached + HALF + j, k2, mask=mk)
+        tl.store(k_cache_ptr + cached + j, quantize(k1, k_scale_ptr, hk, mk, k_cache_ptr, QUANT),
+                 mask=mk)
+        tl.store(k_cache_ptr + cached + HALF + j,
+                 quantize(k2, k_scale_ptr, hk, mk, k_cache_ptr, QUANT), mask=mk)
         dv = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(row + (HEADS + KV_HEADS) * 2 * HALF + hk * (2 * HALF) + dv, mask=mk, other=0.0)
-        tl.store(v_cache_ptr + cached + dv, v, mask=mk)
+        tl.store(v_cache_ptr + cached + dv, quantize(v, v_scale_ptr, hk, mk, v_cache_ptr, QUANT),
+                 mask=mk)
 
 
 def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                    num_heads: int, norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   eps: float = 0.0) -> torch.Tensor:
+                   eps: float = 0.0, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [tokens, heads + 2 * kv_heads, d], each token's row contiguous; positions: [tokens];
     cos, sin: [max_len, d] tables (RotaryEmbedding's); norm_weights: (q_norm, k_norm) weights of d
     each, or None. Stores k (normalised, rotated) and v at their slots; returns q (normalised,
-    rotated) as [tokens, heads, d]."""
+    rotated) as [tokens, heads, d]. With scales ([kv_heads] float32 each), k and v are stored
+    quantized into an FP8 cache."""
     tokens, rows, d = qkv.shape
     kv_heads = (rows - num_heads) // 2
     assert qkv.stride(2) == 1 and qkv.stride(1) == d and d % 2 == 0
@@ -114,8 +121,9 @@ def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     if tokens:
         q_norm, k_norm = norm_weights if norm_weights is not None else (qkv, qkv)
         _rope_store_kernel[(tokens,)](
-            qkv, positions, cos, sin, q_norm, k_norm, q, k_cache, v_cache, slot_mapping, eps,
-            qkv.stride(0), HEADS=num_heads, KV_HEADS=kv_heads,
+            qkv, positions, cos, sin, q_norm, k_norm, q, k_cache, v_cache, slot_mapping,
+            k_scale if k_scale is not None else qkv, v_scale if v_scale is not None else qkv, eps,
+            qkv.stride(0), QUANT=k_scale is not None, HEADS=num_heads, KV_HEADS=kv_heads,
             HEADS_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(kv_heads),
             HALF=d // 2, HAS_NORM=norm_weights is not None, PDL=pdl(qkv), launch_pdl=pdl(qkv),
             enable_fp_fusion=False)

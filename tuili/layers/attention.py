@@ -33,6 +33,16 @@ class AttentionMetadata:
     # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
     prefill_seqs: torch.Tensor | None = None
 
+    @classmethod
+    def one_prefill(cls, n: int, rope: RotaryEmbedding, device: torch.device) -> AttentionMetadata:
+        """One sequence's whole prefill of n tokens into caches of n one-token blocks (a
+        start-up measurement's stand-ins)."""
+        positions = torch.arange(n, device=device)
+        return cls(slot_mapping=positions, block_tables=positions[None, :],
+                   seq_lens=torch.tensor([n], device=device), positions=positions, rope=rope,
+                   num_decodes=0, max_decode_len=0, prefills=[(0, n, 0)],
+                   prefill_seqs=torch.tensor([[0], [n], [0]], dtype=torch.int32, device=device))
+
     @cached_property
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of the new tokens' positions [tokens, 1, head_dim], for the torch path."""
@@ -55,13 +65,14 @@ class TorchAttention:
                 q_norm=None, k_norm=None) -> torch.Tensor:
         cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
         q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
-        reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
+        scales = layer.k_scale, layer.v_scale
+        reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
         out = torch.empty_like(q) if meta.prefills else None
         if nd:
             decoded = reference.decode_attention(
                 q[:nd], layer.k_cache, layer.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                meta.max_decode_len, layer.scale, layer.window)
+                meta.max_decode_len, layer.scale, layer.window, *scales)
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded
@@ -69,7 +80,7 @@ class TorchAttention:
             rows = slice(start, start + n)
             out[rows] = reference.prefill_attention(
                 q[rows], k[rows], v[rows], layer.k_cache, layer.v_cache,
-                meta.block_tables[nd + i], cached, layer.scale, layer.window)
+                meta.block_tables[nd + i], cached, layer.scale, layer.window, *scales)
         return out.flatten(1)
 
 
@@ -93,27 +104,30 @@ class TritonAttention:
     def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
                 q_norm=None, k_norm=None) -> torch.Tensor:
         attention = self._attention
+        scales = layer.k_scale, layer.v_scale
         if layer.head_dim & (layer.head_dim - 1) == 0:
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
             rope = meta.rope.local if layer.local_rope else meta.rope
             q = self._rope.rope_and_store(
                 qkv, meta.positions, rope.cos, rope.sin, layer.k_cache, layer.v_cache,
                 meta.slot_mapping, layer.num_heads, weights,
-                q_norm.eps if q_norm is not None else 0.0)
+                q_norm.eps if q_norm is not None else 0.0, *scales)
         else:
             cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
             q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
-            attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
+            attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
         out = torch.empty_like(q)
         if nd:
             attention.decode_attention(q[:nd], layer.k_cache, layer.v_cache, meta.block_tables,
                                        meta.seq_lens, layer.scale, out=out[:nd],
-                                       max_len=meta.max_decode_len or None, window=layer.window)
+                                       max_len=meta.max_decode_len or None, window=layer.window,
+                                       k_scale=scales[0], v_scale=scales[1])
         if meta.prefills:
             attention.prefill_attention(
                 q, layer.k_cache, layer.v_cache, meta.block_tables[nd:], meta.prefill_seqs,
-                max(n for _, n, _ in meta.prefills), layer.scale, out, window=layer.window)
+                max(n for _, n, _ in meta.prefills), layer.scale, out, window=layer.window,
+                k_scale=scales[0], v_scale=scales[1])
         return out.flatten(1)
 
 
@@ -131,6 +145,9 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
+        # An FP8 cache's scales, [kv_heads] float32 each (engine/kv_quant.py); None: 16-bit.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, qkv: torch.Tensor, meta: AttentionMetadata, q_norm=None,
                 k_norm=None) -> torch.Tensor:

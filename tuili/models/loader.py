@@ -15,6 +15,7 @@ from tuili.errors import InvalidParameter, ModelLoadError
 from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.layers.backend import backend_for
 from tuili.layers.parallel import qkv_shards
+from tuili.layers import kv_quant
 from tuili.layers.int4 import supported as int4_supported
 from tuili.models.config import ModelConfig
 from tuili.models.registry import config_from_hf, model_class
@@ -47,6 +48,8 @@ class LoadedModel:
     source: str = ""
     quantization: str = "none"
     bits_per_weight: float | None = None  # GGUF blocks: the layers' stored bits per weight
+    # An FP8 KV cache's scales the checkpoint holds: (layer, "k" | "v") -> 1 or kv_heads values.
+    kv_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 def resolve(name: str, revision: str | None = None) -> Path:
@@ -128,12 +131,13 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     # On the device in its dtype before loading: quantized methods then create their packed
     # tensors there, and a cast of the whole model cannot reach them (FP8 is a float dtype).
     model = model.to(dtype=dtype, device=device)
+    kv_scales: dict[tuple[int, str], torch.Tensor] = {}
     try:
         if qc is not None:
             prepare_quantized(model, qc)
         if blocks:
             prepare_gguf(model, quantize_lm_head)
-        model.load_weights(weights)
+        model.load_weights(kv_quant.split_scales(weights, kv_scales))
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
     model = model.eval()
@@ -152,7 +156,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
     label = "int4" if int4 else "gguf" if blocks else "none" if qc is None else (
         f"{qc.method}-g128" if qc.method == "int4" else qc.method)
     return LoadedModel(model, config, tokenizer, gen, str(path), label,
-                       gguf_bits(model) if blocks else None)
+                       gguf_bits(model) if blocks else None, kv_scales)
 
 
 def model_folder(source: str) -> Path | None:
