@@ -18,6 +18,7 @@ if "tuili.kernels.triton_gemv" in sys.modules and os.environ.get("TRITON_INTERPR
 os.environ["TRITON_INTERPRET"] = "1"  # read as each kernel module is imported, just below
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
+from tests.attention_steps import mixed_step_meta  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_rope  # noqa: E402
 from tuili.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -142,7 +143,6 @@ def test_attention_layer_fp8_through_the_gpu_code_path():
     stored (but for the interpreter's known miss)."""
     import tuili.layers.backend as backend
     import tuili.models.llama as llama
-    from tuili.layers.attention import AttentionMetadata
     from tuili.models.config import ModelConfig
 
     torch.manual_seed(0)
@@ -157,15 +157,7 @@ def test_attention_layer_fp8_through_the_gpu_code_path():
     scales = [torch.tensor([0.004, 0.006]), torch.tensor([0.003, 0.005])]
     start = [reference.quantize_kv(torch.randn(32, 2, 64), s, FP8).view(8, 4, 2, 64)
              for s in scales]
-    lens = torch.tensor([5, 9, 7])
-    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]])
-    positions = torch.tensor([4, 8, 4, 5, 6])
-    rows = torch.tensor([0, 1, 2, 2, 2])
-    slots = tables[rows, positions // 4] * 4 + positions % 4
-    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
-                             positions=positions, rope=rope, num_decodes=2, max_decode_len=9,
-                             prefills=[(2, 3, 4)],
-                             prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
+    meta = mixed_step_meta(rope)
 
     def step(m):
         attn = m.attention_layers()[0]

@@ -24,6 +24,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read as each kernel module is imported, 
 # Triton 3.6's interpreter reads scalars out of 1-element arrays (NumPy < 2.4 allows it).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
+from tests.attention_steps import mixed_step_meta  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_gemv, triton_rope  # noqa: E402
 from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 from tuili.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -267,7 +268,6 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     prefill attention) matches the torch path: logits and the K/V written to the cache."""
     import tuili.layers.backend as backend
     import tuili.models.llama as llama
-    from tuili.layers.attention import AttentionMetadata
     from tuili.models.config import ModelConfig
 
     torch.manual_seed(0)
@@ -282,15 +282,7 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
             m.weight.data.uniform_(0.5, 1.5)
     rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
     start = [torch.randn(8, 4, 2, 64) for _ in range(2)]
-    lens = torch.tensor([5, 9, 7])  # two decodes; a chunk of 3 after 4 cached tokens
-    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]])
-    positions = torch.tensor([4, 8, 4, 5, 6])
-    rows = torch.tensor([0, 1, 2, 2, 2])
-    slots = tables[rows, positions // 4] * 4 + positions % 4
-    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
-                             positions=positions, rope=rope, num_decodes=2, max_decode_len=9,
-                             prefills=[(2, 3, 4)],
-                             prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
+    meta = mixed_step_meta(rope)
 
     def step(model):
         attn = model.attention_layers()[0]
