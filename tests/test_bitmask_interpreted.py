@@ -3,23 +3,16 @@ its torch reference, and the reference against xgrammar's own apply_token_bitmas
 independent oracle of the layout). tests/gpu/test_structured_gpu.py runs it compiled, in the
 sampling CUDA graphs."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
 from tuili.kernels import reference
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernel compiled", allow_module_level=True)
-if "tuili.kernels.triton_bitmask" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernel was imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as the kernel module is imported, just below
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+use_interpreter("tuili.kernels.triton_bitmask")
+pytestmark = IGNORE_SCALAR_READS
 
 from tuili.kernels import triton_bitmask  # noqa: E402
 

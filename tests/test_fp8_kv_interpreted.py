@@ -2,21 +2,14 @@
 the CPU under Triton's interpreter, against the torch references with the same scales; and the
 references against a full-precision cache (the format's error). Small shapes, float32 q."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernels compiled", allow_module_level=True)
-if "tuili.kernels.triton_gemv" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernels were imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as each kernel module is imported, just below
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_gemv")
+pytestmark = IGNORE_SCALAR_READS
 
 from tests.attention_steps import mixed_step_meta  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_rope  # noqa: E402

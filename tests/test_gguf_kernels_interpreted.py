@@ -4,21 +4,14 @@ tile, 1 to 8 decode rows, bias, the tiled GEMM and the dequantize path of larger
 parts differ in type. Skipped where Triton is not installed or a GPU is (tests/gpu runs them
 compiled)."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernels compiled", allow_module_level=True)
-if "tuili.kernels.triton_gguf" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernels were imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as the kernel module is imported, just below
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_gguf")
+pytestmark = IGNORE_SCALAR_READS
 
 import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402

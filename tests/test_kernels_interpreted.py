@@ -5,7 +5,6 @@ These catch a kernel's logic and compile errors on a machine without a GPU; test
 real thing in bf16 on the H100. Skipped where Triton is not installed, or where a GPU is (there the
 kernels are already imported compiled, and tests/gpu covers them)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernels compiled", allow_module_level=True)
-if "tuili.kernels.triton_gemv" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernels were imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as each kernel module is imported, just below
-# Triton 3.6's interpreter reads scalars out of 1-element arrays (NumPy < 2.4 allows it).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_gemv")
+pytestmark = IGNORE_SCALAR_READS
 
 from tests.attention_steps import mixed_step_meta  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_gemv, triton_rope  # noqa: E402

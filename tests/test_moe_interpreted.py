@@ -1,21 +1,13 @@
 """The fused MoE Triton kernel on the CPU under Triton's interpreter, against the torch reference:
 routing with empty experts, an expert taking most tokens, each tile shape the engine picks."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernels compiled", allow_module_level=True)
-if "tuili.kernels.triton_moe" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernels were imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as the kernel module is imported, just below
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_moe")
+pytestmark = IGNORE_SCALAR_READS
 
 from tuili.kernels import reference_moe, triton_moe  # noqa: E402
 

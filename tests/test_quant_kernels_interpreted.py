@@ -2,21 +2,13 @@
 interpreter, against their torch references, on odd shapes, every group size and padded rows.
 Skipped where Triton is not installed or a GPU is (tests/gpu runs them compiled)."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("on a GPU machine tests/gpu runs the kernels compiled", allow_module_level=True)
-if "tuili.kernels.triton_quant" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the kernels were imported compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # read as the kernel module is imported, just below
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_quant")
+pytestmark = IGNORE_SCALAR_READS
 
 from tuili.kernels import reference_quant, triton_quant  # noqa: E402
 from tuili.quantization.fp8 import FP8, FP8_MAX, quantize_per_row  # noqa: E402
