@@ -1,7 +1,9 @@
 """CPU decode speed on SmolLM2-135M-Instruct (Q4_1 GGUF): tuili beside HF transformers and llama.cpp.
 
 Run: python benchmarks/cpu_decode.py [--engines tuili,hf,llamacpp] [--dtypes float32,bfloat16]
-                                      [--tokens 128] [--streams 32] [--repeats 2] [--json OUT]
+                                      [--bf16-quantizations none,auto] [--tokens 128]
+                                      [--streams 32] [--repeats 2] [--llamacpp-python PATH]
+                                      [--json OUT]
 
 What is measured (greedy, end-of-sequence ignored, --tokens N new tokens, torch on --threads threads):
 
@@ -16,12 +18,18 @@ What is measured (greedy, end-of-sequence ignored, --tokens N new tokens, torch 
     under torch.inference_mode, one token per step; only the N - 1 decode steps are timed.
   * llama.cpp (llama-cpp-python): the GGUF itself (Q4_1 kernels), n_threads=--threads, greedy
     Llama.generate(temp=0), which never stops on EOS by itself; run once, its dtype is the GGUF's.
+    In this process, or with --llamacpp-python in that interpreter (benchmarks/cpu_llamacpp.py:
+    a venv of its own). With tuili in the same run, llama.cpp stays loaded and its timed runs
+    alternate with those of tuili's default path (bfloat16 + packed int4), so both see the same
+    load; their ratio is checked against issue 22's target (>= 1.1x llama.cpp).
 - N streams (tuili only): --streams different prompts through one llm.generate(prompts, params);
-  rate = all generated tokens / wall time (prefill included).
+  rate = all generated tokens / wall time (prefill included). --streams 0 skips it.
 
 Every case gets a warm-up run, then the best of --repeats timed runs (the machine is noisy).
 The ratio column is each rate over HF's float32 single-stream rate; the targets checked at the end
-are tuili single stream >= 1.8x and tuili N streams >= 10x that rate.
+are tuili single stream >= 1.8x and tuili N streams >= 10x that rate. The "cpu ms/tok" column
+(single streams timed here) is the process's CPU time per decoded token: steadier than the rate
+on a shared machine at --threads 1 (at 2 threads it also counts the threads' spin-waits).
 """
 
 from __future__ import annotations
@@ -34,9 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import sys
+
 import torch
 
-PROMPT = "Write a short story about a robot who learns to paint."
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_llamacpp import PROMPT, open_llamacpp  # noqa: E402
+
 TOPICS = ("a lighthouse keeper", "a lost kitten", "a time traveller", "a dragon", "a baker",
           "a haunted house", "a space station", "a pirate ship", "a detective", "a wizard's apprentice",
           "a desert caravan", "a city under the sea", "a talking tree", "a chess champion",
@@ -45,6 +57,7 @@ TOPICS = ("a lighthouse keeper", "a lost kitten", "a time traveller", "a dragon"
           "a circus", "a forgotten library", "a river journey", "a knight", "a bee colony",
           "a midnight market", "a comet", "a small fox", "a glass castle")
 SINGLE_TARGET, STREAMS_TARGET = 1.8, 10.0  # tuili over HF float32 single stream
+LLAMACPP_TARGET = 1.1  # tuili's default path over llama.cpp, single stream (issue 22)
 
 
 @dataclass
@@ -54,12 +67,26 @@ class Result:
     case: str
     tok_s: float
     ratio: float | None = None  # over HF float32 single stream
+    cpu_ms: float | None = None  # CPU ms per decoded token of the best run (single streams)
 
 
 def best_of(run: Callable[[], float], repeats: int) -> float:
     """One warm-up run, then the best rate of `repeats` timed runs."""
     run()
     return max(run() for _ in range(repeats))
+
+
+def best_pair(runs: list[Callable[[], tuple[float, float]]], repeats: int
+              ) -> list[tuple[float, float]]:
+    """A warm-up of each, then `repeats` rounds running each once in turn; per run, the best
+    (tok/s, CPU ms per token) by rate."""
+    for run in runs:
+        run()
+    best = [(0.0, 0.0)] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            best[i] = max(best[i], run())
+    return best
 
 
 def stream_prompts(count: int) -> list[str]:
@@ -78,15 +105,21 @@ def tuili_params(tokens: int):
 
 def tuili_single(llm, tokens: int) -> float:
     """Decode rate of one stream: tokens after the first over the time from the first to the last."""
-    first: tuple[float, int] | None = None
-    last: tuple[float, int] = (0.0, 0)
+    return tuili_single_cpu(llm, tokens)[0]
+
+
+def tuili_single_cpu(llm, tokens: int) -> tuple[float, float]:
+    """(tuili_single's rate, CPU ms per token over the same span)."""
+    first: tuple[float, int, float] | None = None
+    last: tuple[float, int, float] = (0.0, 0, 0.0)
     for out in llm.stream(PROMPT, tuili_params(tokens)):
         now, count = time.perf_counter(), len(out.outputs[0].token_ids)
+        last = (now, count, time.process_time())
         if count and first is None:
-            first = (now, count)
-        last = (now, count)
+            first = last
     assert first is not None and last[1] == tokens, f"tuili gave {last[1]} tokens, wanted {tokens}"
-    return (last[1] - first[1]) / (last[0] - first[0])
+    n = last[1] - first[1]
+    return n / (last[0] - first[0]), (last[2] - first[2]) / n * 1e3
 
 
 def tuili_streams(llm, tokens: int, streams: int) -> float:
@@ -100,16 +133,29 @@ def tuili_streams(llm, tokens: int, streams: int) -> float:
     return total / elapsed
 
 
-def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace) -> list[Result]:
+def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace,
+                peer=None) -> list[Result]:
+    """tuili's cases in one engine; `peer` (llama.cpp, loaded): its single-stream runs alternate
+    with tuili's when this is the default path (bf16 + int4), and its result comes too."""
     from tuili import LLM
 
     llm = LLM("smollm2-135m", dtype=dtype, quantization=quantization, num_threads=args.threads)
-    label = dtype + ("+int4" if llm.engine.runner.model.layers[0].mlp.down_proj.method.name == "int4"
-                     else "")
-    single = best_of(lambda: tuili_single(llm, args.tokens), args.repeats)
-    many = best_of(lambda: tuili_streams(llm, args.tokens, args.streams), args.repeats)
-    return [Result("tuili", label, "single", single),
-            Result("tuili", label, f"{args.streams} streams", many)]
+    model = llm.engine.runner.model
+    int4 = model.layers[0].mlp.down_proj.method.name == "int4"
+    head = model.lm_head.method.name
+    label = dtype + ("+int4" if int4 else "") + (f"/{head}" if head != "none" else "")
+    runs = [lambda: tuili_single_cpu(llm, args.tokens)]
+    if peer is not None and int4:
+        runs.append(lambda: peer.run(args.tokens))
+    best = best_pair(runs, args.repeats)
+    results = [Result("tuili", label, "single", best[0][0], cpu_ms=best[0][1])]
+    if len(best) > 1:
+        results.append(Result("llama.cpp", "gguf q4_1", "single", best[1][0],
+                              cpu_ms=best[1][1] / (args.tokens - 1) * 1e3))
+    if args.streams:
+        many = best_of(lambda: tuili_streams(llm, args.tokens, args.streams), args.repeats)
+        results.append(Result("tuili", label, f"{args.streams} streams", many))
+    return results
 
 
 # ---- HF transformers --------------------------------------------------------------------------
@@ -139,25 +185,10 @@ def bench_hf(dtype: str, gguf: Path, args: argparse.Namespace) -> list[Result]:
 
 # ---- llama.cpp --------------------------------------------------------------------------------
 
-def llamacpp_single(llm, prompt_ids: list[int], tokens: int) -> float:
-    llm.reset()
-    stamps: list[float] = []
-    # generate() edits the list it is given, so hand it a copy; it yields past EOS on its own.
-    for _ in llm.generate(list(prompt_ids), temp=0.0, reset=True):
-        stamps.append(time.perf_counter())
-        if len(stamps) == tokens:
-            break
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-
-def bench_llamacpp(gguf: Path, args: argparse.Namespace) -> list[Result]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=args.threads, verbose=False)
-    ids = llm.tokenize(PROMPT.encode(), add_bos=False)
-    rate = best_of(lambda: llamacpp_single(llm, ids, args.tokens), args.repeats)
-    llm.close()
-    return [Result("llama.cpp", "gguf q4_1", "single", rate)]
+def bench_llamacpp(peer, args: argparse.Namespace) -> list[Result]:
+    rate, cpu_s = best_pair([lambda: peer.run(args.tokens)], args.repeats)[0]
+    return [Result("llama.cpp", "gguf q4_1", "single", rate,
+                   cpu_ms=cpu_s / (args.tokens - 1) * 1e3)]
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -167,22 +198,32 @@ def run_all(args: argparse.Namespace) -> list[Result]:
 
     gguf = resolve("smollm2-135m")
     dtypes = args.dtypes.split(",")
+    engines = args.engines.split(",")
+    # llama.cpp stays loaded through the run: tuili's default path alternates with it.
+    peer = open_llamacpp(str(gguf), args.threads, args.llamacpp_python) \
+        if "llamacpp" in engines else None
+    paired = peer is not None and "tuili" in engines and "bfloat16" in dtypes \
+        and "auto" in args.bf16_quantizations.split(",")
     benches: list[Callable[[], list[Result]]] = []
-    for engine in args.engines.split(","):
+    for engine in engines:
         if engine == "tuili":
             # bf16 twice: dequantized only, and with the GGUF's 4-bit weights packed (the default)
-            benches += [lambda d=d, q=q: bench_tuili(d, q, args) for d in dtypes
-                        for q in (("none", "auto") if d == "bfloat16" else ("none",))]
+            benches += [lambda d=d, q=q: bench_tuili(d, q, args, peer) for d in dtypes
+                        for q in (args.bf16_quantizations.split(",") if d == "bfloat16"
+                                  else ("none",))]
         elif engine == "hf":
             benches += [lambda d=d: bench_hf(d, gguf, args) for d in dtypes]
         elif engine == "llamacpp":
-            benches.append(lambda: bench_llamacpp(gguf, args))
+            if not paired:
+                benches.append(lambda: bench_llamacpp(peer, args))
         else:
             raise SystemExit(f"unknown engine {engine!r}: use tuili, hf, llamacpp")
     results: list[Result] = []
-    for bench in benches:  # one model in memory at a time
+    for bench in benches:  # one tuili or HF model in memory at a time
         results += bench()
         gc.collect()
+    if peer is not None:
+        peer.close()
     return results
 
 
@@ -195,11 +236,19 @@ def add_ratios(results: list[Result]) -> float | None:
 
 
 def print_table(results: list[Result], base: float | None, streams: int) -> None:
-    print(f"\n{'engine':<10} {'dtype':<14} {'case':<12} {'tok/s':>9} {'vs HF fp32':>11}")
-    print("-" * 60)
+    print(f"\n{'engine':<10} {'dtype':<22} {'case':<12} {'tok/s':>9} {'vs HF fp32':>11} "
+          f"{'cpu ms/tok':>11}")
+    print("-" * 80)
     for r in results:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        print(f"{r.engine:<10} {r.dtype:<14} {r.case:<12} {r.tok_s:9.1f} {ratio:>11}")
+        cpu = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
+        print(f"{r.engine:<10} {r.dtype:<22} {r.case:<12} {r.tok_s:9.1f} {ratio:>11} {cpu:>11}")
+    peer = next((r for r in results if r.engine == "llama.cpp"), None)
+    for r in results:
+        if peer is not None and r.engine == "tuili" and r.case == "single" and "int4" in r.dtype:
+            verdict = "ok" if r.tok_s >= LLAMACPP_TARGET * peer.tok_s else "BELOW TARGET"
+            print(f"\ntuili {r.dtype} single / llama.cpp single: {r.tok_s / peer.tok_s:.2f}x "
+                  f"(target >= {LLAMACPP_TARGET:g}x): {verdict}")
     if base is None:
         print("\n(no HF float32 single-stream result: ratios and targets skipped)")
         return
@@ -216,14 +265,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", default="tuili,hf,llamacpp", help="comma list: tuili,hf,llamacpp")
     p.add_argument("--dtypes", default="float32,bfloat16", help="for tuili and hf")
+    p.add_argument("--bf16-quantizations", default="none,auto",
+                   help="tuili's bfloat16 runs (auto: the default path, packed int4 on CPU)")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per stream (>= 2)")
     p.add_argument("--streams", type=int, default=32, help="prompts in the tuili batch case")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is kept")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and llama.cpp")
+    p.add_argument("--llamacpp-python", help="an interpreter with llama_cpp installed (e.g. a "
+                   "venv's bin/python) to run llama.cpp in; default: this one")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    if args.tokens < 2 or args.streams < 1 or args.repeats < 1:
-        p.error("need --tokens >= 2, --streams >= 1, --repeats >= 1")
+    if args.tokens < 2 or args.streams < 0 or args.repeats < 1:
+        p.error("need --tokens >= 2, --streams >= 0, --repeats >= 1")
     return args
 
 

@@ -55,13 +55,25 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
     return blocks.flatten(0, 1)[start - first * bs: length - first * bs]
 
 
+# Up to so many keys, one sequence's decode attends in two float32 matmuls (single_decode):
+# SDPA's CPU flash kernel costs 63 us for one query over 80 keys (SmolLM2's heads) where the
+# matmuls take 20, 838 against 114 at 1,024 keys, and draws level near 4,096 (one thread).
+SINGLE_DECODE_MAX_LEN = 4096
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
                      scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, d] -> [B, heads, d]. A window > 0 keeps each
-    sequence's last `window` keys (its newest token's included)."""
+    sequence's last `window` keys (its newest token's included). slots: for one sequence (B = 1)
+    in a 16-bit cache, its keys' flat cache slots [max_len] (found once per step): then
+    single_decode attends."""
     B, bs = q.shape[0], k_cache.shape[1]
+    if slots is not None and B == 1 and k_scale is None and max_len <= SINGLE_DECODE_MAX_LEN:
+        return single_decode(q[0], k_cache, v_cache, slots[-window:] if window > 0 else slots,
+                             scale)[None]
     nblocks = (max_len + bs - 1) // bs
     table = block_tables[:, :nblocks]
     k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, kvh, L, d]
@@ -77,6 +89,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=True)
     return out.squeeze(2)
+
+
+def single_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query q [heads, d] over the keys and values at `slots` of a 16-bit cache -> [heads, d]:
+    softmax(q k^T * scale) v in float32, each KV head serving its group of query heads."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.view(-1, kvh, d).index_select(0, slots).float()  # [L, kvh, d]
+    v = v_cache.view(-1, kvh, d).index_select(0, slots).float()
+    scores = torch.bmm(q.view(kvh, -1, d).float(), k.permute(1, 2, 0)).mul_(scale)
+    out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))  # [kvh, heads / kvh, d]
+    return out.view(q.shape).to(q.dtype)
+
+
+def cache_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """The flat cache slots of one sequence's first `length` tokens [length]."""
+    blocks = block_table[: (length + block_size - 1) // block_size]
+    offsets = torch.arange(block_size, device=block_table.device)
+    return (blocks[:, None] * block_size + offsets).flatten()[:length]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -117,7 +148,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same op order as HF: normalise in float32, cast back, then scale.
     dtype = x.dtype
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    scale = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    h = h * scale if h is x else h.mul_(scale)  # in place on a copy only
     return weight * h.to(dtype)
 
 
@@ -132,6 +164,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def fold_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: what apply_rotary_folded takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary_folded(x: torch.Tensor, cos: torch.Tensor, folded_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary's values bit for bit, in fewer ops (the CPU path's): rotate_half(x) * sin
+    is roll(x, half) * fold_sin(sin), a negation moved from x to sin (done once per step)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * folded_sin
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

@@ -54,6 +54,28 @@ class AttentionMetadata:
         return self.rope.local.lookup(self.positions) if self.rope.local is not self.rope \
             else self.cos_sin
 
+    @cached_property
+    def folded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin with sin folded (reference.fold_sin), for the torch path's rotary."""
+        cos, sin = self.cos_sin
+        return cos, reference.fold_sin(sin)
+
+    @cached_property
+    def local_folded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.local_cos_sin
+        return cos, reference.fold_sin(sin)
+
+    def decode_slots(self, block_size: int) -> torch.Tensor | None:
+        """The cache slots of the keys of a step's one decode [max_decode_len] (None unless the
+        step decodes exactly one sequence), found once for all the layers."""
+        if self.num_decodes != 1:
+            return None
+        slots = self.__dict__.get("_decode_slots")
+        if slots is None:
+            slots = reference.cache_slots(self.block_tables[0], self.max_decode_len, block_size)
+            self.__dict__["_decode_slots"] = slots
+        return slots
+
 
 class TorchAttention:
     """The reference path: rotary in torch, K/V stored by index, each prefill attended alone."""
@@ -63,8 +85,9 @@ class TorchAttention:
 
     def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
                 q_norm=None, k_norm=None) -> torch.Tensor:
-        cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
-        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
+        cos_sin = meta.local_folded_cos_sin if layer.local_rope else meta.folded_cos_sin
+        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm,
+                            folded=True)
         scales = layer.k_scale, layer.v_scale
         reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
@@ -72,7 +95,8 @@ class TorchAttention:
         if nd:
             decoded = reference.decode_attention(
                 q[:nd], layer.k_cache, layer.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                meta.max_decode_len, layer.scale, layer.window, *scales)
+                meta.max_decode_len, layer.scale, layer.window, *scales,
+                slots=meta.decode_slots(layer.k_cache.shape[1]) if not q.is_cuda else None)
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded

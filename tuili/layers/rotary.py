@@ -58,17 +58,19 @@ class RotaryEmbedding:
 
 
 def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
-              sin: torch.Tensor, q_norm: Callable | None = None, k_norm: Callable | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              sin: torch.Tensor, q_norm: Callable | None = None, k_norm: Callable | None = None,
+              folded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, head_dim], q and k
     normalised per head (when norms are given, as in Qwen3) and rotated. The torch path: on the GPU
-    (power-of-two head dims) triton_rope does this and the KV store in one kernel."""
+    (power-of-two head dims) triton_rope does this and the KV store in one kernel. folded: `sin`
+    is reference.fold_sin's (the same values out, fewer ops)."""
     nh, nkv = num_heads, num_kv_heads
+    rotate = reference.apply_rotary_folded if folded else reference.apply_rotary
     if q_norm is None:
         # q and k sit side by side in the merged output: rotate both in one pass.
-        qk = reference.apply_rotary(qkv[:, : nh + nkv], cos, sin)
+        qk = rotate(qkv[:, : nh + nkv], cos, sin)
         q, k = qk.split([nh, nkv], dim=1)
     else:
-        q = reference.apply_rotary(q_norm(qkv[:, :nh]), cos, sin)
-        k = reference.apply_rotary(k_norm(qkv[:, nh: nh + nkv]), cos, sin)
+        q = rotate(q_norm(qkv[:, :nh]), cos, sin)
+        k = rotate(k_norm(qkv[:, nh: nh + nkv]), cos, sin)
     return q, k, qkv[:, nh + nkv:]

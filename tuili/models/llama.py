@@ -20,6 +20,7 @@ from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
                                    VocabParallelEmbedding, qkv_shards)
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
+from tuili.quantization.int8 import int8_cpu_head
 
 
 class LlamaAttention(nn.Module):
@@ -195,6 +196,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
+        int8_cpu_head(self)  # the CPU int4 path's LM head in int8 (quantization/int8.py)
 
     def checkpoint_target(self, name: str) -> tuple[str, int | None]:
         """(our parameter, part of it) for a checkpoint tensor's name (without "model.");

@@ -5,9 +5,10 @@ the dequantizing GEMV serves decode rows."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from tuili.kernels import triton_module
-from tuili.layers.linear import Linear
+from tuili.layers.linear import UNQUANTIZED, Int4CpuMethod, Linear, LinearMethod, matmul
 from tuili.quantization.base import QuantMethod, add_param
 from tuili.quantization.config import QuantConfig
 from tuili.quantization.fp8 import GEMV_MAX_ROWS, quantize_per_row
@@ -45,3 +46,52 @@ class Int8Method(QuantMethod):
             out = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
             return out if layer.bias is None else out + layer.bias
         return super().apply(layer, x)
+
+
+# The LM head of the CPU int4 path (a GGUF's 4-bit layers kept packed) in int8: on the 2-core
+# dev VM the int8 kernel reads SmolLM2's [49152, 576] head in 1.7 ms where the bf16 one takes
+# 3.6 ms (F.linear) to 8.3 ms (torch.mv), one thread (BENCHMARKS.md, 2026-12-07). False: the
+# head stays 16-bit. Read at load.
+CPU_INT8_HEAD = True
+
+
+class Int8HeadMethod(LinearMethod):
+    """A 16-bit LM head also held in int8, one scale per vocabulary row. Its weight stays as it
+    is: tied to the embedding, whose lookups read it. Steps of up to MAX_ROWS rows (decode) read
+    the int8 copy; larger ones (prefill, big batches), where the int8 kernel is the slower, the
+    16-bit weight."""
+
+    name = "int8"
+    fusable = False
+    MAX_ROWS = 8
+
+    def __init__(self, weight: torch.Tensor):
+        q, scale = quantize_per_row(weight, torch.int8, 127)
+        # The kernel takes its scales in the activations' dtype: quantize against those, so the
+        # rounding of the scale does not add to the weights' error.
+        self.scale = scale.to(weight.dtype)
+        q = (weight.float() / self.scale.float()[:, None]).round().clamp(-127, 127)
+        self.q = q.to(torch.int8).contiguous()
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] > self.MAX_ROWS or x.dtype != self.scale.dtype:
+            return matmul(x, layer.weight, layer.bias)
+        out = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return out if layer.bias is None else out + layer.bias
+
+
+def int8_cpu_head(model: nn.Module) -> bool:
+    """Give `model.lm_head` Int8HeadMethod where its layers run the CPU int4 path (their 4-bit
+    weights kept packed) and the head is a 16-bit one (CPU_INT8_HEAD on). Returns whether it did."""
+    head = getattr(model, "lm_head", None)
+    if not (CPU_INT8_HEAD and CPU_KERNEL and isinstance(head, Linear)
+            and head.method is UNQUANTIZED and head.weight.dtype == torch.bfloat16
+            and head.weight.device.type == "cpu"
+            and any(isinstance(m, Linear) and isinstance(m.method, Int4CpuMethod)
+                    for m in model.modules())):
+        return False
+    head.method = Int8HeadMethod(head.weight.data)
+    # Buffers: the module's state (and its memory) shows them; not saved with it.
+    head.register_buffer("int8_weight", head.method.q, persistent=False)
+    head.register_buffer("int8_scale", head.method.scale, persistent=False)
+    return True
