@@ -55,7 +55,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
     return blocks.flatten(0, 1)[start - first * bs: length - first * bs]
 
 
-# Up to so many keys, one sequence's decode attends in two float32 matmuls (single_decode):
+# Up to so many keys, a step's one decode attends in two float32 matmuls (single_decode):
 # SDPA's CPU flash kernel costs 63 us for one query over 80 keys (SmolLM2's heads) where the
 # matmuls take 20, 838 against 114 at 1,024 keys, and draws level near 4,096 (one thread).
 SINGLE_DECODE_MAX_LEN = 4096
@@ -64,16 +64,10 @@ SINGLE_DECODE_MAX_LEN = 4096
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
                      scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None,
-                     slots: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, heads, d] -> [B, heads, d]. A window > 0 keeps each
-    sequence's last `window` keys (its newest token's included). slots: for one sequence (B = 1)
-    in a 16-bit cache, its keys' flat cache slots [max_len] (found once per step): then
-    single_decode attends."""
+    sequence's last `window` keys (its newest token's included)."""
     B, bs = q.shape[0], k_cache.shape[1]
-    if slots is not None and B == 1 and k_scale is None and max_len <= SINGLE_DECODE_MAX_LEN:
-        return single_decode(q[0], k_cache, v_cache, slots[-window:] if window > 0 else slots,
-                             scale)[None]
     nblocks = (max_len + bs - 1) // bs
     table = block_tables[:, :nblocks]
     k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, kvh, L, d]
@@ -148,7 +142,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same op order as HF: normalise in float32, cast back, then scale.
     dtype = x.dtype
     h = x.float()
-    scale = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    scale = (h * h).mean(-1, keepdim=True).add_(eps).rsqrt_()  # h * h: pow(2)'s bits, one op
     h = h * scale if h is x else h.mul_(scale)  # in place on a copy only
     return weight * h.to(dtype)
 

@@ -92,11 +92,17 @@ class TorchAttention:
         reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
         out = torch.empty_like(q) if meta.prefills else None
-        if nd:
+        slots = self.single_decode_slots(layer, meta) if nd == 1 and not q.is_cuda else None
+        if slots is not None:
+            decoded = reference.single_decode(q[0], layer.k_cache, layer.v_cache, slots,
+                                              layer.scale)
+            if out is None:
+                return decoded.view(1, -1)
+            out[0] = decoded
+        elif nd:
             decoded = reference.decode_attention(
                 q[:nd], layer.k_cache, layer.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                meta.max_decode_len, layer.scale, layer.window, *scales,
-                slots=meta.decode_slots(layer.k_cache.shape[1]) if not q.is_cuda else None)
+                meta.max_decode_len, layer.scale, layer.window, *scales)
             if out is None:
                 return decoded.flatten(1)
             out[:nd] = decoded
@@ -106,6 +112,15 @@ class TorchAttention:
                 q[rows], k[rows], v[rows], layer.k_cache, layer.v_cache,
                 meta.block_tables[nd + i], cached, layer.scale, layer.window, *scales)
         return out.flatten(1)
+
+    @staticmethod
+    def single_decode_slots(layer: Attention, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The slots of the keys the step's one decode attends to, where single_decode serves
+        it (a 16-bit cache, up to SINGLE_DECODE_MAX_LEN keys); None: decode_attention does."""
+        if layer.k_scale is not None or meta.max_decode_len > reference.SINGLE_DECODE_MAX_LEN:
+            return None
+        slots = meta.decode_slots(layer.k_cache.shape[1])
+        return slots[-layer.window:] if layer.window > 0 else slots
 
 
 class TritonAttention:

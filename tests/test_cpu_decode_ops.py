@@ -1,0 +1,65 @@
+"""The CPU decode path's shortcuts against the references they stand in for: the folded rotary
+(bit for bit), one query's attention in float32 matmuls (against SDPA's decode_attention), and the
+int8 LM head (against the matmul of its own dequantized weight, and of the 16-bit one above
+MAX_ROWS)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuili.kernels import reference
+from tuili.layers.linear import Linear
+from tuili.quantization.int8 import CPU_KERNEL, Int8HeadMethod
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_folded_rotary_is_bitwise_apply_rotary(dtype, tokens):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, 15, 64, generator=g).to(dtype)
+    angles = torch.rand(tokens, 1, 64, generator=g) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    x = qkv[:, :12]  # q and k of a merged QKV output: a strided view when tokens > 1
+    ours = reference.apply_rotary_folded(x, cos, reference.fold_sin(sin))
+    assert torch.equal(ours, reference.apply_rotary(x, cos, sin))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("length,window", [(1, 0), (37, 0), (37, 10), (70, 0)])
+def test_single_decode_matches_decode_attention(dtype, tol, length, window):
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, kvh, d, heads = 12, 16, 3, 64, 9
+    k_cache = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, bs, kvh, d, generator=g).to(dtype)
+    table = torch.randperm(blocks, generator=g)[None, :]  # blocks out of order
+    q = torch.randn(1, heads, d, generator=g).to(dtype)
+    ref = reference.decode_attention(q, k_cache, v_cache, table, torch.tensor([length]), length,
+                                     d ** -0.5, window)
+    slots = reference.cache_slots(table[0], length, bs)
+    assert slots.tolist() == [int(table[0, t // bs]) * bs + t % bs for t in range(length)]
+    ours = reference.single_decode(q[0], k_cache, v_cache,
+                                   slots[-window:] if window else slots, d ** -0.5)
+    assert ours.dtype == dtype and ours.shape == q[0].shape
+    assert (ours.float() - ref[0].float()).abs().max() <= tol
+
+
+@pytest.mark.skipif(not CPU_KERNEL, reason="this torch has no int8 CPU kernel")
+def test_int8_head_matches_its_dequantized_weight():
+    g = torch.Generator().manual_seed(2)
+    vocab, hidden = 1000, 576
+    head = Linear(hidden, vocab).to(torch.bfloat16)
+    head.weight.data.copy_(torch.randn(vocab, hidden, generator=g) * 0.05)
+    method = Int8HeadMethod(head.weight.data)
+    dequantized = method.q.float() * method.scale.float()[:, None]
+    # Round to nearest against the kernel's own (bf16) scales: half a step off at most.
+    err = (dequantized - head.weight.float()).abs().amax(-1)
+    assert (err <= method.scale.float() * 0.5 + 1e-6).all()
+    head.method = method
+    for rows in (1, 3, Int8HeadMethod.MAX_ROWS):
+        x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+        ref = x.float() @ dequantized.t()
+        out = head(x)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    x = torch.randn(Int8HeadMethod.MAX_ROWS + 1, hidden, generator=g).to(torch.bfloat16)
+    assert torch.equal(head(x), F.linear(x, head.weight))  # large steps: the 16-bit weight
