@@ -30,6 +30,8 @@ The ratio column is each rate over HF's float32 single-stream rate; the targets 
 are tuili single stream >= 1.8x and tuili N streams >= 10x that rate. The "cpu ms/tok" column
 (single streams timed here) is the process's CPU time per decoded token: steadier than the rate
 on a shared machine at --threads 1 (at 2 threads it also counts the threads' spin-waits).
+Last, each tuili single stream's roofline share: the weight bytes its decode step reads (packed
+int4 and scales, the int8 head: as held) times its rate, over a 1 GiB reduction/copy run then.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Result:
     tok_s: float
     ratio: float | None = None  # over HF float32 single stream
     cpu_ms: float | None = None  # CPU ms per decoded token of the best run (single streams)
+    mb_per_token: float | None = None  # weight bytes a single-stream decode step reads (tuili)
 
 
 def best_of(run: Callable[[], float], repeats: int) -> float:
@@ -133,6 +136,26 @@ def tuili_streams(llm, tokens: int, streams: int) -> float:
     return total / elapsed
 
 
+def decode_weight_bytes(model) -> int:
+    """The weight bytes one single-stream decode step reads: each Linear as its decode path
+    holds it (packed int4 with scales, the int8 head, else the float weight); the embedding
+    lookup reads one row."""
+    from tuili.layers.linear import Int4CpuMethod, Linear
+    from tuili.quantization.int8 import Int8HeadMethod
+
+    total = 0
+    for m in model.modules():
+        if not isinstance(m, Linear):
+            continue
+        if isinstance(m.method, Int4CpuMethod):
+            total += m.method.packed.nbytes + m.method.scales_zeros.nbytes
+        elif isinstance(m.method, Int8HeadMethod):
+            total += m.method.q.nbytes + m.method.scale.nbytes
+        else:
+            total += m.weight.nbytes
+    return total
+
+
 def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace,
                 peer=None) -> list[Result]:
     """tuili's cases in one engine; `peer` (llama.cpp, loaded): its single-stream runs alternate
@@ -148,7 +171,8 @@ def bench_tuili(dtype: str, quantization: str, args: argparse.Namespace,
     if peer is not None and int4:
         runs.append(lambda: peer.run(args.tokens))
     best = best_pair(runs, args.repeats)
-    results = [Result("tuili", label, "single", best[0][0], cpu_ms=best[0][1])]
+    results = [Result("tuili", label, "single", best[0][0], cpu_ms=best[0][1],
+                      mb_per_token=decode_weight_bytes(model) / 1e6)]
     if len(best) > 1:
         results.append(Result("llama.cpp", "gguf q4_1", "single", best[1][0],
                               cpu_ms=best[1][1] / (args.tokens - 1) * 1e3))
@@ -249,6 +273,7 @@ def print_table(results: list[Result], base: float | None, streams: int) -> None
             verdict = "ok" if r.tok_s >= LLAMACPP_TARGET * peer.tok_s else "BELOW TARGET"
             print(f"\ntuili {r.dtype} single / llama.cpp single: {r.tok_s / peer.tok_s:.2f}x "
                   f"(target >= {LLAMACPP_TARGET:g}x): {verdict}")
+    print_roofline(results)
     if base is None:
         print("\n(no HF float32 single-stream result: ratios and targets skipped)")
         return
@@ -259,6 +284,23 @@ def print_table(results: list[Result], base: float | None, streams: int) -> None
                 verdict = "ok" if r.ratio >= target else "BELOW TARGET"
                 print(f"tuili {r.dtype} {case}: {r.ratio:.2f}x HF fp32 single "
                       f"(target >= {target:g}x): {verdict}")
+
+
+def print_roofline(results: list[Result]) -> None:
+    """Each tuili single stream's weight bytes per token times its rate, against the better of
+    a 1 GiB reduction and copy measured now on the same threads."""
+    rows = [r for r in results if r.mb_per_token is not None]
+    if not rows:
+        return
+    from tuili.analysis.measure import copy_bandwidth
+
+    peak = copy_bandwidth(torch.device("cpu")) / 1e9
+    print(f"\nroofline (1 GiB reduction/copy now: {peak:.1f} GB/s on {torch.get_num_threads()} "
+          "threads):")
+    for r in rows:
+        achieved = r.mb_per_token * r.tok_s / 1e3
+        print(f"  tuili {r.dtype}: {r.mb_per_token:.1f} MB/token x {r.tok_s:.1f} tok/s = "
+              f"{achieved:.1f} GB/s, {achieved / peak:.0%} of it")
 
 
 def parse_args() -> argparse.Namespace:
