@@ -141,8 +141,11 @@ def decode_weight_bytes(model) -> int:
     holds it (packed int4 with scales, the int8 head, else the float weight); the embedding
     lookup reads one row."""
     from tuili.layers.linear import Int4CpuMethod, Linear
-    from tuili.quantization.int8 import Int8HeadMethod
 
+    try:
+        from tuili.quantization.int8 import Int8HeadMethod
+    except ImportError:  # a tree from before the int8 head (an A/B run of two trees)
+        Int8HeadMethod = type(None)
     total = 0
     for m in model.modules():
         if not isinstance(m, Linear):
