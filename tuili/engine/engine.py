@@ -154,7 +154,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
                                           self.max_model_len, num_blocks, self.dtype, self.device,
-                                          loaded.model)
+                                          loaded.model, eager)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,

@@ -80,7 +80,8 @@ class ModelRunner:
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
                  channel=None, kv_dtype: torch.dtype | None = None,
-                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 graph_sampling: bool = True):
         self.model, self.config, self.device = model, config, device
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
@@ -110,7 +111,7 @@ class ModelRunner:
                 pool = self.prefill_graphs.pool
             if cuda_graph_batch:
                 self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch, max_blocks,
-                                           block_size, device, pool)
+                                           block_size, device, pool, graph_sampling)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
