@@ -22,6 +22,8 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     channels, k = weight.shape
     if state is None:
         state = x.new_zeros(channels, k - 1)
+    if x.shape[0] == 0:
+        return x, state
     xs = torch.cat([state.to(x.dtype), x.t()], dim=1)  # [channels, K - 1 + n]
     out = F.conv1d(xs[None], weight[:, None, :], bias, groups=channels)[0]
     return F.silu(out).t(), xs[:, xs.shape[1] - (k - 1):]
