@@ -14,7 +14,9 @@ pytestmark = IGNORE_SCALAR_READS
 
 from tuili.kernels import reference_mamba, triton_mamba  # noqa: E402
 
-SHAPES = [dict(heads=4, p=8, groups=2, n=16), dict(heads=3, p=20, groups=1, n=24)]
+# the last: granite-4.0-h's head_dim and state width, whose tiles are 32 tokens long
+SHAPES = [dict(heads=4, p=8, groups=2, n=16), dict(heads=3, p=20, groups=1, n=24),
+          dict(heads=2, p=64, groups=1, n=128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
