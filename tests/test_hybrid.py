@@ -145,3 +145,37 @@ def test_abort_gives_the_slot_back(hybrid):
     while engine.has_unfinished_requests():
         engine.step()
     assert_slots_back(llm)
+
+
+def test_analyze_knows_the_mixer_layers(built):
+    """`tuili analyze` on the dense folder: parameters as HF counts them (norms aside), K/V for
+    the one attention layer only, a fixed state per sequence equal to the engine's slot, decode
+    bytes of the mixers flat in context, and the planner's batches counting the states."""
+    from tuili.analysis import ops
+    from tuili.analysis.measure import get_device
+    from tuili.analysis.memory import kv_bytes_read, plan
+    from tuili.analysis.report import analyze, format_report
+    from tuili.analysis.shapes import model_config
+
+    folder, model, _ = built("dense-nope")
+    c, _ = model_config(str(folder))
+    assert c.mamba.layers == [0, 2, 3] and c.num_attention_layers == 1
+    hf_params = sum(p.numel() for n, p in model.named_parameters() if "layernorm" not in n
+                    and n != "model.norm.weight")
+    counted = ops.num_params(c)
+    assert counted["layers"] + counted["tables"] == hf_params
+    fp32 = ops.Precision.for_dtype("fp32")
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=8)
+    state = state_bytes_per_seq(llm.engine.runner.model, torch.float32)
+    memory = plan(c, fp32, 2**30)
+    assert memory.state_bytes_per_seq == state
+    assert memory.kv_bytes_per_token == 2 * 2 * 16 * 4  # one layer's K and V, 2 heads of 16
+    assert memory.max_batch(512) == int(memory.kv_budget_bytes // (512 * 256 + state))
+    assert kv_bytes_read(c, 400, "fp32") == 400 * 256
+    short, long = (ops.decode_ops(c, 4, ctx, fp32) for ctx in (64, 512))
+    mixer = [next(o for o in step if o.name == "mixer") for step in (short, long)]
+    assert mixer[0].bytes == mixer[1].bytes and mixer[0].bytes > 4 * 2 * state
+    attention = [next(o for o in step if o.name == "attention") for step in (short, long)]
+    assert attention[1].bytes > attention[0].bytes
+    report = format_report(analyze(c, get_device("h200"), fp32, prompt=100))
+    assert "recurrent state: 3 of 4 layers are Mamba-2 mixers" in report
