@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tuili.engine.request import Request
+from tuili.engine.state_cache import StateSlots
 
 
 def chain_hash(parent: int | None, tokens: list[int]) -> int:
@@ -94,10 +95,13 @@ class BlockPool:
 class KVCacheManager:
     """Gives requests the blocks they need and owns each one's block table (request id ->
     block ids) and prefix-cache progress (its full blocks' chained hashes, kept across
-    preemption, and how many of its blocks are registered); the pool owns block state."""
+    preemption, and how many of its blocks are registered); the pool owns block state. A hybrid
+    model's requests also hold a recurrent-state slot (`states`), taken and given back with their
+    blocks."""
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, states: StateSlots | None = None):
         self.pool = pool
+        self.states = states
         self.block_size = pool.block_size
         self.tables: dict[str, list[int]] = {}
         self.hashes: dict[str, list[int]] = {}
@@ -106,6 +110,10 @@ class KVCacheManager:
     def block_ids(self, req: Request) -> list[int]:
         """The request's block table (empty when it holds no blocks)."""
         return self.tables.get(req.request_id, [])
+
+    def state_slot(self, req: Request) -> int | None:
+        """The request's recurrent-state slot (None: the model keeps no such state)."""
+        return self.states.slot(req.request_id) if self.states is not None else None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -135,6 +143,8 @@ class KVCacheManager:
         need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(table or ())
         if need > self.pool.num_free:
             return False
+        if self.states is not None and not self.states.take(req.request_id):
+            return False
         if need > 0:
             blocks = self.pool.allocate(need)
             if table is None:
@@ -149,6 +159,8 @@ class KVCacheManager:
         # Release the tail first so that a prefix's later blocks are evicted before its head.
         self.pool.release(list(reversed(self.tables.pop(req.request_id, []))))
         self.registered.pop(req.request_id, None)
+        if self.states is not None:
+            self.states.release(req.request_id)
         req.num_computed_tokens = 0
 
     def trim(self, req: Request) -> None:

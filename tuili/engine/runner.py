@@ -15,6 +15,7 @@ import torch
 from tuili.engine.request import Request
 from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
+from tuili.engine.state_cache import bind_states
 from tuili.engine.inputs import StepInputs, add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers import kv_quant
@@ -81,7 +82,9 @@ class ModelRunner:
                  cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
                  channel=None, kv_dtype: torch.dtype | None = None,
                  kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 graph_sampling: bool = True):
+                 state_slots: int = 0, graph_sampling: bool = True):
+        """state_slots: a hybrid model's recurrent-state slots (engine/state_cache.py);
+        graph_sampling: decode graphs also sample (a draft's do not)."""
         self.model, self.config, self.device = model, config, device
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
@@ -96,6 +99,8 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         if kv_scales is not None:
             kv_quant.bind(model.attention_layers(), kv_scales)
+        if state_slots:
+            bind_states(model, state_slots, dtype, device)
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
                                     config.rope_scaling, dtype, device, config.rope_local_theta)
         self.graphs = self.prefill_graphs = None
@@ -177,7 +182,7 @@ class ModelRunner:
         sample_rows += verify_rows  # a verify step's rows follow the sampled ones (take_logits)
         inputs = StepInputs(ids, positions, slots, tables, seq_lens, seqs, batch.num_decodes,
                             sample_rows, prompt_rows, pool_seqs, feed,
-                            pending.tokens.shape[0] if pending else 0)
+                            pending.tokens.shape[0] if pending else 0, batch.state_slots)
         return inputs, out, prompt_reqs
 
     @torch.inference_mode()
@@ -210,6 +215,9 @@ class ModelRunner:
             num_decodes=nd, max_decode_len=max(inputs.seq_lens[:nd], default=0),
             prefills=seqs[nd:],
         )
+        if inputs.state_slots:
+            meta.state_slots = to_device(inputs.state_slots, long, dev)
+            meta.state_slot_list = inputs.state_slots
         rows = to_device(sample_rows, long, dev) if sample_rows else None
         input_ids = to_device(inputs.ids, long, dev)
         if feed[0]:

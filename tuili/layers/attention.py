@@ -32,6 +32,9 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, int]]
     # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
     prefill_seqs: torch.Tensor | None = None
+    # A hybrid model's recurrent-state slot of each sequence [seqs] (engine/state_cache.py).
+    state_slots: torch.Tensor | None = None
+    state_slot_list: list[int] | None = None  # the same as host ints
 
     @classmethod
     def one_prefill(cls, n: int, rope: RotaryEmbedding, device: torch.device) -> AttentionMetadata:
@@ -63,8 +66,8 @@ class TorchAttention:
 
     def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
                 q_norm=None, k_norm=None) -> torch.Tensor:
-        cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
-        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
+        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *_cos_sin(layer, meta),
+                            q_norm, k_norm)
         scales = layer.k_scale, layer.v_scale
         reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
@@ -82,6 +85,13 @@ class TorchAttention:
                 q[rows], k[rows], v[rows], layer.k_cache, layer.v_cache,
                 meta.block_tables[nd + i], cached, layer.scale, layer.window, *scales)
         return out.flatten(1)
+
+
+def _cos_sin(layer: Attention, meta: AttentionMetadata):
+    """The layer's rotary tables for the step's tokens ((None, None): a layer without rotary)."""
+    if not layer.rotary:
+        return None, None
+    return meta.local_cos_sin if layer.local_rope else meta.cos_sin
 
 
 class TritonAttention:
@@ -105,7 +115,7 @@ class TritonAttention:
                 q_norm=None, k_norm=None) -> torch.Tensor:
         attention = self._attention
         scales = layer.k_scale, layer.v_scale
-        if layer.head_dim & (layer.head_dim - 1) == 0:
+        if layer.rotary and layer.head_dim & (layer.head_dim - 1) == 0:
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
             rope = meta.rope.local if layer.local_rope else meta.rope
             q = self._rope.rope_and_store(
@@ -113,8 +123,8 @@ class TritonAttention:
                 meta.slot_mapping, layer.num_heads, weights,
                 q_norm.eps if q_norm is not None else 0.0, *scales)
         else:
-            cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
-            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
+            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads,
+                                *_cos_sin(layer, meta), q_norm, k_norm)
             attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
         out = torch.empty_like(q)
@@ -136,12 +146,13 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  backend: TorchAttention | TritonAttention, scale: float | None = None,
-                 window: int = 0, local_rope: bool = False):
+                 window: int = 0, local_rope: bool = False, rotary: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.window = window  # > 0: each query sees only its last `window` keys
         self.local_rope = local_rope  # rotary from the metadata's rope.local table
+        self.rotary = rotary  # False: q and k as projected (granite-4.0-h's "nope" layers)
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
