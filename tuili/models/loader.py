@@ -138,6 +138,8 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         if blocks:
             prepare_gguf(model, quantize_lm_head)
         model.load_weights(kv_quant.split_scales(weights, kv_scales))
+    except InvalidParameter:  # an option to change (a shard the format cannot cut), not the file
+        raise
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
     model = model.eval()
@@ -166,15 +168,17 @@ def model_folder(source: str) -> Path | None:
 
 
 def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> None:
-    """Refuse what tensor parallelism does not split: other families, checkpoint-quantized
-    weights (their packed tensors are not cut per rank yet), heads that do not divide."""
+    """Refuse what tensor parallelism does not split: other families, heads that do not
+    divide, a checkpoint's quantized LM head over a vocabulary the ranks pad. (A quantized
+    layer's shard that does not hold whole groups is refused as its method is made.)"""
     if not getattr(cls, "supports_tensor_parallel", False):
         raise InvalidParameter("tensor_parallel_size", f"{config.architecture} does not run "
                                "tensor-parallel yet (the Llama family does); use 1")
-    if qc is not None and qc.from_checkpoint:
-        raise InvalidParameter("tensor_parallel_size", f"{qc.method} checkpoints do not shard "
-                               "yet; use 1, or float weights (quantization fp8/int8/int4 "
-                               "at load shard)")
+    if qc is not None and qc.from_checkpoint and qc.quantize_lm_head and \
+            config.vocab_size % tp.size:
+        raise InvalidParameter("tensor_parallel_size", f"the checkpoint's {qc.method} LM head "
+                               f"has {config.vocab_size} rows, which do not split over "
+                               f"tensor_parallel_size={tp.size}; choose a size that divides them")
     try:
         qkv_shards(config.num_heads, config.num_kv_heads, config.head_dim, tp)
         tp.shard(config.intermediate_size, "intermediate_size")
