@@ -51,6 +51,7 @@ QUANT = {
     "gptq-g32": gptq(32), "gptq-g64": gptq(64), "gptq-sym-g128": gptq(128, sym=True),
     "gptq-channel": gptq(-1), "gptq-actorder-g32": gptq(32, True),
     "gptq-actorder-g64": gptq(64, True), "gptq-actorder-g128": gptq(128, True),
+    "gptq-actorder-g32-in-order": gptq(32, True),  # desc_act, its g_idx in input order
     "awq-g32": awq(32), "awq-g64": awq(64), "awq-g128": awq(128), "awq-channel": awq(-1),
     "fp8-channel": FORMATS["fp8-channel"][0], "fp8-tensor": FORMATS["fp8-tensor"][0],
 }
@@ -58,7 +59,8 @@ QUANT = {
 # ranks; over three, group 128 does not divide o_proj's 64-feature shards).
 CASES = {2: ["gptq-g64", "gptq-sym-g128", "gptq-channel", "gptq-actorder-g32",
              "gptq-actorder-g128", "awq-g32", "awq-g128", "fp8-channel", "fp8-tensor"],
-         3: ["gptq-g32", "gptq-actorder-g64", "awq-g64", "awq-channel", "fp8-tensor"]}
+         3: ["gptq-g32", "gptq-actorder-g64", "gptq-actorder-g32-in-order", "awq-g64",
+             "awq-channel", "fp8-tensor"]}
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +74,13 @@ def floats(tmp_path_factory, gguf_path):
     return out
 
 
-def write_quantized(folder, base, q_config: dict, seed: int = 0):
+def write_quantized(folder, base, q_config: dict, seed: int = 0, in_order: bool = False):
     """`base` (a tiny_llama folder) with every projection's weight replaced by random weights in
-    the format of q_config, the biases kept."""
+    the format of q_config, the biases kept. in_order: act-order's g_idx in input order."""
     folder.mkdir(parents=True)
-    for name in ("tokenizer.json", "chat_template.jinja"):
-        (folder / name).symlink_to(base / name)
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        if (base / name).exists():
+            (folder / name).symlink_to(base / name)
     config = json.loads((base / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": q_config}))
     tensors = load_file(str(base / "model.safetensors"))
@@ -93,7 +96,7 @@ def write_quantized(folder, base, q_config: dict, seed: int = 0):
             else:
                 reads = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
                 key = reads.get(proj.split(".")[1], proj.split(".")[1])
-                perm = perms.setdefault(key, rng.permutation(k))
+                perm = perms.setdefault(key, np.arange(k) if in_order else rng.permutation(k))
                 packed, _ = int4_layer(name, rng, n, k, q_config, perm)
             tensors.update(packed)
     save_file(tensors, str(folder / "model.safetensors"))
@@ -108,7 +111,8 @@ def checkpoints(tmp_path_factory, floats):
 
     def get(tp: int, fmt: str):
         if (tp, fmt) not in made:
-            made[tp, fmt] = write_quantized(root / f"{fmt}-tp{tp}", floats[tp], QUANT[fmt])
+            made[tp, fmt] = write_quantized(root / f"{fmt}-tp{tp}", floats[tp], QUANT[fmt],
+                                            in_order=fmt.endswith("in-order"))
         return made[tp, fmt]
 
     return get
@@ -175,6 +179,8 @@ def test_each_rank_holds_exactly_its_shard(size, fmt, checkpoints):
                                   for f, (s, n) in zip(firsts, layer.shards)])
                 want = w[rows]
                 torch.testing.assert_close(layer.method.apply(layer, x[name]), y[name][:, rows])
+            if fmt.endswith("in-order"):  # a row shard keeps only its groups: no gather
+                assert layer.perm is None and layer.scales.shape[0] == layer.in_features // 32
             got = layer.method.dequantize(layer)
             assert got.shape == want.shape, (name, rank)
             assert torch.equal(got, want), (name, rank)

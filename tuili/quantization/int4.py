@@ -97,7 +97,7 @@ class Int4Method(QuantMethod):
         """x's input channels in the kernels' order (index k of perm: a zero, for padding)."""
         if layer.perm is None:
             return x
-        if layer.perm.numel() != x.shape[-1]:
+        if layer.perm.numel() != x.shape[-1]:  # longer exactly where it pads (gptq_order)
             x = torch.nn.functional.pad(x, (0, 1))
         return x.index_select(-1, layer.perm)
 
@@ -148,22 +148,27 @@ class GptqMethod(Int4Method):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         q = unpack_rows(layer.qweight.data)
+        scales = layer.scales.data
         zeros = unpack_cols(layer.qzeros.data) + self.qc.zero_offset
         g_idx = layer.g_idx.data.long() - self.first_group
-        k = len(g_idx)
-        if torch.equal(g_idx, torch.arange(k, device=g_idx.device) // self.group):
-            self.set_common(layer, q, layer.scales.data, zeros)
-            return
         if g_idx.min() < 0 or g_idx.max() >= self.groups:
             raise ValueError(f"g_idx names groups {int(g_idx.min()) + self.first_group}.."
                              f"{int(g_idx.max()) + self.first_group}, outside this layer's "
                              f"{self.first_group}..{self.first_group + self.groups - 1} (an "
                              "act-order checkpoint whose config says desc_act false?)")
-        counts = torch.bincount(g_idx, minlength=self.groups)
+        if self.all_groups:  # a row shard keeps only the groups its channels fall in
+            used = torch.bincount(g_idx, minlength=self.groups) > 0
+            if not used.all():
+                scales, zeros = scales[used], zeros[used]
+                g_idx = (torch.cumsum(used, 0) - 1)[g_idx]
+        if torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // self.group):
+            self.set_common(layer, q, scales, zeros)
+            return
+        counts = torch.bincount(g_idx, minlength=len(scales))
         if not self.all_groups and not torch.all(counts == self.group):
             raise ValueError(f"g_idx does not put {self.group} input channels in each group")
         q, perm, self.group = gptq_order(q, g_idx, counts)
-        self.set_common(layer, q, layer.scales.data, zeros, perm)
+        self.set_common(layer, q, scales, zeros, perm)
 
 
 def gptq_order(q: torch.Tensor, g_idx: torch.Tensor, counts: torch.Tensor
