@@ -173,13 +173,16 @@ class GptqMethod(Int4Method):
 
 def gptq_order(q: torch.Tensor, g_idx: torch.Tensor, counts: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Act-order's input channels sorted by group, each group's run padded to one length L (a
-    multiple of 8: whole words): (q [groups * L, N], perm [groups * L], L). perm[i] is the input
-    channel of row i, or k (x's appended zero) for padding. Padding is only needed where a
-    row-parallel shard holds a varying number of each group's channels; the whole layer's
-    groups are full (L = the group size, perm a permutation)."""
+    """Act-order's input channels sorted by group, each group's run padded to one length L (the
+    longest run's, or more so the rows fill whole 8-row words): (q [groups * L, N], perm
+    [groups * L], L). perm[i] is the input channel of row i, or k (x's appended zero) for
+    padding. Padding is only needed where a row-parallel shard holds a varying number of each
+    group's channels; the whole layer's groups are full (L = the group size, perm a
+    permutation)."""
     k, groups = len(g_idx), len(counts)
-    size = -(-int(counts.max()) // 8) * 8
+    size = int(counts.max())
+    while groups * size % 8:
+        size += 1
     order = torch.argsort(g_idx, stable=True)
     sorted_groups = g_idx[order]
     first = torch.cumsum(counts, 0) - counts
