@@ -4,8 +4,9 @@ rules) and with the FP8 KV cache, on the CPU (gloo).
 
 Each rank's shard, built in this process as rank r of N would build it, dequantizes to exactly
 its rows or columns of the one-rank model's weights, read through lazy slices (a rank never reads
-a packed tensor whole); over real ranks the greedy tokens equal one rank's, the log-probabilities
-within float32 rounding; a row-parallel shard that would split a group is refused by name."""
+a packed tensor whole), and its products (float32; bfloat16 through torch's int4 CPU kernel) make
+one rank's; over real ranks the greedy tokens equal one rank's, the log-probabilities within
+float32 rounding; a row-parallel shard that would split a group is refused by name."""
 
 from __future__ import annotations
 
@@ -133,13 +134,14 @@ class Recorder:
         return self.lazy.materialize()
 
 
-def build_rank(folder, rank: int, size: int, log: list | None = None):
+def build_rank(folder, rank: int, size: int, log: list | None = None,
+               dtype: torch.dtype = torch.float32):
     """The model rank `rank` of `size` builds (in this process: loading runs no collective)."""
     config, weights, _, _, raw = loader._open_folder(folder, lazy=size > 1)
     if log is not None:
         weights = ((name, Recorder(name, t, log)) for name, t in weights)
     qc = resolve("auto", raw.get("quantization_config"), str(folder), False)
-    model, _ = loader.build(config, weights, qc, torch.float32, torch.device("cpu"),
+    model, _ = loader.build(config, weights, qc, dtype, torch.device("cpu"),
                             TensorParallel(rank, size), str(folder))
     return model
 
@@ -192,6 +194,37 @@ def test_each_rank_holds_exactly_its_shard(size, fmt, checkpoints):
         assert all(how == "narrow" for n, how in log if n in packed), log
     for name, total in sums.items():
         torch.testing.assert_close(total, y[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gptq-sym-g128", "awq-g64"])
+@torch.inference_mode()
+def test_bfloat16_shards_run_the_int4_cpu_kernel(fmt, checkpoints):
+    """In bfloat16 each rank's shard runs torch's int4 CPU kernel (its groups whole), and the
+    ranks' outputs make one rank's: its columns, or (row-parallel) summed, within bf16 rounding."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no int4 CPU kernel")
+    folder = checkpoints(2, fmt)
+    one = quantized_layers(build_rank(folder, 0, 1, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(3, m.in_features, generator=g).bfloat16() for n, m in one.items()}
+    y = {n: m.method.apply(m, x[n]).float() for n, m in one.items()}
+    sums = {}
+    for rank in range(2):
+        for name, layer in quantized_layers(build_rank(folder, rank, 2, dtype=torch.bfloat16)).items():
+            assert layer.cpu_int4 is not None, name
+            if isinstance(layer, RowParallelLinear):
+                cols = slice(layer.in_start, layer.in_start + layer.in_features)
+                part = x[name][:, cols].contiguous()
+                sums[name] = sums.get(name, 0) + layer.method.apply(layer, part).float()
+            else:
+                out = layer.method.apply(layer, x[name]).float()
+                firsts = np.cumsum([0] + one[name].out_sizes[:-1])
+                rows = torch.cat([torch.arange(f + s, f + s + n)
+                                  for f, (s, n) in zip(firsts, layer.shards)])
+                torch.testing.assert_close(out, y[name][:, rows], rtol=1.6e-2, atol=1e-2)
+    for name, total in sums.items():  # two bf16 partial sums, rounded, then added
+        scale = y[name].abs().max()
+        assert (total - y[name]).abs().max() <= 2 ** -7 * scale, name
 
 
 def test_a_shard_that_splits_a_group_is_refused(checkpoints):
