@@ -49,19 +49,20 @@ def awq(group: int) -> dict:
 
 
 QUANT = {
-    "gptq-g32": gptq(32), "gptq-g64": gptq(64), "gptq-sym-g128": gptq(128, sym=True),
+    "gptq-g64": gptq(64), "gptq-sym-g128": gptq(128, sym=True),
     "gptq-channel": gptq(-1), "gptq-actorder-g32": gptq(32, True),
     "gptq-actorder-g64": gptq(64, True), "gptq-actorder-g128": gptq(128, True),
     "gptq-actorder-g32-in-order": gptq(32, True),  # desc_act, its g_idx in input order
     "awq-g32": awq(32), "awq-g64": awq(64), "awq-g128": awq(128), "awq-channel": awq(-1),
     "fp8-channel": FORMATS["fp8-channel"][0], "fp8-tensor": FORMATS["fp8-tensor"][0],
+    "fp8-block": {"quant_method": "fp8", "weight_block_size": [32, 32]},
 }
-# What each tensor-parallel size checks shard by shard (every group size and format over two
-# ranks; over three, group 128 does not divide o_proj's 64-feature shards).
-CASES = {2: ["gptq-g64", "gptq-sym-g128", "gptq-channel", "gptq-actorder-g32",
-             "gptq-actorder-g128", "awq-g32", "awq-g128", "fp8-channel", "fp8-tensor"],
-         3: ["gptq-g32", "gptq-actorder-g64", "gptq-actorder-g32-in-order", "awq-g64",
-             "awq-channel", "fp8-tensor"]}
+# What each tensor-parallel size checks shard by shard: every format and group size over two
+# ranks or three (over three, group 128 does not divide o_proj's 64-feature shards).
+CASES = {2: ["gptq-sym-g128", "gptq-channel", "gptq-actorder-g32", "gptq-actorder-g128",
+             "awq-g32", "awq-g128", "fp8-channel", "fp8-tensor", "fp8-block"],
+         3: ["gptq-g64", "gptq-actorder-g64", "gptq-actorder-g32-in-order", "awq-g64",
+             "awq-channel", "fp8-block"]}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,9 @@ def write_quantized(folder, base, q_config: dict, seed: int = 0, in_order: bool 
         for proj in PROJ:
             name = f"model.layers.{i}.{proj}"
             n, k = tensors.pop(f"{name}.weight").shape
-            if q_config["quant_method"] == "compressed-tensors":
+            if q_config["quant_method"] == "fp8":  # transformers' fine-grained: per block
+                packed = fp8_block_layer(name, rng, n, k, q_config["weight_block_size"])
+            elif q_config["quant_method"] == "compressed-tensors":
                 strategy = q_config["config_groups"]["group_0"]["weights"]["strategy"]
                 packed, _ = fp8_layer(name, rng, n, k, strategy)
             else:
@@ -102,6 +105,14 @@ def write_quantized(folder, base, q_config: dict, seed: int = 0, in_order: bool 
             tensors.update(packed)
     save_file(tensors, str(folder / "model.safetensors"))
     return folder
+
+
+def fp8_block_layer(name: str, rng: np.random.Generator, n: int, k: int, block) -> dict:
+    """FP8 weights with a float32 `weight_scale_inv` per [rows, columns] block."""
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)) * 40
+    scales = rng.random((-(-n // block[0]), -(-k // block[1]))).astype(np.float32) * 1e-3 + 5e-4
+    return {f"{name}.weight": w.clamp(-448, 448).to(torch.float8_e4m3fn),
+            f"{name}.weight_scale_inv": torch.from_numpy(scales)}
 
 
 @pytest.fixture(scope="module")
