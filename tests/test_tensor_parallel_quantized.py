@@ -221,7 +221,8 @@ def test_bfloat16_shards_run_the_int4_cpu_kernel(fmt, checkpoints):
     y = {n: m.method.apply(m, x[n]).float() for n, m in one.items()}
     sums = {}
     for rank in range(2):
-        for name, layer in quantized_layers(build_rank(folder, rank, 2, dtype=torch.bfloat16)).items():
+        shard = quantized_layers(build_rank(folder, rank, 2, dtype=torch.bfloat16))
+        for name, layer in shard.items():
             assert layer.cpu_int4 is not None, name
             if isinstance(layer, RowParallelLinear):
                 cols = slice(layer.in_start, layer.in_start + layer.in_features)

@@ -37,7 +37,7 @@ def take_packed(tensor, dim: int | None, start: int, n: int, per: int, what: str
     None: the tensor is not split along these features (every rank reads all of it)."""
     if dim is None:
         return tensor
-    if start == 0 and -(-n // per) == tensor.shape[dim]:  # all of it (a last element may be partial)
+    if start == 0 and -(-n // per) == tensor.shape[dim]:  # all of it (its last element partial?)
         return take(tensor, dim, 0, tensor.shape[dim])
     if start % per or n % per:
         raise ValueError(f"this rank's {what} {start}..{start + n} do not fall on the "
