@@ -41,7 +41,8 @@ def take_packed(tensor, dim: int | None, start: int, n: int, per: int, what: str
         return take(tensor, dim, 0, tensor.shape[dim])
     if start % per or n % per:
         raise ValueError(f"this rank's {what} {start}..{start + n} do not fall on the "
-                         f"checkpoint's boundaries of {per}")
+                         f"checkpoint's boundaries of {per} (packed or grouped); choose a "
+                         "tensor_parallel_size whose shards hold whole ones")
     return take(tensor, dim, start // per, n // per)
 
 
