@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.gpu.random_models import byte_tokenizer
 from tests.test_quantized_checkpoints import FORMATS, fp8_layer, int4_layer
 from tests.tiny_models import tiny_llama
 from tuili import LLM, SamplingParams
@@ -66,12 +67,13 @@ CASES = {2: ["gptq-sym-g128", "gptq-channel", "gptq-actorder-g32", "gptq-actorde
 
 
 @pytest.fixture(scope="module")
-def floats(tmp_path_factory, gguf_path):
-    """A float tiny Llama per tensor-parallel size (its tokenizer, norms, embedding, biases)."""
+def floats(tmp_path_factory):
+    """A float tiny Llama per tensor-parallel size (its tokenizer, norms, embedding, biases),
+    over a byte-level vocabulary (259 ids: the ranks pad the LM head's rows)."""
     out = {}
     for tp, (heads, kv, inter) in SHAPES.items():
         folder = tmp_path_factory.mktemp(f"float{tp}") / "tiny-llama"
-        tiny_llama(folder, gguf_path, heads=heads, kv=kv, inter=inter)
+        tiny_llama(folder, None, heads=heads, kv=kv, inter=inter, tokenizer=byte_tokenizer())
         out[tp] = folder
     return out
 
