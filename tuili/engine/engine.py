@@ -160,7 +160,7 @@ class LLMEngine:
         kv_scales = None
         if self.kv_dtype != self.dtype:
             kv_scales = kv_quant.prepare_scales(loaded.model, self.model_config, loaded.kv_scales,
-                                                self.tokenizer.encode, self.dtype, self.device)
+                                                self.tokenizer.encode, self.dtype, self.device, tp)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, StateSlots(slots) if slots else None)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
