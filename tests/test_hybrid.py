@@ -2,7 +2,8 @@
 (Mamba-2 mixer layers around an attention layer; one dense and rope-less, one with experts and
 rotary) saved as HF folders. Greedy tokens one by one and batched, with the prompt split over
 steps (chunked prefill, mixed steps), under preemption, with the state slots fewer than the
-sequences asked for, and on a repeated prompt prefix; the state slots come back after each run."""
+sequences asked for, and on prefix-cache hits (states restored from snapshots); the state slots
+come back after each run; `tuili analyze` on the folder."""
 
 import pytest
 import torch
@@ -107,31 +108,49 @@ def test_preemption_recomputes_the_state(hybrid):
 
 
 def test_fewer_state_slots_than_sequences(hybrid):
-    """A cache budget whose half holds two sequences' states: max_num_seqs drops to 2 and the
-    third prompt waits for a slot."""
+    """A cache budget whose half holds two sequences' states and their snapshots: max_num_seqs
+    drops to 2 and the third prompt waits for a slot."""
     folder, _, expected = hybrid
     probe = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64)
     slot = state_bytes_per_seq(probe.engine.runner.model, torch.float32)
     del probe
-    llm = LLM(str(folder), dtype="float32", block_size=8, kv_cache_memory_gb=5 * slot / 2**30)
+    llm = LLM(str(folder), dtype="float32", block_size=8, kv_cache_memory_gb=9 * slot / 2**30)
     assert llm.engine.config.max_num_seqs == 2 and llm.engine.kv.states.num_slots == 2
     assert tokens(llm.generate(prompts(), GREEDY)) == expected
     assert_slots_back(llm)
 
 
-def test_repeated_prefix_gives_the_cold_tokens(hybrid):
-    """Prefix caching is off for a hybrid (a block's K/V says nothing of the mixer states): a
-    prompt sharing 16 tokens with an earlier one gets the tokens of a cold run, and no hits."""
+@pytest.mark.parametrize("budget", [None, 8])
+def test_prefix_hits_restore_the_snapshotted_states(hybrid, budget):
+    """A prompt's states are snapshotted at its last block boundary (24 of 30 tokens; with a
+    8-token budget at the end of the chunk 16..24). The same prompt again, and the prompt
+    extended by its answer, hit 24 tokens and start from the snapshot; a prompt sharing only 16
+    tokens has no snapshot at its end of the match and runs cold. All give HF's tokens."""
     folder, model, expected = hybrid
-    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
-              enable_prefix_caching=True)
-    assert not llm.engine.pool.enable_caching
+    options = {"max_num_batched_tokens": budget, "enable_chunked_prefill": True} if budget else {}
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64, **options)
+    stats = llm.engine.pool.stats
     longest = prompts()[2]
-    again = longest[:16] + [5, 6, 7]
     assert tokens(llm.generate([longest], GREEDY)) == [expected[2]]
-    assert tokens(llm.generate([again], GREEDY)) == [hf_greedy(model, again)]
-    assert llm.engine.pool.stats.hits == 0
+    assert stats.hits == 0
+    assert tokens(llm.generate([longest], GREEDY)) == [expected[2]]
+    assert stats.hits == 24
+    turn = longest + expected[2][:5] + [9, 10]
+    shared = longest[:16] + [5, 6, 7, 8, 9]
+    assert tokens(llm.generate([turn, shared], GREEDY)) == [hf_greedy(model, turn),
+                                                           hf_greedy(model, shared)]
+    assert stats.hits == 48
     assert_slots_back(llm)
+
+
+def test_prefix_caching_off_for_a_hybrid_runs_cold(hybrid):
+    folder, _, expected = hybrid
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
+              enable_prefix_caching=False)
+    assert llm.engine.kv.states.num_snapshots == 0
+    for _ in range(2):
+        assert tokens(llm.generate(prompts(), GREEDY)) == expected
+    assert llm.engine.pool.stats.hits == 0
 
 
 def test_abort_gives_the_slot_back(hybrid):
