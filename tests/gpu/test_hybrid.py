@@ -1,7 +1,8 @@
 """granite-4.0-h on the GPU (bf16, Triton kernels) against HF transformers in float32 on the same
 random weights of granite-4.0-h-micro's and -tiny's shapes (4 layers, one of them attention):
 greedy tokens within HF's top-5 (tests/gpu/test_gpu_engine.py's rule), prompts past the 256-token
-scan chunk, whole and chunked over steps; the SSD kernels against the references at that shape."""
+scan chunk, whole and chunked over steps, decode graphs and eager, prefix hits; the SSD kernels
+against the references at that shape."""
 
 import pytest
 import torch
@@ -26,16 +27,20 @@ def granite(request, tmp_path_factory):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("engine_options", [{}, {"max_num_batched_tokens": 64, "block_size": 32}])
+@pytest.mark.parametrize("engine_options", [{}, {"enforce_eager": True},
+                                            {"max_num_batched_tokens": 64, "block_size": 32}])
 def test_granite_greedy_within_hf_top5(granite, engine_options):
     folder, hf = granite
     llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
               **engine_options)
     assert llm.engine.model_config.mamba.layers == [0, 1, 3]
     assert llm.engine.runner.model.layers[0].mamba._scan.__name__.endswith("triton_mamba")
+    assert (llm.engine.runner.graphs is None) == bool(engine_options.get("enforce_eager"))
     ids = prompts(hf.config.vocab_size)  # up to 300 tokens: past a 256-token chunk
     assert_within_hf_top5(hf, ids[:1], llm.generate(ids[:1], GREEDY))
     assert_within_hf_top5(hf, ids, llm.generate(ids, GREEDY))
+    assert_within_hf_top5(hf, ids, llm.generate(ids, GREEDY))  # prefix hits: snapshots restored
+    assert llm.engine.pool.stats.hits > 0
     states = llm.engine.kv.states
     assert not states.owner and len(states.free) == states.num_slots
 

@@ -200,7 +200,8 @@ class ModelRunner:
             restore_states(self.model, inputs.state_restores, self.device)
         if self.graphs and inputs.num_decodes == len(seqs) <= self.graphs.max_batch:
             ran.sample_logits, ran.sample_argmax = self.graphs.run(
-                inputs.ids, inputs.positions, inputs.slots, inputs.tables, feed, tokens)
+                inputs.ids, inputs.positions, inputs.slots, inputs.tables, feed, tokens,
+                inputs.state_slots)
             ran.decode_graph = True
             return ran
         # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken

@@ -35,15 +35,24 @@ def state_bytes_per_seq(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 def bind_states(model: torch.nn.Module, slots: int, dtype: torch.dtype, device: torch.device,
                 snapshots: int = 0) -> None:
-    """Allocate each mixer layer's pools of `slots` slots (and of `snapshots` prefix-cache
-    snapshots) and bind them to it."""
+    """Allocate each mixer layer's pools of `slots` slots, plus a scratch one (scratch_slot),
+    and of `snapshots` prefix-cache snapshots, and bind them to it."""
     for layer in state_layers(model):
         conv, ssm = layer.state_shapes()
-        layer.conv_state = torch.zeros(slots, *conv, dtype=dtype, device=device)
-        layer.ssm_state = torch.zeros(slots, *ssm, dtype=dtype, device=device)
+        layer.conv_state = torch.zeros(slots + 1, *conv, dtype=dtype, device=device)
+        layer.ssm_state = torch.zeros(slots + 1, *ssm, dtype=dtype, device=device)
         if snapshots:
             layer.conv_snapshots = torch.zeros(snapshots, *conv, dtype=dtype, device=device)
             layer.ssm_snapshots = torch.zeros(snapshots, *ssm, dtype=dtype, device=device)
+
+
+def scratch_slot(model: torch.nn.Module) -> int | None:
+    """The slot past the scheduler's: the decode graphs' padding rows update it (None: the model
+    keeps no states, or they are not bound)."""
+    layers = state_layers(model)
+    if not layers or layers[0].conv_state is None:
+        return None
+    return layers[0].conv_state.shape[0] - 1
 
 
 def restore_states(model: torch.nn.Module, restores: list[tuple[int, int]],
@@ -129,12 +138,12 @@ class StateSlots:
 
 def hybrid_config(config: EngineConfig, device: torch.device) -> EngineConfig:
     """The engine options a hybrid model runs under: no speculative decoding (a rejected draft's
-    K/V rolls back, a recurrent state cannot), eager steps (the CUDA graphs do not carry the
-    state slots yet)."""
+    K/V rolls back, a recurrent state cannot), no prefill CUDA graphs (the mixers' prefill walks
+    its sequences on the host; decode graphs carry the state slots)."""
     if config.speculative_config:
         raise InvalidParameter("speculative_config", "a hybrid model's recurrent state cannot roll "
                                "back rejected drafts; unset speculative_config")
-    if device.type == "cuda" and not config.enforce_eager:
-        log.info("CUDA graphs are off for a hybrid model (its steps run eagerly)")
-        return replace(config, enforce_eager=True)
+    if device.type == "cuda" and not config.enforce_eager and config.max_prefill_graph_tokens:
+        log.info("prefill CUDA graphs are off for a hybrid model (decode graphs stay on)")
+        return replace(config, max_prefill_graph_tokens=0)
     return config
