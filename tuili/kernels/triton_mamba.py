@@ -125,9 +125,9 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     n = B.shape[2]
     seqs = prefills.shape[1]
     block_p, block_n = _blocks(p, n)
-    # a larger state leaves fewer registers for the tile
-    block_l = 32 if block_n * block_p > 4096 else 64
+    # a larger state leaves fewer registers for the tile, and wants more warps to hold it
+    large = block_n * block_p > 4096
     grid = (seqs, heads, triton.cdiv(p, block_p))
     _ssd_scan_kernel[grid](x, dt.contiguous(), A, B, C, D, ssm_pool, slots, prefills.contiguous(),
                            y, seqs, x.stride(0), B.stride(0), heads, heads // B.shape[1], p, n,
-                           block_l, block_p, block_n, num_warps=4)
+                           32 if large else 64, block_p, block_n, num_warps=8 if large else 4)
