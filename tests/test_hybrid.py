@@ -89,10 +89,12 @@ def test_greedy_matches_hf(variant):
 
 def test_chunked_prefill_and_mixed_steps(hybrid):
     """A 5-token budget splits the 30-token prompt over 6 steps (the states carried across them)
-    and puts decodes and prefill chunks in one step."""
+    and puts decodes and prefill chunks in one step; each step planned before the last one's
+    tokens are read back (asynchronous scheduling, as on the GPU)."""
     folder, _, expected = hybrid
     llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
-              max_num_batched_tokens=5, enable_chunked_prefill=True)
+              max_num_batched_tokens=5, enable_chunked_prefill=True, async_scheduling=True)
+    assert llm.engine.async_scheduling
     assert tokens(llm.generate(prompts(), GREEDY)) == expected
     assert_slots_back(llm)
 
