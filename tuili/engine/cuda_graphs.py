@@ -79,7 +79,8 @@ def tapped(model: torch.nn.Module) -> torch.Tensor | None:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_batch: int,
-                 max_blocks: int, block_size: int, device: torch.device, pool=None):
+                 max_blocks: int, block_size: int, device: torch.device, pool=None,
+                 sampling: bool = True):
         self.model, self.rope, self.block_size = model, rope, block_size
         self.sizes = [s for s in SIZES if s < max_batch] + [max_batch]
         long = dict(dtype=torch.long, device=device)
@@ -105,13 +106,14 @@ class DecodeGraphs:
         self.argmax = {size: out[1] for size, out in outputs.items()}
         self.tapped = {size: out[2] for size, out in outputs.items()}  # the model's tap, if set
         # Sampling graphs: per size, the rows' parameters (floats: 1 / temperature, top_p, min_p;
-        # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one).
+        # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one);
+        # none without `sampling` (a draft samples its own way: spec_decode/draft_model.py).
         vocab = self.logits[self.sizes[0]].shape[1]
         self.widths = sorted({1, min(vocab, CANDIDATES), vocab})
         self.sample_params = {
             size: (torch.zeros(3, size, dtype=torch.float32, device=device),
                    torch.zeros(2, size, **long))
-            for size in self.sizes if size <= SAMPLE_BATCH}
+            for size in self.sizes if sampling and size <= SAMPLE_BATCH}
         # The masked twins' inputs, shared by every size (one replay at a time): the grammar
         # bitmask (all ones: every token allowed) and the masked float32 logits.
         rows = max(self.sample_params, default=0)

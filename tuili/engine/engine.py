@@ -166,13 +166,13 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, StateSlots(slots, snapshots) if slots else None)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
                                           self.max_model_len, num_blocks, self.dtype, self.device,
-                                          loaded.model)
+                                          loaded.model, eager)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
                                   self.pooler, self.ranks.channel if self.ranks else None,
-                                  self.kv_dtype, kv_scales, slots, snapshots)
+                                  self.kv_dtype, kv_scales, slots, state_snapshots=snapshots)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)

@@ -82,9 +82,10 @@ class ModelRunner:
                  cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
                  channel=None, kv_dtype: torch.dtype | None = None,
                  kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 state_slots: int = 0, state_snapshots: int = 0):
+                 state_slots: int = 0, graph_sampling: bool = True, state_snapshots: int = 0):
         """state_slots, state_snapshots: a hybrid model's recurrent-state slots and prefix-cache
-        snapshots (engine/state_cache.py)."""
+        snapshots (engine/state_cache.py); graph_sampling: decode graphs also sample (a draft's
+        do not)."""
         self.model, self.config, self.device = model, config, device
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
@@ -116,7 +117,7 @@ class ModelRunner:
                 pool = self.prefill_graphs.pool
             if cuda_graph_batch:
                 self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch, max_blocks,
-                                           block_size, device, pool)
+                                           block_size, device, pool, graph_sampling)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
