@@ -53,7 +53,7 @@ def test_update_matches_reference(shape):
 @pytest.mark.parametrize("saves", [None, [(2, 5, 1)]])
 def test_mixer_step_with_triton_scan_matches_reference(saves):
     """A whole mixer over a mixed step (two decodes, a prefill carrying its state, one starting
-    from zero) with Triton's scan in place of the references: same outputs, same pools; and with
+    from zero) with Triton's conv and scan in place of the references: same outputs, same pools; and with
     the first prefill's state snapshotted 5 tokens into its chunk (the step split in two phases),
     the same outputs as without, the snapshot what the pool held there."""
     from tuili.layers.attention import AttentionMetadata
@@ -68,7 +68,7 @@ def test_mixer_step_with_triton_scan_matches_reference(saves):
         p.data.normal_(0, 0.3)
     for mixer in mixers[1:]:
         mixer.load_state_dict(mixers[0].state_dict())
-    mixers[1]._scan = triton_mamba
+    mixers[1]._kernels = triton_mamba
     conv, ssm = mixers[0].state_shapes()
     conv_pool, ssm_pool = torch.randn(5, *conv), torch.randn(5, *ssm)
     h = torch.randn(17, 32, generator=torch.Generator().manual_seed(1))
@@ -102,3 +102,28 @@ def test_mixer_step_with_triton_scan_matches_reference(saves):
             torch.testing.assert_close(mixer.conv_snapshots[1], alone.conv_state[0])
             torch.testing.assert_close(mixer.ssm_snapshots[1], alone.ssm_state[0], rtol=1e-4,
                                        atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_kernels_match_reference(bias):
+    """The conv of three prefill chunks (1 token after 6 cached: its window reaches into the
+    state; 40 tokens from zero over a dirty slot; 2 tokens after 3 cached, fewer than the kernel)
+    and of two decode rows, x a column slice of a wider projection, against the references."""
+    channels, k = 70, 4
+    g = torch.Generator().manual_seed(9)
+    proj = torch.randn(45, channels + 30, generator=g)
+    conv_x = proj[:, 10:10 + channels]
+    weight, b = torch.randn(channels, k, generator=g), torch.randn(channels, generator=g)
+    b = b if bias else None
+    pool = torch.randn(5, channels, k - 1, generator=g)
+    prefills, slots = [(2, 1, 6), (3, 40, 0), (43, 2, 3)], [4, 0, 2]
+    ref_pool, ref_out = pool.clone(), torch.zeros(45, channels)
+    reference_mamba.prefill_states(conv_x, weight, b, ref_pool, slots, prefills, ref_out)
+    ref_out[:2] = reference_mamba.decode_states(conv_x[:2], weight, b, ref_pool,
+                                                torch.tensor([1, 3]))
+    out = torch.zeros(45, channels)
+    seqs = torch.tensor(list(zip(*prefills)), dtype=torch.int32)
+    triton_mamba.prefill_states(conv_x, weight, b, pool, torch.tensor(slots), seqs, out)
+    out[:2] = triton_mamba.decode_states(conv_x[:2], weight, b, pool, torch.tensor([1, 3]))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool, ref_pool)

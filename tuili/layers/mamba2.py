@@ -44,8 +44,10 @@ class Mamba2Mixer(nn.Module):
         self.ssm_state: torch.Tensor | None = None
         self.conv_snapshots: torch.Tensor | None = None  # the prefix cache's (with prefix caching)
         self.ssm_snapshots: torch.Tensor | None = None
-        # The scan's device path, chosen once: Triton's kernels on the GPU, the references on CPU.
-        self._scan = triton_module("triton_mamba") if backend.name == "triton" else reference_mamba
+        # The conv's and scan's device path, chosen once: Triton's kernels on the GPU, the
+        # references on CPU.
+        self._kernels = triton_module("triton_mamba") if backend.name == "triton" \
+            else reference_mamba
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One slot's (conv state, SSM state) shapes."""
@@ -60,12 +62,13 @@ class Mamba2Mixer(nn.Module):
         conv_pool, ssm_pool, slots, host = self._pools(meta)
         nd, weight, bias = meta.num_decodes, self.conv1d.weight[:, 0, :], self.conv1d.bias
         phases, saved = self._phases(meta, host[nd:]) if meta.prefills else ([], None)
-        conv = torch.empty_like(xbc)
+        kernels, conv = self._kernels, torch.empty_like(xbc)
         if nd:
-            conv[:nd] = reference_mamba.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd])
-        for i, (prefills, phase_slots) in enumerate(phases):
-            reference_mamba.prefill_states(xbc, weight, bias, conv_pool, phase_slots, prefills,
-                                           conv)
+            conv[:nd] = kernels.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd])
+        args = [self._kernel_args(meta, slots, *phase, whole=i == 0 and not saved)
+                for i, phase in enumerate(phases)]
+        for i, (phase_slots, prefills) in enumerate(args):
+            kernels.prefill_states(xbc, weight, bias, conv_pool, phase_slots, prefills, conv)
             if i == 0 and saved:
                 self._snapshot(conv_pool, self.conv_snapshots, saved)
         x, B, C = conv.split([inter, gn, gn], dim=-1)
@@ -75,11 +78,11 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = torch.empty(t, heads, m.head_dim, dtype=torch.float32, device=h.device)
         if nd:
-            y[:nd] = self._scan.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool,
-                                           slots[:nd])
-        for i, (prefills, phase_slots) in enumerate(phases):
-            args = self._scan_args(meta, slots, prefills, phase_slots, whole=i == 0 and not saved)
-            self._scan.ssd_prefill(x, dt, A, B, C, self.D, m.chunk_size, ssm_pool, *args, y)
+            y[:nd] = kernels.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool,
+                                        slots[:nd])
+        for i, (phase_slots, prefills) in enumerate(args):
+            kernels.ssd_prefill(x, dt, A, B, C, self.D, m.chunk_size, ssm_pool, phase_slots,
+                                prefills, y)
             if i == 0 and saved:
                 self._snapshot(ssm_pool, self.ssm_snapshots, saved)
         out = reference_mamba.gated_rms_norm(y.view(t, inter), z, self.norm.weight, self.eps,
@@ -121,12 +124,12 @@ class Mamba2Mixer(nn.Module):
                 torch.zeros(seqs, *ssm, dtype=dtype, device=device),
                 torch.arange(seqs, device=device), list(range(seqs)))
 
-    def _scan_args(self, meta: AttentionMetadata, slots: torch.Tensor, prefills, phase_slots,
-                   whole: bool):
-        """(slots, prefills) of a phase as the scan wants them: host lists for the references;
-        for Triton's kernel device tensors (slots [seqs], prefills int32 [3, seqs]), the step's
-        own when the phase is its whole prefill."""
-        if self._scan is reference_mamba:
+    def _kernel_args(self, meta: AttentionMetadata, slots: torch.Tensor, prefills, phase_slots,
+                     whole: bool):
+        """(slots, prefills) of a phase as the kernels want them: host lists for the
+        references; for Triton's device tensors (slots [seqs], prefills int32 [3, seqs]), the
+        step's own when the phase is its whole prefill."""
+        if self._kernels is reference_mamba:
             return phase_slots, prefills
         device = self.D.device
         if whole:
