@@ -200,3 +200,14 @@ def test_analyze_knows_the_mixer_layers(built):
     assert attention[1].bytes > attention[0].bytes
     report = format_report(analyze(c, get_device("h200"), fp32, prompt=100))
     assert "recurrent state: 3 of 4 layers are Mamba-2 mixers" in report
+
+
+def test_speculative_decoding_is_refused(hybrid):
+    """A rejected draft's K/V rolls back; a recurrent state cannot: a clear error, not wrong
+    tokens."""
+    from tuili.errors import InvalidParameter
+
+    folder, _, _ = hybrid
+    with pytest.raises(InvalidParameter, match="speculative_config"):
+        LLM(str(folder), dtype="float32", num_kv_blocks=16,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
