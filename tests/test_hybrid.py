@@ -2,7 +2,8 @@
 (Mamba-2 mixer layers around an attention layer; one dense and rope-less, one with experts and
 rotary) saved as HF folders. Greedy tokens one by one and batched, with the prompt split over
 steps (chunked prefill, mixed steps), under preemption, with the state slots fewer than the
-sequences asked for, and on a repeated prompt prefix; the state slots come back after each run."""
+sequences asked for, and on prefix-cache hits (states restored from snapshots); the state slots
+come back after each run; `tuili analyze` on the folder."""
 
 import pytest
 import torch
@@ -88,10 +89,12 @@ def test_greedy_matches_hf(variant):
 
 def test_chunked_prefill_and_mixed_steps(hybrid):
     """A 5-token budget splits the 30-token prompt over 6 steps (the states carried across them)
-    and puts decodes and prefill chunks in one step."""
+    and puts decodes and prefill chunks in one step; each step planned before the last one's
+    tokens are read back (asynchronous scheduling, as on the GPU)."""
     folder, _, expected = hybrid
     llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
-              max_num_batched_tokens=5, enable_chunked_prefill=True)
+              max_num_batched_tokens=5, enable_chunked_prefill=True, async_scheduling=True)
+    assert llm.engine.async_scheduling
     assert tokens(llm.generate(prompts(), GREEDY)) == expected
     assert_slots_back(llm)
 
@@ -107,31 +110,49 @@ def test_preemption_recomputes_the_state(hybrid):
 
 
 def test_fewer_state_slots_than_sequences(hybrid):
-    """A cache budget whose half holds two sequences' states: max_num_seqs drops to 2 and the
-    third prompt waits for a slot."""
+    """A cache budget whose half holds two sequences' states and their snapshots: max_num_seqs
+    drops to 2 and the third prompt waits for a slot."""
     folder, _, expected = hybrid
     probe = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64)
     slot = state_bytes_per_seq(probe.engine.runner.model, torch.float32)
     del probe
-    llm = LLM(str(folder), dtype="float32", block_size=8, kv_cache_memory_gb=5 * slot / 2**30)
+    llm = LLM(str(folder), dtype="float32", block_size=8, kv_cache_memory_gb=9 * slot / 2**30)
     assert llm.engine.config.max_num_seqs == 2 and llm.engine.kv.states.num_slots == 2
     assert tokens(llm.generate(prompts(), GREEDY)) == expected
     assert_slots_back(llm)
 
 
-def test_repeated_prefix_gives_the_cold_tokens(hybrid):
-    """Prefix caching is off for a hybrid (a block's K/V says nothing of the mixer states): a
-    prompt sharing 16 tokens with an earlier one gets the tokens of a cold run, and no hits."""
+@pytest.mark.parametrize("budget", [None, 8])
+def test_prefix_hits_restore_the_snapshotted_states(hybrid, budget):
+    """A prompt's states are snapshotted at its last block boundary (24 of 30 tokens; with a
+    8-token budget at the end of the chunk 16..24). The same prompt again, and the prompt
+    extended by its answer, hit 24 tokens and start from the snapshot; a prompt sharing only 16
+    tokens has no snapshot at its end of the match and runs cold. All give HF's tokens."""
     folder, model, expected = hybrid
-    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
-              enable_prefix_caching=True)
-    assert not llm.engine.pool.enable_caching
+    options = {"max_num_batched_tokens": budget, "enable_chunked_prefill": True} if budget else {}
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64, **options)
+    stats = llm.engine.pool.stats
     longest = prompts()[2]
-    again = longest[:16] + [5, 6, 7]
     assert tokens(llm.generate([longest], GREEDY)) == [expected[2]]
-    assert tokens(llm.generate([again], GREEDY)) == [hf_greedy(model, again)]
-    assert llm.engine.pool.stats.hits == 0
+    assert stats.hits == 0
+    assert tokens(llm.generate([longest], GREEDY)) == [expected[2]]
+    assert stats.hits == 24
+    turn = longest + expected[2][:5] + [9, 10]
+    shared = longest[:16] + [5, 6, 7, 8, 9]
+    assert tokens(llm.generate([turn, shared], GREEDY)) == [hf_greedy(model, turn),
+                                                           hf_greedy(model, shared)]
+    assert stats.hits == 48
     assert_slots_back(llm)
+
+
+def test_prefix_caching_off_for_a_hybrid_runs_cold(hybrid):
+    folder, _, expected = hybrid
+    llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=64,
+              enable_prefix_caching=False)
+    assert llm.engine.kv.states.num_snapshots == 0
+    for _ in range(2):
+        assert tokens(llm.generate(prompts()[2:], GREEDY)) == expected[2:]
+    assert llm.engine.pool.stats.hits == 0
 
 
 def test_abort_gives_the_slot_back(hybrid):
@@ -179,3 +200,14 @@ def test_analyze_knows_the_mixer_layers(built):
     assert attention[1].bytes > attention[0].bytes
     report = format_report(analyze(c, get_device("h200"), fp32, prompt=100))
     assert "recurrent state: 3 of 4 layers are Mamba-2 mixers" in report
+
+
+def test_speculative_decoding_is_refused(hybrid):
+    """A rejected draft's K/V rolls back; a recurrent state cannot: a clear error, not wrong
+    tokens."""
+    from tuili.errors import InvalidParameter
+
+    folder, _, _ = hybrid
+    with pytest.raises(InvalidParameter, match="speculative_config"):
+        LLM(str(folder), dtype="float32", num_kv_blocks=16,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})

@@ -90,7 +90,16 @@ def test_conv_carries_its_state_across_a_split(cut):
 
 def test_pool_entry_points_read_and_write_slots():
     """prefill_states/ssd_prefill from zero (cached 0) and from a slot's state (cached > 0), then
-    ssd_decode: the pool slots hold what the recurrence gives."""
+    decode_states/ssd_decode: the pool slots hold what the recurrence gives."""
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(16, CHANNELS, generator=g)
+    weight, bias = torch.randn(CHANNELS, K, generator=g), torch.randn(CHANNELS, generator=g)
+    conv_pool, out = torch.randn(3, CHANNELS, K - 1), torch.empty(16, CHANNELS)
+    rm.prefill_states(xs, weight, bias, conv_pool, [1], [(0, 10, 0)], out)
+    rm.prefill_states(xs, weight, bias, conv_pool, [1], [(10, 5, 10)], out)
+    out[15:] = rm.decode_states(xs[15:], weight, bias, conv_pool, torch.tensor([1]))
+    torch.testing.assert_close(out, naive_conv(xs, weight, bias))
+    torch.testing.assert_close(conv_pool[1], xs[13:].t())
     x, dt, A, B, C, D = ssd_inputs(16, seed=4)
     pool = torch.randn(3, HEADS, P, N)  # slot garbage a new sequence must not read
     y = torch.empty(16, HEADS, P)

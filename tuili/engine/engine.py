@@ -162,7 +162,8 @@ class LLMEngine:
             kv_scales = kv_quant.prepare_scales(loaded.model, self.model_config, loaded.kv_scales,
                                                 self.tokenizer.encode, self.dtype, self.device, tp)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, StateSlots(slots) if slots else None)
+        snapshots = slots if config.enable_prefix_caching else 0  # see plan_state_slots
+        self.kv = KVCacheManager(self.pool, StateSlots(slots, snapshots) if slots else None)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
                                           self.max_model_len, num_blocks, self.dtype, self.device,
                                           loaded.model, eager)
@@ -171,7 +172,7 @@ class LLMEngine:
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
                                   self.pooler, self.ranks.channel if self.ranks else None,
-                                  self.kv_dtype, kv_scales, slots)
+                                  self.kv_dtype, kv_scales, slots, state_snapshots=snapshots)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)

@@ -127,6 +127,8 @@ class KVCacheManager:
             return
         hashes = self._hash_full_blocks(req, req.num_tokens - 1)
         blocks = self.pool.lookup(hashes[: (req.num_tokens - 1) // self.block_size])
+        if self.states is not None:
+            blocks = self._restorable(req, blocks, hashes)
         self.tables[req.request_id] = blocks
         self.registered[req.request_id] = len(blocks)
         req.num_computed_tokens = len(blocks) * self.block_size
@@ -151,7 +153,34 @@ class KVCacheManager:
                 self.tables[req.request_id] = blocks
             else:
                 table.extend(blocks)
+        if self.states is not None and self.pool.enable_caching:
+            self._snapshot_prompt_end(req, num_new_tokens)
         return True
+
+    def _restorable(self, req: Request, blocks: list[int], hashes: list[int]) -> list[int]:
+        """A hybrid's prefix hit: the cached blocks up to the last one whose end has a state
+        snapshot (the rest given back), its snapshot to be copied into the request's slot."""
+        keep = len(blocks)
+        while keep and self.states.find(hashes[keep - 1]) is None:
+            keep -= 1
+        self.pool.release(list(reversed(blocks[keep:])))
+        if keep:
+            self.states.restore[req.request_id] = self.states.find(hashes[keep - 1])
+        return blocks[:keep]
+
+    def _snapshot_prompt_end(self, req: Request, num_new_tokens: int) -> None:
+        """Queue a snapshot of a hybrid's states at its prompt's last block boundary (as far as
+        a later prefix hit can reach, match_prefix) when this step's chunk crosses it."""
+        end = (req.num_prompt_tokens - 1) // self.block_size * self.block_size
+        start = req.num_computed_tokens
+        if req.wants_prompt_logprobs or not start < end <= start + num_new_tokens:
+            return
+        h = self._hash_full_blocks(req, end)[end // self.block_size - 1]
+        self.states.save(req.request_id, end - start, h)
+
+    def take_state_ops(self):
+        """The step's queued state copies (state_cache.StateOps), or None (no states)."""
+        return self.states.take_ops() if self.states is not None else None
 
     def free(self, req: Request) -> None:
         """Give back the request's blocks (preempted, or not admitted this step): its hashes stay

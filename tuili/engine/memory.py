@@ -60,9 +60,10 @@ def plan_state_slots(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module,
                      ) -> tuple[int, int]:
     """(recurrent-state slots, bytes of one) for a hybrid model, (0, 0) for any other: a slot per
     running sequence, max_num_seqs of them, fewer where they would take more than STATE_SHARE of
-    the cache budget (the engine then lowers max_num_seqs to the slots). With num_kv_blocks set,
-    the states come on top of the blocks."""
-    per_seq = state_bytes_per_seq(model, dtype)
+    the cache budget (the engine then lowers max_num_seqs to the slots). With prefix caching a
+    slot comes with a snapshot of its size (state_cache.StateSlots). With num_kv_blocks set, the
+    states come on top of the blocks."""
+    per_seq = state_bytes_per_seq(model, dtype) * (2 if c.enable_prefix_caching else 1)
     if not per_seq:
         return 0, 0
     slots = c.max_num_seqs
@@ -73,9 +74,10 @@ def plan_state_slots(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module,
         raise InvalidParameter("kv_cache_memory_gb", f"one sequence's recurrent state takes "
                                f"{per_seq / 2**20:.1f} MiB, more than {STATE_SHARE:.0%} of the "
                                "cache budget; raise kv_cache_memory_gb or gpu_memory_utilization")
-    log.info("recurrent states: %d slots x %.2f MiB = %.2f GiB (%d mixer layers, %s)", slots,
+    log.info("recurrent states: %d slots x %.2f MiB = %.2f GiB (%d mixer layers, %s%s)", slots,
              per_seq / 2**20, slots * per_seq / 2**30, len(mc.mamba.layers) if mc.mamba else 0,
-             str(dtype).removeprefix("torch."))
+             str(dtype).removeprefix("torch."),
+             ", each with a prefix-cache snapshot" if c.enable_prefix_caching else "")
     return slots, per_seq
 
 

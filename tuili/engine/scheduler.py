@@ -41,6 +41,7 @@ class Batch:
     block_tables: list[list[int]] = field(default_factory=list)
     num_decodes: int = 0
     state_slots: list[int] = field(default_factory=list)  # empty: the model keeps no state
+    state_ops: object | None = None  # its slots' snapshot copies (engine/state_cache.StateOps)
 
     def add(self, req: Request, n: int, block_table: list[int], state_slot: int | None = None
             ) -> None:
@@ -123,6 +124,7 @@ class Scheduler:
                 batch.num_decodes = len(batch)
         if not preempted:
             self._admit_waiting(batch, budget)
+        batch.state_ops = self.kv.take_state_ops()
         for req, n in zip(batch.requests, batch.num_new):
             req.num_computed_tokens += n
         scheduled = {r.request_id for r in batch.requests}

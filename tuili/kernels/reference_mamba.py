@@ -91,17 +91,16 @@ def ssd_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
 # ---- the mixer's entry points: a step's rows against the state pools --------------------------
 
 def prefill_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   conv_pool: torch.Tensor, slots: list[int],
-                   prefills: list[tuple[int, int, int]]) -> torch.Tensor:
-    """The conv of each prefill sequence's rows (start, n, cached) of conv_x [tokens, channels],
-    its carried state read from conv_pool[slot] (zeros when cached == 0) and written back."""
-    out = torch.empty_like(conv_x)
+                   conv_pool: torch.Tensor, slots: list[int], prefills: list[tuple[int, int, int]],
+                   out: torch.Tensor) -> None:
+    """The conv of each prefill sequence's rows (start, n, cached) of conv_x [tokens, channels]
+    into out's rows, its carried state read from conv_pool[slot] (zeros when cached == 0) and
+    written back."""
     for slot, (start, n, cached) in zip(slots, prefills):
         rows = slice(start, start + n)
         state = conv_pool[slot] if cached else None
         out[rows], new = conv1d(conv_x[rows], weight, bias, state)
         conv_pool[slot] = new.to(conv_pool.dtype)
-    return out
 
 
 def decode_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -35,6 +35,8 @@ class AttentionMetadata:
     # A hybrid model's recurrent-state slot of each sequence [seqs] (engine/state_cache.py).
     state_slots: torch.Tensor | None = None
     state_slot_list: list[int] | None = None  # the same as host ints
+    # (sequence, tokens into its chunk, snapshot): states to snapshot part-way through a chunk
+    state_saves: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def one_prefill(cls, n: int, rope: RotaryEmbedding, device: torch.device) -> AttentionMetadata:

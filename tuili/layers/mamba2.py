@@ -42,8 +42,12 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = Linear(inter, hidden_size, bias=m.proj_bias)
         self.conv_state: torch.Tensor | None = None  # bound by the runner
         self.ssm_state: torch.Tensor | None = None
-        # The scan's device path, chosen once: Triton's kernels on the GPU, the references on CPU.
-        self._scan = triton_module("triton_mamba") if backend.name == "triton" else reference_mamba
+        self.conv_snapshots: torch.Tensor | None = None  # the prefix cache's (with prefix caching)
+        self.ssm_snapshots: torch.Tensor | None = None
+        # The conv's and scan's device path, chosen once: Triton's kernels on the GPU, the
+        # references on CPU.
+        self._kernels = triton_module("triton_mamba") if backend.name == "triton" \
+            else reference_mamba
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One slot's (conv state, SSM state) shapes."""
@@ -57,13 +61,16 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.backend.linear(h, self.in_proj).split([inter, m.conv_dim, heads], -1)
         conv_pool, ssm_pool, slots, host = self._pools(meta)
         nd, weight, bias = meta.num_decodes, self.conv1d.weight[:, 0, :], self.conv1d.bias
-        prefill_slots = host[nd:]
-        conv = torch.empty_like(xbc)
+        phases, saved = self._phases(meta, host[nd:]) if meta.prefills else ([], None)
+        kernels, conv = self._kernels, torch.empty_like(xbc)
         if nd:
-            conv[:nd] = reference_mamba.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd])
-        if meta.prefills:
-            conv[nd:] = reference_mamba.prefill_states(
-                xbc, weight, bias, conv_pool, prefill_slots, meta.prefills)[nd:]
+            conv[:nd] = kernels.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd])
+        args = [self._kernel_args(meta, slots, *phase, whole=i == 0 and not saved)
+                for i, phase in enumerate(phases)]
+        for i, (phase_slots, prefills) in enumerate(args):
+            kernels.prefill_states(xbc, weight, bias, conv_pool, phase_slots, prefills, conv)
+            if i == 0 and saved:
+                self._snapshot(conv_pool, self.conv_snapshots, saved)
         x, B, C = conv.split([inter, gn, gn], dim=-1)
         x = x.view(t, heads, m.head_dim)
         B, C = B.view(t, m.n_groups, m.state_size), C.view(t, m.n_groups, m.state_size)
@@ -71,15 +78,39 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = torch.empty(t, heads, m.head_dim, dtype=torch.float32, device=h.device)
         if nd:
-            y[:nd] = self._scan.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool,
-                                           slots[:nd])
-        if meta.prefills:
-            self._scan.ssd_prefill(x, dt, A, B, C, self.D, m.chunk_size, ssm_pool,
-                                   self._prefill_slots(meta, slots, prefill_slots),
-                                   self._prefills(meta), y)
+            y[:nd] = kernels.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool,
+                                        slots[:nd])
+        for i, (phase_slots, prefills) in enumerate(args):
+            kernels.ssd_prefill(x, dt, A, B, C, self.D, m.chunk_size, ssm_pool, phase_slots,
+                                prefills, y)
+            if i == 0 and saved:
+                self._snapshot(ssm_pool, self.ssm_snapshots, saved)
         out = reference_mamba.gated_rms_norm(y.view(t, inter), z, self.norm.weight, self.eps,
                                              inter // m.n_groups)
         return self.backend.linear(out.to(h.dtype), self.out_proj)
+
+    def _phases(self, meta: AttentionMetadata, slots: list[int]):
+        """The prefills in one phase, or (when some states are snapshotted part-way through a
+        chunk, a prefix-cache point) two: each saving sequence's rows up to its point, the rest
+        whole; then its remaining rows from the state left there. Returns ([(prefills, slots)],
+        (slots, snapshots) to copy between the phases or None)."""
+        saves = {seq - meta.num_decodes: (k, snap) for seq, k, snap in meta.state_saves or ()}
+        if not saves:
+            return [(meta.prefills, slots)], None
+        first, rest, rest_slots = [], [], []
+        for i, ((start, n, cached), slot) in enumerate(zip(meta.prefills, slots)):
+            k = saves[i][0] if i in saves else n
+            first.append((start, k, cached))
+            if k < n:
+                rest.append((start + k, n - k, cached + k))
+                rest_slots.append(slot)
+        phases = [(first, slots)] + ([(rest, rest_slots)] if rest else [])
+        return phases, ([slots[i] for i in saves], [snap for _, snap in saves.values()])
+
+    def _snapshot(self, pool: torch.Tensor, snapshots: torch.Tensor, saved) -> None:
+        device = pool.device
+        slots, snaps = (torch.tensor(v, device=device) for v in saved)
+        snapshots.index_copy_(0, snaps, pool.index_select(0, slots))
 
     def _pools(self, meta: AttentionMetadata):
         """(conv pool, SSM pool, each sequence's slot [seqs], the same as host ints): the bound
@@ -93,16 +124,18 @@ class Mamba2Mixer(nn.Module):
                 torch.zeros(seqs, *ssm, dtype=dtype, device=device),
                 torch.arange(seqs, device=device), list(range(seqs)))
 
-    def _prefill_slots(self, meta: AttentionMetadata, slots: torch.Tensor, host: list[int]):
-        """The prefill sequences' slots as the scan wants them: a device tensor for Triton's
-        kernel, host ints for the references."""
-        return slots[meta.num_decodes:] if self._scan is not reference_mamba else host
-
-    def _prefills(self, meta: AttentionMetadata):
-        """(first row, new tokens, cached tokens) per prefill: the [3, prefills] int32 device
-        tensor for Triton's kernel, the host list for the references."""
-        if self._scan is reference_mamba:
-            return meta.prefills
-        if meta.prefill_seqs is not None:
-            return meta.prefill_seqs
-        return torch.tensor(list(zip(*meta.prefills)), dtype=torch.int32, device=self.D.device)
+    def _kernel_args(self, meta: AttentionMetadata, slots: torch.Tensor, prefills, phase_slots,
+                     whole: bool):
+        """(slots, prefills) of a phase as the kernels want them: host lists for the
+        references; for Triton's device tensors (slots [seqs], prefills int32 [3, seqs]), the
+        step's own when the phase is its whole prefill."""
+        if self._kernels is reference_mamba:
+            return phase_slots, prefills
+        device = self.D.device
+        if whole:
+            seqs = meta.prefill_seqs
+            if seqs is None:
+                seqs = torch.tensor(list(zip(*prefills)), dtype=torch.int32, device=device)
+            return slots[meta.num_decodes:], seqs
+        return (torch.tensor(phase_slots, device=device),
+                torch.tensor(list(zip(*prefills)), dtype=torch.int32, device=device))
