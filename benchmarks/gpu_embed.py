@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile tuili's batch-64 calls: host time per step outside the "
+                         "forward, and the top CPU and CUDA ops")
     args = ap.parse_args()
     from tuili import LLM
 
@@ -125,6 +128,42 @@ def main() -> None:
     for batch in (1, 64):
         ours, theirs = best_rates([ours_fn, theirs_fn], items, batch, args.repeats)
         print(f"| {batch} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |", flush=True)
+    if args.profile:
+        profile(llm, ours_fn, items)
+
+
+def profile(llm, embed, items: list[str]) -> None:
+    """Where a batch-64 call's time goes: the forward's share of the wall time, then torch's
+    profiler over a few calls (the ops that take the most host and device time)."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = llm.engine.runner.model
+    forward, spent = model.forward, [0.0]
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        out = forward(*a, **k)
+        torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - start
+        return out
+
+    model.forward = timed
+    calls = [items[i:i + 64] for i in range(0, len(items), 64)]
+    start = time.perf_counter()
+    for batch in calls:
+        embed(batch)
+    wall = time.perf_counter() - start
+    model.forward = forward
+    print(f"\nbatch 64: {wall / len(calls) * 1e3:.2f} ms a call, the forward (synchronized) "
+          f"{spent[0] / len(calls) * 1e3:.2f} ms of it")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in calls:
+            embed(batch)
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -12,16 +12,21 @@ from safetensors.torch import save_file
 from tuili.models.gguf_file import open_gguf
 
 
-def tiny_llama(folder: Path, gguf_path: Path, heads: int = 4, kv: int = 1, inter: int = 256) -> None:
+def tiny_llama(folder: Path, gguf_path: Path | None, heads: int = 4, kv: int = 1,
+               inter: int = 256, tokenizer=None) -> None:
     """A Llama-shaped model with random weights: by default 4 query heads, 1 KV head (so 2 ranks
     hold it replicated), q/k/v biases, an untied LM head over a vocabulary that does not split
     evenly over 2 (SmolLM2's tokenizer, its chat template, and 3 spare ids). It loads in a
-    fraction of SmolLM2's time: for tests where the model's words are not the point."""
+    fraction of SmolLM2's time: for tests where the model's words are not the point.
+    tokenizer: a `tokenizers.Tokenizer` in place of SmolLM2's (its vocabulary and 3 spare ids;
+    no chat template), for a smaller embedding and LM head."""
     folder.mkdir()
-    tokenizer = open_gguf(gguf_path).tokenizer()
-    tokenizer.backend.save(str(folder / "tokenizer.json"))
-    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
-    h, d, vocab, layers = 128, 32, 49155, 2
+    if tokenizer is None:
+        smol = open_gguf(gguf_path).tokenizer()
+        tokenizer = smol.backend
+        (folder / "chat_template.jinja").write_text(smol.chat_template)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    h, d, vocab, layers = 128, 32, tokenizer.get_vocab_size() + 3, 2
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
            "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d,

@@ -118,8 +118,6 @@ class EngineConfig:
         SpeculativeConfig.parse(self.speculative_config)  # raises what to change
         need("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1")
         need("distributed_timeout_s", self.distributed_timeout_s > 0, "> 0")
-        need("kv_cache_dtype", self.kv_cache_dtype == "auto" or self.tensor_parallel_size == 1,
-             "auto under tensor parallelism (an FP8 cache's scales are not sharded yet)")
         return self
 
     @classmethod

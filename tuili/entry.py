@@ -102,6 +102,7 @@ class LLM(PoolingCalls):
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams],
                  stream: bool = True) -> list[str]:
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        prompts = self.tokenizer.encode_prompts(prompts)
         added = []
         try:
             for rid, prompt, p in zip(ids, prompts, params):

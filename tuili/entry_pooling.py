@@ -13,13 +13,14 @@ from tuili.scoring import pair_up, plan_scores, ranking
 
 
 class PoolingCalls:
-    """Mixed into LLM: needs self.engine and self._ids."""
+    """Mixed into LLM: needs self.engine, self.tokenizer and self._ids."""
 
     def encode(self, prompts: Sequence[str | list[int]],
                params: PoolingParams | Sequence[PoolingParams]) -> list[PoolingRequestOutput]:
         """Run pooling requests, batched; outputs in prompt order."""
         params = [params] * len(prompts) if isinstance(params, PoolingParams) else list(params)
         ids = [f"pool-{next(self._ids)}" for _ in prompts]
+        prompts = self.tokenizer.encode_prompts(list(prompts))
         final: dict[str, PoolingRequestOutput] = {}
         try:
             for rid, prompt, p in zip(ids, prompts, params):

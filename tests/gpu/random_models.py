@@ -106,8 +106,12 @@ def vocabulary_tokenizer(vocab: int, specials: int = 256, seed: int = 0) -> Toke
     return tok
 
 
-def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bfloat16):
-    """Save a random `name`-shaped model to `folder`; return the HF model (on the GPU)."""
+def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bfloat16,
+          branch_scale: float = 1.0):
+    """Save a random `name`-shaped model to `folder`; return the HF model (on the GPU).
+    branch_scale: the layers' output projections (o_proj, down_proj) scaled by it; below 1 each
+    layer adds less to the residual stream, so the network is less chaotic (two kernels' bf16
+    roundings lead less often to different greedy tokens)."""
     import transformers
 
     config_cls, model_cls, cfg = SHAPES[name]
@@ -116,6 +120,11 @@ def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bf
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = getattr(transformers, model_cls)(config).to(dtype).eval()
+    if branch_scale != 1.0:
+        with torch.no_grad():
+            for name_, p in model.named_parameters():
+                if name_.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(branch_scale)
     model.save_pretrained(folder)
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from tuili.analysis import mamba
 from tuili.analysis.moe import mlp_params, mlp_step
 from tuili.errors import InvalidParameter
 from tuili.kernels.reference_gguf import TYPES as GGUF_TYPES
@@ -35,6 +36,8 @@ COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "
                  "int4": "bf16", "int4-g32": "bf16", **{t.lower(): "bf16" for t in GGUF_TYPES}}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 OP_NAMES = ("embedding", "qkv_proj", "attention", "o_proj", "mlp", "lm_head")
+# a hybrid's mixer layers add these two, before the MLP (analysis/mamba.py)
+MIXER_OPS = ("mixer_proj", "mixer")
 
 
 def weight_bytes_per_param(fmt: str) -> float:
@@ -110,7 +113,7 @@ def attention(c: ModelConfig, seqs: list[tuple[int, int]], kv_bytes: float, act_
     flops = read = written = 0.0
     nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
     # Layers of one window, and sequences of one shape, cost the same: count each once.
-    for window, layers in Counter(c.windows()).items():
+    for window, layers in Counter(mamba.attention_windows(c)).items():
         for (n, ctx), times in Counter(seqs).items():
             k = layers * times
             flops += k * 4.0 * nh * d * keys_seen(ctx - n, n, window)
@@ -149,11 +152,28 @@ def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
     # every layer's MLP; a MoE layer's reads only the experts its tokens chose (analysis/moe.py)
     flops, params, act_in, act_out = mlp_step(c, t)
     mlp = Op("mlp", flops, params * wb + act_in * ab, act_out * ab, cd)
-    layer_ops = [_times(op, layers) for op in (qkv, o)] + [mlp]
+    attending = c.num_attention_layers
+    layer_ops = [_times(op, attending) for op in (qkv, o)] + [mlp]
     head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, compute_dtype(precision.head))
+    mixers = _mixer_ops(c, seqs, t, wb, ab, cd, kvb) if c.mamba else []
     return [embedding_gather(t, h, hb, ab), layer_ops[0],
             attention(c, seqs, kvb, ab, "fp32" if ab == 4 else "bf16"),
-            layer_ops[1], layer_ops[2], head]
+            layer_ops[1], *mixers, layer_ops[2], head]
+
+
+def _mixer_ops(c: ModelConfig, seqs: list[tuple[int, int]], t: int, wb: float, ab: int,
+               cd: str, state_bytes: float) -> list[Op]:
+    """A hybrid's mixer layers: in_proj and out_proj as one operator, the conv + scan + norm
+    (its state kept in the K/V format) as the other."""
+    n_in, n_out = mamba.projection_sizes(c)
+    layers = mamba.mixer_layers(c)
+    proj = matmul("mixer_proj", t, c.hidden_size, n_in, wb, ab, cd)
+    out = matmul("mixer_proj", t, n_out, c.hidden_size, wb, ab, cd)
+    both = Op("mixer_proj", (proj.flops + out.flops) * layers,
+              (proj.bytes_read + out.bytes_read) * layers,
+              (proj.bytes_written + out.bytes_written) * layers, cd)
+    flops, read, written = mamba.scan_step(c, seqs, state_bytes, ab)
+    return [both, Op("mixer", flops, read, written, "fp32")]
 
 
 def _times(op: Op, k: int) -> Op:
@@ -173,17 +193,19 @@ def decode_ops(c: ModelConfig, batch: int, context: int, precision: Precision = 
 def num_params(c: ModelConfig) -> dict[str, int]:
     """Parameter counts: the linear layers (every expert), and the embedding/LM-head tables."""
     tables = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return {"layers": _attention_params(c) + mlp_params(c)[0], "tables": tables}
+    return {"layers": _attention_params(c) + mamba.mixer_params(c) + mlp_params(c)[0],
+            "tables": tables}
 
 
 def active_params(c: ModelConfig) -> int:
     """The parameters one token passes through (fewer than all for a mixture of experts)."""
-    return _attention_params(c) + mlp_params(c)[1] + num_params(c)["tables"]
+    return _attention_params(c) + mamba.mixer_params(c) + mlp_params(c)[1] + \
+        num_params(c)["tables"]
 
 
 def _attention_params(c: ModelConfig) -> int:
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return (c.hidden_size * (q + 2 * kv) + q * c.hidden_size) * c.num_layers
+    return (c.hidden_size * (q + 2 * kv) + q * c.hidden_size) * c.num_attention_layers
 
 
 def weight_bytes(c: ModelConfig, precision: Precision = Precision()) -> float:

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from tuili.analysis import memory, roofline
+from tuili.analysis import mamba, memory, roofline
 from tuili.analysis import ops as opsmod
 from tuili.analysis.devices import Device
 from tuili.errors import InvalidParameter
@@ -28,7 +28,7 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
     dec = roofline.place_all(opsmod.decode_ops(c, batch, context, precision), device, "decode")
     pre_t, dec_t = roofline.totals(pre), roofline.totals(dec)
     plan = memory.plan(c, precision, device.memory_bytes)
-    fits = plan.max_kv_tokens // context
+    fits = plan.max_batch(context)
     sweep = roofline.decode_sweep(c, device, context, precision, list(SWEEP_BATCHES), fits)
     params = opsmod.num_params(c)
     return {
@@ -40,7 +40,8 @@ def analyze(c: ModelConfig, device: Device, precision: opsmod.Precision, batch: 
                   "head_dim": c.head_dim, "intermediate": c.intermediate_size,
                   "vocab": c.vocab_size, "max_context": c.max_position_embeddings,
                   "sliding_windows": sorted({w for w in c.windows() if w}),
-                  "sliding_layers": sum(1 for w in c.windows() if w)},
+                  "sliding_layers": sum(1 for w in c.windows() if w),
+                  "mixer_layers": mamba.mixer_layers(c)},
         "device": {"name": device.name, "bandwidth_bytes_per_s": device.bandwidth,
                    "peak_flops": device.flops, "memory_bytes": device.memory_bytes,
                    "compute_dtype": opsmod.compute_dtype(precision.weights),
@@ -129,7 +130,7 @@ def format_report(r: dict, markdown: bool = False) -> str:
            f"time-per-output-token floor (decode, batch {r['batch']}): "
            f"{_ms(r['decode']['tpot_floor_s'])} ms -> at most "
            f"{r['decode']['tokens_per_s_ceiling']:,.0f} tok/s, intensity "
-           f"{r['decode']['intensity']:.3g} FLOP/B", *_window_lines(r), "",
+           f"{r['decode']['intensity']:.3g} FLOP/B", *_window_lines(r), *_state_lines(r), "",
            f"memory: weights {mem['weight_bytes'] / 2**30:.2f} GiB, KV {mem['kv_bytes_per_token'] / 1024:.4g} "
            f"KiB/token, {mem['kv_budget_bytes'] / 2**30:.2f} GiB for KV at utilization "
            f"{mem['utilization']} -> {mem['max_kv_tokens']:,} tokens",
@@ -166,6 +167,17 @@ def _window_lines(r: dict) -> list[str]:
             f"{windows} tokens; a decode step reads {dec['kv_read_bytes_per_seq'] / 2**20:.4g} MiB "
             f"of K/V a sequence at context {r['decode_context']:,} "
             f"({dec['kv_read_bytes_per_seq_full'] / 2**20:.4g} MiB without the windows)"]
+
+
+def _state_lines(r: dict) -> list[str]:
+    """A hybrid's fixed state per sequence beside its attention layers' K/V (nothing otherwise)."""
+    m, mem = r["model"], r["memory"]
+    if not m.get("mixer_layers"):
+        return []
+    return [f"recurrent state: {m['mixer_layers']} of {m['layers']} layers are Mamba-2 mixers, "
+            f"{mem['state_bytes_per_seq'] / 2**20:.4g} MiB a sequence whatever its length; the "
+            f"other {m['layers'] - m['mixer_layers']} keep "
+            f"{mem['kv_bytes_per_token'] / 1024:.4g} KiB of K/V a token"]
 
 
 def _crossover_line(sweep: dict) -> str:

@@ -82,7 +82,7 @@ def decode_sweep(c: ModelConfig, device: Device, context: int, precision: opsmod
     for b in batches:
         placed = place_all(opsmod.decode_ops(c, b, context, precision), device, "decode")
         tot = totals(placed)
-        linears = [p for p in placed if p.name in ("qkv_proj", "o_proj", "mlp")]
+        linears = [p for p in placed if p.name in ("qkv_proj", "o_proj", "mixer_proj", "mlp")]
         lin_flops, lin_bytes = sum(p.flops for p in linears), sum(p.bytes for p in linears)
         ridge = device.ridge(opsmod.compute_dtype(precision.weights))
         lin_i = lin_flops / lin_bytes

@@ -55,6 +55,7 @@ def run_rank(config: EngineConfig, rank: int, addr: str | None = None,
     from tuili.engine.pooling_setup import choose_task
     from tuili.engine.runner import ModelRunner
     from tuili.kernels import HAS_TRITON
+    from tuili.layers import kv_quant
     from tuili.models import loader
 
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
@@ -72,11 +73,16 @@ def run_rank(config: EngineConfig, rank: int, addr: str | None = None,
     eager = config.enforce_eager or not HAS_TRITON or device.type != "cuda"
     prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
                                                config.max_num_batched_tokens)
+    kv_dtype = kv_quant.cache_dtype(config.kv_cache_dtype, dtype)
     num_blocks, max_model_len = plan_kv_cache(config, loaded.config, loaded.model, dtype, device,
-                                              prefill_graph_tokens, tp)
+                                              prefill_graph_tokens, tp, kv_dtype)
+    kv_scales = None
+    if kv_dtype != dtype:  # an FP8 cache: calibration (if any) runs the model's collectives
+        kv_scales = kv_quant.prepare_scales(loaded.model, loaded.config, loaded.kv_scales,
+                                            loaded.tokenizer.encode, dtype, device, tp)
     runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size,
                          max_model_len, dtype, device, 0 if eager else config.max_num_seqs,
-                         prefill_graph_tokens)
+                         prefill_graph_tokens, kv_dtype=kv_dtype, kv_scales=kv_scales)
     channel = StepChannel(tp, device)
     threading.Thread(target=_watch_stop, args=(tp, rank), daemon=True).start()
     try:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from tuili.engine.inputs import pad_tables
 from tuili.engine.sampler import CANDIDATES, GraphSample, row_argmax, sample_on_gpu
+from tuili.engine.state_cache import scratch_slot
 from tuili.engine.transfer import copy_rows, readbacks_done, to_device, upload
 from tuili.kernels import triton_module
 from tuili.layers.attention import AttentionMetadata
@@ -78,14 +79,22 @@ def tapped(model: torch.nn.Module) -> torch.Tensor | None:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, rope: RotaryEmbedding, max_batch: int,
-                 max_blocks: int, block_size: int, device: torch.device, pool=None):
+                 max_blocks: int, block_size: int, device: torch.device, pool=None,
+                 sampling: bool = True):
         self.model, self.rope, self.block_size = model, rope, block_size
         self.sizes = [s for s in SIZES if s < max_batch] + [max_batch]
         long = dict(dtype=torch.long, device=device)
-        # Per batch size, one flat buffer of ids, positions, slots and lengths: one copy a step.
-        self.inputs = {size: torch.zeros(4, size, **long) for size in self.sizes}
+        # A hybrid's rows also name their recurrent-state slots; padding rows (and the capture)
+        # update a scratch slot no sequence holds.
+        self.scratch = scratch_slot(model)
+        # Per batch size, one flat buffer of ids, positions, slots and lengths (and state
+        # slots): one copy a step.
+        rows = 4 if self.scratch is None else 5
+        self.inputs = {size: torch.zeros(rows, size, **long) for size in self.sizes}
         for inputs in self.inputs.values():
             inputs[2].fill_(-1)  # no KV writes while capturing
+            if self.scratch is not None:
+                inputs[4].fill_(self.scratch)
         self.tables = torch.zeros(max_batch, max_blocks, **long)
         self._tables_held: list[list[int]] = []  # what the first rows of self.tables hold now
         start = time.perf_counter()
@@ -97,13 +106,14 @@ class DecodeGraphs:
         self.argmax = {size: out[1] for size, out in outputs.items()}
         self.tapped = {size: out[2] for size, out in outputs.items()}  # the model's tap, if set
         # Sampling graphs: per size, the rows' parameters (floats: 1 / temperature, top_p, min_p;
-        # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one).
+        # ints: top_k, seed), and a graph per candidate width (Sampler.row_params picks one);
+        # none without `sampling` (a draft samples its own way: spec_decode/draft_model.py).
         vocab = self.logits[self.sizes[0]].shape[1]
         self.widths = sorted({1, min(vocab, CANDIDATES), vocab})
         self.sample_params = {
             size: (torch.zeros(3, size, dtype=torch.float32, device=device),
                    torch.zeros(2, size, **long))
-            for size in self.sizes if size <= SAMPLE_BATCH}
+            for size in self.sizes if sampling and size <= SAMPLE_BATCH}
         # The masked twins' inputs, shared by every size (one replay at a time): the grammar
         # bitmask (all ones: every token allowed) and the masked float32 logits.
         rows = max(self.sample_params, default=0)
@@ -126,10 +136,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, positions, slots, seq_lens = self.inputs[size]
+        ids, positions, slots, seq_lens = self.inputs[size][:4]
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=self.tables[:size], seq_lens=seq_lens,
             positions=positions, rope=self.rope, num_decodes=size, max_decode_len=0, prefills=[])
+        if self.scratch is not None:
+            meta.state_slots = self.inputs[size][4]
         logits = self.model.logits(self.model(ids, meta))
         return logits, row_argmax(logits, also=ids), tapped(self.model)
 
@@ -170,16 +182,20 @@ class DecodeGraphs:
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             tables: list[list[int]], feed: tuple[list[int], list[int]] = ([], []),
-            tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens: torch.Tensor | None = None, state_slots: list[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [n, vocab] and their argmax [n] for a step of n decodes (one new token each:
-        its id, position, cache slot and block table). The input tokens of rows feed[0] are
-        still on the device (0 stands in for them in ids): rows feed[1] of `tokens`."""
+        its id, position, cache slot and block table, and a hybrid's state slot). The input
+        tokens of rows feed[0] are still on the device (0 stands in for them in ids): rows
+        feed[1] of `tokens`."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
         tables = pad_tables(tables)
         pad = [0] * (size - n)
         inputs = self.inputs[size]
         rest = [positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad]
+        if self.scratch is not None:
+            rest.append(state_slots + [self.scratch] * len(pad))
         if (tokens is not None and self._fills.get(tokens.data_ptr()) == size
                 and feed[0] == feed[1] == list(range(n))):
             upload(inputs[1:], rest)  # every id is this size's last token, already in place

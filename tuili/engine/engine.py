@@ -13,7 +13,7 @@ from tuili.config import EngineConfig
 from tuili.distributed.group import SINGLE
 from tuili.engine.cuda_graphs import PREFILL_SEQS
 from tuili.engine.kv_cache import BlockPool, KVCacheManager, PrefixCacheStats
-from tuili.engine.memory import plan_kv_cache
+from tuili.engine.memory import plan_kv_cache, plan_state_slots
 from tuili.engine.output import OutputProcessor
 from tuili.engine.pooling_output import PoolingOutputProcessor, PoolingRequestOutput
 from tuili.engine.pooling_setup import check_pooling_request, choose_task
@@ -23,6 +23,7 @@ from tuili.engine.runner import DeviceTokens, ModelRunner, StepOutput
 from tuili.engine.sampler import SampledTokens, Sampler
 from tuili.engine.scheduler import Batch, Scheduler
 from tuili.engine.spec_decode.setup import make_speculator
+from tuili.engine.state_cache import StateSlots, hybrid_config, state_layers
 from tuili.engine.transfer import to_device
 from tuili.errors import InvalidParameter, PromptTooLong, WrongTask
 from tuili.kernels import HAS_TRITON
@@ -136,6 +137,9 @@ class LLMEngine:
         self.task, self.pooling_config, config = choose_task(config, loaded)
         self.config = config
         self.pooler = Pooler(loaded.model, self.pooling_config) if self.pooling_config else None
+        hybrid = bool(state_layers(loaded.model))  # recurrent states beside the KV cache
+        if hybrid:
+            config = self.config = hybrid_config(config, self.device)
         # CUDA graphs: decode batches up to max_num_seqs, prefill steps up to this many tokens.
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
@@ -143,24 +147,32 @@ class LLMEngine:
         # An encoder keeps no KV cache between steps: nothing to quantize.
         self.kv_dtype = self.dtype if getattr(loaded.model, "is_encoder", False) else \
             kv_quant.cache_dtype(config.kv_cache_dtype, self.dtype)
+        slots, slot_bytes = plan_state_slots(config, self.model_config, loaded.model, self.dtype,
+                                             self.device, self.prefill_graph_tokens)
+        if hybrid and slots < config.max_num_seqs:
+            log.info("max_num_seqs lowered from %d to the %d recurrent-state slots that fit",
+                     config.max_num_seqs, slots)
+            config = self.config = replace(config, max_num_seqs=slots)
         num_blocks, self.max_model_len = plan_kv_cache(config, self.model_config, loaded.model,
                                                        self.dtype, self.device,
-                                                       self.prefill_graph_tokens, tp, self.kv_dtype)
+                                                       self.prefill_graph_tokens, tp, self.kv_dtype,
+                                                       slots * slot_bytes)
         kv_scales = None
         if self.kv_dtype != self.dtype:
             kv_scales = kv_quant.prepare_scales(loaded.model, self.model_config, loaded.kv_scales,
-                                                self.tokenizer.encode, self.dtype, self.device)
+                                                self.tokenizer.encode, self.dtype, self.device, tp)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
+        snapshots = slots if config.enable_prefix_caching else 0  # see plan_state_slots
+        self.kv = KVCacheManager(self.pool, StateSlots(slots, snapshots) if slots else None)
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
                                           self.max_model_len, num_blocks, self.dtype, self.device,
-                                          loaded.model)
+                                          loaded.model, eager)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,
                                   self.pooler, self.ranks.channel if self.ranks else None,
-                                  self.kv_dtype, kv_scales)
+                                  self.kv_dtype, kv_scales, slots, state_snapshots=snapshots)
         self.sampler = Sampler(config.seed, self.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)

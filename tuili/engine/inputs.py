@@ -39,3 +39,8 @@ class StepInputs:
     # (rows here, rows of the last step's device tokens) of ids not read back yet
     feed: tuple[list[int], list[int]] = ([], [])
     num_device_tokens: int = 0  # rows in that tensor (a rank's copy of it is this long)
+    state_slots: list[int] = field(default_factory=list)  # per sequence (a hybrid model's)
+    # its prefix-cache snapshots: (snapshot, slot) copies before the step; (sequence, tokens
+    # into its chunk, snapshot) states taken part-way
+    state_restores: list[tuple[int, int]] = field(default_factory=list)
+    state_saves: list[tuple[int, int, int]] = field(default_factory=list)

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tuili.engine.request import Request
+from tuili.engine.state_cache import StateSlots
 
 
 def chain_hash(parent: int | None, tokens: list[int]) -> int:
@@ -94,10 +95,13 @@ class BlockPool:
 class KVCacheManager:
     """Gives requests the blocks they need and owns each one's block table (request id ->
     block ids) and prefix-cache progress (its full blocks' chained hashes, kept across
-    preemption, and how many of its blocks are registered); the pool owns block state."""
+    preemption, and how many of its blocks are registered); the pool owns block state. A hybrid
+    model's requests also hold a recurrent-state slot (`states`), taken and given back with their
+    blocks."""
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, states: StateSlots | None = None):
         self.pool = pool
+        self.states = states
         self.block_size = pool.block_size
         self.tables: dict[str, list[int]] = {}
         self.hashes: dict[str, list[int]] = {}
@@ -106,6 +110,10 @@ class KVCacheManager:
     def block_ids(self, req: Request) -> list[int]:
         """The request's block table (empty when it holds no blocks)."""
         return self.tables.get(req.request_id, [])
+
+    def state_slot(self, req: Request) -> int | None:
+        """The request's recurrent-state slot (None: the model keeps no such state)."""
+        return self.states.slot(req.request_id) if self.states is not None else None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -119,6 +127,8 @@ class KVCacheManager:
             return
         hashes = self._hash_full_blocks(req, req.num_tokens - 1)
         blocks = self.pool.lookup(hashes[: (req.num_tokens - 1) // self.block_size])
+        if self.states is not None:
+            blocks = self._restorable(req, blocks, hashes)
         self.tables[req.request_id] = blocks
         self.registered[req.request_id] = len(blocks)
         req.num_computed_tokens = len(blocks) * self.block_size
@@ -135,13 +145,42 @@ class KVCacheManager:
         need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(table or ())
         if need > self.pool.num_free:
             return False
+        if self.states is not None and not self.states.take(req.request_id):
+            return False
         if need > 0:
             blocks = self.pool.allocate(need)
             if table is None:
                 self.tables[req.request_id] = blocks
             else:
                 table.extend(blocks)
+        if self.states is not None and self.pool.enable_caching:
+            self._snapshot_prompt_end(req, num_new_tokens)
         return True
+
+    def _restorable(self, req: Request, blocks: list[int], hashes: list[int]) -> list[int]:
+        """A hybrid's prefix hit: the cached blocks up to the last one whose end has a state
+        snapshot (the rest given back), its snapshot to be copied into the request's slot."""
+        keep = len(blocks)
+        while keep and self.states.find(hashes[keep - 1]) is None:
+            keep -= 1
+        self.pool.release(list(reversed(blocks[keep:])))
+        if keep:
+            self.states.restore[req.request_id] = self.states.find(hashes[keep - 1])
+        return blocks[:keep]
+
+    def _snapshot_prompt_end(self, req: Request, num_new_tokens: int) -> None:
+        """Queue a snapshot of a hybrid's states at its prompt's last block boundary (as far as
+        a later prefix hit can reach, match_prefix) when this step's chunk crosses it."""
+        end = (req.num_prompt_tokens - 1) // self.block_size * self.block_size
+        start = req.num_computed_tokens
+        if req.wants_prompt_logprobs or not start < end <= start + num_new_tokens:
+            return
+        h = self._hash_full_blocks(req, end)[end // self.block_size - 1]
+        self.states.save(req.request_id, end - start, h)
+
+    def take_state_ops(self):
+        """The step's queued state copies (state_cache.StateOps), or None (no states)."""
+        return self.states.take_ops() if self.states is not None else None
 
     def free(self, req: Request) -> None:
         """Give back the request's blocks (preempted, or not admitted this step): its hashes stay
@@ -149,6 +188,8 @@ class KVCacheManager:
         # Release the tail first so that a prefix's later blocks are evicted before its head.
         self.pool.release(list(reversed(self.tables.pop(req.request_id, []))))
         self.registered.pop(req.request_id, None)
+        if self.states is not None:
+            self.states.release(req.request_id)
         req.num_computed_tokens = 0
 
     def trim(self, req: Request) -> None:

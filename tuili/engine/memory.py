@@ -9,28 +9,33 @@ import torch
 from tuili.config import EngineConfig
 from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.engine.runner import profile_activation_bytes
+from tuili.engine.state_cache import state_bytes_per_seq
 from tuili.errors import InvalidParameter
 from tuili.kernels import HAS_TRITON
 from tuili.models.config import ModelConfig
 
 log = logging.getLogger("tuili")
+# At most this share of the cache budget goes to recurrent states; the rest holds K/V blocks.
+STATE_SHARE = 0.5
 
 
 def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,
                   device: torch.device, prefill_graph_tokens: int,
-                  tp: TensorParallel = SINGLE, kv_dtype: torch.dtype | None = None
-                  ) -> tuple[int, int]:
+                  tp: TensorParallel = SINGLE, kv_dtype: torch.dtype | None = None,
+                  reserved_bytes: float = 0) -> tuple[int, int]:
     """(KV-cache blocks, max_model_len) for this config, the cache in kv_dtype (default: dtype;
     FP8 takes one byte an element); errors say which option to change.
     Under tensor parallelism each rank sizes its own (its KV heads, its free memory) and all
-    take the smallest count: the scheduler's block ids must exist on every rank."""
+    take the smallest count: the scheduler's block ids must exist on every rank.
+    reserved_bytes: taken from the budget first (a hybrid model's recurrent states)."""
     layers = model.attention_layers()
     kv_dtype = kv_dtype or dtype
     element = torch.finfo(kv_dtype).bits // 8
     per_token = 2 * sum(a.num_kv_heads * a.head_dim for a in layers) * element
     per_block = c.block_size * (per_token or mc.kv_bytes_per_token(element))
     num_blocks = tp.min_over_ranks(c.num_kv_blocks or int(
-        _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) // per_block))
+        (_kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens) - reserved_bytes)
+        // per_block))
     capacity = num_blocks * c.block_size
     if num_blocks < 1:
         raise InvalidParameter("kv_cache_memory_gb", f"the KV-cache budget holds no block of "
@@ -48,6 +53,32 @@ def plan_kv_cache(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtyp
              num_blocks, c.block_size, capacity, num_blocks * per_block / 2**30,
              str(kv_dtype).removeprefix("torch."), max_len)
     return num_blocks, max_len
+
+
+def plan_state_slots(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module,
+                     dtype: torch.dtype, device: torch.device, prefill_graph_tokens: int
+                     ) -> tuple[int, int]:
+    """(recurrent-state slots, bytes of one) for a hybrid model, (0, 0) for any other: a slot per
+    running sequence, max_num_seqs of them, fewer where they would take more than STATE_SHARE of
+    the cache budget (the engine then lowers max_num_seqs to the slots). With prefix caching a
+    slot comes with a snapshot of its size (state_cache.StateSlots). With num_kv_blocks set, the
+    states come on top of the blocks."""
+    per_seq = state_bytes_per_seq(model, dtype) * (2 if c.enable_prefix_caching else 1)
+    if not per_seq:
+        return 0, 0
+    slots = c.max_num_seqs
+    if c.num_kv_blocks is None:
+        budget = _kv_budget_bytes(c, mc, model, dtype, device, prefill_graph_tokens)
+        slots = min(slots, int(budget * STATE_SHARE // per_seq))
+    if slots < 1:
+        raise InvalidParameter("kv_cache_memory_gb", f"one sequence's recurrent state takes "
+                               f"{per_seq / 2**20:.1f} MiB, more than {STATE_SHARE:.0%} of the "
+                               "cache budget; raise kv_cache_memory_gb or gpu_memory_utilization")
+    log.info("recurrent states: %d slots x %.2f MiB = %.2f GiB (%d mixer layers, %s%s)", slots,
+             per_seq / 2**20, slots * per_seq / 2**30, len(mc.mamba.layers) if mc.mamba else 0,
+             str(dtype).removeprefix("torch."),
+             ", each with a prefix-cache snapshot" if c.enable_prefix_caching else "")
+    return slots, per_seq
 
 
 def _kv_budget_bytes(c: EngineConfig, mc: ModelConfig, model: torch.nn.Module, dtype: torch.dtype,

@@ -15,6 +15,7 @@ import torch
 from tuili.engine.request import Request
 from tuili.engine.sampler import GraphSample
 from tuili.engine.scheduler import Batch
+from tuili.engine.state_cache import bind_states, restore_states
 from tuili.engine.inputs import StepInputs, add_slots, pad_tables
 from tuili.engine.transfer import copy_rows, to_device
 from tuili.layers import kv_quant
@@ -80,7 +81,11 @@ class ModelRunner:
                  block_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph_batch: int = 0, prefill_graph_tokens: int = 0, pooler=None,
                  channel=None, kv_dtype: torch.dtype | None = None,
-                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 state_slots: int = 0, graph_sampling: bool = True, state_snapshots: int = 0):
+        """state_slots, state_snapshots: a hybrid model's recurrent-state slots and prefix-cache
+        snapshots (engine/state_cache.py); graph_sampling: decode graphs also sample (a draft's
+        do not)."""
         self.model, self.config, self.device = model, config, device
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
@@ -95,6 +100,8 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         if kv_scales is not None:
             kv_quant.bind(model.attention_layers(), kv_scales)
+        if state_slots:
+            bind_states(model, state_slots, dtype, device, state_snapshots)
         self.rope = RotaryEmbedding(config.head_dim, max_model_len, config.rope_theta,
                                     config.rope_scaling, dtype, device, config.rope_local_theta)
         self.graphs = self.prefill_graphs = None
@@ -110,7 +117,7 @@ class ModelRunner:
                 pool = self.prefill_graphs.pool
             if cuda_graph_batch:
                 self.graphs = DecodeGraphs(model, self.rope, cuda_graph_batch, max_blocks,
-                                           block_size, device, pool)
+                                           block_size, device, pool, graph_sampling)
 
     @torch.inference_mode()
     def execute(self, batch: Batch, pending: DeviceTokens | None = None) -> StepOutput:
@@ -176,7 +183,12 @@ class ModelRunner:
         sample_rows += verify_rows  # a verify step's rows follow the sampled ones (take_logits)
         inputs = StepInputs(ids, positions, slots, tables, seq_lens, seqs, batch.num_decodes,
                             sample_rows, prompt_rows, pool_seqs, feed,
-                            pending.tokens.shape[0] if pending else 0)
+                            pending.tokens.shape[0] if pending else 0, batch.state_slots)
+        ops = batch.state_ops
+        if ops is not None and (ops.restores or ops.saves):
+            index = {r.request_id: i for i, r in enumerate(batch.requests)}
+            inputs.state_restores = ops.restores
+            inputs.state_saves = [(index[rid], offset, snap) for rid, offset, snap in ops.saves]
         return inputs, out, prompt_reqs
 
     @torch.inference_mode()
@@ -185,9 +197,12 @@ class ModelRunner:
         calls, so the same collectives); `tokens`: the last step's, for the rows of inputs.feed."""
         feed, seqs, sample_rows = inputs.feed, inputs.seqs, inputs.sample_rows
         num_tokens, ran = len(inputs.ids), ModelOutputs()
+        if inputs.state_restores:  # prefix hits of a hybrid: their states before the step
+            restore_states(self.model, inputs.state_restores, self.device)
         if self.graphs and inputs.num_decodes == len(seqs) <= self.graphs.max_batch:
             ran.sample_logits, ran.sample_argmax = self.graphs.run(
-                inputs.ids, inputs.positions, inputs.slots, inputs.tables, feed, tokens)
+                inputs.ids, inputs.positions, inputs.slots, inputs.tables, feed, tokens,
+                inputs.state_slots)
             ran.decode_graph = True
             return ran
         # A step with prefills replays a prefill graph when it fits, its decodes (if any) taken
@@ -209,6 +224,10 @@ class ModelRunner:
             num_decodes=nd, max_decode_len=max(inputs.seq_lens[:nd], default=0),
             prefills=seqs[nd:],
         )
+        if inputs.state_slots:
+            meta.state_slots = to_device(inputs.state_slots, long, dev)
+            meta.state_slot_list = inputs.state_slots
+            meta.state_saves = inputs.state_saves
         rows = to_device(sample_rows, long, dev) if sample_rows else None
         input_ids = to_device(inputs.ids, long, dev)
         if feed[0]:

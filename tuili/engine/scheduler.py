@@ -34,18 +34,23 @@ StopStrings = Callable[[Request, int, bool], str | None]
 @dataclass
 class Batch:
     """What one step computes: for each request, its next `num_new` tokens from position `starts`
-    (decodes first), and its block table."""
+    (decodes first), its block table, and (a hybrid model's) its recurrent-state slot."""
     requests: list[Request] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     num_decodes: int = 0
+    state_slots: list[int] = field(default_factory=list)  # empty: the model keeps no state
+    state_ops: object | None = None  # its slots' snapshot copies (engine/state_cache.StateOps)
 
-    def add(self, req: Request, n: int, block_table: list[int]) -> None:
+    def add(self, req: Request, n: int, block_table: list[int], state_slot: int | None = None
+            ) -> None:
         self.requests.append(req)
         self.num_new.append(n)
         self.starts.append(req.num_computed_tokens)
         self.block_tables.append(block_table)
+        if state_slot is not None:
+            self.state_slots.append(state_slot)
 
     @property
     def num_tokens(self) -> int:
@@ -113,12 +118,13 @@ class Scheduler:
                 if not self._allocate_or_preempt(req, n, batch):
                     preempted = True
                     continue
-                batch.add(req, n, self.kv.block_ids(req))
+                batch.add(req, n, self.kv.block_ids(req), self.kv.state_slot(req))
                 budget -= n
             if group is decodes:
                 batch.num_decodes = len(batch)
         if not preempted:
             self._admit_waiting(batch, budget)
+        batch.state_ops = self.kv.take_state_ops()
         for req, n in zip(batch.requests, batch.num_new):
             req.num_computed_tokens += n
         scheduled = {r.request_id for r in batch.requests}
@@ -224,5 +230,5 @@ class Scheduler:
                 self.kv.count_admission(req)
             req.status = Status.RUNNING
             self.running.append(req)
-            batch.add(req, n, self.kv.block_ids(req))
+            batch.add(req, n, self.kv.block_ids(req), self.kv.state_slot(req))
             budget -= n

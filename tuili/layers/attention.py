@@ -32,6 +32,11 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, int]]
     # The same as an int32 [3, num_prefills] device tensor, for the GPU prefill kernel.
     prefill_seqs: torch.Tensor | None = None
+    # A hybrid model's recurrent-state slot of each sequence [seqs] (engine/state_cache.py).
+    state_slots: torch.Tensor | None = None
+    state_slot_list: list[int] | None = None  # the same as host ints
+    # (sequence, tokens into its chunk, snapshot): states to snapshot part-way through a chunk
+    state_saves: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def one_prefill(cls, n: int, rope: RotaryEmbedding, device: torch.device) -> AttentionMetadata:
@@ -85,9 +90,8 @@ class TorchAttention:
 
     def forward(self, layer: Attention, qkv: torch.Tensor, meta: AttentionMetadata,
                 q_norm=None, k_norm=None) -> torch.Tensor:
-        cos_sin = meta.local_folded_cos_sin if layer.local_rope else meta.folded_cos_sin
-        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm,
-                            folded=True)
+        q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads,
+                            *_cos_sin(layer, meta, folded=True), q_norm, k_norm, folded=True)
         scales = layer.k_scale, layer.v_scale
         reference.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
@@ -123,6 +127,16 @@ class TorchAttention:
         return slots[-layer.window:] if layer.window > 0 else slots
 
 
+def _cos_sin(layer: Attention, meta: AttentionMetadata, folded: bool = False):
+    """The layer's rotary tables for the step's tokens ((None, None): a layer without rotary);
+    folded: sin as reference.fold_sin gives it (the torch path's)."""
+    if not layer.rotary:
+        return None, None
+    if folded:
+        return meta.local_folded_cos_sin if layer.local_rope else meta.folded_cos_sin
+    return meta.local_cos_sin if layer.local_rope else meta.cos_sin
+
+
 class TritonAttention:
     """Triton's kernels: one for rotary (with q/k norms) and the K/V store, where head_dim is a
     power of two; then paged decode attention and paged flash prefill, every key read from the
@@ -144,7 +158,7 @@ class TritonAttention:
                 q_norm=None, k_norm=None) -> torch.Tensor:
         attention = self._attention
         scales = layer.k_scale, layer.v_scale
-        if layer.head_dim & (layer.head_dim - 1) == 0:
+        if layer.rotary and layer.head_dim & (layer.head_dim - 1) == 0:
             weights = None if q_norm is None else (q_norm.weight, k_norm.weight)
             rope = meta.rope.local if layer.local_rope else meta.rope
             q = self._rope.rope_and_store(
@@ -152,8 +166,8 @@ class TritonAttention:
                 meta.slot_mapping, layer.num_heads, weights,
                 q_norm.eps if q_norm is not None else 0.0, *scales)
         else:
-            cos_sin = meta.local_cos_sin if layer.local_rope else meta.cos_sin
-            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads, *cos_sin, q_norm, k_norm)
+            q, k, v = rotate_qk(qkv, layer.num_heads, layer.num_kv_heads,
+                                *_cos_sin(layer, meta), q_norm, k_norm)
             attention.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping, *scales)
         nd = meta.num_decodes
         out = torch.empty_like(q)
@@ -175,12 +189,13 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  backend: TorchAttention | TritonAttention, scale: float | None = None,
-                 window: int = 0, local_rope: bool = False):
+                 window: int = 0, local_rope: bool = False, rotary: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.window = window  # > 0: each query sees only its last `window` keys
         self.local_rope = local_rope  # rotary from the metadata's rope.local table
+        self.rotary = rotary  # False: q and k as projected (granite-4.0-h's "nope" layers)
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None

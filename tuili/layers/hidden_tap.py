@@ -8,7 +8,8 @@ import torch
 
 class HiddenTap:
     """`layers`: the layer indices whose input stream (the residual sum) is taken, in order; the
-    index num_layers means the last layer's output after the final norm. After each forward,
+    index num_layers means the last layer's output after the final norm; none, for a model that
+    sets `hidden` itself (an EAGLE head: its output states). After each forward,
     `hidden` holds the taken states of every row side by side [tokens, len(layers) * hidden]."""
 
     def __init__(self, layers: list[int]):

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tuili.distributed.group import SINGLE, TensorParallel
 from tuili.kernels.reference import FP8_MAX
 from tuili.layers.attention import Attention, AttentionMetadata
+from tuili.layers.parallel import qkv_shards
 from tuili.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:  # models/ is the floor above: its config is only passed through here
@@ -63,28 +65,57 @@ def split_scales(weights: Iterable[tuple[str, torch.Tensor]],
             found[(layer, part)] = value
 
 
+def kv_heads(config: ModelConfig, tp: TensorParallel) -> tuple[int, int] | None:
+    """(the first of this rank's KV heads, the model's KV heads): a rank holds its share of
+    them, or, with fewer KV heads than ranks, one of them replicated (layers/parallel.py).
+    None on one rank: each layer holds all of its own."""
+    if tp.size == 1:
+        return None
+    first = qkv_shards(config.num_heads, config.num_kv_heads, config.head_dim, tp)[1][0]
+    return first // config.head_dim, config.num_kv_heads
+
+
 def checkpoint_scales(layers: list[Attention], found: dict[tuple[int, str], torch.Tensor],
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+                      device: torch.device, heads: tuple[int, int] | None = None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Each layer's (k_scale, v_scale) [kv_heads] from the checkpoint's scales (one per tensor,
-    broadcast, or one per KV head); None when the checkpoint has none."""
+    broadcast, or one per KV head: this rank's, heads = kv_heads(...)); None when the
+    checkpoint has none."""
     if not found:
         return None
     scales = []
     for i, attn in enumerate(layers):
+        first, total = heads or (0, attn.num_kv_heads)
         pair = []
         for part in ("k", "v"):
             value = found.get((i, part))
             if value is None:
                 raise ValueError(f"the checkpoint has KV-cache scales but none for layer {i}'s "
                                  f"{part}_scale; give every layer both, or none")
-            if value.numel() not in (1, attn.num_kv_heads):
+            if value.numel() not in (1, total):
                 raise ValueError(f"layer {i}'s {part}_scale has {value.numel()} values; expected "
-                                 f"1 or one per KV head ({attn.num_kv_heads})")
+                                 f"1 or one per KV head ({total})")
             if not torch.all(value > 0):
                 raise ValueError(f"layer {i}'s {part}_scale must be > 0, got {value.tolist()}")
+            if value.numel() > 1:
+                value = value[first:first + attn.num_kv_heads]
             pair.append(value.expand(attn.num_kv_heads).contiguous().to(device))
         scales.append(tuple(pair))
     return scales
+
+
+def agree(scales: list[tuple[torch.Tensor, torch.Tensor]], heads: tuple[int, int] | None,
+          tp: TensorParallel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibrated scales made one set over the ranks: each KV head's the largest any rank
+    measured (ranks holding a replicated head hold one scale for it), each rank its heads'."""
+    if tp.size == 1:
+        return scales
+    first, total = heads
+    n = scales[0][0].numel()
+    full = torch.zeros(len(scales), 2, total, device=scales[0][0].device)
+    full[:, :, first:first + n] = torch.stack([torch.stack(pair) for pair in scales])
+    mine = tp.all_max(full)[:, :, first:first + n]
+    return [(k.clone(), v.clone()) for k, v in mine]
 
 
 @torch.inference_mode()
@@ -127,16 +158,19 @@ def bind(layers: list[Attention], scales: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def prepare_scales(model: torch.nn.Module, config: ModelConfig, found: dict[tuple[int, str], torch.Tensor],
-                   encode, dtype: torch.dtype, device: torch.device
+                   encode, dtype: torch.dtype, device: torch.device, tp: TensorParallel = SINGLE
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The checkpoint's scales where it has them, else calibrated; a log line says which."""
+    """The checkpoint's scales where it has them, else calibrated; a log line says which.
+    Under tensor parallelism every rank calls it (calibration runs the model's collectives)
+    and gets its KV heads' scales."""
     layers = model.attention_layers()
-    scales = checkpoint_scales(layers, found, device)
+    heads = kv_heads(config, tp)
+    scales = checkpoint_scales(layers, found, device, heads)
     if scales is not None:
         log.info("FP8 KV cache: k/v scales from the checkpoint (%d layers)", len(layers))
         return scales
     tokens = calibration_tokens(encode, config.vocab_size)
-    scales = calibrate(model, config, tokens, dtype, device)
+    scales = agree(calibrate(model, config, tokens, dtype, device), heads, tp)
     k_all = torch.cat([k for k, _ in scales])
     v_all = torch.cat([v for _, v in scales])
     log.info("FP8 KV cache: the checkpoint has no k/v scales; calibrated per layer and KV head "

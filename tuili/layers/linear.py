@@ -93,9 +93,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
-    def shard_of(self, tensor, part: int = 0):
+    def shard_of(self, tensor, part: int = 0, out_dim: int | None = 0, out_per: int = 1,
+                 in_dim: int | None = 1, in_per: int = 1):
         """This rank's piece of a checkpoint tensor (the whole of it here; layers/parallel.py
-        cuts it); quantized methods whose loaders replace weight_loader cut through this."""
+        cuts it); quantized methods whose loaders replace weight_loader cut through this, saying
+        along which dimension the output and input features lie, and how many an element holds."""
         return tensor
 
     def row_absmax(self, w: torch.Tensor) -> torch.Tensor:

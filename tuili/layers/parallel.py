@@ -31,6 +31,21 @@ def take(tensor, dim: int, start: int, n: int):
     return tensor.narrow(dim, start, n)
 
 
+def take_packed(tensor, dim: int | None, start: int, n: int, per: int, what: str):
+    """take() along `dim` of a packed or grouped tensor holding `per` features an element (GPTQ
+    words: 8 input rows; scales: one group): features start..start+n, whole elements only. dim
+    None: the tensor is not split along these features (every rank reads all of it)."""
+    if dim is None:
+        return tensor
+    if start == 0 and -(-n // per) == tensor.shape[dim]:  # all of it (its last element partial?)
+        return take(tensor, dim, 0, tensor.shape[dim])
+    if start % per or n % per:
+        raise ValueError(f"this rank's {what} {start}..{start + n} do not fall on the "
+                         f"checkpoint's boundaries of {per} (packed or grouped); choose a "
+                         "tensor_parallel_size whose shards hold whole ones")
+    return take(tensor, dim, start // per, n // per)
+
+
 def _mark(param: nn.Parameter | None) -> None:
     if param is not None:
         param.reads_slices = True  # its loader narrows a not-yet-read slice itself
@@ -51,9 +66,12 @@ class ColumnParallelLinear(Linear):
         _mark(self.weight if weight is None else None)
         _mark(self.bias)
 
-    def shard_of(self, tensor, part: int = 0):
+    def shard_of(self, tensor, part: int = 0, out_dim: int | None = 0, out_per: int = 1,
+                 in_dim: int | None = 1, in_per: int = 1):
+        """Part `part`'s rows of a checkpoint tensor whose output features lie along out_dim,
+        out_per of them an element (a quantized format's packed or grouped tensors)."""
         start, rows = self.shards[part]
-        return take(tensor, 0, start, rows)
+        return take_packed(tensor, out_dim, start, rows, out_per, "output features")
 
     def weight_loader(self, param: nn.Parameter, tensor, part: int = 0) -> None:
         super().weight_loader(param, self.shard_of(tensor, part), part)
@@ -66,13 +84,17 @@ class RowParallelLinear(Linear):
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel = SINGLE):
         n = tp.shard(in_features, "input features")
         super().__init__(n, out_features)
-        self.tp, self.in_start = tp, tp.rank * n
+        self.tp, self.in_start, self.in_full = tp, tp.rank * n, in_features
         # The decode GEMV's residual epilogue must wait for the sum (layers/backend.py).
         self.reduces = tp.size > 1
         _mark(self.weight)
 
-    def shard_of(self, tensor, part: int = 0):
-        return take(tensor, 1, self.in_start, self.in_features)
+    def shard_of(self, tensor, part: int = 0, out_dim: int | None = 0, out_per: int = 1,
+                 in_dim: int | None = 1, in_per: int = 1):
+        """This rank's columns of a checkpoint tensor whose input features lie along in_dim,
+        in_per of them an element (GPTQ's words, a group's scales)."""
+        return take_packed(tensor, in_dim, self.in_start, self.in_features, in_per,
+                           "input features")
 
     def weight_loader(self, param: nn.Parameter, tensor, part: int = 0) -> None:
         super().weight_loader(param, self.shard_of(tensor, part), part)

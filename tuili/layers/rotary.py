@@ -57,14 +57,17 @@ class RotaryEmbedding:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
-              sin: torch.Tensor, q_norm: Callable | None = None, k_norm: Callable | None = None,
+def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor | None,
+              sin: torch.Tensor | None, q_norm: Callable | None = None, k_norm: Callable | None = None,
               folded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from the merged QKV output [tokens, heads + 2 * kv_heads, head_dim], q and k
-    normalised per head (when norms are given, as in Qwen3) and rotated. The torch path: on the GPU
-    (power-of-two head dims) triton_rope does this and the KV store in one kernel. folded: `sin`
-    is reference.fold_sin's (the same values out, fewer ops)."""
+    normalised per head (when norms are given, as in Qwen3) and rotated (cos None: not rotated).
+    The torch path: on the GPU (power-of-two head dims) triton_rope does this and the KV store in
+    one kernel. folded: `sin` is reference.fold_sin's (the same values out, fewer ops)."""
     nh, nkv = num_heads, num_kv_heads
+    if cos is None:  # contiguous, as the kernels after this want their rows
+        q, k, v = (t.contiguous() for t in qkv.split([nh, nkv, qkv.shape[1] - nh - nkv], dim=1))
+        return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k)), v
     rotate = reference.apply_rotary_folded if folded else reference.apply_rotary
     if q_norm is None:
         # q and k sit side by side in the merged output: rotate both in one pass.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from tuili.models.mamba_config import MambaConfig
 from tuili.models.moe_config import MoEConfig
 
 
@@ -25,6 +26,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model (models/moe.py)
+    mamba: MambaConfig | None = None  # a hybrid's Mamba-2 mixer layers (models/granite_hybrid.py)
     bos_token_id: int | None = None
     # Per layer: its sliding window in tokens, 0 where it attends to the whole context (empty: all).
     layer_windows: list[int] = field(default_factory=list)
@@ -81,8 +83,13 @@ class ModelConfig:
             cfg["rope_scaling"] = self.rope_scaling
         return cfg
 
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers that keep K/V (a hybrid's mixer layers keep a fixed state instead)."""
+        return self.num_layers - (len(self.mamba.layers) if self.mamba else 0)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+        return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
     def windows(self) -> list[int]:
         """Each layer's sliding window, 0 for a layer that sees the whole context."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from tuili.errors import ModelLoadError
 from tuili.layers.attention import Attention, AttentionMetadata
+from tuili.layers.hidden_tap import HiddenTap
 from tuili.layers.linear import Linear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -80,8 +81,10 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 class EagleHead(nn.Module):
     """The head over a target LlamaForCausalLM (whose embedding and, for EAGLE-1, LM head it
-    shares). Before each forward `hidden_in` is set: one hidden state [tokens, hidden] per input
-    row (the target's, fused for EAGLE-3, or the head's own last output)."""
+    shares). Before each forward `stage` takes one hidden state [tokens, hidden] per input row
+    (the target's, fused for EAGLE-3, or the head's own last output); after it, `tap.hidden`
+    holds the output states of the rows it sampled (the next draft step's input states), as a
+    target's tap does, so that CUDA graph replays hand them out too."""
 
     MERGED = LlamaForCausalLM.MERGED
     checkpoint_target = LlamaForCausalLM.checkpoint_target
@@ -106,8 +109,11 @@ class EagleHead(nn.Module):
             self.norm = RMSNorm(d, c.rms_norm_eps, self.backend)
             self.lm_head = Linear(d, draft_vocab)
             self.register_buffer("draft_to_target", torch.arange(draft_vocab))
+        # The staged input states: rows of `hidden_buf` (which the CUDA graphs read), or, for a
+        # step of more rows than it holds (a long catch-up, always eager), hidden_in.
+        self.hidden_buf = torch.zeros(0, d)
         self.hidden_in: torch.Tensor | None = None
-        self.last_out: torch.Tensor | None = None  # the sampled rows' output states
+        self.tap = HiddenTap(())
 
     @property
     def target(self) -> LlamaForCausalLM:
@@ -116,13 +122,27 @@ class EagleHead(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.embed_tokens or self.target.embed_tokens)(ids)
 
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` staged input rows, before any CUDA graph is captured (they read it)."""
+        self.hidden_buf = self.fc.weight.new_zeros(rows, self.config.hidden_size)
+
+    def stage(self, states: torch.Tensor) -> None:
+        """The input states of the next forward's rows."""
+        n = len(states)
+        if n <= len(self.hidden_buf):
+            self.hidden_buf[:n].copy_(states)
+            self.hidden_in = None
+        else:
+            self.hidden_in = states.to(self.fc.weight.dtype)
+
     def fuse(self, taps: torch.Tensor) -> torch.Tensor:
         """EAGLE-3: the target's three tapped streams [n, 3 * hidden] -> the head's input state."""
         return self.backend.linear(taps, self.fc)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        emb, h = self.embed(input_ids), self.hidden_in.to(self.fc.weight.dtype)
+        h = self.hidden_in if self.hidden_in is not None else self.hidden_buf[:len(input_ids)]
+        emb = self.embed(input_ids)
         if self.eagle3:
             out = self._midlayer(emb, h, meta)
         else:
@@ -133,8 +153,9 @@ class EagleHead(nn.Module):
                 stream = layer.self_attn(stream, norm, meta)
                 stream = layer.mlp(stream, layer.post_attention_layernorm)
             out = stream.hidden()
-        self.last_out = out if rows is None else out.index_select(0, rows)
-        return self.last_out
+        out = out if rows is None else out.index_select(0, rows)
+        self.tap.hidden = out
+        return out
 
     def _midlayer(self, emb: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata):
         layer = self.layers[0]

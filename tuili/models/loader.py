@@ -118,7 +118,33 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
                                lazy=tp.size > 1)
         hf_quant = None
     qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
-    cls = model_class(config.architecture, source=str(path))
+    model, kv_scales = build(config, weights, qc, dtype, device, tp, str(path), blocks,
+                             quantize_lm_head)
+    if blocks and device.type == "cuda":  # the float weights the planes replaced: give them back
+        torch.cuda.empty_cache()
+    if tp.size > 1:  # ranks load at their own pace; the model's collectives start together
+        torch.distributed.barrier(group=tp.cpu_group)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config.eos_token_ids = [tokenizer.eos_token_id]
+    eos = gen.get("eos_token_id")
+    for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
+        if token not in config.eos_token_ids:
+            config.eos_token_ids.append(token)
+    # "int4" names a GGUF file's packed blocks on CPU (the engine sizes their kernel's steps by
+    # it), "gguf" its blocks on the GPU.
+    label = "int4" if int4 else "gguf" if blocks else "none" if qc is None else (
+        f"{qc.method}-g128" if qc.method == "int4" else qc.method)
+    return LoadedModel(model, config, tokenizer, gen, str(path), label,
+                       gguf_bits(model) if blocks else None, kv_scales)
+
+
+def build(config: ModelConfig, weights, qc, dtype: torch.dtype, device: torch.device,
+          tp: TensorParallel = SINGLE, source: str = "", blocks: bool = False,
+          quantize_lm_head: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The model of `config` (this rank's shard of it), its weights loaded from `weights` (name,
+    tensor or lazy slice) in quantization `qc` (None: float; blocks: a GGUF file's blocks kept
+    packed), and the FP8 KV-cache scales the checkpoint holds. No collectives."""
+    cls = model_class(config.architecture, source=source)
     if tp.size > 1:
         check_tensor_parallel(cls, config, qc, tp)
     default = torch.get_default_dtype()
@@ -138,25 +164,11 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
         if blocks:
             prepare_gguf(model, quantize_lm_head)
         model.load_weights(kv_quant.split_scales(weights, kv_scales))
+    except InvalidParameter:  # an option to change (a shard the format cannot cut), not the file
+        raise
     except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{path}: {e.args[0] if e.args else e}") from e
-    model = model.eval()
-    if blocks and device.type == "cuda":  # the float weights the planes replaced: give them back
-        torch.cuda.empty_cache()
-    if tp.size > 1:  # ranks load at their own pace; the model's collectives start together
-        torch.distributed.barrier(group=tp.cpu_group)
-    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
-        config.eos_token_ids = [tokenizer.eos_token_id]
-    eos = gen.get("eos_token_id")
-    for token in (eos if isinstance(eos, list) else [eos] if eos is not None else []):
-        if token not in config.eos_token_ids:
-            config.eos_token_ids.append(token)
-    # "int4" names a GGUF file's packed blocks on CPU (the engine sizes their kernel's steps by
-    # it), "gguf" its blocks on the GPU.
-    label = "int4" if int4 else "gguf" if blocks else "none" if qc is None else (
-        f"{qc.method}-g128" if qc.method == "int4" else qc.method)
-    return LoadedModel(model, config, tokenizer, gen, str(path), label,
-                       gguf_bits(model) if blocks else None, kv_scales)
+        raise ModelLoadError(f"{source}: {e.args[0] if e.args else e}") from e
+    return model.eval(), kv_scales
 
 
 def model_folder(source: str) -> Path | None:
@@ -166,15 +178,17 @@ def model_folder(source: str) -> Path | None:
 
 
 def check_tensor_parallel(cls, config: ModelConfig, qc, tp: TensorParallel) -> None:
-    """Refuse what tensor parallelism does not split: other families, checkpoint-quantized
-    weights (their packed tensors are not cut per rank yet), heads that do not divide."""
+    """Refuse what tensor parallelism does not split: other families, heads that do not
+    divide, a checkpoint's quantized LM head over a vocabulary the ranks pad. (A quantized
+    layer's shard that does not hold whole groups is refused as its method is made.)"""
     if not getattr(cls, "supports_tensor_parallel", False):
         raise InvalidParameter("tensor_parallel_size", f"{config.architecture} does not run "
                                "tensor-parallel yet (the Llama family does); use 1")
-    if qc is not None and qc.from_checkpoint:
-        raise InvalidParameter("tensor_parallel_size", f"{qc.method} checkpoints do not shard "
-                               "yet; use 1, or float weights (quantization fp8/int8/int4 "
-                               "at load shard)")
+    if qc is not None and qc.from_checkpoint and qc.quantize_lm_head and \
+            config.vocab_size % tp.size:
+        raise InvalidParameter("tensor_parallel_size", f"the checkpoint's {qc.method} LM head "
+                               f"has {config.vocab_size} rows, which do not split over "
+                               f"tensor_parallel_size={tp.size}; choose a size that divides them")
     try:
         qkv_shards(config.num_heads, config.num_kv_heads, config.head_dim, tp)
         tp.shard(config.intermediate_size, "intermediate_size")

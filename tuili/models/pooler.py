@@ -49,7 +49,9 @@ class Pooler:
                 else torch.cat([torch.arange(row, row + n) for row, n in seqs]))
         states = self._normed(hidden[rows]).float()
         lens = torch.tensor([n for _, n in seqs], device=hidden.device)
-        segment = torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), lens)
+        # output_size given: on the GPU, no wait for the lengths to learn the result's size
+        segment = torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), lens,
+                                          output_size=len(states))
         sums = states.new_zeros(len(seqs), states.shape[1]).index_add_(0, segment, states)
         return sums / lens[:, None]
 

@@ -6,6 +6,7 @@ from tuili.errors import ModelLoadError
 from tuili.models.bert import BertForSequenceClassification, BertModel
 from tuili.models.config import ModelConfig, architecture
 from tuili.models.gemma3 import Gemma3ForCausalLM
+from tuili.models.granite_hybrid import GraniteHybridForCausalLM
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.moe import MoEForCausalLM
 
@@ -17,6 +18,7 @@ MODELS = {
     "Qwen3MoeForCausalLM": MoEForCausalLM, "Qwen2MoeForCausalLM": MoEForCausalLM,
     "MixtralForCausalLM": MoEForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM, "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
+    "GraniteMoeHybridForCausalLM": GraniteHybridForCausalLM,
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
 }

@@ -62,12 +62,26 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode_many([text], add_special_tokens)[0]
+
+    def encode_many(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         # The batch call releases the GIL while it works (encode holds it: a long prompt would
-        # stall every other thread, the server's event loop among them); same ids, same speed.
-        ids = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
-        if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
-            ids = [self.bos_token_id] + ids
-        return ids
+        # stall every other thread, the server's event loop among them), and spreads many texts
+        # over the library's threads; the same ids as one by one.
+        encoded = self.backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        bos = [self.bos_token_id] if add_special_tokens and self.add_bos else None
+        return [bos + e.ids if bos and e.ids[:1] != bos else e.ids for e in encoded]
+
+    def encode_prompts(self, prompts: list[str | list[int]]) -> list[str | list[int]]:
+        """The prompts with each text replaced by its ids, all texts in one batch call (LLM's
+        batched calls); other prompts as they are."""
+        texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        if len(texts) < 2:
+            return prompts
+        out = list(prompts)
+        for i, ids in zip(texts, self.encode_many([prompts[i] for i in texts])):
+            out[i] = ids
+        return out
 
     def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int]]:
         """Token ids of a text pair as the post-processor joins them (BERT: [CLS] a [SEP] b

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tuili.errors import InvalidParameter
 from tuili.kernels import HAS_TRITON
 from tuili.layers.linear import Linear
 from tuili.quantization.config import QuantConfig, resolve
@@ -42,7 +43,13 @@ def prepare(model: nn.Module, qc: QuantConfig) -> list[str]:
         if not qc.covers(parts, is_lm_head=name == "lm_head"):
             continue
         layer.params_dtype, layer.params_device = layer.weight.dtype, layer.weight.device
-        layer.method = method_class(qc)(qc, layer)
+        try:
+            layer.method = method_class(qc)(qc, layer)
+        except InvalidParameter as e:  # a shard that does not fit the format: name the layer
+            raise InvalidParameter(e.param, f"{name}: {str(e).removeprefix(e.param + ': ')}") \
+                from None
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         layer.method.use_triton = layer.params_device.type == "cuda" and HAS_TRITON
         layer.method.create_weights(layer)
         done.append(name)

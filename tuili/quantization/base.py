@@ -7,6 +7,8 @@ through the plain-torch reference (dequantize, then matmul)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -47,15 +49,21 @@ class QuantMethod(LinearMethod):
 
 
 def add_param(layer: Linear, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-              out_dim: int | None, pack: int = 1, optional: bool = False) -> nn.Parameter:
+              out_dim: int | None, pack: int = 1, optional: bool = False,
+              in_dim: int | None = None, in_per: int = 1) -> nn.Parameter:
     """Register `name` on layer. out_dim: the dimension holding the output features, `pack` of
     them per element (None: the tensor is the layer's whole, unsplit, e.g. g_idx); a merged
-    layer's part p loads into its slice of that dimension. optional: a checkpoint may omit it."""
+    layer's part p loads into its slice of that dimension. in_dim: the dimension holding the
+    input features, in_per of them an element (None: not along them, e.g. per-channel scales).
+    A tensor-parallel rank reads only its shard (layer.shard_of). optional: a checkpoint may
+    omit it."""
     param = nn.Parameter(torch.zeros(shape, dtype=dtype, device=layer.params_device), requires_grad=False)
     param.num_parts = 1 if out_dim is None else len(layer.out_sizes)
     param.optional = optional
+    param.reads_slices = True  # load() below reads this rank's shard of a lazy tensor
 
-    def load(param: nn.Parameter, tensor: torch.Tensor, part: int = 0) -> None:
+    def load(param: nn.Parameter, tensor, part: int = 0) -> None:
+        tensor = shard(layer, tensor, part, out_dim, pack, in_dim, in_per)
         if out_dim is None:
             if tensor.shape != param.shape:
                 raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
@@ -80,6 +88,15 @@ def add_param(layer: Linear, name: str, shape: tuple[int, ...], dtype: torch.dty
         del layer._parameters[name]
     layer.register_parameter(name, param)
     return param
+
+
+def shard(layer: Linear, tensor, part: int, out_dim: int | None, out_per: int,
+          in_dim: int | None, in_per: int) -> torch.Tensor:
+    """This rank's piece of a checkpoint tensor, read (a lazy safetensors slice reads only it);
+    a one-element tensor (a per-tensor scale) is every rank's whole."""
+    if math.prod(tensor.shape) > 1:
+        tensor = layer.shard_of(tensor, part, out_dim, out_per, in_dim, in_per)
+    return tensor.materialize() if hasattr(tensor, "materialize") else tensor
 
 
 def drop_weight(layer: Linear) -> None:

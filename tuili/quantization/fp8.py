@@ -46,14 +46,14 @@ class Fp8Method(QuantMethod):
         if not self.qc.from_checkpoint:
             return  # the float weight loads as usual, quantized after loading
         n, k = sum(layer.out_sizes), layer.in_features
-        add_param(layer, "weight", (n, k), FP8, out_dim=0)
-        if self.block is None:
+        add_param(layer, "weight", (n, k), FP8, out_dim=0, in_dim=1)
+        if self.block is None:  # a scale per output channel (or one): every input column's
             add_param(layer, "weight_scale", (n,), torch.float32, out_dim=0)
             add_param(layer, "input_scale", (n,), torch.float32, out_dim=0, optional=True)
         else:
             br, bc = self.block
             add_param(layer, "weight_scale_inv", (-(-n // br), -(-k // bc)), torch.float32,
-                      out_dim=0, pack=br)
+                      out_dim=0, pack=br, in_dim=1, in_per=bc)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         if not self.qc.from_checkpoint:

@@ -3,7 +3,12 @@
 All three end in one form, the one the kernels read: `qweight` [K/8, N] int32 (GPTQ's packing,
 along the input dimension), `scales` and `zeros` [K/group, N] (w = (q - zero) * scale), and, for a
 GPTQ act-order checkpoint, `perm`: input channels sorted by group, so that groups are contiguous
-and the input is gathered by perm instead of each weight's scale by g_idx."""
+and the input is gathered by perm instead of each weight's scale by g_idx.
+
+Under tensor parallelism a column-parallel rank reads its output columns of every tensor; a
+row-parallel one its input rows, in whole groups (else an error naming the sizes), or, for
+act-order, its channels of g_idx with every group's scales: its channels' groups are then runs
+of varying length, padded to one (gptq_order)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import torch
 from tuili.kernels import reference_quant, triton_module
 from tuili.layers import int4 as cpu_int4
 from tuili.layers.linear import Linear, matmul
-from tuili.quantization.base import QuantMethod, add_param, drop_weight
+from tuili.errors import InvalidParameter
+from tuili.quantization.base import QuantMethod, add_param, drop_weight, shard
 from tuili.quantization.config import QuantConfig
 from tuili.quantization.packing import AWQ_ORDER, pack_rows, unpack_cols, unpack_rows
 
@@ -29,11 +35,33 @@ class Int4Method(QuantMethod):
 
     def __init__(self, qc: QuantConfig, layer: Linear):
         k = layer.in_features
+        full = getattr(layer, "in_full", k)  # a row-parallel shard's whole layer (parallel.py)
         self.group = k if qc.group_size == -1 else qc.group_size
-        if k % self.group or k % 8 or any(s % 8 for s in layer.out_sizes):
-            raise ValueError(f"a {self.name} layer needs in ({k}) divisible by the group size "
-                             f"({self.group}) and by 8, and outputs {layer.out_sizes} by 8")
-        self.qc, self.groups = qc, k // self.group
+        if k % 8 or any(s % 8 for s in layer.out_sizes):
+            raise ValueError(f"a {self.name} layer needs in ({k}) and outputs {layer.out_sizes} "
+                             "divisible by 8")
+        # Act-order on a row-parallel shard: its input channels fall in any of the layer's
+        # groups, so it keeps every group's scales and zeros (and g_idx of its channels).
+        self.all_groups = qc.desc_act and qc.group_size != -1 and k != full
+        if full % self.group:
+            raise ValueError(f"a {self.name} layer needs in ({full}) divisible by the group "
+                             f"size ({self.group})")
+        if k % self.group and not self.all_groups:
+            raise InvalidParameter("tensor_parallel_size", f"{self.name} group size "
+                                   f"{self.group} does not divide this rank's {k} of the "
+                                   f"layer's {full} input features (tensor_parallel_size="
+                                   f"{full // k}): a row-parallel shard holds whole groups; "
+                                   f"choose a size that divides its {full // self.group} groups")
+        self.qc, self.groups = qc, (full if self.all_groups else k) // self.group
+        # The first of the shard's groups in the checkpoint's numbering (g_idx, scale rows).
+        self.first_group = 0 if self.all_groups or qc.group_size == -1 else \
+            getattr(layer, "in_start", 0) // self.group
+
+    def group_dims(self) -> dict:
+        """add_param's input-dimension arguments for the [groups, ...] tensors: split by
+        groups, or (one group per channel; act-order on a row shard) read whole."""
+        whole = self.all_groups or self.qc.group_size == -1
+        return dict(in_dim=None) if whole else dict(in_dim=0, in_per=self.group)
 
     def set_common(self, layer: Linear, q: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor, perm: torch.Tensor | None = None) -> None:
@@ -61,11 +89,20 @@ class Int4Method(QuantMethod):
         w = self.unpacked(layer)
         if layer.perm is None:
             return w
-        return torch.empty_like(w).index_copy_(1, layer.perm, w)
+        k = layer.in_features  # column k: the padding's zero input (gptq_order)
+        out = w.new_zeros(w.shape[0], k + 1).index_copy_(1, layer.perm, w)
+        return out[:, :k]
+
+    def gathered(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x's input channels in the kernels' order (index k of perm: a zero, for padding)."""
+        if layer.perm is None:
+            return x
+        if layer.perm.numel() != x.shape[-1]:  # longer exactly where it pads (gptq_order)
+            x = torch.nn.functional.pad(x, (0, 1))
+        return x.index_select(-1, layer.perm)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if layer.perm is not None:
-            x = x.index_select(-1, layer.perm)
+        x = self.gathered(layer, x)
         if self.use_triton:
             return triton_module("triton_quant").int4_linear(
                 x, layer.qweight, layer.scales, layer.zeros, self.group, layer.bias)
@@ -84,13 +121,17 @@ class GptqMethod(Int4Method):
     def create_weights(self, layer: Linear) -> None:
         k, n, g = layer.in_features, sum(layer.out_sizes), self.groups
         drop_weight(layer)
-        add_param(layer, "qweight", (k // 8, n), torch.int32, out_dim=1)
-        add_param(layer, "qzeros", (g, n // 8), torch.int32, out_dim=1, pack=8)
-        add_param(layer, "scales", (g, n), torch.float32, out_dim=1)
-        g_idx = add_param(layer, "g_idx", (k,), torch.int32, out_dim=None, optional=True)
-        g_idx.data.copy_(torch.arange(k) // self.group)  # what a checkpoint without one means
+        add_param(layer, "qweight", (k // 8, n), torch.int32, out_dim=1, in_dim=0, in_per=8)
+        add_param(layer, "qzeros", (g, n // 8), torch.int32, out_dim=1, pack=8,
+                  **self.group_dims())
+        add_param(layer, "scales", (g, n), torch.float32, out_dim=1, **self.group_dims())
+        g_idx = add_param(layer, "g_idx", (k,), torch.int32, out_dim=None, optional=True,
+                          in_dim=0)
+        # What a checkpoint without one means (in the checkpoint's numbering of groups).
+        g_idx.data.copy_(torch.arange(k) // self.group + self.first_group)
         g_idx.num_parts = len(layer.out_sizes)
-        g_idx.weight_loader = self.load_g_idx
+        g_idx.weight_loader = lambda p, t, part=0: self.load_g_idx(
+            p, shard(layer, t, part, None, 1, 0, 1), part)
 
     @staticmethod
     def load_g_idx(param: torch.nn.Parameter, tensor: torch.Tensor, part: int = 0) -> None:
@@ -107,15 +148,50 @@ class GptqMethod(Int4Method):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         q = unpack_rows(layer.qweight.data)
+        scales = layer.scales.data
         zeros = unpack_cols(layer.qzeros.data) + self.qc.zero_offset
-        g_idx = layer.g_idx.data.long()
-        perm = None
-        if not torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // self.group):
-            perm = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[perm], torch.arange(len(g_idx), device=g_idx.device) // self.group):
-                raise ValueError(f"g_idx does not put {self.group} input channels in each group")
-            q = q.index_select(0, perm)
-        self.set_common(layer, q, layer.scales.data, zeros, perm)
+        g_idx = layer.g_idx.data.long() - self.first_group
+        if g_idx.min() < 0 or g_idx.max() >= self.groups:
+            raise ValueError(f"g_idx names groups {int(g_idx.min()) + self.first_group}.."
+                             f"{int(g_idx.max()) + self.first_group}, outside this layer's "
+                             f"{self.first_group}..{self.first_group + self.groups - 1} (an "
+                             "act-order checkpoint whose config says desc_act false?)")
+        if self.all_groups:  # a row shard keeps only the groups its channels fall in
+            used = torch.bincount(g_idx, minlength=self.groups) > 0
+            if not used.all():
+                scales, zeros = scales[used], zeros[used]
+                g_idx = (torch.cumsum(used, 0) - 1)[g_idx]
+        if torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // self.group):
+            self.set_common(layer, q, scales, zeros)
+            return
+        counts = torch.bincount(g_idx, minlength=len(scales))
+        if not self.all_groups and not torch.all(counts == self.group):
+            raise ValueError(f"g_idx does not put {self.group} input channels in each group")
+        q, perm, self.group = gptq_order(q, g_idx, counts)
+        self.set_common(layer, q, scales, zeros, perm)
+
+
+def gptq_order(q: torch.Tensor, g_idx: torch.Tensor, counts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Act-order's input channels sorted by group, each group's run padded to one length L (the
+    longest run's, or more so the rows fill whole 8-row words): (q [groups * L, N], perm
+    [groups * L], L). perm[i] is the input channel of row i, or k (x's appended zero) for
+    padding. Padding is only needed where a row-parallel shard holds a varying number of each
+    group's channels; the whole layer's groups are full (L = the group size, perm a
+    permutation)."""
+    k, groups = len(g_idx), len(counts)
+    size = int(counts.max())
+    while groups * size % 8:
+        size += 1
+    order = torch.argsort(g_idx, stable=True)
+    sorted_groups = g_idx[order]
+    first = torch.cumsum(counts, 0) - counts
+    rows = sorted_groups * size + torch.arange(k, device=q.device) - first[sorted_groups]
+    perm = torch.full((groups * size,), k, dtype=torch.long, device=q.device)
+    perm[rows] = order
+    padded = torch.zeros(groups * size, q.shape[1], dtype=q.dtype, device=q.device)
+    padded[rows] = q[order]
+    return padded, perm, size
 
 
 class AwqMethod(Int4Method):
@@ -127,9 +203,10 @@ class AwqMethod(Int4Method):
     def create_weights(self, layer: Linear) -> None:
         k, n, g = layer.in_features, sum(layer.out_sizes), self.groups
         drop_weight(layer)
-        add_param(layer, "qweight", (k, n // 8), torch.int32, out_dim=1, pack=8)
-        add_param(layer, "qzeros", (g, n // 8), torch.int32, out_dim=1, pack=8)
-        add_param(layer, "scales", (g, n), torch.float32, out_dim=1)
+        add_param(layer, "qweight", (k, n // 8), torch.int32, out_dim=1, pack=8, in_dim=0)
+        add_param(layer, "qzeros", (g, n // 8), torch.int32, out_dim=1, pack=8,
+                  **self.group_dims())
+        add_param(layer, "scales", (g, n), torch.float32, out_dim=1, **self.group_dims())
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         q = unpack_cols(layer.qweight.data, AWQ_ORDER)

@@ -53,9 +53,23 @@ class DraftSeq:
         self.num_real = len(tokens)
 
 
+def draft_graph_sizes(spec: SpeculativeConfig, config) -> tuple[int, int]:
+    """The draft's CUDA graphs: decode batches up to the largest batch that speculates, and
+    prefill-like steps (a catch-up after a verify: up to k + 1 new tokens a sequence) up to the
+    tokens of as many sequences as a prefill graph holds. Longer steps (a prompt's first
+    catch-up) run eagerly."""
+    from tuili.engine.cuda_graphs import PREFILL_SEQS
+
+    batch = min(spec.disable_by_batch_size, config.max_num_seqs)
+    tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens,
+                 min(batch, PREFILL_SEQS) * (spec.num_speculative_tokens + 2))
+    return batch, tokens
+
+
 class DraftModelProposer:
     def __init__(self, spec: SpeculativeConfig, config, target_config, tokenizer,
-                 max_model_len: int, num_blocks: int, dtype: torch.dtype, device: torch.device):
+                 max_model_len: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+                 eager: bool = True):
         loaded = loader.load(spec.model, dtype, device)
         if loaded.config.vocab_size != target_config.vocab_size:
             raise InvalidParameter("speculative_config.model",
@@ -63,17 +77,20 @@ class DraftModelProposer:
                                    f"tokens, the target {target_config.vocab_size}; a draft must "
                                    "share the target's tokenizer")
         self._start(loaded.model, loaded.config, spec, config, max_model_len, num_blocks, dtype,
-                    device)
+                    device, eager)
 
     def _start(self, model, model_config, spec: SpeculativeConfig, config, max_model_len: int,
-               num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
-        """The draft's own KV cache, runner and random stream."""
+               num_blocks: int, dtype: torch.dtype, device: torch.device, eager: bool) -> None:
+        """The draft's own KV cache, runner (with CUDA graphs unless `eager`) and random stream."""
         self.k = spec.num_speculative_tokens
         self.device = device
         self.kv = KVCacheManager(BlockPool(num_blocks, config.block_size, enable_caching=False))
-        # eager: the draft's steps replay no CUDA graphs yet
+        batch, tokens = (0, 0) if eager else draft_graph_sizes(spec, config)
+        if hasattr(model, "reserve"):  # an EAGLE head stages its input states where graphs read
+            model.reserve(max(batch, tokens))
         self.runner = ModelRunner(model, model_config, num_blocks, config.block_size,
-                                  max_model_len, dtype, device)
+                                  max_model_len, dtype, device, batch, tokens,
+                                  graph_sampling=False)
         self.seqs: dict[str, DraftSeq] = {}
         self.generator = torch.Generator(device=device).manual_seed(config.seed + 1)
 

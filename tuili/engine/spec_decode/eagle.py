@@ -85,7 +85,7 @@ class EagleSeq(DraftSeq):
 
 class EagleProposer(DraftModelProposer):
     def __init__(self, spec: SpeculativeConfig, config, target, max_model_len: int,
-                 num_blocks: int, dtype: torch.dtype, device: torch.device):
+                 num_blocks: int, dtype: torch.dtype, device: torch.device, eager: bool = True):
         if not hasattr(target, "tap"):
             raise InvalidParameter("speculative_config.method",
                                    f"EAGLE heads read a Llama-family target's hidden states; "
@@ -99,7 +99,7 @@ class EagleProposer(DraftModelProposer):
         self.tap = HiddenTap(eagle3_tap_layers(layers) if self.head.eagle3 else [layers])
         target.tap = self.tap  # before the target's CUDA graphs are captured: they take it too
         self._start(self.head, self.head.config, spec, config, max_model_len, num_blocks, dtype,
-                    device)
+                    device, eager)
         self._like = self.head.fc.weight.new_zeros(1, self.head.config.hidden_size)
 
     def _seq(self, req: Request) -> EagleSeq:
@@ -118,10 +118,12 @@ class EagleProposer(DraftModelProposer):
             row += n
 
     def _execute(self, batch: Batch) -> torch.Tensor:
-        self.head.hidden_in = torch.cat([seq.inputs(start, n, self._like) for seq, n, start in
-                                         zip(batch.requests, batch.num_new, batch.starts)])
-        logits = self.runner.execute(batch).sample_logits
-        out = self.head.last_out
+        self.head.stage(torch.cat([seq.inputs(start, n, self._like) for seq, n, start in
+                                   zip(batch.requests, batch.num_new, batch.starts)]))
+        out = self.runner.execute(batch)
+        # the head's output states of its sampled rows (one per sequence); a copy, as the next
+        # graph replay rewrites them
+        states = out.tapped[:len(batch.requests)].clone()
         for row, seq in enumerate(batch.requests):
-            seq.last_out = out[row:row + 1]
-        return logits
+            seq.last_out = states[row:row + 1]
+        return out.sample_logits
