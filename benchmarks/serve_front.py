@@ -131,7 +131,8 @@ async def _one(port: int, body: bytes) -> tuple[int, float]:
 def _clients(port: int, concurrency: int, prompt, max_tokens: int, result) -> None:
     async def run():
         body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens,
-                           "stream": True, "temperature": 0}).encode()
+                           "stream": True, "temperature": 0,
+                           "ignore_eos": True}).encode()
         return await asyncio.gather(*(_one(port, body) for _ in range(concurrency)))
 
     start = time.monotonic()
