@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -59,6 +60,19 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(finals)))
 
 
+_quote = json.encoder.encode_basestring  # json.dumps(s, ensure_ascii=False) of one str
+
+
+def _dumps(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _choice_json(index: int, text: str, finish: str | None) -> str:
+    """_dumps(_Writer._choice(index, text, None, finish)), without building the dict."""
+    return (f'{{"index":{index},"text":{_quote(text)},"logprobs":null,"finish_reason":'
+            f'{"null" if finish is None else _quote(finish)}}}')
+
+
 class _Writer:
     """Turns engine outputs into OpenAI completion objects and chunks."""
 
@@ -95,6 +109,10 @@ class _Writer:
         n_prompt = n_out = n_cached = 0
         offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
         ended: set[int] = set()  # choices already sent with their finish_reason
+        # Every chunk is sse({**self._object(choices), **extra}); its fixed parts encoded once
+        # (a bare `"choices":[]` can only be the key: quotes inside JSON strings are escaped)
+        head, key, tail = sse({**self._object([]), **extra}).partition('"choices":[]')
+        head, tail = head + key[:-1], key[-1] + tail
         try:
             async for i, out in merge_streams(streams):
                 choices = []
@@ -119,11 +137,12 @@ class _Writer:
                         lp = self._logprobs(out, o, start, len(o.token_ids), first and body.echo,
                                             offsets[index])
                         offsets[index] += sum(len(t) for t in lp["tokens"])
-                    choices.append(self._choice(index, text, lp, o.finish_reason))
+                    choices.append(_choice_json(index, text, o.finish_reason) if lp is None else
+                                   _dumps(self._choice(index, text, lp, o.finish_reason)))
                     if o.finished:
                         ended.add(index)
                 if choices:
-                    yield sse({**self._object(choices), **extra})
+                    yield head + ",".join(choices) + tail
             if body.include_usage:
                 yield sse({**self._object([]), "usage": usage(n_prompt, n_out, n_cached)})
         except Exception as e:  # the 200 is sent: the error goes in the stream, then [DONE]
