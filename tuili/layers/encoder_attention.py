@@ -1,7 +1,8 @@
 """Bidirectional attention over a flat batch of whole sequences, for encoders: no KV cache.
 
 Linear layers see the flat, unpadded tokens. On the GPU attention lays the sequences out padded
-to the longest ([seqs, heads, longest, d] with a key mask) and one SDPA call attends them all;
+to the longest ([seqs, heads, longest, d] with a key mask) and one SDPA call (memory-efficient
+attention) attends them all;
 on the CPU each sequence gets its own unmasked SDPA call over a contiguous copy of its q, k, v
 (no padding to fill, copy in and gather out, and no mask: at 64 texts of 6-70 tokens this was
 1.6x (float32) to 1.9x (bfloat16) faster than the padded call, measured on a loaded 2-core VM).
@@ -13,6 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The padded call's kernels: not cuDNN's, which builds a plan for each new (texts, longest) shape
+# (on an H100 a first pass over 256 texts in batches of 64 ran at 176 emb/s, the next at ~6,600:
+# BENCHMARKS.md, sixteenth session); memory-efficient attention takes the key mask as it is.
+_PADDED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -63,6 +70,8 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.index_copy_(0, meta.padded_rows, t)
         return out.view(seqs, longest, heads, d).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=meta.key_mask)
+    with sdpa_kernel(_PADDED_BACKENDS):
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v),
+                                             attn_mask=meta.key_mask)
     out = out.transpose(1, 2).reshape(seqs * longest, heads * d)
     return out.index_select(0, meta.padded_rows)
