@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# The padded call's kernels: not cuDNN's, which builds a plan for each new (texts, longest) shape
-# (on an H100 a first pass over 256 texts in batches of 64 ran at 176 emb/s, the next at ~6,600:
-# BENCHMARKS.md, sixteenth session); memory-efficient attention takes the key mask as it is.
-_PADDED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# SDPA's kernels here: not cuDNN's, which builds a plan for each new shape (texts, longest): on an
+# H100 a first pass over 256 texts ran at 53 emb/s one by one and 176 in batches of 64, later
+# passes at ~330 and ~6,600 (BENCHMARKS.md, sixteenth session). Flash attention takes the
+# unmasked calls, memory-efficient attention the masked one.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -52,6 +53,12 @@ class EncoderMetadata:
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       meta: EncoderMetadata) -> torch.Tensor:
     """q, k, v [tokens, heads, d] -> [tokens, heads * d], each sequence attending to itself."""
+    with sdpa_kernel(_BACKENDS):
+        return _attend(q, k, v, meta)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            meta: EncoderMetadata) -> torch.Tensor:
     tokens, heads, d = q.shape
     if meta.padded_rows is None:  # each sequence alone: no padding, no mask
         out = q.new_empty(tokens, heads, d)
@@ -70,8 +77,6 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.index_copy_(0, meta.padded_rows, t)
         return out.view(seqs, longest, heads, d).transpose(1, 2)
 
-    with sdpa_kernel(_PADDED_BACKENDS):
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v),
-                                             attn_mask=meta.key_mask)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=meta.key_mask)
     out = out.transpose(1, 2).reshape(seqs * longest, heads * d)
     return out.index_select(0, meta.padded_rows)
