@@ -66,10 +66,9 @@ class Int8HeadMethod(LinearMethod):
     MAX_ROWS = 8
 
     def __init__(self, weight: torch.Tensor):
-        q, scale = quantize_per_row(weight, torch.int8, 127)
         # The kernel takes its scales in the activations' dtype: quantize against those, so the
         # rounding of the scale does not add to the weights' error.
-        self.scale = scale.to(weight.dtype)
+        self.scale = quantize_per_row(weight, torch.int8, 127)[1].to(weight.dtype)
         q = (weight.float() / self.scale.float()[:, None]).round().clamp(-127, 127)
         self.q = q.to(torch.int8).contiguous()
 
