@@ -19,7 +19,10 @@ guess kept, at no draft cost). Per k:
 On plain random weights the decode path (GEMV kernels) and the verify path (prefill kernels) part
 at bf16 near-ties and the oracle's guesses are often rejected; --branch-scale 0.1 scales every
 layer's o_proj and down_proj (the same bytes to read) so that the network is less chaotic and
-the two paths agree: the ceiling shown as it would be for a draft that guesses right.
+the two paths agree: the ceiling shown as it would be for a draft that guesses right. --echo goes
+further: embeddings scaled up and copied into the LM head (and branches at 0.01) make each
+position's greedy token its input token by a margin no rounding crosses, so every guess is kept
+on the same bytes and FLOPs as the plain random model.
 --draft-self also runs the real draft-model proposer with the target as its draft (eager draft
 steps, every guess kept): the end-to-end rate with the draft's cost included.
 
@@ -168,6 +171,10 @@ def main() -> None:
     p.add_argument("--branch-scale", type=float, default=1.0,
                    help="scale the layers' o_proj/down_proj weights (below 1: a less chaotic "
                         "random model, whose decode and verify paths agree, to show the ceiling)")
+    p.add_argument("--echo", action="store_true",
+                   help="weights whose greedy token is the input token by a wide margin "
+                        "(random_models.build echo; branch scale 0.01 unless given): every "
+                        "kernel path agrees, so the oracle's guesses are all kept")
     p.add_argument("--json")
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
@@ -175,7 +182,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     results = {"ks": {}, "eagle": {}, "batches": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        hf = build("llama3-8b", Path(tmp), num_layers=args.layers, branch_scale=args.branch_scale)
+        hf = build("llama3-8b", Path(tmp), num_layers=args.layers,
+                   branch_scale=args.branch_scale if args.branch_scale != 1.0 or not args.echo
+                   else 0.01, echo=args.echo)
         hf_ms = {k: s * 1e3 for k, s in hf_costs(hf, args.context, ks).items()}
         target_cfg = {**SHAPES["llama3-8b"][2], "num_hidden_layers": args.layers}
         del hf

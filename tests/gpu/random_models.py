@@ -107,11 +107,15 @@ def vocabulary_tokenizer(vocab: int, specials: int = 256, seed: int = 0) -> Toke
 
 
 def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bfloat16,
-          branch_scale: float = 1.0):
+          branch_scale: float = 1.0, echo: bool = False):
     """Save a random `name`-shaped model to `folder`; return the HF model (on the GPU).
     branch_scale: the layers' output projections (o_proj, down_proj) scaled by it; below 1 each
     layer adds less to the residual stream, so the network is less chaotic (two kernels' bf16
-    roundings lead less often to different greedy tokens)."""
+    roundings lead less often to different greedy tokens).
+    echo: the embeddings scaled up 100x and the LM head made a copy of them, so that (with a
+    small branch_scale) the residual stream is its input token's embedding plus little and each
+    position's greedy token is its input token by a wide margin: every kernel path agrees on the
+    continuation (the last prompt token repeated). Same shapes and bytes as the plain model."""
     import transformers
 
     config_cls, model_cls, cfg = SHAPES[name]
@@ -125,6 +129,11 @@ def build(name: str, folder: Path, num_layers: int | None = None, dtype=torch.bf
             for name_, p in model.named_parameters():
                 if name_.endswith(("o_proj.weight", "down_proj.weight")):
                     p.mul_(branch_scale)
+    if echo:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb.mul_(100.0)
+            model.get_output_embeddings().weight.copy_(emb)
     model.save_pretrained(folder)
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     return model
