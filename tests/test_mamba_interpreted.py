@@ -50,6 +50,43 @@ def test_update_matches_reference(shape):
     torch.testing.assert_close(pool, expected_pool, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_update_with_raw_dt_into_rows_matches_reference(shape):
+    """The decode path the mixer takes: dt straight from the projection (a column slice, rows
+    strided; its step size clamp(softplus(dt + bias)) taken in the kernel, values past
+    softplus's linear threshold and the clamp included), y written into the first rows of a
+    larger buffer."""
+    x, _, A, B, C, D = ssd_inputs(3, seed=9, **shape)
+    heads = shape["heads"]
+    proj = torch.randn(3, heads + 5) * 4
+    proj[0, 5] = 25.0  # past the threshold: softplus(x) = x
+    raw, bias = proj[:, 5:], torch.randn(heads)
+    pool = torch.randn(5, heads, shape["p"], shape["n"])
+    slots, limits = torch.tensor([1, 4, 0]), (0.01, 8.0)
+    expected_pool = pool.clone()
+    expected = reference_mamba.ssd_decode(x, raw, A, B, C, D, expected_pool, slots,
+                                          dt_bias=bias, dt_limits=limits)
+    y = torch.zeros(5, heads, shape["p"])
+    triton_mamba.ssd_decode(x, raw, A, B, C, D, pool, slots, out=y[:3], dt_bias=bias,
+                            dt_limits=limits)
+    torch.testing.assert_close(y[:3], expected, rtol=1e-4, atol=1e-4)
+    assert not y[3:].any()
+    torch.testing.assert_close(pool, expected_pool, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups,channels", [(1, 48), (4, 64), (2, 40)])
+def test_gated_rms_norm_matches_reference(groups, channels):
+    g = torch.Generator().manual_seed(groups)
+    y = torch.randn(3, channels, generator=g)
+    proj = torch.randn(3, channels + 7, generator=g).bfloat16()
+    z = proj[:, 7:]  # the gate as a column slice of the projection
+    weight = (torch.rand(channels, generator=g) + 0.5).bfloat16()
+    expected = reference_mamba.gated_rms_norm(y, z, weight, 1e-5, channels // groups)
+    out = triton_mamba.gated_rms_norm(y, z, weight, 1e-5, channels // groups)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("saves", [None, [(2, 5, 1)]])
 def test_mixer_step_with_triton_scan_matches_reference(saves):
     """A whole mixer over a mixed step (two decodes, a prefill carrying its state, one starting

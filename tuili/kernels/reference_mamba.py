@@ -104,10 +104,15 @@ def prefill_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def decode_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  conv_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The conv of one token per decode row (conv_x [decodes, channels]), states at `slots`."""
-    out, new = conv1d_update(conv_x, weight, bias, conv_pool.index_select(0, slots))
+                  conv_pool: torch.Tensor, slots: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The conv of one token per decode row (conv_x [decodes, channels]), states at `slots`;
+    written into `out` when given."""
+    result, new = conv1d_update(conv_x, weight, bias, conv_pool.index_select(0, slots))
     conv_pool.index_copy_(0, slots, new.to(conv_pool.dtype))
+    if out is None:
+        return result
+    out.copy_(result)
     return out
 
 
@@ -123,13 +128,26 @@ def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         ssm_pool[slot] = final.to(ssm_pool.dtype)
 
 
+def step_dt(dt: torch.Tensor, dt_bias: torch.Tensor,
+            limits: tuple[float, float]) -> torch.Tensor:
+    """The mixer's step sizes from the projection's dt: clamp(softplus(dt + dt_bias)), float32."""
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*limits)
+
+
 def ssd_decode(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               C: torch.Tensor, D: torch.Tensor, ssm_pool: torch.Tensor,
-               slots: torch.Tensor) -> torch.Tensor:
-    """The one-step update of each decode row at its slot; y float32."""
+               C: torch.Tensor, D: torch.Tensor, ssm_pool: torch.Tensor, slots: torch.Tensor,
+               out: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+               dt_limits: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """The one-step update of each decode row at its slot; y float32 (into `out` when given).
+    With dt_bias, dt is the projection's raw output and step_dt is taken of it here."""
+    if dt_bias is not None:
+        dt = step_dt(dt, dt_bias, dt_limits)
     y, new = ssd_update(x, dt, A, B, C, D, ssm_pool.index_select(0, slots))
     ssm_pool.index_copy_(0, slots, new.to(ssm_pool.dtype))
-    return y
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -20,9 +20,13 @@ import triton.language as tl
 
 @triton.jit
 def _ssd_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, state_ptr, slots_ptr, y_ptr,
-                       stride_x, stride_bc, HEADS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
-                       P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr,
+                       dt_bias_ptr, dt_min, dt_max, stride_x, stride_bc, stride_dt,
+                       HEADS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
+                       N: tl.constexpr, RAW_DT: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_N: tl.constexpr):
+    """One program per (decode row, head, block of head_dim rows). RAW_DT: dt is the in_proj's
+    output, its step size clamp(softplus(dt + dt_bias)) taken here (softplus linear above 20,
+    as torch's)."""
     row, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // HEADS_PER_GROUP
     slot = tl.load(slots_ptr + row).to(tl.int64)
@@ -33,7 +37,11 @@ def _ssd_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, state_ptr, slo
     s_ptrs = state_ptr + (slot * HEADS + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
     s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * stride_x + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + row * HEADS + h).to(tl.float32)
+    dt = tl.load(dt_ptr + row * stride_dt + h).to(tl.float32)
+    if RAW_DT:
+        dt += tl.load(dt_bias_ptr + h).to(tl.float32)
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     a = tl.load(a_ptr + h).to(tl.float32)
     bv = tl.load(b_ptr + row * stride_bc + g * N + offs_n, mask=mn, other=0.0).to(tl.float32)
     cv = tl.load(c_ptr + row * stride_bc + g * N + offs_n, mask=mn, other=0.0).to(tl.float32)
@@ -189,9 +197,11 @@ def prefill_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def decode_states(conv_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  conv_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                  conv_pool: torch.Tensor, slots: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """reference_mamba.decode_states: one token per row of conv_x [decodes, channels]."""
-    out = torch.empty(conv_x.shape, dtype=conv_x.dtype, device=conv_x.device)
+    if out is None:
+        out = torch.empty(conv_x.shape, dtype=conv_x.dtype, device=conv_x.device)
     channels, k, kp = _conv_shapes(conv_x, weight, conv_pool, out)
     block_c = 128
     grid = (conv_x.shape[0], triton.cdiv(channels, block_c))
@@ -214,18 +224,57 @@ def _blocks(p: int, n: int) -> tuple[int, int]:
 
 
 def ssd_decode(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               C: torch.Tensor, D: torch.Tensor, ssm_pool: torch.Tensor,
-               slots: torch.Tensor) -> torch.Tensor:
-    """reference_mamba.ssd_decode: one token per row; the states at `slots` updated in place."""
+               C: torch.Tensor, D: torch.Tensor, ssm_pool: torch.Tensor, slots: torch.Tensor,
+               out: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+               dt_limits: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """reference_mamba.ssd_decode: one token per row; the states at `slots` updated in place.
+    dt [rows, heads] may be a column slice of the projection's output (rows strided)."""
     _check(x, B, C, ssm_pool)
     rows, heads, p = x.shape
     n = B.shape[2]
-    y = torch.empty(rows, heads, p, dtype=torch.float32, device=x.device)
+    y = out if out is not None else \
+        torch.empty(rows, heads, p, dtype=torch.float32, device=x.device)
+    if dt.stride(1) != 1 or not y.is_contiguous():
+        raise ValueError("ssd_decode wants dt's heads dense and a contiguous output")
     block_p, block_n = _blocks(p, n)
     grid = (rows, heads, triton.cdiv(p, block_p))
-    _ssd_update_kernel[grid](x, dt.contiguous(), A, B, C, D, ssm_pool, slots, y, x.stride(0),
-                             B.stride(0), heads, heads // B.shape[1], p, n, block_p, block_n)
+    raw = dt_bias is not None
+    _ssd_update_kernel[grid](x, dt, A, B, C, D, ssm_pool, slots, y, dt_bias if raw else A,
+                             float(dt_limits[0]), min(float(dt_limits[1]), 3.0e38), x.stride(0),
+                             B.stride(0), dt.stride(0), heads, heads // B.shape[1], p, n, raw,
+                             block_p, block_n)
     return y
+
+
+@triton.jit
+def _gated_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, stride_y, stride_z, stride_out, eps,
+                       GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (row, group): rmsnorm(y * silu(z)) over the group's channels, times the
+    weight, stored in out's dtype."""
+    row, g = tl.program_id(0), tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < GROUP
+    y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * stride_z + offs, mask=mask, other=0.0).to(tl.float32)
+    h = y * z * tl.sigmoid(z)
+    rms = tl.rsqrt(tl.sum(h * h, axis=0) / GROUP + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (h * rms * w).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   group_size: int) -> torch.Tensor:
+    """reference_mamba.gated_rms_norm in one launch: y [rows, channels] (float32), z the gate
+    (a column slice of the projection may do: rows strided, channels dense); weight's dtype out."""
+    rows, channels = y.shape
+    if y.stride(1) != 1 or z.stride(1) != 1 or channels % group_size:
+        raise ValueError("gated_rms_norm wants dense channels in whole groups")
+    out = torch.empty(rows, channels, dtype=weight.dtype, device=y.device)
+    _gated_norm_kernel[(rows, channels // group_size)](
+        y, z, weight, out, y.stride(0), z.stride(0), out.stride(0), eps, group_size,
+        triton.next_power_of_2(group_size))
+    return out
 
 
 def ssd_prefill(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -13,7 +13,6 @@ chunked scan, from the carried state when cached > 0 else from zero).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tuili.kernels import reference_mamba, triton_module
@@ -48,6 +47,7 @@ class Mamba2Mixer(nn.Module):
         # references on CPU.
         self._kernels = triton_module("triton_mamba") if backend.name == "triton" \
             else reference_mamba
+        self._A: torch.Tensor | None = None  # -exp(A_log): _decay()
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One slot's (conv state, SSM state) shapes."""
@@ -64,7 +64,7 @@ class Mamba2Mixer(nn.Module):
         phases, saved = self._phases(meta, host[nd:]) if meta.prefills else ([], None)
         kernels, conv = self._kernels, torch.empty_like(xbc)
         if nd:
-            conv[:nd] = kernels.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd])
+            kernels.decode_states(xbc[:nd], weight, bias, conv_pool, slots[:nd], out=conv[:nd])
         args = [self._kernel_args(meta, slots, *phase, whole=i == 0 and not saved)
                 for i, phase in enumerate(phases)]
         for i, (phase_slots, prefills) in enumerate(args):
@@ -74,20 +74,28 @@ class Mamba2Mixer(nn.Module):
         x, B, C = conv.split([inter, gn, gn], dim=-1)
         x = x.view(t, heads, m.head_dim)
         B, C = B.view(t, m.n_groups, m.state_size), C.view(t, m.n_groups, m.state_size)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(m.dt_min, m.dt_max)
-        A = -torch.exp(self.A_log.float())
+        A, limits = self._decay(), (m.dt_min, m.dt_max)
         y = torch.empty(t, heads, m.head_dim, dtype=torch.float32, device=h.device)
-        if nd:
-            y[:nd] = kernels.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool,
-                                        slots[:nd])
+        if nd:  # the decodes' step sizes are taken inside the update
+            kernels.ssd_decode(x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, ssm_pool, slots[:nd],
+                               out=y[:nd], dt_bias=self.dt_bias, dt_limits=limits)
+        if args:
+            dt = reference_mamba.step_dt(dt, self.dt_bias, limits)
         for i, (phase_slots, prefills) in enumerate(args):
             kernels.ssd_prefill(x, dt, A, B, C, self.D, m.chunk_size, ssm_pool, phase_slots,
                                 prefills, y)
             if i == 0 and saved:
                 self._snapshot(ssm_pool, self.ssm_snapshots, saved)
-        out = reference_mamba.gated_rms_norm(y.view(t, inter), z, self.norm.weight, self.eps,
-                                             inter // m.n_groups)
+        out = kernels.gated_rms_norm(y.view(t, inter), z, self.norm.weight, self.eps,
+                                     inter // m.n_groups)
         return self.backend.linear(out.to(h.dtype), self.out_proj)
+
+    def _decay(self) -> torch.Tensor:
+        """A = -exp(A_log) per head (float32), taken once the weights are in: the first step
+        runs before any CUDA graph is captured (start-up's measuring step)."""
+        if self._A is None or self._A.device != self.A_log.device:
+            self._A = -torch.exp(self.A_log.float())
+        return self._A
 
     def _phases(self, meta: AttentionMetadata, slots: list[int]):
         """The prefills in one phase, or (when some states are snapshotted part-way through a
