@@ -53,6 +53,10 @@ def mixed_gguf(tmp_path_factory):
 
 
 def test_packed_blocks_decode_as_dequantized_bf16(mixed_gguf):
+    """The packed engine's greedy tokens, teacher-forced through the dequantized one: each within
+    its top 5 and of nearly its log-probability (random weights give near-uniform logits, so
+    free-running tokens part at the first bf16 near-tie and say nothing); CUDA graphs replay
+    exactly what the eager packed engine computes."""
     prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     common = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=1, max_num_seqs=4)
@@ -63,14 +67,17 @@ def test_packed_blocks_decode_as_dequantized_bf16(mixed_gguf):
     packed = eager.generate(prompts, greedy)
     del eager
     graphs = LLM(str(mixed_gguf), quantization="gguf", **common).generate(prompts, greedy)
-    floats = LLM(str(mixed_gguf), quantization="none", **common).generate(prompts, greedy)
-    for ours, graphed, ref in zip(packed, graphs, floats):
-        a, b = ours.outputs[0].token_ids, ref.outputs[0].token_ids
-        agree = sum(x == y for x, y in zip(a, b)) / len(a)
-        assert agree >= 0.75, (a, b)  # the same weights; bf16 summation order only
-        assert graphed.outputs[0].token_ids == a
-        # the first token's log-probability: one step of both, before any divergence
-        assert abs(ours.outputs[0].logprobs[0].logprob - ref.outputs[0].logprobs[0].logprob) < 0.05
+    floats = LLM(str(mixed_gguf), quantization="none", **common)
+    score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    forced = floats.generate([p + o.outputs[0].token_ids for p, o in zip(prompts, packed)], score)
+    diffs = []
+    for prompt, ours, graphed, ref in zip(prompts, packed, graphs, forced):
+        assert graphed.outputs[0].token_ids == ours.outputs[0].token_ids
+        ref_lps = ref.prompt_logprobs[len(prompt):]  # the float model's view of our tokens
+        assert [lp.token_id for lp in ref_lps] == ours.outputs[0].token_ids
+        assert max(lp.rank for lp in ref_lps) <= 5, [lp.rank for lp in ref_lps]
+        diffs += [abs(a.logprob - b.logprob) for a, b in zip(ours.outputs[0].logprobs, ref_lps)]
+    assert max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.05, diffs
 
 
 def _real_gguf(name: str):
