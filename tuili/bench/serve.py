@@ -84,7 +84,8 @@ def _payload(cfg: BenchConfig, prompt) -> dict:
     return body
 
 
-async def _one(session, cfg: BenchConfig, prompt) -> RequestResult:
+async def one_request(session, cfg: BenchConfig, prompt) -> RequestResult:
+    """One streamed request to cfg.base_url: its TTFT, inter-token gaps and token count."""
     res = RequestResult()
     path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
     start = last = time.perf_counter()
@@ -157,7 +158,7 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
 
         async def limited(prompt):
             async with gate:
-                return await _one(session, cfg, prompt)
+                return await one_request(session, cfg, prompt)
 
         start = time.perf_counter()
         tasks = []
