@@ -1,60 +1,159 @@
 """Quantized linears on the GPU; references in kernels/reference_quant.py.
 
-Decode (M <= MAX_ROWS rows): GEMVs that read the packed weight once and unpack it in registers:
-4-bit GPTQ-layout words with a scale and zero per group (`int4_gemv`), int8 or FP8 rows with a
-scale per output channel (`scaled_gemv`). Larger steps dequantize the 4-bit weight to 16 bits
-(`int4_dequantize`), then cuBLAS multiplies. Each program owns BLOCK_N output columns."""
+Decode (M <= MAX_ROWS rows) is a read of the packed weight, so the GEMVs are shaped like the bf16
+ones (kernels/triton_gemv.py): enough programs to keep every SM's share of the bandwidth in
+flight, wide coalesced loads, the x tile loaded once per K tile and shared by every column.
+
+- `int4_gemv`: 4-bit GPTQ-layout words [K/8, N] (N contiguous) with a scale and zero per group.
+  A program owns BLOCK_N columns and one of SPLIT_K ranges of K. Each word is loaded once and
+  its 8 nibbles unpacked in registers ([BLOCK_K/8, 8, BLOCK_N]); a nibble becomes a float by
+  its bits (0x4B000000 | q is the float 2^23 + q: no int-to-float conversion, which runs at a
+  quarter of the FMA rate), and (2^23 + q) - (2^23 + zero) is q - zero exactly. Where the tile
+  lies in one group, its scale multiplies the tile's partial sums, not each weight. Splits
+  write fp32 partials; the last to arrive at its columns' ticket adds them (one launch).
+- `scaled_gemv`: int8 or FP8 rows [N, K] (K contiguous) with a scale per output channel,
+  applied once per output. A program owns BLOCK_N rows and streams them in 16-byte vectors.
+
+Larger steps dequantize the 4-bit weight to 16 bits (`int4_dequantize`), then cuBLAS multiplies.
+Each kernel has an FMA form (a few rows: the products summed on the CUDA cores) and a tensor-core
+form (USE_DOT: rows padded to 16 by Triton). Tiles come from `int4_config` / `scaled_config`,
+per device (tuning.GpuTraits), or from the caller (benchmarks/quant_gemv_sweep.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tuili.kernels import arrival_counters
+from tuili.kernels.tuning import GpuTraits, gpu_traits
+
 MAX_ROWS = 8
+MAGIC = 8388608.0  # 2^23: the float whose low mantissa bits are an integer added to it
+MAX_TICKETS = 4096  # column tiles a split launch may have (one arrival counter each)
+
+
+@dataclass(frozen=True)
+class QuantGemvConfig:
+    block_n: int
+    block_k: int
+    split_k: int = 1  # ranges of K, each its own program (int4 only)
+    num_warps: int = 4
+    num_stages: int = 1
+    use_dot: bool = False  # tensor-core dot (rows padded to 16), else FMA
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
-                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0,
+               GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+    """Word rows `rows` of columns n unpacked: (d [KW, 8, BLOCK_N] float32, s): the weight is
+    d * s, s [BLOCK_N] (TILE_IN_GROUP: the tile's one group) or 1 (d already scaled)."""
+    mask = row_mask[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
+    bits = ((words[:, None, :] >> (j * 4)[None, :, None]) & 0xF) | 0x4B000000
+    q = bits.to(tl.float32, bitcast=True)  # 2^23 + nibble
+    if TILE_IN_GROUP:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)
+        d = q - (z + MAGIC)[None, None, :]
+    elif GROUP % 8 == 0:  # the 8 rows of a word share a group: a scale per word row
+        g = rows * 8 // GROUP
+        s2 = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z2 = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = (q - (z2 + MAGIC)[:, None, :]) * s2[:, None, :]
+        s = 1.0
+    else:  # groups of any length (act-order's padded runs): a scale per row
+        g = (rows[:, None] * 8 + j[None, :]) // GROUP
+        sz = g[:, :, None] * N + n[None, None, :]
+        m3 = mask[:, None, :]
+        s3 = tl.load(s_ptr + sz, mask=m3, other=0.0).to(tl.float32)
+        z3 = tl.load(z_ptr + sz, mask=m3, other=0.0).to(tl.float32)
+        d = (q - (z3 + MAGIC)) * s3
+        s = 1.0
+    return d, s
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_ptr, out_ptr,
+                      M, N, K, stride_x, K_SPLIT, SPLITS,
+                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr):
+    KW: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, M_PAD)
     m_mask = m < M
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + k
-        k_mask = kk < K
-        mask = k_mask[:, None] & n_mask[None, :]
-        # Word kk // 8 holds row kk in bits 4 * (kk % 8): the 8 rows of a word share one load.
-        words = tl.load(qw_ptr + (kk // 8)[:, None] * N + n[None, :], mask=mask, other=0)
-        q = ((words >> ((kk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
-        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    r = tl.arange(0, KW)
+    j = tl.arange(0, 8)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)  # K and K_SPLIT are multiples of 8
+    x_rows = x_ptr + m * stride_x
+    if USE_DOT:
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        kt = tl.arange(0, BLOCK_K)
+    else:  # per word row: summed across threads once, after the loop
+        acc = tl.zeros([M_PAD, KW, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rows = k0 // 8 + r
+        d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, j, n, n_mask, N, k0,
+                          GROUP, TILE_IN_GROUP)
+        if USE_DOT:
+            kk = k0 + kt
+            xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
+                         other=0.0)
+            w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)  # TILE_IN_GROUP: q - z, exact
+            if TILE_IN_GROUP:
+                acc += tl.dot(xv, w) * s[None, :]
+            else:
+                acc += tl.dot(xv, w)
         else:
-            g = kk // GROUP
-            s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = (q - z) * s  # [BLOCK_K, BLOCK_N]
-        xv = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :],
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(xv[:, :, None] * w[None, :, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+            kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
+            xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
+                         mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :],
+                         other=0.0).to(tl.float32)
+            part = tl.sum(xv[:, :, :, None] * d[None, :, :, :], axis=2)  # [M_PAD, KW, BLOCK_N]
+            if TILE_IN_GROUP:
+                acc += part * s[None, None, :]
+            else:
+                acc += part
+    if USE_DOT:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=1)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (pid_k * M + m)[:, None] * N + n[None, :], y, mask=mask)
+        # The split that arrives last adds the parts: every thread's stores above come before
+        # the release of the ticket (barrier, then an acq_rel add); it leaves the ticket at 0
+        # for the next launch (or graph replay).
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            y = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for p in range(0, SPLITS):
+                y += tl.load(part_ptr + (p * M + m)[:, None] * N + n[None, :], mask=mask,
+                             other=0.0)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.store(ticket_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
                         HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -62,14 +161,22 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     m_mask = m < M
     k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    x_rows = x_ptr + m[:, None] * stride_x
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    else:
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
         k_mask = kk < K
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        xv = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :],
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(xv[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(w.to(xv.dtype), tl.trans(xv))
+        else:
+            acc += tl.sum(xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if USE_DOT:
+        acc = tl.trans(acc)
     acc *= tl.load(scale_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -93,34 +200,115 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexp
              mask=mask)
 
 
+# Launch shapes. Decode reads each weight once, so what counts is the bytes each SM keeps in
+# flight: its share of the bandwidth times the memory latency (~1 us under load). The split of
+# K gives every SM several programs whatever the layer's width. First guesses, from the bf16
+# GEMVs' measured tiles scaled by bytes; benchmarks/quant_gemv_sweep.py measures the others.
+LATENCY_S = 1e-6
+INT4_PROGRAMS_PER_SM = 4  # resident programs an SM takes turns between (4 warps each)
+
+
+def int4_config(m: int, n: int, k: int, group: int,
+                gpu: GpuTraits | None = None) -> QuantGemvConfig:
+    """Tiles of the 4-bit GEMV for m rows of [m, k] x [n, k]^T on `gpu` (default: the current
+    device's traits): a K tile inside one group where one divides it, 128-column tiles (512-byte
+    rows of words), and K split until every SM has its programs and its bytes in flight."""
+    gpu = gpu or gpu_traits()
+    block_k = next((b for b in (128, 64, 32) if group % b == 0 or group >= k), 64)
+    block_n = 128 if n >= 2048 else 64
+    dot = m > 2
+    if dot:
+        block_k = max(block_k, 32)
+    tile_bytes = block_k // 8 * block_n * 4
+    # Programs so that each SM holds its bandwidth x latency in tiles, at least a few programs.
+    want = gpu.sms * max(INT4_PROGRAMS_PER_SM,
+                         round(gpu.bandwidth_per_sm * LATENCY_S / tile_bytes))
+    columns = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(k, block_k), round(want / columns)))
+    return QuantGemvConfig(block_n, block_k, split, num_warps=4, use_dot=dot)
+
+
+def scaled_config(m: int, n: int, k: int, gpu: GpuTraits | None = None) -> QuantGemvConfig:
+    """Tiles of the int8/FP8 GEMV: the bf16 GEMV's measured ones (triton_gemv.default_config)
+    at half the bytes a weight, so K tiles twice as long: a whole 4096 row per program in one
+    tile (all its loads issued at once) with 8 warps; 2048-long tiles for long reductions. A
+    fast-memory GPU (H200) takes a row more per program. Rows > 2: tensor-core tiles."""
+    gpu = gpu or gpu_traits()
+    if m > 2:
+        return QuantGemvConfig(32 if n >= 2 * k else 16, 256, use_dot=True, num_stages=3)
+    if k <= 8192:
+        block_k = triton.next_power_of_2(k)
+        return QuantGemvConfig(4 if gpu.fast_memory else 2, block_k,
+                               num_warps=8 if block_k >= 2048 else 4)
+    return QuantGemvConfig(4, 2048, num_warps=8 if gpu.fast_memory else 4)
+
+
 def _m_pad(m: int) -> int:
-    return max(2, triton.next_power_of_2(m))
+    return triton.next_power_of_2(m)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group: int, bias: torch.Tensor | None = None, block_n: int = 32,
-              block_k: int = 256) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] @ the 4-bit weight's dequantized [N, K].T (+ bias) -> [M, N]."""
+              group: int, bias: torch.Tensor | None = None,
+              config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """x [M <= MAX_ROWS, K] @ the 4-bit weight's dequantized [N, K].T (+ bias) -> [M, N].
+    config: tiles, int4_config's when None."""
     m, k = x.shape
     n = qweight.shape[1]
+    if m > MAX_ROWS:
+        raise ValueError(f"int4_gemv serves up to {MAX_ROWS} rows, got {m}")
+    if qweight.shape[0] * 8 != k:
+        raise ValueError(f"x {tuple(x.shape)} does not fit 4-bit words {tuple(qweight.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or int4_config(m, n, k, group, gpu_traits(x.device))
+    if cfg.block_k % 8:
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of 8 (a word's rows)")
+    # One group: treated as one group as long as the K range, so every tile lies in it.
+    group = max(group, triton.cdiv(k, cfg.block_k) * cfg.block_k) if group >= k else group
+    columns = triton.cdiv(n, cfg.block_n)
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_split)
+    if columns > MAX_TICKETS:
+        splits, k_split = 1, k
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, qweight, scales, zeros, bias if bias is not None else x, out, m, n, k, x.stride(0),
-        GROUP=group, HAS_BIAS=bias is not None, M_PAD=_m_pad(m), BLOCK_N=block_n, BLOCK_K=block_k)
+    if m == 0:
+        return out
+    part = tickets = out
+    if splits > 1:
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        tickets = arrival_counters(x.device, "int4_gemv", MAX_TICKETS)
+    _int4_gemv_kernel[(columns, splits)](
+        x, qweight, scales, zeros, bias if bias is not None else out, part, tickets, out,
+        m, n, k, x.stride(0), k_split, splits,
+        GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
+        M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def scaled_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None, block_n: int = 8,
-                block_k: int = 1024) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] @ (weight * scale[:, None]).T (+ bias): int8 or FP8 weight [N, K]."""
-    x = x.contiguous()
+                bias: torch.Tensor | None = None,
+                config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """x [M <= MAX_ROWS, K] @ (weight * scale[:, None]).T (+ bias): int8 or FP8 weight [N, K].
+    config: tiles, scaled_config's when None."""
     m, k = x.shape
     n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"scaled_gemv serves up to {MAX_ROWS} rows, got {m}")
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or scaled_config(m, n, k, gpu_traits(x.device))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _scaled_gemv_kernel[(triton.cdiv(n, block_n),)](
+    if m == 0:
+        return out
+    _scaled_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, scale, bias if bias is not None else x, out, m, n, k, x.stride(0),
-        HAS_BIAS=bias is not None, M_PAD=_m_pad(m), BLOCK_N=block_n, BLOCK_K=block_k)
+        HAS_BIAS=bias is not None, M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
