@@ -32,7 +32,7 @@ from tuili.kernels import arrival_counters
 from tuili.kernels.tuning import GpuTraits, gpu_traits
 
 MAX_ROWS = 8
-MAGIC = 8388608.0  # 2^23: the float whose low mantissa bits are an integer added to it
+MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose low mantissa bits are an integer added to it
 MAX_TICKETS = 4096  # column tiles a split launch may have (one arrival counter each)
 
 
@@ -78,8 +78,50 @@ def _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0,
 
 
 @triton.jit
+def _int4_one_row(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0, magic_bits,
+                  GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, KW: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """One row of x times word rows `rows` of columns n: [KW, BLOCK_N] float32 products, summed
+    over each word's 8 rows. All 2-D in the words' own layout (each thread's 16-byte vectors of
+    columns; its x values serve every column it holds): no layout conversion.
+
+    Nibble j is masked in place, q * 16^j (j < 5, < 2^23; nibbles 5..7 after one shift by 20),
+    its float 2^23 + q * 16^j less 2^23 + zero * 16^j is (q - zero) * 16^j exactly, and x is
+    scaled by 16^-j (exact): one integer op a nibble (a LOP3 of the word, the mask and
+    magic_bits = 0x4B000000, passed at run time: with both constants immediate, ptxas takes two)."""
+    mask = row_mask[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
+    high = words >> 20  # nibbles 5, 6, 7 at 0, 4, 8
+    if TILE_IN_GROUP:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    elif GROUP % 8 == 0:  # the 8 rows of a word share a group: a scale per word row
+        g = rows * 8 // GROUP
+        s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    part = tl.zeros([KW, BLOCK_N], tl.float32)
+    for j in tl.static_range(8):
+        at = j if j < 5 else j - 5  # the nibble's place in words (j < 5) or in high
+        xj = tl.load(x_ptr + rows * 8 + j, mask=row_mask, other=0.0).to(tl.float32)
+        xj = (xj * (1.0 / (1 << (4 * at))))[:, None]
+        src = words if j < 5 else high
+        q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True)
+        if not (TILE_IN_GROUP or GROUP % 8 == 0):  # groups of any length (act-order's runs)
+            sz = ((rows * 8 + j) // GROUP)[:, None] * N + n[None, :]
+            s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            part += xj * ((q - (z * (1 << (4 * at)) + MAGIC)) * s)
+        else:
+            part += xj * (q - (z * (1 << (4 * at)) + MAGIC))
+    if TILE_IN_GROUP or GROUP % 8 == 0:
+        part = part * s
+    return part
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_ptr, out_ptr,
-                      M, N, K, stride_x, K_SPLIT, SPLITS,
+                      M, N, K, stride_x, K_SPLIT, SPLITS, magic_bits,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT: tl.constexpr, USE_DOT: tl.constexpr):
@@ -98,33 +140,41 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
     if USE_DOT:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         kt = tl.arange(0, BLOCK_K)
+    elif M_PAD == 1:
+        acc = tl.zeros([KW, BLOCK_N], tl.float32)
     else:  # per word row: summed across threads once, after the loop
         acc = tl.zeros([M_PAD, KW, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
-        d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, j, n, n_mask, N, k0,
-                          GROUP, TILE_IN_GROUP)
-        if USE_DOT:
-            kk = k0 + kt
-            xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
-                         other=0.0)
-            w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)  # TILE_IN_GROUP: q - z, exact
-            if TILE_IN_GROUP:
-                acc += tl.dot(xv, w) * s[None, :]
-            else:
-                acc += tl.dot(xv, w)
+        if M_PAD == 1 and not USE_DOT:
+            acc += _int4_one_row(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
+                                 N, k0, magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
         else:
-            kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
-            xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
-                         mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :],
-                         other=0.0).to(tl.float32)
-            part = tl.sum(xv[:, :, :, None] * d[None, :, :, :], axis=2)  # [M_PAD, KW, BLOCK_N]
-            if TILE_IN_GROUP:
-                acc += part * s[None, None, :]
+            d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, j, n, n_mask, N, k0,
+                              GROUP, TILE_IN_GROUP)
+            if USE_DOT:
+                kk = k0 + kt
+                xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
+                             other=0.0)
+                w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)  # TILE_IN_GROUP: q - z, exact
+                if TILE_IN_GROUP:
+                    acc += tl.dot(xv, w) * s[None, :]
+                else:
+                    acc += tl.dot(xv, w)
             else:
-                acc += part
+                kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
+                xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
+                             mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :],
+                             other=0.0).to(tl.float32)
+                part = tl.sum(xv[:, :, :, None] * d[None, :, :, :], axis=2)  # [M_PAD, KW, BLOCK_N]
+                if TILE_IN_GROUP:
+                    acc += part * s[None, None, :]
+                else:
+                    acc += part
     if USE_DOT:
         y = acc
+    elif M_PAD == 1:
+        y = tl.sum(acc, axis=0)[None, :]
     else:
         y = tl.sum(acc, axis=1)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -164,6 +214,8 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     x_rows = x_ptr + m[:, None] * stride_x
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    elif M_PAD == 1:  # products summed across threads once, after the loop
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -173,10 +225,14 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
         xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             acc += tl.dot(w.to(xv.dtype), tl.trans(xv))
+        elif M_PAD == 1:
+            acc += xv.to(tl.float32) * w.to(tl.float32)
         else:
             acc += tl.sum(xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if USE_DOT:
         acc = tl.trans(acc)
+    elif M_PAD == 1:
+        acc = tl.sum(acc, axis=1)[None, :]
     acc *= tl.load(scale_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -279,7 +335,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         tickets = arrival_counters(x.device, "int4_gemv", MAX_TICKETS)
     _int4_gemv_kernel[(columns, splits)](
         x, qweight, scales, zeros, bias if bias is not None else out, part, tickets, out,
-        m, n, k, x.stride(0), k_split, splits,
+        m, n, k, x.stride(0), k_split, splits, 0x4B000000,
         GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
         M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot,
