@@ -257,46 +257,48 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexp
 
 
 # Launch shapes. Decode reads each weight once, so what counts is the bytes each SM keeps in
-# flight: its share of the bandwidth times the memory latency (~1 us under load). The split of
-# K gives every SM several programs whatever the layer's width. First guesses, from the bf16
-# GEMVs' measured tiles scaled by bytes; benchmarks/quant_gemv_sweep.py measures the others.
+# flight: its share of the bandwidth times the memory latency (~1 us under load). First
+# guesses from the compiled kernels' resources (sm_90: 128 registers a thread for the 4-bit
+# row tiles, so 4 programs of 4 warps an SM), not yet measured: benchmarks/quant_gemv_sweep.py
+# times the others beside them.
 LATENCY_S = 1e-6
-INT4_PROGRAMS_PER_SM = 4  # resident programs an SM takes turns between (4 warps each)
+REGISTERS_PER_SM = 65536
+INT4_REGISTERS = 128  # a thread of the one-row 4-bit kernel (scripts/compile_kernels.py)
 
 
 def int4_config(m: int, n: int, k: int, group: int,
                 gpu: GpuTraits | None = None) -> QuantGemvConfig:
     """Tiles of the 4-bit GEMV for m rows of [m, k] x [n, k]^T on `gpu` (default: the current
-    device's traits): a K tile inside one group where one divides it, 128-column tiles (512-byte
-    rows of words), and K split until every SM has its programs and its bytes in flight."""
+    device's traits). A K tile inside one group where one divides it; 128 columns (512-byte rows
+    of words) in 4 warps, or where an SM must keep more bytes in flight than its resident
+    programs' tiles hold (an H200), 256 columns in 8 warps; K split so that the programs fill
+    every SM's resident slots once (one wave: no tail)."""
     gpu = gpu or gpu_traits()
     block_k = next((b for b in (128, 64, 32) if group % b == 0 or group >= k), 64)
-    block_n = 128 if n >= 2048 else 64
-    dot = m > 2
-    if dot:
-        block_k = max(block_k, 32)
-    tile_bytes = block_k // 8 * block_n * 4
-    # Programs so that each SM holds its bandwidth x latency in tiles, at least a few programs.
-    want = gpu.sms * max(INT4_PROGRAMS_PER_SM,
-                         round(gpu.bandwidth_per_sm * LATENCY_S / tile_bytes))
+    dot = m > 1
+    block_n, warps = (128, 4) if n >= 2048 else (64, 4)
+    resident = REGISTERS_PER_SM // (INT4_REGISTERS * 32 * warps)
+    if not dot and n >= 4096 and resident * block_k // 2 * block_n < \
+            gpu.bandwidth_per_sm * LATENCY_S:
+        block_n, warps = 256, 8
+        resident = REGISTERS_PER_SM // (INT4_REGISTERS * 32 * warps)
     columns = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(k, block_k), round(want / columns)))
-    return QuantGemvConfig(block_n, block_k, split, num_warps=4, use_dot=dot)
+    split = max(1, min(triton.cdiv(k, block_k), round(gpu.sms * resident / columns)))
+    return QuantGemvConfig(block_n, block_k, split, num_warps=warps, use_dot=dot)
 
 
 def scaled_config(m: int, n: int, k: int, gpu: GpuTraits | None = None) -> QuantGemvConfig:
     """Tiles of the int8/FP8 GEMV: the bf16 GEMV's measured ones (triton_gemv.default_config)
-    at half the bytes a weight, so K tiles twice as long: a whole 4096 row per program in one
-    tile (all its loads issued at once) with 8 warps; 2048-long tiles for long reductions. A
-    fast-memory GPU (H200) takes a row more per program. Rows > 2: tensor-core tiles."""
+    at half the bytes a weight, so K tiles twice as long: a whole row of up to 8192 per tile
+    (all its loads issued at once), 8 warps, 2 rows a program (4 rows' fp32 copies take ~146
+    registers: one program an SM); 2048-long tiles for long reductions, where a fast-memory GPU
+    (H200) takes 8 warps for more bytes in flight. Rows > 2: tensor-core tiles."""
     gpu = gpu or gpu_traits()
     if m > 2:
         return QuantGemvConfig(32 if n >= 2 * k else 16, 256, use_dot=True, num_stages=3)
     if k <= 8192:
-        block_k = triton.next_power_of_2(k)
-        return QuantGemvConfig(4 if gpu.fast_memory else 2, block_k,
-                               num_warps=8 if block_k >= 2048 else 4)
-    return QuantGemvConfig(4, 2048, num_warps=8 if gpu.fast_memory else 4)
+        return QuantGemvConfig(2, triton.next_power_of_2(k), num_warps=8 if k >= 2048 else 4)
+    return QuantGemvConfig(4, 2048, num_warps=8) if gpu.fast_memory else QuantGemvConfig(2, 2048)
 
 
 def _m_pad(m: int) -> int:
