@@ -44,6 +44,7 @@ class QuantGemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     use_dot: bool = False  # tensor-core dot (rows padded to 16), else FMA
+    prefetch: bool = False  # int4, one row: load the next K tile before summing this one
 
 
 @triton.jit
@@ -78,28 +79,41 @@ def _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0,
 
 
 @triton.jit
-def _int4_one_row(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0, magic_bits,
+def _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0, k_hi,
+                   GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+    """Word rows `rows` of columns n ([KW, BLOCK_N], each thread's 16-byte vectors of columns)
+    and their scales and zeros: [1, BLOCK_N] (TILE_IN_GROUP), one per word row (a group a
+    multiple of 8), or none here (groups of any length: _int4_one_row loads one per row)."""
+    mask = row_mask[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
+    if TILE_IN_GROUP:
+        g = k0 // GROUP
+        live = n_mask & (k0 < k_hi)  # a prefetch past the range loads nothing
+        s = tl.load(s_ptr + g * N + n, mask=live, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g * N + n, mask=live, other=0.0).to(tl.float32)[None, :]
+    elif GROUP % 8 == 0:  # the 8 rows of a word share a group: a scale per word row
+        g = rows * 8 // GROUP
+        s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = 1.0
+        z = 0.0
+    return words, s, z
+
+
+@triton.jit
+def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, magic_bits,
                   GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, KW: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-    """One row of x times word rows `rows` of columns n: [KW, BLOCK_N] float32 products, summed
-    over each word's 8 rows. All 2-D in the words' own layout (each thread's 16-byte vectors of
-    columns; its x values serve every column it holds): no layout conversion.
+    """One row of x times the words of word rows `rows`: [KW, BLOCK_N] float32 products, summed
+    over each word's 8 rows. All 2-D in the words' own layout (each thread's x values serve
+    every column it holds): no layout conversion.
 
     Nibble j is masked in place, q * 16^j (j < 5, < 2^23; nibbles 5..7 after one shift by 20),
     its float 2^23 + q * 16^j less 2^23 + zero * 16^j is (q - zero) * 16^j exactly, and x is
     scaled by 16^-j (exact): one integer op a nibble (a LOP3 of the word, the mask and
     magic_bits = 0x4B000000, passed at run time: with both constants immediate, ptxas takes two)."""
-    mask = row_mask[:, None] & n_mask[None, :]
-    words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
     high = words >> 20  # nibbles 5, 6, 7 at 0, 4, 8
-    if TILE_IN_GROUP:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        z = tl.load(z_ptr + g * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    elif GROUP % 8 == 0:  # the 8 rows of a word share a group: a scale per word row
-        g = rows * 8 // GROUP
-        s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
     part = tl.zeros([KW, BLOCK_N], tl.float32)
     for j in tl.static_range(8):
         at = j if j < 5 else j - 5  # the nibble's place in words (j < 5) or in high
@@ -108,10 +122,11 @@ def _int4_one_row(x_ptr, qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
         src = words if j < 5 else high
         q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True)
         if not (TILE_IN_GROUP or GROUP % 8 == 0):  # groups of any length (act-order's runs)
+            mask = row_mask[:, None] & n_mask[None, :]
             sz = ((rows * 8 + j) // GROUP)[:, None] * N + n[None, :]
-            s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-            part += xj * ((q - (z * (1 << (4 * at)) + MAGIC)) * s)
+            sj = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            zj = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            part += xj * ((q - (zj * (1 << (4 * at)) + MAGIC)) * sj)
         else:
             part += xj * (q - (z * (1 << (4 * at)) + MAGIC))
     if TILE_IN_GROUP or GROUP % 8 == 0:
@@ -124,7 +139,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
                       M, N, K, stride_x, K_SPLIT, SPLITS, magic_bits,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr):
+                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
     KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -144,11 +159,25 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
         acc = tl.zeros([KW, BLOCK_N], tl.float32)
     else:  # per word row: summed across threads once, after the loop
         acc = tl.zeros([M_PAD, KW, BLOCK_N], tl.float32)
+    one_row: tl.constexpr = M_PAD == 1 and not USE_DOT
+    if one_row and PREFETCH:  # the next tile's loads are in flight while this one's are summed
+        rows = k_lo // 8 + r
+        words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
+                                     N, k_lo, k_hi, GROUP, TILE_IN_GROUP)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
-        if M_PAD == 1 and not USE_DOT:
-            acc += _int4_one_row(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
-                                 N, k0, magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
+        row_mask = rows < k_hi // 8
+        if one_row and PREFETCH:
+            nxt = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows + KW, rows + KW < k_hi // 8, n,
+                                 n_mask, N, k0 + BLOCK_K, k_hi, GROUP, TILE_IN_GROUP)
+            acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
+                                 magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
+            words, s, z = nxt
+        elif one_row:
+            words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
+                                         k_hi, GROUP, TILE_IN_GROUP)
+            acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
+                                 magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
         else:
             d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, j, n, n_mask, N, k0,
                               GROUP, TILE_IN_GROUP)
@@ -258,33 +287,39 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexp
 
 # Launch shapes. Decode reads each weight once, so what counts is the bytes each SM keeps in
 # flight: its share of the bandwidth times the memory latency (~1 us under load). First
-# guesses from the compiled kernels' resources (sm_90: 128 registers a thread for the 4-bit
-# row tiles, so 4 programs of 4 warps an SM), not yet measured: benchmarks/quant_gemv_sweep.py
-# times the others beside them.
+# guesses from the compiled kernels' resources (sm_90, scripts/compile_kernels.py), not yet
+# measured: benchmarks/quant_gemv_sweep.py times the others beside them.
 LATENCY_S = 1e-6
 REGISTERS_PER_SM = 65536
-INT4_REGISTERS = 128  # a thread of the one-row 4-bit kernel (scripts/compile_kernels.py)
+# One-row 4-bit tiles, preferred first: (columns, K tile, warps, prefetch, registers a thread).
+# 128 x 128 holds 8 KB of words a program, 4 programs an SM; 128 x 64 with the next tile in
+# flight 2 x 4 KB, 6 programs an SM.
+INT4_ROW_TILES = ((128, 128, 4, False, 128), (128, 64, 4, True, 80))
 
 
 def int4_config(m: int, n: int, k: int, group: int,
                 gpu: GpuTraits | None = None) -> QuantGemvConfig:
     """Tiles of the 4-bit GEMV for m rows of [m, k] x [n, k]^T on `gpu` (default: the current
-    device's traits). A K tile inside one group where one divides it; 128 columns (512-byte rows
-    of words) in 4 warps, or where an SM must keep more bytes in flight than its resident
-    programs' tiles hold (an H200), 256 columns in 8 warps; K split so that the programs fill
-    every SM's resident slots once (one wave: no tail)."""
+    device's traits): the first one-row tile whose resident programs hold the SM's bytes in
+    flight (the H100's: 128 x 128; an H200's, which must keep 1.4x as many: 128 x 64 with
+    prefetch), a K tile inside one group where one divides it, and K split so that the programs
+    fill every SM's resident slots once (one wave: no tail). Rows > 1: tensor-core tiles."""
     gpu = gpu or gpu_traits()
-    block_k = next((b for b in (128, 64, 32) if group % b == 0 or group >= k), 64)
-    dot = m > 1
-    block_n, warps = (128, 4) if n >= 2048 else (64, 4)
-    resident = REGISTERS_PER_SM // (INT4_REGISTERS * 32 * warps)
-    if not dot and n >= 4096 and resident * block_k // 2 * block_n < \
-            gpu.bandwidth_per_sm * LATENCY_S:
-        block_n, warps = 256, 8
-        resident = REGISTERS_PER_SM // (INT4_REGISTERS * 32 * warps)
+    group = k if group <= 0 else group
+    if m > 1:
+        block_n, block_k, warps, prefetch, resident = 64 if n < 2048 else 128, 128, 4, False, 2
+    else:
+        for block_n, block_k, warps, prefetch, regs in INT4_ROW_TILES:
+            resident = REGISTERS_PER_SM // (regs * 32 * warps)
+            held = resident * block_k // 2 * block_n * (2 if prefetch else 1)
+            if held >= gpu.bandwidth_per_sm * LATENCY_S:
+                break
+    while block_k > 32 and group % block_k and group < k:  # a tile inside one group
+        block_k //= 2
     columns = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(k, block_k), round(gpu.sms * resident / columns)))
-    return QuantGemvConfig(block_n, block_k, split, num_warps=warps, use_dot=dot)
+    return QuantGemvConfig(block_n, block_k, split, num_warps=warps, use_dot=m > 1,
+                           prefetch=prefetch)
 
 
 def scaled_config(m: int, n: int, k: int, gpu: GpuTraits | None = None) -> QuantGemvConfig:
@@ -340,7 +375,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         m, n, k, x.stride(0), k_split, splits, 0x4B000000,
         GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
         M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot,
+        BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
