@@ -29,10 +29,11 @@ from tuili.quantization.fp8 import FP8  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 GROUP = 128
-# 4-bit: (columns, K tile, warps); each at several programs per SM (the split of K follows).
-INT4_TILES = [(128, 128, 4), (128, 128, 8), (256, 64, 4), (256, 128, 8), (512, 32, 4),
-              (512, 64, 8), (64, 128, 4)]
-PROGRAMS_PER_SM = (2, 4, 8)
+# 4-bit: (columns, K tile, warps, prefetch); each at several programs per SM (the split of K
+# follows).
+INT4_TILES = [(128, 128, 4, False), (128, 128, 4, True), (128, 64, 4, True), (256, 64, 4, False),
+              (512, 32, 4, False), (512, 32, 4, True), (256, 128, 8, False), (64, 128, 4, False)]
+PROGRAMS_PER_SM = (2, 4, 6)
 # int8 / FP8: (rows, K tile, warps).
 SCALED_TILES = [(1, 4096, 4), (2, 4096, 8), (4, 4096, 8), (2, 2048, 4), (4, 2048, 8),
                 (4, 1024, 4), (8, 1024, 4), (8, 2048, 8)]
@@ -80,13 +81,13 @@ def sweep_int4(name: str, n: int, k: int, read: float, sms: int) -> tuple[float,
         out.append(d_us)
         results = []
         if m == 1:
-            for bn, bk, w in INT4_TILES:
+            for bn, bk, w, pf in INT4_TILES:
                 for per_sm in PROGRAMS_PER_SM:
                     split = split_for(n, k, bn, bk, per_sm, sms)
-                    cfg = QuantGemvConfig(bn, bk, split, num_warps=w)
+                    cfg = QuantGemvConfig(bn, bk, split, num_warps=w, prefetch=pf)
                     us = per_launch(lambda i: triton_quant.int4_gemv(x, qws[i], s, z, GROUP, None,
                                                                      cfg), copies)
-                    results.append((us, f"{bn}x{bk}/{w}w split {split}"))
+                    results.append((us, f"{bn}x{bk}/{w}w{' prefetch' if pf else ''} split {split}"))
         else:
             for bn, bk, split in ((64, 128, 4), (128, 128, 2), (128, 64, 8)):
                 cfg = QuantGemvConfig(bn, bk, split, use_dot=True)
@@ -94,7 +95,8 @@ def sweep_int4(name: str, n: int, k: int, read: float, sms: int) -> tuple[float,
                                                                  cfg), copies)
                 results.append((us, f"dot {bn}x{bk} split {split}"))
         dname = (f"{'dot ' if default.use_dot else ''}{default.block_n}x{default.block_k}/"
-                 f"{default.num_warps}w split {default.split_k}")
+                 f"{default.num_warps}w{' prefetch' if default.prefetch else ''} "
+                 f"split {default.split_k}")
         report(f"{name} [{n}, {k}] int4 g{GROUP} {m} row{'s' if m > 1 else ''}", results, nbytes,
                read, d_us, dname)
     del qws

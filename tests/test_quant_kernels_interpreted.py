@@ -27,13 +27,14 @@ C = triton_quant.QuantGemvConfig
 
 # (n, k, group, config): columns padded in the last tile; K not a multiple of the tile; every
 # scale path (a tile inside one group, a scale per word row, a scale per row of any length:
-# act-order's padded runs); K split in ranges (the last arriving range adds the parts).
+# act-order's padded runs); K split in ranges (the last arriving range adds the parts); the
+# next K tile prefetched (one row).
 INT4_CASES = {
     "g32-split3": (40, 192, 32, C(32, 32, split_k=3)),
-    "g64-word-rows-k320": (40, 320, 64, C(32, 128, split_k=2)),
+    "g64-word-rows-k320-prefetch": (40, 320, 64, C(32, 128, split_k=2, prefetch=True)),
     "g128-wide": (72, 384, 128, C(64, 128)),
-    "per-channel-k200": (24, 200, -1, C(16, 64, split_k=2)),
-    "g12-any-length": (40, 96, 12, C(32, 64, split_k=2)),
+    "per-channel-k200-prefetch": (24, 200, -1, C(16, 64, split_k=2, prefetch=True)),
+    "g12-any-length-prefetch": (40, 96, 12, C(32, 32, split_k=2, prefetch=True)),
     "g96-straddles": (40, 288, 96, C(32, 64, split_k=3)),
 }
 
@@ -48,7 +49,7 @@ FORMS = [(1, False), (3, False), (8, True)]
 def test_int4_gemv(m, dot, case):
     n, k, group, cfg = INT4_CASES[case]
     if dot:
-        cfg = C(cfg.block_n, max(cfg.block_k, 32), cfg.split_k, use_dot=True)
+        cfg = C(cfg.block_n, cfg.block_k, cfg.split_k, use_dot=True)
     torch.manual_seed(m)
     g = k if group == -1 else group
     qweight, scales, zeros = int4_weight(n, k, g)
