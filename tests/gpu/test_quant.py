@@ -81,8 +81,8 @@ def test_int4_sweep_tiles(tile, split):
            reference_quant.int4_linear(x.float(), qw, s.float(), z, group))
 
 
-@pytest.mark.parametrize("group", [32, 64, 128, -1])
-@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("group", [32, 128, -1])
+@pytest.mark.parametrize("m", [1, 8])
 @pytest.mark.parametrize("card", ["h100", "h200"])
 def test_int4_default_tiles_on_8b_shapes(group, m, card, monkeypatch):
     """int4_config's tiles for either card's traits (TUILI_TUNE_AS) on Llama-3.1-8B's down
