@@ -215,9 +215,9 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
         tl.debug_barrier()
         if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
             y = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-            for p in range(0, SPLITS):
+            for p in range(0, SPLITS):  # from L2 (.cg): other SMs wrote them
                 y += tl.load(part_ptr + (p * M + m)[:, None] * N + n[None, :], mask=mask,
-                             other=0.0)
+                             other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty),
