@@ -119,7 +119,8 @@ def test_int4_split_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("tile", SCALED_TILES, ids=[f"{bn}x{bk}-{w}w" for bn, bk, w in SCALED_TILES])
+@pytest.mark.parametrize("tile", SCALED_TILES,
+                         ids=[f"{bn}x{bk}-{w}w" for bn, bk, w in SCALED_TILES])
 def test_scaled_sweep_tiles(kind, tile):
     bn, bk, w = tile
     torch.manual_seed(bn)

@@ -5,12 +5,14 @@ ones (kernels/triton_gemv.py): enough programs to keep every SM's share of the b
 flight, wide coalesced loads, the x tile loaded once per K tile and shared by every column.
 
 - `int4_gemv`: 4-bit GPTQ-layout words [K/8, N] (N contiguous) with a scale and zero per group.
-  A program owns BLOCK_N columns and one of SPLIT_K ranges of K. Each word is loaded once and
-  its 8 nibbles unpacked in registers ([BLOCK_K/8, 8, BLOCK_N]); a nibble becomes a float by
-  its bits (0x4B000000 | q is the float 2^23 + q: no int-to-float conversion, which runs at a
-  quarter of the FMA rate), and (2^23 + q) - (2^23 + zero) is q - zero exactly. Where the tile
-  lies in one group, its scale multiplies the tile's partial sums, not each weight. Splits
-  write fp32 partials; the last to arrive at its columns' ticket adds them (one launch).
+  A program owns BLOCK_N columns and one of SPLIT_K ranges of K. Each word is loaded once, in a
+  [BLOCK_K/8, BLOCK_N] tile of 16-byte column vectors, and its 8 nibbles unpacked in registers:
+  for one row in the tile's own 2-D layout (`_int4_one_row`), for several through a 3-D
+  [BLOCK_K/8, 8, BLOCK_N] unpack into a tensor-core dot (`_int4_tile`). A nibble becomes a
+  float by its bits (or-ed into 2^23's: no int-to-float conversion, which runs at a quarter of
+  the FMA rate), and (2^23 + q) - (2^23 + zero) is q - zero exactly. Where the tile lies in
+  one group, its scale multiplies the tile's partial sums, not each weight. Splits write fp32
+  partials; the last to arrive at its columns' ticket adds them (one launch).
 - `scaled_gemv`: int8 or FP8 rows [N, K] (K contiguous) with a scale per output channel,
   applied once per output. A program owns BLOCK_N rows and streams them in 16-byte vectors.
 
@@ -32,7 +34,7 @@ from tuili.kernels import arrival_counters
 from tuili.kernels.tuning import GpuTraits, gpu_traits
 
 MAX_ROWS = 8
-MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose low mantissa bits are an integer added to it
+MAGIC = tl.constexpr(8388608.0)  # 2^23: a float whose low mantissa bits are an added integer
 MAX_TICKETS = 4096  # column tiles a split launch may have (one arrival counter each)
 
 
@@ -50,8 +52,9 @@ class QuantGemvConfig:
 @triton.jit
 def _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0,
                GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
-    """Word rows `rows` of columns n unpacked: (d [KW, 8, BLOCK_N] float32, s): the weight is
-    d * s, s [BLOCK_N] (TILE_IN_GROUP: the tile's one group) or 1 (d already scaled)."""
+    """Word rows `rows` of columns n unpacked for the several-row forms: (d [KW, 8, BLOCK_N]
+    float32, s): the weight is d * s, s [BLOCK_N] (TILE_IN_GROUP: the tile's one group; d is
+    then q - zero, exact in 16 bits for the dot) or 1 (d already scaled)."""
     mask = row_mask[:, None] & n_mask[None, :]
     words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
     bits = ((words[:, None, :] >> (j * 4)[None, :, None]) & 0xF) | 0x4B000000
@@ -135,6 +138,35 @@ def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N
 
 
 @triton.jit
+def _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n, n_mask, N, k0,
+               k_hi, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
+    """acc plus several rows of x times one tile: a tensor-core dot (acc [M_PAD, BLOCK_N]) or
+    FMA products summed over each word's rows (acc [M_PAD, KW, BLOCK_N])."""
+    d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0, GROUP,
+                      TILE_IN_GROUP)
+    if USE_DOT:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
+                     other=0.0)
+        w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)
+        if TILE_IN_GROUP:
+            acc += tl.dot(xv, w) * s[None, :]
+        else:
+            acc += tl.dot(xv, w)
+    else:
+        kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
+        xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
+                     mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :], other=0.0)
+        part = tl.sum(xv.to(tl.float32)[:, :, :, None] * d[None, :, :, :], axis=2)
+        if TILE_IN_GROUP:
+            acc += part * s[None, None, :]
+        else:
+            acc += part
+    return acc
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_ptr, out_ptr,
                       M, N, K, stride_x, K_SPLIT, SPLITS, magic_bits,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -154,7 +186,6 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
     x_rows = x_ptr + m * stride_x
     if USE_DOT:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        kt = tl.arange(0, BLOCK_K)
     elif M_PAD == 1:
         acc = tl.zeros([KW, BLOCK_N], tl.float32)
     else:  # per word row: summed across threads once, after the loop
@@ -179,27 +210,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
                                  magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
         else:
-            d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, j, n, n_mask, N, k0,
-                              GROUP, TILE_IN_GROUP)
-            if USE_DOT:
-                kk = k0 + kt
-                xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
-                             other=0.0)
-                w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)  # TILE_IN_GROUP: q - z, exact
-                if TILE_IN_GROUP:
-                    acc += tl.dot(xv, w) * s[None, :]
-                else:
-                    acc += tl.dot(xv, w)
-            else:
-                kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
-                xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
-                             mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :],
-                             other=0.0).to(tl.float32)
-                part = tl.sum(xv[:, :, :, None] * d[None, :, :, :], axis=2)  # [M_PAD, KW, BLOCK_N]
-                if TILE_IN_GROUP:
-                    acc += part * s[None, None, :]
-                else:
-                    acc += part
+            acc = _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n,
+                             n_mask, N, k0, k_hi, GROUP, TILE_IN_GROUP, BLOCK_K, BLOCK_N, USE_DOT)
     if USE_DOT:
         y = acc
     elif M_PAD == 1:
