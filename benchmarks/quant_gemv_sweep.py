@@ -33,7 +33,7 @@ GROUP = 128
 # follows).
 INT4_TILES = [(128, 128, 4, False), (128, 128, 4, True), (128, 64, 4, True), (256, 64, 4, False),
               (512, 32, 4, False), (512, 32, 4, True), (256, 128, 8, False), (64, 128, 4, False)]
-PROGRAMS_PER_SM = (2, 4, 6)
+PROGRAMS_PER_SM = (3, 5, 7)
 # int8 / FP8: (rows, K tile, warps).
 SCALED_TILES = [(1, 4096, 4), (2, 4096, 8), (4, 4096, 8), (2, 2048, 4), (4, 2048, 8),
                 (4, 1024, 4), (8, 1024, 4), (8, 2048, 8)]
@@ -99,7 +99,7 @@ def sweep_int4(name: str, n: int, k: int, read: float, sms: int) -> tuple[float,
                  f"split {default.split_k}")
         report(f"{name} [{n}, {k}] int4 g{GROUP} {m} row{'s' if m > 1 else ''}", results, nbytes,
                read, d_us, dname)
-    del qws
+
     return out[0], out[1]
 
 
@@ -126,7 +126,7 @@ def sweep_scaled(name: str, n: int, k: int, dtype: torch.dtype, read: float
                 f"{default.num_warps}w"
         report(f"{name} [{n}, {k}] {label} {m} row{'s' if m > 1 else ''}", results, n * k, read,
                d_us, dname)
-    del ws
+
     return out[0], out[1]
 
 

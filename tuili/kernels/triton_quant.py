@@ -82,18 +82,21 @@ def _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0,
 
 
 @triton.jit
-def _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0, k_hi,
+def _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
                    GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
     """Word rows `rows` of columns n ([KW, BLOCK_N], each thread's 16-byte vectors of columns)
-    and their scales and zeros: [1, BLOCK_N] (TILE_IN_GROUP), one per word row (a group a
-    multiple of 8), or none here (groups of any length: _int4_one_row loads one per row)."""
+    and their scales and zeros, [KW, BLOCK_N] (one per word row: a group a multiple of 8), or
+    none here (groups of any length: _int4_one_row loads one per row). Rows past K (a
+    prefetch past the range) load nothing."""
     mask = row_mask[:, None] & n_mask[None, :]
     words = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=mask, other=0)
     if TILE_IN_GROUP:
-        g = k0 // GROUP
-        live = n_mask & (k0 < k_hi)  # a prefetch past the range loads nothing
-        s = tl.load(s_ptr + g * N + n, mask=live, other=0.0).to(tl.float32)[None, :]
-        z = tl.load(z_ptr + g * N + n, mask=live, other=0.0).to(tl.float32)[None, :]
+        # The tile's one row of scales, loaded for every word row: [KW, BLOCK_N] in the words'
+        # own layout (each thread's repeats hit L1). Loaded [BLOCK_N], it would reach that
+        # layout through shared memory and a barrier each tile.
+        sz = (k0 // GROUP) * N + rows[:, None] * 0 + n[None, :]
+        s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
     elif GROUP % 8 == 0:  # the 8 rows of a word share a group: a scale per word row
         g = rows * 8 // GROUP
         s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -113,27 +116,30 @@ def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N
     every column it holds): no layout conversion.
 
     Nibble j is masked in place, q * 16^j (j < 5, < 2^23; nibbles 5..7 after one shift by 20),
-    its float 2^23 + q * 16^j less 2^23 + zero * 16^j is (q - zero) * 16^j exactly, and x is
-    scaled by 16^-j (exact): one integer op a nibble (a LOP3 of the word, the mask and
-    magic_bits = 0x4B000000, passed at run time: with both constants immediate, ptxas takes two)."""
+    or-ed into 2^23's bits, less 2^23: q * 16^j, exact, and x is scaled by 16^-j (exact). One
+    integer op a nibble (a LOP3 of the word, the mask and magic_bits = 0x4B000000, passed at
+    run time: with both constants immediate, ptxas takes two), a subtraction and an FMA; the
+    zero point comes off once a column and word row: sum(x * (q - z)) = sum(x * q) - z * sum(x)."""
     high = words >> 20  # nibbles 5, 6, 7 at 0, 4, 8
     part = tl.zeros([KW, BLOCK_N], tl.float32)
+    x_sum = tl.zeros([KW], tl.float32)  # each word row's x: its zero's share, once a column
     for j in tl.static_range(8):
         at = j if j < 5 else j - 5  # the nibble's place in words (j < 5) or in high
         xj = tl.load(x_ptr + rows * 8 + j, mask=row_mask, other=0.0).to(tl.float32)
+        x_sum += xj
         xj = (xj * (1.0 / (1 << (4 * at))))[:, None]
         src = words if j < 5 else high
-        q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True)
-        if not (TILE_IN_GROUP or GROUP % 8 == 0):  # groups of any length (act-order's runs)
+        q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True) - MAGIC
+        if TILE_IN_GROUP or GROUP % 8 == 0:
+            part += xj * q  # q * 16^j, exact
+        else:  # groups of any length (act-order's runs): a scale and zero per row
             mask = row_mask[:, None] & n_mask[None, :]
             sz = ((rows * 8 + j) // GROUP)[:, None] * N + n[None, :]
             sj = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
             zj = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-            part += xj * ((q - (zj * (1 << (4 * at)) + MAGIC)) * sj)
-        else:
-            part += xj * (q - (z * (1 << (4 * at)) + MAGIC))
+            part += xj * ((q - zj * (1 << (4 * at))) * sj)
     if TILE_IN_GROUP or GROUP % 8 == 0:
-        part = part * s
+        part = (part - z * x_sum[:, None]) * s
     return part
 
 
@@ -194,19 +200,19 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
     if one_row and PREFETCH:  # the next tile's loads are in flight while this one's are summed
         rows = k_lo // 8 + r
         words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
-                                     N, k_lo, k_hi, GROUP, TILE_IN_GROUP)
+                                     N, k_lo, GROUP, TILE_IN_GROUP)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
         row_mask = rows < k_hi // 8
         if one_row and PREFETCH:
             nxt = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows + KW, rows + KW < k_hi // 8, n,
-                                 n_mask, N, k0 + BLOCK_K, k_hi, GROUP, TILE_IN_GROUP)
+                                 n_mask, N, k0 + BLOCK_K, GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
                                  magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
             words, s, z = nxt
         elif one_row:
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
-                                         k_hi, GROUP, TILE_IN_GROUP)
+                                         GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
                                  magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
         else:
@@ -303,23 +309,25 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexp
 # measured: benchmarks/quant_gemv_sweep.py times the others beside them.
 LATENCY_S = 1e-6
 REGISTERS_PER_SM = 65536
-# One-row 4-bit tiles, preferred first: (columns, K tile, warps, prefetch, registers a thread).
-# 128 x 128 holds 8 KB of words a program, 4 programs an SM; 128 x 64 with the next tile in
-# flight 2 x 4 KB, 6 programs an SM.
-INT4_ROW_TILES = ((128, 128, 4, False, 128), (128, 64, 4, True, 80))
+# One-row 4-bit tiles, preferred first: (columns, K tile, warps, prefetch, registers a thread,
+# sm_90, rounded up to the allocation's 8). 128 x 128 holds 8 KB of words a program, 7
+# programs an SM; 128 x 64 with the next tile in flight 2 x 4 KB, 8 programs an SM.
+INT4_ROW_TILES = ((128, 128, 4, False, 72), (128, 64, 4, True, 64))
+INT4_DOT_RESIDENT = 4  # the several-row tiles: 128 registers, 36 KB of shared memory
 
 
 def int4_config(m: int, n: int, k: int, group: int,
                 gpu: GpuTraits | None = None) -> QuantGemvConfig:
     """Tiles of the 4-bit GEMV for m rows of [m, k] x [n, k]^T on `gpu` (default: the current
     device's traits): the first one-row tile whose resident programs hold the SM's bytes in
-    flight (the H100's: 128 x 128; an H200's, which must keep 1.4x as many: 128 x 64 with
-    prefetch), a K tile inside one group where one divides it, and K split so that the programs
-    fill every SM's resident slots once (one wave: no tail). Rows > 1: tensor-core tiles."""
+    flight (bandwidth per SM x latency: 25 KB on an H100, 36 KB on an H200; 128 x 128 holds 56
+    KB), a K tile inside one group where one divides it, and K split so that the programs fill
+    every SM's resident slots once (one wave: no tail). Rows > 1: tensor-core tiles."""
     gpu = gpu or gpu_traits()
     group = k if group <= 0 else group
     if m > 1:
-        block_n, block_k, warps, prefetch, resident = 64 if n < 2048 else 128, 128, 4, False, 2
+        block_n, block_k, warps, prefetch = 64 if n < 2048 else 128, 128, 4, False
+        resident = INT4_DOT_RESIDENT
     else:
         for block_n, block_k, warps, prefetch, regs in INT4_ROW_TILES:
             resident = REGISTERS_PER_SM // (regs * 32 * warps)
