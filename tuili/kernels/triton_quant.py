@@ -248,6 +248,25 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
 
 
 @triton.jit
+def _scaled_tile(w_rows, x_rows, kk, n_mask, m_mask, K, M_PAD: tl.constexpr,
+                 USE_DOT: tl.constexpr):
+    """One K tile's products: dot [BLOCK_N, M_PAD]; one row, unsummed [BLOCK_N, BLOCK_K] (summed
+    across threads once, after the loop); several rows [M_PAD, BLOCK_N]."""
+    k_mask = kk < K
+    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    # x before w: the compiler then moves x's [1, BLOCK_K] (8 bf16 a thread) into w's layout
+    # (16 bytes a thread) through shared memory, not the [BLOCK_N, BLOCK_K] products.
+    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    if USE_DOT:
+        out = tl.dot(w.to(xv.dtype), tl.trans(xv))
+    elif M_PAD == 1:
+        out = xv.to(tl.float32) * w.to(tl.float32)
+    else:
+        out = tl.sum(xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return out
+
+
+@triton.jit
 def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
                         HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
@@ -259,23 +278,11 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
     x_rows = x_ptr + m[:, None] * stride_x
-    if USE_DOT:
-        acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-    elif M_PAD == 1:  # products summed across threads once, after the loop
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    else:
-        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + k
-        k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(w.to(xv.dtype), tl.trans(xv))
-        elif M_PAD == 1:
-            acc += xv.to(tl.float32) * w.to(tl.float32)
-        else:
-            acc += tl.sum(xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    # The first tile's products start the sum, so that the sum keeps their layout (started
+    # from zeros, it took x's, and each tile's products went through shared memory).
+    acc = _scaled_tile(w_rows, x_rows, k, n_mask, m_mask, K, M_PAD, USE_DOT)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _scaled_tile(w_rows, x_rows, k0 + k, n_mask, m_mask, K, M_PAD, USE_DOT)
     if USE_DOT:
         acc = tl.trans(acc)
     elif M_PAD == 1:
