@@ -144,6 +144,40 @@ def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N
 
 
 @triton.jit
+def _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows, row_mask, n, n_mask,
+                      N, k0, magic_bits, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+    """acc [M_PAD, BLOCK_N] plus several rows of x times one tile of words, a tensor-core dot for
+    each nibble j: x's columns 8r + j (scaled by 16^-j, exact) times [KW, BLOCK_N] weights
+    unpacked in the words' own layout as in _int4_one_row. In one group, (q - zero) * 16^j is
+    exact in 16 bits and the scale multiplies the tile's sum; else (q - zero) * 16^j * scale is
+    rounded to x's dtype (dequantize-then-matmul's rounding: a power of 2 does not change it)."""
+    high = words >> 20  # nibbles 5, 6, 7 at 0, 4, 8
+    tile = tl.zeros_like(acc)
+    for j in tl.static_range(8):
+        at = j if j < 5 else j - 5
+        xj = tl.load(x_rows[:, None] + (rows * 8 + j)[None, :],
+                     mask=m_mask[:, None] & row_mask[None, :], other=0.0)
+        xj = (xj.to(tl.float32) * (1.0 / (1 << (4 * at)))).to(xj.dtype)
+        src = words if j < 5 else high
+        q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True)
+        if TILE_IN_GROUP:  # 2^23 + q * 16^j less 2^23 + zero * 16^j: exact
+            w = q - (z * (1 << (4 * at)) + MAGIC)
+        elif GROUP % 8 == 0:
+            w = (q - (z * (1 << (4 * at)) + MAGIC)) * s
+        else:  # groups of any length (act-order's runs): a scale and zero per row
+            mask = row_mask[:, None] & n_mask[None, :]
+            sz = ((rows * 8 + j) // GROUP)[:, None] * N + n[None, :]
+            sj = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            zj = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+            w = (q - (zj * (1 << (4 * at)) + MAGIC)) * sj
+        tile = tl.dot(xj, w.to(xj.dtype), tile)
+    if TILE_IN_GROUP:
+        scale = tl.load(s_ptr + (k0 // GROUP) * N + n, mask=n_mask, other=0.0).to(tl.float32)
+        tile = tile * scale[None, :]
+    return acc + tile
+
+
+@triton.jit
 def _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n, n_mask, N, k0,
                k_hi, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
@@ -215,6 +249,11 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
                                          GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
                                  magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
+        elif USE_DOT and KW >= 16:  # a dot a nibble: the dot's K is the tile's word rows
+            words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
+                                         GROUP, TILE_IN_GROUP)
+            acc = _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows,
+                                    row_mask, n, n_mask, N, k0, magic_bits, GROUP, TILE_IN_GROUP)
         else:
             acc = _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n,
                              n_mask, N, k0, k_hi, GROUP, TILE_IN_GROUP, BLOCK_K, BLOCK_N, USE_DOT)
@@ -320,7 +359,7 @@ REGISTERS_PER_SM = 65536
 # sm_90, rounded up to the allocation's 8). 128 x 128 holds 8 KB of words a program, 7
 # programs an SM; 128 x 64 with the next tile in flight 2 x 4 KB, 8 programs an SM.
 INT4_ROW_TILES = ((128, 128, 4, False, 72), (128, 64, 4, True, 64))
-INT4_DOT_RESIDENT = 4  # the several-row tiles: 128 registers, 36 KB of shared memory
+INT4_DOT_RESIDENT = 2  # the several-row tiles: 184 registers a thread (sm_90)
 
 
 def int4_config(m: int, n: int, k: int, group: int,
