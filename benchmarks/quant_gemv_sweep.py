@@ -89,7 +89,7 @@ def sweep_int4(name: str, n: int, k: int, read: float, sms: int) -> tuple[float,
                                                                      cfg), copies)
                     results.append((us, f"{bn}x{bk}/{w}w{' prefetch' if pf else ''} split {split}"))
         else:
-            for bn, bk, split in ((64, 128, 4), (128, 128, 2), (128, 64, 8)):
+            for bn, bk, split in ((64, 128, 4), (128, 128, 2), (128, 128, 6), (128, 64, 8)):
                 cfg = QuantGemvConfig(bn, bk, split, use_dot=True)
                 us = per_launch(lambda i: triton_quant.int4_gemv(x, qws[i], s, z, GROUP, None,
                                                                  cfg), copies)
