@@ -73,7 +73,7 @@ def test_int4_sweep_tiles(tile, split):
     one), unsplit and split, on a K range that no tile divides evenly into 5."""
     bn, bk, w, pf = tile
     torch.manual_seed(bn + bk)
-    n, k, group = 3000, 4224, 128
+    n, k, group = 3008, 4224, 128  # multiples of 16, as the 8B shapes (one compiled kernel)
     qw, s, z = _int4(n, k, group)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     cfg = triton_quant.QuantGemvConfig(bn, bk, split, num_warps=w, prefetch=pf)
@@ -124,7 +124,7 @@ def test_int4_split_in_a_cuda_graph():
 def test_scaled_sweep_tiles(kind, tile):
     bn, bk, w = tile
     torch.manual_seed(bn)
-    n, k = 1037, 5000
+    n, k = 1040, 5008
     wt = torch.randn(n, k, device="cuda")
     q, scale = (quantize_per_row(wt, torch.int8, 127) if kind == "int8"
                 else quantize_per_row(wt, FP8, FP8_MAX))
