@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tuili.kernels import arrival_counters
+from tuili.kernels import arrival_counters, pdl
 from tuili.kernels.tuning import GpuTraits, gpu_traits
 
 MAX_ROWS = 8
@@ -211,7 +212,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
                       M, N, K, stride_x, K_SPLIT, SPLITS, magic_bits,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                      PDL: tl.constexpr):
     KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -235,6 +237,11 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
         rows = k_lo // 8 + r
         words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
                                      N, k_lo, GROUP, TILE_IN_GROUP)
+    # Programmatic dependent launch (kernels.pdl): weights depend on no earlier kernel, x, the
+    # parts and the tickets do: the wait comes after the first tile's words (prefetch), before
+    # anything else.
+    if PDL:
+        gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
         row_mask = rows < k_hi // 8
@@ -257,6 +264,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
         else:
             acc = _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n,
                              n_mask, N, k0, k_hi, GROUP, TILE_IN_GROUP, BLOCK_K, BLOCK_N, USE_DOT)
+    if PDL:  # the next kernel may start loading its weights; it waits for this one's outputs
+        gdc_launch_dependents()
     if USE_DOT:
         y = acc
     elif M_PAD == 1:
@@ -287,15 +296,11 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
 
 
 @triton.jit
-def _scaled_tile(w_rows, x_rows, kk, n_mask, m_mask, K, M_PAD: tl.constexpr,
-                 USE_DOT: tl.constexpr):
-    """One K tile's products: dot [BLOCK_N, M_PAD]; one row, unsummed [BLOCK_N, BLOCK_K] (summed
-    across threads once, after the loop); several rows [M_PAD, BLOCK_N]."""
-    k_mask = kk < K
-    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    # x before w: the compiler then moves x's [1, BLOCK_K] (8 bf16 a thread) into w's layout
-    # (16 bytes a thread) through shared memory, not the [BLOCK_N, BLOCK_K] products.
-    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+def _scaled_tile(w, x_rows, kk, m_mask, K, M_PAD: tl.constexpr, USE_DOT: tl.constexpr):
+    """One K tile's products with its weights w: dot [BLOCK_N, M_PAD]; one row, unsummed
+    [BLOCK_N, BLOCK_K] (summed across threads once, after the loop); several rows
+    [M_PAD, BLOCK_N]."""
+    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
     if USE_DOT:
         out = tl.dot(w.to(xv.dtype), tl.trans(xv))
     elif M_PAD == 1:
@@ -308,7 +313,7 @@ def _scaled_tile(w_rows, x_rows, kk, n_mask, m_mask, K, M_PAD: tl.constexpr,
 @triton.jit
 def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
                         HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -319,9 +324,20 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     x_rows = x_ptr + m[:, None] * stride_x
     # The first tile's products start the sum, so that the sum keeps their layout (started
     # from zeros, it took x's, and each tile's products went through shared memory).
-    acc = _scaled_tile(w_rows, x_rows, k, n_mask, m_mask, K, M_PAD, USE_DOT)
+    # The weights' offsets read as runs of 8 (the same values): loaded 8 bytes a thread, as x's
+    # 8 bf16, the two tiles share one layout (16 bytes of weights beside 8 x values, the
+    # compiler moves one of them through shared memory each tile).
+    kw = (k // 8) * 8 + k % 8
+    w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+    if PDL:  # the first weight tile depends on no earlier kernel: it streams in before the wait
+        gdc_wait()
+    acc = _scaled_tile(w, x_rows, k, m_mask, K, M_PAD, USE_DOT)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc += _scaled_tile(w_rows, x_rows, k0 + k, n_mask, m_mask, K, M_PAD, USE_DOT)
+        w = tl.load(w_rows + (k0 + kw)[None, :], mask=n_mask[:, None] & (k0 + k < K)[None, :],
+                    other=0.0)
+        acc += _scaled_tile(w, x_rows, k0 + k, m_mask, K, M_PAD, USE_DOT)
+    if PDL:
+        gdc_launch_dependents()
     if USE_DOT:
         acc = tl.trans(acc)
     elif M_PAD == 1:
@@ -442,7 +458,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
         M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PDL=pdl(x), launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -466,8 +482,8 @@ def scaled_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     _scaled_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, scale, bias if bias is not None else x, out, m, n, k, x.stride(0),
         HAS_BIAS=bias is not None, M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=pdl(x),
+        launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
