@@ -14,7 +14,11 @@ flight, wide coalesced loads, the x tile loaded once per K tile and shared by ev
   one group, its scale multiplies the tile's partial sums, not each weight. Splits write fp32
   partials; the last to arrive at its columns' ticket adds them (one launch).
 - `scaled_gemv`: int8 or FP8 rows [N, K] (K contiguous) with a scale per output channel,
-  applied once per output. A program owns BLOCK_N rows and streams them in 16-byte vectors.
+  applied once per output. A program owns BLOCK_N rows; one row's products are summed once,
+  after the loop.
+
+Both launch with programmatic dependent launch (kernels.pdl): the first weight tile streams in
+while the kernel before drains; everything an earlier kernel writes is read after gdc_wait.
 
 Larger steps dequantize the 4-bit weight to 16 bits (`int4_dequantize`), then cuBLAS multiplies.
 Each kernel has an FMA form (a few rows: the products summed on the CUDA cores) and a tensor-core
