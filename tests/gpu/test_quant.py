@@ -65,12 +65,12 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("tile", INT4_TILES, ids=[f"{bn}x{bk}-{w}w{'-pf' if pf else ''}"
-                                                  for bn, bk, w, pf in INT4_TILES])
-@pytest.mark.parametrize("split", [1, 5])
+@pytest.mark.parametrize("tile,split", [(t, 5) for t in INT4_TILES] + [(INT4_TILES[0], 1)],
+                         ids=[f"{bn}x{bk}-{w}w{'-pf' if pf else ''}"
+                              for bn, bk, w, pf in INT4_TILES] + ["unsplit"])
 def test_int4_sweep_tiles(tile, split):
     """Each tile benchmarks/quant_gemv_sweep.py times (so that a measured winner is a correct
-    one), unsplit and split, on a K range that no tile divides evenly into 5."""
+    one), split on a K range that no tile divides evenly into 5, and one unsplit."""
     bn, bk, w, pf = tile
     torch.manual_seed(bn + bk)
     n, k, group = 3008, 4224, 128  # multiples of 16, as the 8B shapes (one compiled kernel)

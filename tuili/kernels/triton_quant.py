@@ -41,6 +41,7 @@ from tuili.kernels.tuning import GpuTraits, gpu_traits
 MAX_ROWS = 8
 MAGIC = tl.constexpr(8388608.0)  # 2^23: a float whose low mantissa bits are an added integer
 MAX_TICKETS = 4096  # column tiles a split launch may have (one arrival counter each)
+ONE_GROUP = 1 << 30  # the group size a per-channel weight is launched with
 
 
 @dataclass(frozen=True)
@@ -442,8 +443,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     cfg = config or int4_config(m, n, k, group, gpu_traits(x.device))
     if cfg.block_k % 8:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of 8 (a word's rows)")
-    # One group: treated as one group as long as the K range, so every tile lies in it.
-    group = max(group, triton.cdiv(k, cfg.block_k) * cfg.block_k) if group >= k else group
+    # One group (per channel): every tile lies in it, whatever K (one compiled kernel for all).
+    group = ONE_GROUP if group >= k else group
     columns = triton.cdiv(n, cfg.block_n)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
