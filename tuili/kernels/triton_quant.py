@@ -410,11 +410,11 @@ def int4_config(m: int, n: int, k: int, group: int,
 
 
 def scaled_config(m: int, n: int, k: int, gpu: GpuTraits | None = None) -> QuantGemvConfig:
-    """Tiles of the int8/FP8 GEMV: the bf16 GEMV's measured ones (triton_gemv.default_config)
-    at half the bytes a weight, so K tiles twice as long: a whole row of up to 8192 per tile
-    (all its loads issued at once), 8 warps, 2 rows a program (4 rows' fp32 copies take ~146
-    registers: one program an SM); 2048-long tiles for long reductions, where a fast-memory GPU
-    (H200) takes 8 warps for more bytes in flight. Rows > 2: tensor-core tiles."""
+    """Tiles of the int8/FP8 GEMV, from the bf16 GEMV's measured ones (triton_gemv
+    .default_config) at half the bytes a weight: a whole row of up to 8192 per tile (all its
+    loads issued at once), 8 warps, 2 rows a program (80 registers: 3 programs an SM; 4 rows
+    take 128); 2048-long tiles for long reductions, where a fast-memory GPU (H200) takes 4 rows
+    and 8 warps a program for more bytes in flight. Rows > 2: tensor-core tiles."""
     gpu = gpu or gpu_traits()
     if m > 2:
         return QuantGemvConfig(32 if n >= 2 * k else 16, 256, use_dot=True, num_stages=3)
