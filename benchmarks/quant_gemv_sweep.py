@@ -117,11 +117,16 @@ def sweep_scaled(name: str, n: int, k: int, dtype: torch.dtype, read: float
                           copies)
         out.append(d_us)
         results = []
-        tiles = SCALED_TILES if m == 1 else [(16, 256, 4), (32, 256, 4), (16, 512, 4)]
-        for bn, bk, w in tiles:
-            cfg = QuantGemvConfig(bn, bk, num_warps=w, use_dot=m > 1, num_stages=3 if m > 1 else 1)
+        tiles = [(*t, True) for t in SCALED_TILES] if m == 1 else \
+            [(16, 256, 4, True), (32, 256, 4, True), (16, 512, 4, True)]
+        if m == 1 and dtype == torch.int8:  # the int-to-float conversion beside the bits
+            tiles += [(*t, False) for t in SCALED_TILES[1:4]]
+        for bn, bk, w, bits in tiles:
+            cfg = QuantGemvConfig(bn, bk, num_warps=w, use_dot=m > 1, num_stages=3 if m > 1 else 1,
+                                  int8_bits=bits)
             us = per_launch(lambda i: triton_quant.scaled_gemv(x, ws[i], scale, None, cfg), copies)
-            results.append((us, f"{'dot ' if m > 1 else ''}{bn}x{bk}/{w}w"))
+            results.append((us, f"{'dot ' if m > 1 else ''}{bn}x{bk}/{w}w"
+                                f"{'' if bits else ' converted'}"))
         dname = f"{'dot ' if default.use_dot else ''}{default.block_n}x{default.block_k}/" \
                 f"{default.num_warps}w"
         report(f"{name} [{n}, {k}] {label} {m} row{'s' if m > 1 else ''}", results, n * k, read,

@@ -96,9 +96,11 @@ def test_tiles_fill_every_sm(shape):
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (1, C(2, 256, num_warps=8)), (3, C(4, 64)),
+@pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (1, C(4, 64, int8_bits=False)),
+                                   (1, C(2, 256, num_warps=8)), (3, C(4, 64)),
                                    (5, C(16, 64, use_dot=True)), (8, None)],
-                         ids=["one-row", "one-tile", "rows", "dot", "default"])
+                         ids=["one-row", "one-row-converted", "one-tile", "rows", "dot",
+                              "default"])
 def test_scaled_gemv(kind, m, cfg):
     torch.manual_seed(m)
     n, k = 37, 200  # 37 rows: the last tile padded; K = 200: not a multiple of the tile

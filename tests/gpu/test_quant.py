@@ -118,18 +118,19 @@ def test_int4_split_in_a_cuda_graph():
         _close(out, reference_quant.int4_linear(x.float(), qw, s.float(), z, group))
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("tile", SCALED_TILES,
-                         ids=[f"{bn}x{bk}-{w}w" for bn, bk, w in SCALED_TILES])
+@pytest.mark.parametrize("kind,tile", [(kind, t) for kind in ("int8", "fp8") for t in SCALED_TILES]
+                         + [("int8-converted", t) for t in SCALED_TILES[1:4]])
 def test_scaled_sweep_tiles(kind, tile):
+    """Each int8 / FP8 tile the sweep times (int8 by its bits, and on three tiles by the
+    int-to-float conversion)."""
     bn, bk, w = tile
     torch.manual_seed(bn)
     n, k = 1040, 5008
     wt = torch.randn(n, k, device="cuda")
-    q, scale = (quantize_per_row(wt, torch.int8, 127) if kind == "int8"
-                else quantize_per_row(wt, FP8, FP8_MAX))
+    q, scale = (quantize_per_row(wt, FP8, FP8_MAX) if kind == "fp8"
+                else quantize_per_row(wt, torch.int8, 127))
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    cfg = triton_quant.QuantGemvConfig(bn, bk, num_warps=w)
+    cfg = triton_quant.QuantGemvConfig(bn, bk, num_warps=w, int8_bits=kind == "int8")
     _close(triton_quant.scaled_gemv(x, q, scale, None, cfg),
            reference_quant.scaled_linear(x.float(), q, scale))
 
