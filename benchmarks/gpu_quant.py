@@ -1,6 +1,6 @@
 """Batch-1 decode of one random-weight model, bf16 against each quantization at load (int8, fp8,
-int4), in one process, beside each format's read floor (its weight bytes at the measured read
-bandwidth). Greedy tokens' agreement with bf16 is printed too (random weights: near ties).
+int4), in one process, beside each format's read floor (its weight bytes at this GPU's measured
+read bandwidth). Greedy tokens' agreement with bf16 is printed too (random weights: near ties).
 
     python3 benchmarks/gpu_quant.py [--shape llama3-8b] [--methods none,int8,fp8,int4]
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_common import _read_bandwidth  # noqa: E402
 from benchmarks.gpu_workloads import FULL_LAYERS, tuili_decode_ms  # noqa: E402
 from tests.gpu.random_models import build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
@@ -29,6 +30,9 @@ def main() -> None:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--methods", default="none,int8,fp8,int4")
     args = p.parse_args()
+    read = _read_bandwidth(torch.ones(2**31, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}: measured read {read / 1e12:.2f} TB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf = build(args.shape, Path(tmp), num_layers=FULL_LAYERS[args.shape])
         vocab = hf.config.vocab_size
@@ -48,7 +52,7 @@ def main() -> None:
             tokens = list(llm.generate([prompt], greedy)[0].outputs[0].token_ids)
             base = base or tokens
             agree = sum(a == b for a, b in zip(tokens, base)) / len(base)
-            floor = (layers * BITS[method] / 8 + head * 2) / 4.18e12 * 1e3
+            floor = (layers * BITS[method] / 8 + head * 2) / read * 1e3
             rows.append((method, ms, floor, agree))
             print(f"{args.shape} {method}: {ms:.3f} ms/token (floor {floor:.2f} ms), greedy "
                   f"agreement with bf16 {agree:.2f}", flush=True)

@@ -1,5 +1,6 @@
 """The quantized-linear Triton kernels (kernels/triton_quant.py) on the CPU under Triton's
-interpreter, against their torch references, on odd shapes, every group size and padded rows.
+interpreter, against their torch references, on odd shapes, every group size and scale path,
+split K, padded rows and columns, 1..8 rows in both the FMA and the tensor-core forms.
 Skipped where Triton is not installed or a GPU is (tests/gpu runs them compiled)."""
 
 import pytest
@@ -21,18 +22,104 @@ def int4_weight(n: int, k: int, group: int):
     return pack_rows(q.t()), scales.t().contiguous(), zeros.t().contiguous()
 
 
-@pytest.mark.parametrize("group,block_k", [(32, 32), (64, 32), (128, 64), (96, 64), (384, 64)],
-                         ids=["g32", "g64-two-tiles", "g128", "g96-straddles", "per-channel"])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_int4_gemv(m, group, block_k):
+C = triton_quant.QuantGemvConfig
+
+
+# (n, k, group, config): columns padded in the last tile; K not a multiple of the tile; every
+# scale path (a tile inside one group, a scale per word row, a scale per row of any length:
+# act-order's padded runs); K split in ranges (the last arriving range adds the parts); the
+# next K tile prefetched (one row).
+INT4_CASES = {
+    "g32-split3": (40, 192, 32, C(32, 32, split_k=3)),
+    "g64-word-rows-k320-prefetch": (40, 320, 64, C(32, 128, split_k=2, prefetch=True)),
+    "g128-wide": (72, 384, 128, C(64, 128)),
+    "per-channel-k200-prefetch": (24, 200, -1, C(16, 64, split_k=2, prefetch=True)),
+    "g12-any-length-prefetch": (40, 96, 12, C(32, 32, split_k=2, prefetch=True)),
+    "g96-straddles": (40, 288, 96, C(32, 64, split_k=3)),
+}
+
+
+# One row (the FMA form in the words' layout), a few rows (the FMA form over rows) and the
+# tensor-core form, for every case.
+FORMS = [(1, False), (3, False), (8, True)]
+
+
+@pytest.mark.parametrize("m,dot,case", [(m, dot, case) for case in INT4_CASES for m, dot in FORMS]
+                         + [(5, True, "g32-split3")])
+def test_int4_gemv(m, dot, case):
+    n, k, group, cfg = INT4_CASES[case]
+    if dot:
+        cfg = C(cfg.block_n, cfg.block_k, cfg.split_k, use_dot=True)
     torch.manual_seed(m)
-    n, k = 40, 384  # 40 columns: the second block of 32 is padded
-    qweight, scales, zeros = int4_weight(n, k, group)
-    x, bias = torch.randn(m, k), torch.randn(n) if m == 3 else None
-    out = triton_quant.int4_gemv(x, qweight, scales, zeros, group, bias, block_n=32,
-                                 block_k=block_k)
-    ref = reference_quant.int4_linear(x, qweight, scales, zeros, group, bias)
+    g = k if group == -1 else group
+    qweight, scales, zeros = int4_weight(n, k, g)
+    x, bias = torch.randn(m, k), torch.randn(n) if m % 2 else None
+    out = triton_quant.int4_gemv(x, qweight, scales, zeros, g, bias, cfg)
+    ref = reference_quant.int4_linear(x, qweight, scales, zeros, g, bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if cfg.split_k > 1:  # the last range left its tickets at 0: a second launch agrees
+        again = triton_quant.int4_gemv(x, qweight, scales, zeros, g, bias, cfg)
+        torch.testing.assert_close(again, out, atol=1e-5, rtol=1e-5)
+
+
+def test_int4_gemv_default_tiles():
+    """int4_config's tiles (the H100's traits on a CPU tensor) on a small layer, at 1 and 8 rows."""
+    torch.manual_seed(0)
+    n, k, group = 96, 512, 128
+    qweight, scales, zeros = int4_weight(n, k, group)
+    for m in (1, 8):
+        x = torch.randn(m, k)
+        torch.testing.assert_close(triton_quant.int4_gemv(x, qweight, scales, zeros, group),
+                                   reference_quant.int4_linear(x, qweight, scales, zeros, group),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+                         ids=["qkv", "o", "gate_up", "down"])
+def test_tiles_fill_every_sm(shape):
+    """Llama-3.1-8B's layers at one row: the 4-bit GEMV's programs (columns x ranges of K) fill
+    every SM several times over on both cards, more so where each SM must hold more bytes in
+    flight (the H200); the int8/FP8 GEMV's too; tiles of words stay inside one 128-group."""
+    from tuili.kernels import tuning
+
+    n, k = shape
+    programs = {}
+    for gpu in (tuning.H100, tuning.H200):
+        cfg = triton_quant.int4_config(1, n, k, 128, gpu)
+        assert 128 % cfg.block_k == 0 and not cfg.use_dot
+        k_split = -(-k // cfg.split_k // cfg.block_k) * cfg.block_k
+        programs[gpu.name] = -(-n // cfg.block_n) * -(-k // k_split)
+        assert programs[gpu.name] >= 3 * gpu.sms
+        scaled = triton_quant.scaled_config(1, n, k, gpu)
+        assert -(-n // scaled.block_n) >= 4 * gpu.sms
+    assert programs[tuning.H200.name] >= programs[tuning.H100.name]
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (1, C(4, 64, int8_bits=False)),
+                                   (1, C(2, 256, num_warps=8)), (3, C(4, 64)),
+                                   (5, C(16, 64, use_dot=True)), (8, None)],
+                         ids=["one-row", "one-row-converted", "one-tile", "rows", "dot",
+                              "default"])
+def test_scaled_gemv(kind, m, cfg):
+    torch.manual_seed(m)
+    n, k = 37, 200  # 37 rows: the last tile padded; K = 200: not a multiple of the tile
+    w = torch.randn(n, k)
+    q, scale = (quantize_per_row(w, torch.int8, 127) if kind == "int8"
+                else quantize_per_row(w, FP8, FP8_MAX))
+    x, bias = torch.randn(m, k), torch.randn(n) if m != 3 else None
+    out = triton_quant.scaled_gemv(x, q, scale, bias, cfg)
+    torch.testing.assert_close(out, reference_quant.scaled_linear(x, q, scale, bias),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_gemvs_reject_too_many_rows():
+    qweight, scales, zeros = int4_weight(16, 64, 32)
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        triton_quant.int4_gemv(torch.randn(9, 64), qweight, scales, zeros, 32)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_quant.scaled_gemv(torch.randn(1, 64), torch.zeros(16, 32, dtype=torch.int8),
+                                 torch.ones(16))
 
 
 def test_int4_dequantize_and_large_steps():
@@ -45,20 +132,6 @@ def test_int4_dequantize_and_large_steps():
     x = torch.randn(2, 11, k)  # 22 rows: the dequantize + matmul path
     torch.testing.assert_close(triton_quant.int4_linear(x, qweight, scales, zeros, group),
                                reference_quant.int4_linear(x, qweight, scales, zeros, group),
-                               atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_scaled_gemv(kind, m):
-    torch.manual_seed(m)
-    n, k = 37, 200
-    w = torch.randn(n, k)
-    q, scale = (quantize_per_row(w, torch.int8, 127) if kind == "int8"
-                else quantize_per_row(w, FP8, FP8_MAX))
-    x, bias = torch.randn(m, k), torch.randn(n)
-    out = triton_quant.scaled_gemv(x, q, scale, bias, block_n=16, block_k=64)
-    torch.testing.assert_close(out, reference_quant.scaled_linear(x, q, scale, bias),
                                atol=1e-4, rtol=1e-4)
 
 

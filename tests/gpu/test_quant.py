@@ -1,6 +1,9 @@
-"""The quantized linears compiled on the GPU: each kernel against its torch reference, and a
+"""The quantized linears compiled on the GPU: each kernel against its torch reference (the
+default tiles on either card's traits, every tile the sweep times, split K in a CUDA graph), and a
 random Qwen3-0.6B-shaped model quantized at load decoding through the kernels (eager and in CUDA
 graphs) as it does through the reference path (dequantize, then matmul) on the same weights."""
+
+import functools
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from benchmarks.quant_gemv_sweep import INT4_TILES, SCALED_TILES  # noqa: E402
 from tests.gpu.random_models import build  # noqa: E402
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.kernels import reference_quant, triton_quant  # noqa: E402
@@ -45,6 +49,90 @@ def test_scaled_gemv_matches_reference(kind, m):
     out = triton_quant.scaled_gemv(x, q, scale)
     ref = reference_quant.scaled_linear(x.float(), q, scale)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@functools.cache
+def _int4(n: int, k: int, group: int):
+    """A random 4-bit weight (qweight, bf16 scales, zeros) on the GPU, made once per shape."""
+    torch.manual_seed(n + k + group)
+    scales, zeros, q = quantize_rtn(torch.randn(n, k, device="cuda"), group)
+    return (pack_rows(q.t()).cuda(), scales.t().contiguous().cuda().to(torch.bfloat16),
+            zeros.t().contiguous().cuda())
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # bf16 outputs against a float32 reference: a relative error, not per element
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("tile,split", [(t, 5) for t in INT4_TILES] + [(INT4_TILES[0], 1)],
+                         ids=[f"{bn}x{bk}-{w}w{'-pf' if pf else ''}"
+                              for bn, bk, w, pf in INT4_TILES] + ["unsplit"])
+def test_int4_sweep_tiles(tile, split):
+    """Each tile benchmarks/quant_gemv_sweep.py times (so that a measured winner is a correct
+    one), split on a K range that no tile divides evenly into 5, and one unsplit."""
+    bn, bk, w, pf = tile
+    torch.manual_seed(bn + bk)
+    n, k, group = 3008, 4224, 128  # multiples of 16, as the 8B shapes (one compiled kernel)
+    qw, s, z = _int4(n, k, group)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    cfg = triton_quant.QuantGemvConfig(bn, bk, split, num_warps=w, prefetch=pf)
+    _close(triton_quant.int4_gemv(x, qw, s, z, group, None, cfg),
+           reference_quant.int4_linear(x.float(), qw, s.float(), z, group))
+
+
+@pytest.mark.parametrize("group", [32, 128, -1])
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("card", ["h100", "h200"])
+def test_int4_default_tiles_on_8b_shapes(group, m, card, monkeypatch):
+    """int4_config's tiles for either card's traits (TUILI_TUNE_AS) on Llama-3.1-8B's down
+    projection (the longest reduction: the most splits), with a bias."""
+    from tuili.kernels import tuning
+
+    monkeypatch.setattr(triton_quant, "gpu_traits", lambda device=None: tuning.CARDS[card])
+    torch.manual_seed(m)
+    n, k = 4096, 14336
+    g = k if group == -1 else group
+    qw, s, z = _int4(n, k, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    _close(triton_quant.int4_gemv(x, qw, s, z, g, bias),
+           reference_quant.int4_linear(x.float(), qw, s.float(), z, g, bias.float()))
+
+
+def test_int4_split_in_a_cuda_graph():
+    """The split ranges' tickets go back to 0 at each launch: replays of a captured split
+    GEMV with new inputs each give the reference."""
+    torch.manual_seed(0)
+    n, k, group = 4096, 4096, 128
+    qw, s, z = _int4(n, k, group)
+    cfg = triton_quant.QuantGemvConfig(128, 128, 16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    triton_quant.int4_gemv(x, qw, s, z, group, None, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_quant.int4_gemv(x, qw, s, z, group, None, cfg)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        _close(out, reference_quant.int4_linear(x.float(), qw, s.float(), z, group))
+
+
+@pytest.mark.parametrize("kind,tile", [(kind, t) for kind in ("int8", "fp8") for t in SCALED_TILES]
+                         + [("int8-converted", t) for t in SCALED_TILES[1:4]])
+def test_scaled_sweep_tiles(kind, tile):
+    """Each int8 / FP8 tile the sweep times (int8 by its bits, and on three tiles by the
+    int-to-float conversion)."""
+    bn, bk, w = tile
+    torch.manual_seed(bn)
+    n, k = 1040, 5008
+    wt = torch.randn(n, k, device="cuda")
+    q, scale = (quantize_per_row(wt, FP8, FP8_MAX) if kind == "fp8"
+                else quantize_per_row(wt, torch.int8, 127))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    cfg = triton_quant.QuantGemvConfig(bn, bk, num_warps=w, int8_bits=kind == "int8")
+    _close(triton_quant.scaled_gemv(x, q, scale, None, cfg),
+           reference_quant.scaled_linear(x.float(), q, scale))
 
 
 @pytest.fixture(scope="module")
