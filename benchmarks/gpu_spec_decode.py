@@ -28,7 +28,7 @@ steps, every guess kept): the end-to-end rate with the draft's cost included.
 
 Two more tables:
 - EAGLE arm: random EAGLE-1 and EAGLE-3 heads of the shape (tests/eagle_heads.py) proposing for
-  real (eager head steps) at k in --eagle-ks; random heads are never right, so each step gains
+  real (head steps replaying CUDA graphs) at k in --eagle-ks; random heads are never right, so each step gains
   one token and its wall time is the whole cost of a speculative step (head catch-up + k - 1
   head decodes + verify): `cost` = step / plain decode step, and the speedup it implies at
   acceptance a (the kept guesses of a trained head are measured elsewhere: BENCHMARKS.md);
@@ -283,14 +283,15 @@ def main() -> None:
                 if stops and stops > min(batches) else
                 f"speculation pays at every batch measured (up to {most}) at a = 0.7, k = {k}"
                 if stops is None else f"speculation does not pay even at batch {stops}")
-        print(rule)
-        results["disable_by_batch_size_rule"] = rule
+        if batches:
+            print(rule)
+            results["disable_by_batch_size_rule"] = rule
         results.update(decode_step_ms=decode_ms, plain_tok_s=plain_tok_s, hf_ms=hf_ms)
         del llm, spec
         free()
         if eagle_ks:
-            print(f"\nEAGLE arm: random heads proposing for real (eager head steps; nothing "
-                  f"kept, so a step gains one token), batch 1, {args.batch_tokens} tokens")
+            print(f"\nEAGLE arm: random heads proposing for real (head steps in CUDA graphs; "
+                  f"nothing kept, so a step gains one token), batch 1, {args.batch_tokens} tokens")
             header(f"{'head':>6}", f"{'k':>2}", f"{'step ms':>8}", f"{'cost':>5}",
                    *(f"{'x@a=' + str(a):>7}" for a in RATES))
         for method in ("eagle", "eagle3") if eagle_ks else ():
