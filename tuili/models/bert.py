@@ -14,7 +14,7 @@ from torch import nn
 
 from tuili.layers import onednn_linear
 from tuili.layers.backend import TORCH, Backend
-from tuili.layers.encoder_attention import EncoderMetadata, encoder_attention
+from tuili.layers.encoder_attention import EncoderMetadata, encoder_attention, sdpa_backends
 from tuili.models.config import ModelConfig
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -58,8 +58,8 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
         qkv, out, up, down = self.linears
         n1, n2 = self.attention_norm, self.output_norm
-        q, k, v = qkv(x).view(x.shape[0], 3, self.heads, self.d).unbind(1)
-        x = F.layer_norm(x + out(encoder_attention(q, k, v, meta)), n1.normalized_shape,
+        attended = encoder_attention(qkv(x).view(x.shape[0], 3, self.heads, self.d), meta)
+        x = F.layer_norm(x + out(attended), n1.normalized_shape,
                          n1.weight, n1.bias, n1.eps)
         return F.layer_norm(x + down(up(x)), n2.normalized_shape, n2.weight, n2.bias, n2.eps)
 
@@ -99,8 +99,9 @@ class BertModel(nn.Module):
         else:  # every token in segment 0
             x = x + self.token_type_embeddings.weight[0]
         x = self.embedding_norm(x)
-        for layer in self.layers:
-            x = layer(x, meta)
+        with sdpa_backends():
+            for layer in self.layers:
+                x = layer(x, meta)
         return x
 
     def attention_layers(self) -> list:
