@@ -121,9 +121,10 @@ def test_requests_of_different_kinds_in_one_step_get_what_each_alone_gets(minilm
         assert m.data.shape == a.shape and torch.allclose(m.data, a, atol=1e-5)
 
 
-def test_padded_layout_equals_per_sequence_attention(minilm):
-    """The GPU's layout (sequences padded to the longest, one SDPA call under the additive key
-    mask), run on the CPU, gives the per-sequence path's token states."""
+def test_gpu_layouts_equal_per_sequence_attention(minilm):
+    """The GPU's layouts, run on the CPU: sequences padded to the longest (one SDPA call under the
+    additive key mask), and one sequence attending views of its projection, give the CPU path's
+    token states."""
     model = minilm.engine.runner.model
     seqs = [minilm.tokenizer.encode(t) for t in TEXTS]
     types = [[i % 2] * len(s) for i, s in enumerate(seqs)]
@@ -131,8 +132,13 @@ def test_padded_layout_equals_per_sequence_attention(minilm):
     with torch.inference_mode():
         flat, padded = (model(*EncoderMetadata.build(seqs, cpu, torch.float32, types, padded))
                         for padded in (False, True))
+        ids, meta = EncoderMetadata.build(seqs[1:2], cpu, torch.float32)
+        one = model(ids, meta)
+        meta.contiguous = False
+        one_viewed = model(ids, meta)
     assert flat.shape == (sum(map(len, seqs)), 384)
     assert torch.allclose(flat, padded, atol=1e-4)
+    assert torch.allclose(one, one_viewed, atol=1e-5)
 
 
 def test_pooled_rows_gather_sequences_anywhere_in_a_step(minilm):

@@ -42,6 +42,9 @@ class EncoderMetadata:
     seq_index: torch.Tensor | None = None  # [tokens] the sequence of each row
     first_rows: torch.Tensor | None = None  # [seqs] each sequence's first row
     lens: torch.Tensor | None = None  # [seqs] its length
+    # Copy each sequence's q, k, v contiguous before its SDPA call (the CPU's choice, above);
+    # on the GPU one sequence attends views of the projection (4 fewer kernels a layer).
+    contiguous: bool = True
 
     @classmethod
     def build(cls, seqs: list[list[int]], device: torch.device, dtype: torch.dtype,
@@ -61,7 +64,8 @@ class EncoderMetadata:
         sizes += [tokens] * ((token_type_ids is not None) + 2 * padded)
         ids, positions, seq_index, starts, lens, *rest = on_device.split(sizes)
         types = rest.pop(0) if token_type_ids is not None else None
-        meta = cls(positions, seq_lens, types, seq_index=seq_index, first_rows=starts, lens=lens)
+        meta = cls(positions, seq_lens, types, seq_index=seq_index, first_rows=starts, lens=lens,
+                   contiguous=device.type == "cpu")
         if padded:
             meta.padded_rows, mask_rows = rest
             mask = torch.full((count, stride), float("-inf"), dtype=dtype, device=device)
@@ -115,6 +119,9 @@ def encoder_attention(qkv: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
     Run inside sdpa_backends()."""
     tokens, _, heads, d = qkv.shape
     if meta.padded_rows is None:  # each sequence alone: no padding, no mask
+        if len(meta.seq_lens) == 1 and not meta.contiguous:  # SDPA on views of qkv, no copies
+            o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv.unbind(1)))
+            return o[0].transpose(0, 1).reshape(tokens, heads * d)
         out = qkv.new_empty(tokens, heads, d)
         start = 0
         for n in meta.seq_lens:
