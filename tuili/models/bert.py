@@ -93,15 +93,19 @@ class BertModel(nn.Module):
         if self.layers[0].linears is None:  # the first step, after load_weights
             for layer in self.layers:
                 layer.prepare()
-        x = self.word_embeddings(input_ids) + self.position_embeddings(meta.positions)
+        # Functional calls, as in BertLayer.prepare: nn.Module's call costs a few us each, and a
+        # launch-bound GPU forward of a batch of texts pays it ~15 times.
+        types, norm = self.token_type_embeddings.weight, self.embedding_norm
+        x = (F.embedding(input_ids, self.word_embeddings.weight)
+             + F.embedding(meta.positions, self.position_embeddings.weight))
         if meta.token_type_ids is not None:
-            x = x + self.token_type_embeddings(meta.token_type_ids)
+            x = x + F.embedding(meta.token_type_ids, types)
         else:  # every token in segment 0
-            x = x + self.token_type_embeddings.weight[0]
-        x = self.embedding_norm(x)
+            x = x + types[0]
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         with sdpa_backends():
             for layer in self.layers:
-                x = layer(x, meta)
+                x = layer.forward(x, meta)
         return x
 
     def attention_layers(self) -> list:
