@@ -1,11 +1,15 @@
 """Bidirectional attention over a flat batch of whole sequences, for encoders: no KV cache.
 
 Linear layers see the flat, unpadded tokens. On the GPU attention lays the sequences out padded
-to the longest ([seqs, heads, longest, d] with a key mask) and one SDPA call (memory-efficient
-attention) attends them all;
+to the longest ([seqs, heads, longest, d] with an additive key mask) and one SDPA call
+(memory-efficient attention) attends them all;
 on the CPU each sequence gets its own unmasked SDPA call over a contiguous copy of its q, k, v
 (no padding to fill, copy in and gather out, and no mask: at 64 texts of 6-70 tokens this was
 1.6x (float32) to 1.9x (bfloat16) faster than the padded call, measured on a loaded 2-core VM).
+
+A batch's whole layout (ids, positions, types, rows per sequence, padded places) is built on the
+host and sent in one copy: an embedding call of 64 texts issues a handful of ops outside the
+forward, not a few per text (BENCHMARKS.md, seventeenth session).
 """
 
 from __future__ import annotations
