@@ -95,3 +95,9 @@ def report(llm, items: list[str], repeats: int = 5) -> None:
         top = ", ".join(f"{name} {n}" for name, n in names.most_common(6))
         print(f"batch {batch:2d}: host {ms:.3f} ms a call outside the forward ({id_ms:.3f} from "
               f"token ids); {ops} ops outside it ({views} views): {top}", flush=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.tokenizer.encode_many(items[:64])
+        best = min(best, time.perf_counter() - start)
+    print(f"tokenizing 64 texts alone: {best * 1e3:.3f} ms", flush=True)
