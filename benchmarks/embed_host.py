@@ -24,7 +24,7 @@ class _OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.counting:
             self.ops[func.overloadpacket.__name__] += 1
-            self.views += func.is_view
+            self.views += getattr(func, "is_view", False)
         return func(*args, **(kwargs or {}))
 
 
