@@ -2,6 +2,7 @@
 SentenceTransformer.encode on the same files, in the same run.
 
 Run: python benchmarks/cpu_embed.py [--dtypes float32,bfloat16] [--texts 256] [--repeats 3]
+     [--host]
 
 Texts: --texts sentences of mixed length (4 to ~60 words), the same for both. Batch 1: each text
 in its own call (embed(text) / encode([text])); batch 64: calls of 64 texts (encode's
@@ -14,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def texts(count: int) -> list[str]:
@@ -48,6 +53,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--host", action="store_true",
+                    help="print tuili's host ms per call outside the forward, and its ops there")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
@@ -59,6 +66,12 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         llm = LLM("all-minilm-l6-v2", dtype=dtype)
+        if args.host:
+            from benchmarks.embed_host import report
+
+            print(dtype)
+            report(llm, items, args.repeats)
+            continue
         st = SentenceTransformer(str(resolve("all-minilm-l6-v2")), device="cpu",
                                  model_kwargs={"dtype": getattr(torch, dtype)})
         for batch in (1, 64):
@@ -69,6 +82,8 @@ def main() -> None:
             print(f"{dtype:9s} batch {batch:3d}: tuili {ours:8.1f}/s  sentence-transformers "
                   f"{theirs:8.1f}/s  {ours / theirs:.2f}x", flush=True)
         del llm, st
+    if not rows:
+        return
     print("\n| dtype | batch | tuili emb/s | sentence-transformers emb/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     for dtype, batch, ours, theirs in rows:

@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--profile", action="store_true",
-                    help="then profile tuili's batch-64 calls: host time per step outside the "
-                         "forward, and the top CPU and CUDA ops")
+                    help="then profile tuili's calls: the forward's share of a batch-64 call, "
+                         "host ms a call outside the forward and the ops issued there, kernel "
+                         "launches a call, the top CPU and CUDA ops")
     args = ap.parse_args()
     from tuili import LLM
 
@@ -133,12 +134,16 @@ def main() -> None:
 
 
 def profile(llm, embed, items: list[str]) -> None:
-    """Where a batch-64 call's time goes: the forward's share of the wall time, then torch's
-    profiler over a few calls (the ops that take the most host and device time)."""
+    """Where a batch-64 call's time goes: the forward's share of the wall time; the host work
+    outside it (the forward stood in for) and the ops it issues there, at batch 1 and 64; then
+    torch's profiler over a few calls (kernel launches a call, the ops that take the most host
+    and device time)."""
     import time
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    from benchmarks.embed_host import report
 
     model = llm.engine.runner.model
     forward, spent = model.forward, [0.0]
@@ -159,12 +164,15 @@ def profile(llm, embed, items: list[str]) -> None:
     model.forward = forward
     print(f"\nbatch 64: {wall / len(calls) * 1e3:.2f} ms a call, the forward (synchronized) "
           f"{spent[0] / len(calls) * 1e3:.2f} ms of it")
+    report(llm, items)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for batch in calls:
             embed(batch)
+    averages = prof.key_averages()
+    launches = sum(e.count for e in averages if "LaunchKernel" in e.key)
+    print(f"{launches / len(calls):.0f} kernel launches a batch-64 call")
     for key in ("self_cpu_time_total", "self_cuda_time_total"):
-        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
-
+        print(averages.table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from tuili import LLM, SamplingParams
 from tuili.errors import InvalidParameter, ModelLoadError, WrongTask
+from tuili.layers.encoder_attention import EncoderMetadata
 from tuili.models.loader import resolve
+from tuili.models.pooler import PooledRows
 from tuili.models.pooling_config import load_pooling_config
 from tuili.pooling_params import PoolingParams
 from tuili.scoring import DECODER_PAIR
@@ -106,6 +108,61 @@ def test_pooling_requests_share_steps_under_the_token_budget():
     assert not any(llm.engine.pool.ref_counts)
     with pytest.raises(InvalidParameter, match="more than the 64"):
         llm.embed(TEXTS[4])  # fits max_model_len, not one step
+
+
+def test_requests_of_different_kinds_in_one_step_get_what_each_alone_gets(minilm):
+    """Truncation and normalization run once per kind of request in a step: a step mixing kinds
+    (and pooling several texts at once) gives each request what a call of it alone gives."""
+    kinds = [PoolingParams(), PoolingParams(dimensions=32), PoolingParams(normalize=False),
+             PoolingParams(dimensions=64, normalize=False), PoolingParams()]
+    alone = [minilm.encode([TEXTS[1]], p)[0].data for p in kinds]
+    mixed = minilm.encode([TEXTS[1]] * len(kinds), kinds)
+    for a, m in zip(alone, mixed):
+        assert m.data.shape == a.shape and torch.allclose(m.data, a, atol=1e-5)
+
+
+def test_gpu_layouts_equal_per_sequence_attention(minilm):
+    """The GPU's layouts, run on the CPU: sequences padded to the longest (one SDPA call under the
+    additive key mask), and one sequence attending views of its projection, give the CPU path's
+    token states."""
+    model = minilm.engine.runner.model
+    seqs = [minilm.tokenizer.encode(t) for t in TEXTS]
+    types = [[i % 2] * len(s) for i, s in enumerate(seqs)]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        flat, padded = (model(*EncoderMetadata.build(seqs, cpu, torch.float32, types, padded))
+                        for padded in (False, True))
+        ids, meta = EncoderMetadata.build(seqs[1:2], cpu, torch.float32)
+        one = model(ids, meta)
+        meta.contiguous = False
+        one_viewed = model(ids, meta)
+    assert flat.shape == (sum(map(len, seqs)), 384)
+    assert torch.allclose(flat, padded, atol=1e-4)
+    assert torch.allclose(one, one_viewed, atol=1e-5)
+
+
+def test_pooled_rows_gather_sequences_anywhere_in_a_step(minilm):
+    """Mean pooling of sequences that do not fill the step's rows (pooled beside other rows)
+    equals each sequence's own mean."""
+    cpu = torch.device("cpu")
+    seqs = [(3, 2), (7, 3), (10, 1)]
+    rows = PooledRows.build(seqs, 12, cpu)
+    assert rows.rows.tolist() == [3, 4, 7, 8, 9, 10]
+    assert rows.seq_index.tolist() == [0, 0, 1, 1, 1, 2]
+    assert rows.first.tolist() == [3, 7, 10] and rows.lens.tolist() == [2, 3, 1]
+    assert PooledRows.build([(0, 2), (2, 3)], 5, cpu).rows is None
+    hidden = torch.randn(12, 384)
+    expected = torch.stack([hidden[r:r + n].mean(0) for r, n in seqs])
+    assert torch.allclose(minilm.engine.pooler.embed(hidden, rows), expected, atol=1e-6)
+
+
+def test_an_embed_call_issues_as_many_ops_outside_the_forward_whatever_its_size(minilm):
+    """Layout, pooling and normalization are batched: the ops an embed call issues outside the
+    model's forward (kernel launches on the GPU) do not grow with its texts."""
+    from benchmarks.embed_host import ops_outside_forward
+
+    counts = [ops_outside_forward(minilm, TEXTS[:n])[0] for n in (2, 5)]
+    assert counts[0] == counts[1] <= 16
 
 
 # ---- sentence-transformers Dense modules (random weights on all-MiniLM-L6-v2) ---------------

@@ -144,8 +144,9 @@ class LLMEngine:
         eager = config.enforce_eager or not HAS_TRITON or self.device.type != "cuda"
         self.prefill_graph_tokens = 0 if eager else min(config.max_prefill_graph_tokens,
                                                         config.max_num_batched_tokens)
-        # An encoder keeps no KV cache between steps: nothing to quantize.
-        self.kv_dtype = self.dtype if getattr(loaded.model, "is_encoder", False) else \
+        # An encoder keeps no KV cache between steps: nothing to quantize, no blocks to hold.
+        encoder = getattr(loaded.model, "is_encoder", False)
+        self.kv_dtype = self.dtype if encoder else \
             kv_quant.cache_dtype(config.kv_cache_dtype, self.dtype)
         slots, slot_bytes = plan_state_slots(config, self.model_config, loaded.model, self.dtype,
                                              self.device, self.prefill_graph_tokens)
@@ -167,7 +168,8 @@ class LLMEngine:
         self.speculator = make_speculator(config, self.model_config, self.tokenizer,
                                           self.max_model_len, num_blocks, self.dtype, self.device,
                                           loaded.model, eager)
-        self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.speculator,
+                                   pooling_blocks=not encoder)
         self.runner = ModelRunner(loaded.model, self.model_config, num_blocks, config.block_size,
                                   self.max_model_len, self.dtype, self.device,
                                   0 if eager else config.max_num_seqs, self.prefill_graph_tokens,

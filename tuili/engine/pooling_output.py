@@ -43,18 +43,33 @@ class PoolingOutputProcessor:
         return [req] if req is not None and not req.is_finished else []
 
     def outputs(self, requests: list[Request], pooled: torch.Tensor) -> list[PoolingRequestOutput]:
-        """The finished requests' outputs, from their rows of the Pooler's output."""
+        """The finished requests' outputs, from their rows of the Pooler's output: one copy to the
+        host, and one truncation and normalization for each kind of embedding request."""
         pooled = pooled.cpu()
+        rows = self._finish_embeddings(requests, pooled) if pooled.dim() == 2 else pooled
         outs = []
-        for req, data in zip(requests, pooled):
-            if self.requests.pop(req.request_id, None) is None:  # aborted meanwhile
-                continue
-            p = req.pooling
-            if p.task == "embed":
-                if p.dimensions is not None:
-                    data = data[: p.dimensions]
-                normalize = self.normalize_default if p.normalize is None else p.normalize
-                if normalize:  # after truncating: Matryoshka dimensions are renormalized
-                    data = F.normalize(data, dim=-1)
-            outs.append(PoolingRequestOutput(req.request_id, req.prompt_token_ids, data))
+        for req, data in zip(requests, rows):
+            if self.requests.pop(req.request_id, None) is not None:  # else aborted meanwhile
+                outs.append(PoolingRequestOutput(req.request_id, req.prompt_token_ids, data))
         return outs
+
+    def _finish_embeddings(self, requests: list[Request], pooled: torch.Tensor) -> list:
+        """Each row truncated to its request's dimensions, then normalized if it asks (after
+        truncating: Matryoshka dimensions are renormalized); requests alike done together."""
+        kinds: dict[tuple[int | None, bool], list[int]] = {}
+        for i, req in enumerate(requests):
+            p = req.pooling
+            normalize = self.normalize_default if p.normalize is None else p.normalize
+            kinds.setdefault((p.dimensions, normalize), []).append(i)
+        if len(kinds) == 1:
+            return list(_finish(pooled, *next(iter(kinds))))
+        rows = [None] * len(requests)
+        for (dimensions, normalize), index in kinds.items():
+            for i, row in zip(index, _finish(pooled[index], dimensions, normalize)):
+                rows[i] = row
+        return rows
+
+
+def _finish(rows: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    rows = rows[:, :dimensions] if dimensions is not None else rows
+    return F.normalize(rows, dim=-1) if normalize else rows

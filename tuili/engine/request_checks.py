@@ -15,7 +15,7 @@ def encode_prompt(tokenizer: Tokenizer, vocab: int, prompt: str | list[int]) -> 
     """A prompt's token ids: text tokenized, ids checked to be this vocabulary's."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    if not all(type(t) is int for t in prompt):  # bool and other int subclasses are out
+    if not set(map(type, prompt)) <= {int}:  # bool and other int subclasses are out
         raise InvalidParameter("prompt", "must be a string or a list of token ids")
     if prompt and (min(prompt) < 0 or max(prompt) >= vocab):
         bad = [t for t in prompt if not 0 <= t < vocab]

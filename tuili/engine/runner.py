@@ -8,7 +8,6 @@ modules, which read and write it) and the rotary tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import torch
 
@@ -23,6 +22,7 @@ from tuili.layers.attention import AttentionMetadata
 from tuili.layers.encoder_attention import EncoderMetadata
 from tuili.layers.rotary import RotaryEmbedding
 from tuili.models.config import ModelConfig
+from tuili.models.pooler import PooledRows
 
 
 @dataclass
@@ -86,7 +86,7 @@ class ModelRunner:
         """state_slots, state_snapshots: a hybrid model's recurrent-state slots and prefix-cache
         snapshots (engine/state_cache.py); graph_sampling: decode graphs also sample (a draft's
         do not)."""
-        self.model, self.config, self.device = model, config, device
+        self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.channel = channel  # distributed/channel.StepChannel on tensor-parallel rank 0
         self.pooler = pooler  # models/pooler.Pooler of a model serving embed or score
         self.encoder = getattr(model, "is_encoder", False)
@@ -138,7 +138,8 @@ class ModelRunner:
         if ran.decode_graph:
             out.sample_graph = self.graphs.sampler_for(len(batch))
         if out.pooled_requests:
-            out.pooled = self.pooler(ran.hidden, inputs.pool_seqs)
+            rows = PooledRows.build(inputs.pool_seqs, len(inputs.ids), self.device)
+            out.pooled = self.pooler(ran.hidden, rows)
         for (req, first), logits in zip(prompt_reqs, ran.prompt_logits):
             out.prompt_logits.append(PromptLogits(req, logits, first))
         return out
@@ -245,18 +246,19 @@ class ModelRunner:
         return ran
 
     def _execute_encoder(self, batch: Batch) -> StepOutput:
-        """An encoder's step: whole sequences, no KV cache, every request pooled."""
-        ids, lens, types = [], [], []
-        for req in batch.requests:
-            ids.extend(req.token_ids)
-            lens.append(len(req.token_ids))
-            tt = req.pooling.token_type_ids
-            types.extend(tt if tt is not None else [0] * len(req.token_ids))
-        meta = EncoderMetadata.build(lens, self.device, types if any(types) else None)
-        hidden = self.model(to_device(ids, torch.long, self.device), meta)
-        starts = accumulate(lens[:-1], initial=0)
-        return StepOutput(pooled_requests=list(batch.requests),
-                          pooled=self.pooler(hidden, list(zip(starts, lens))))
+        """An encoder's step: whole sequences, no KV cache, every request pooled; its inputs and
+        layout go to the device in one copy (EncoderMetadata.build)."""
+        reqs = batch.requests
+        types = [r.pooling.token_type_ids for r in reqs]
+        if all(t is None for t in types):
+            types = None
+        else:
+            types = [t if t is not None else [0] * len(r.token_ids) for r, t in zip(reqs, types)]
+        ids, meta = EncoderMetadata.build([r.token_ids for r in reqs], self.device,
+                                          self.dtype, types)
+        hidden = self.model(ids, meta)
+        rows = PooledRows(meta.first_rows, meta.lens, meta.seq_index)
+        return StepOutput(pooled_requests=list(reqs), pooled=self.pooler(hidden, rows))
 
 
 @torch.inference_mode()

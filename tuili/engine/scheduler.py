@@ -62,8 +62,11 @@ class Batch:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int,
-                 speculator: Speculator | None = None):
+                 speculator: Speculator | None = None, pooling_blocks: bool = True):
+        """pooling_blocks: whether pooling requests hold KV blocks (an encoder's need none: it
+        keeps no cache, so they skip the pool and count only against the budget and seqs)."""
         self.kv = kv
+        self.pooling_blocks = pooling_blocks
         self.speculator = speculator  # guesses decodes' next tokens (spec_decode/)
         self.max_num_seqs = config.max_num_seqs
         self.budget = config.max_num_batched_tokens
@@ -217,12 +220,14 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # just preempted; resumes once its token is read
                 break
-            if req.pooling is None:  # a pooling request computes (and pools) every token
+            pooling = req.pooling is not None
+            if not pooling:  # a pooling request computes (and pools) every token
                 self.kv.match_prefix(req)
             n = req.num_tokens - req.num_computed_tokens
-            if n > budget and self.chunked and req.pooling is None:
+            if n > budget and self.chunked and not pooling:
                 n = budget
-            if n > budget or not self.kv.allocate(req, n):
+            if n > budget or ((self.pooling_blocks or not pooling)
+                              and not self.kv.allocate(req, n)):
                 self.kv.free(req)  # give back the prefix hits; try again next step
                 break
             self.waiting.popleft()

@@ -14,7 +14,7 @@ from torch import nn
 
 from tuili.layers import onednn_linear
 from tuili.layers.backend import TORCH, Backend
-from tuili.layers.encoder_attention import EncoderMetadata, encoder_attention
+from tuili.layers.encoder_attention import EncoderMetadata, encoder_attention, sdpa_backends
 from tuili.models.config import ModelConfig
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -58,8 +58,8 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
         qkv, out, up, down = self.linears
         n1, n2 = self.attention_norm, self.output_norm
-        q, k, v = qkv(x).view(x.shape[0], 3, self.heads, self.d).unbind(1)
-        x = F.layer_norm(x + out(encoder_attention(q, k, v, meta)), n1.normalized_shape,
+        attended = encoder_attention(qkv(x).view(x.shape[0], 3, self.heads, self.d), meta)
+        x = F.layer_norm(x + out(attended), n1.normalized_shape,
                          n1.weight, n1.bias, n1.eps)
         return F.layer_norm(x + down(up(x)), n2.normalized_shape, n2.weight, n2.bias, n2.eps)
 
@@ -93,14 +93,19 @@ class BertModel(nn.Module):
         if self.layers[0].linears is None:  # the first step, after load_weights
             for layer in self.layers:
                 layer.prepare()
-        x = self.word_embeddings(input_ids) + self.position_embeddings(meta.positions)
+        # Functional calls, as in BertLayer.prepare: nn.Module's call costs a few us each, and a
+        # launch-bound GPU forward of a batch of texts pays it ~15 times.
+        types, norm = self.token_type_embeddings.weight, self.embedding_norm
+        x = (F.embedding(input_ids, self.word_embeddings.weight)
+             + F.embedding(meta.positions, self.position_embeddings.weight))
         if meta.token_type_ids is not None:
-            x = x + self.token_type_embeddings(meta.token_type_ids)
+            x = x + F.embedding(meta.token_type_ids, types)
         else:  # every token in segment 0
-            x = x + self.token_type_embeddings.weight[0]
-        x = self.embedding_norm(x)
-        for layer in self.layers:
-            x = layer(x, meta)
+            x = x + types[0]
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        with sdpa_backends():
+            for layer in self.layers:
+                x = layer.forward(x, meta)
         return x
 
     def attention_layers(self) -> list:
