@@ -16,7 +16,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from tuili.config import EngineConfig
 from tuili.engine_core import STOP, Abort, EngineFacts, EngineLoop, EngineStats, Events
@@ -233,6 +235,39 @@ class _Wire:
         self.sent.pop(request_id, None)
 
 
+class Prefix(Sequence):
+    """The first len(items) items of a list that later only grows at its end: what an output's
+    token ids (or logprobs) were when it was made, without copying them (a copy per output
+    grows with the output's length). Read-only; compares equal to the list it shows."""
+
+    __slots__ = ("items", "n")
+
+    def __init__(self, items: list):
+        self.items, self.n = items, len(items)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.items[slice(*i.indices(self.n))] if i.step is None or i.step > 0 \
+                else self.items[:self.n][i]
+        return self.items[range(self.n)[i]]
+
+    def __iter__(self):
+        return islice(self.items, self.n)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Prefix, list)):
+            return len(other) == self.n and self.items[:self.n] == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self.items[:self.n])
+
+
 @dataclass
 class _Stream:
     prompt: str | None
@@ -264,13 +299,15 @@ class _Rebuilder:
                 stream.token_ids.append([])
                 stream.logprobs.append([])
             text = stream.texts[i] = stream.texts[i] + delta if text is None else text
-            stream.token_ids[i].extend(new_ids)
+            ids = stream.token_ids[i]
+            ids.extend(new_ids)
+            logprobs = None
             if new_logprobs is not None:
                 stream.logprobs[i].extend(new_logprobs)
+                logprobs = Prefix(stream.logprobs[i])
             outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(stream.token_ids[i]), finish_reason=reason,
-                stop_reason=stop, delta_text=delta, delta_token_ids=new_ids,
-                logprobs=list(stream.logprobs[i]) if new_logprobs is not None else None))
+                index=i, text=text, token_ids=Prefix(ids), finish_reason=reason,
+                stop_reason=stop, delta_text=delta, delta_token_ids=new_ids, logprobs=logprobs))
         if finished:
             del self.streams[rid]
         return RequestOutput(rid, stream.prompt, stream.prompt_token_ids, outputs, finished,
