@@ -187,7 +187,8 @@ def test_metrics_count_the_streamed_tokens_and_intervals(app):
     assert "tuili:inter_token_latency_seconds_created" in m
 
 
-def test_rebuilt_outputs_equal_the_engines_and_keep_their_own_length():
+@pytest.mark.parametrize("with_logprobs", [False, True])  # False: the short wire form
+def test_rebuilt_outputs_equal_the_engines_and_keep_their_own_length(with_logprobs):
     wire, rebuilder = _Wire(), _Rebuilder()
     lp = [Logprob(k, -0.5 * k, 1, [(k, -0.5 * k), (k + 1, -3.0)]) for k in range(1, 6)]
     texts = ["a", "ab", "abc", "abcd", "ab"]  # the last: a stop string cut the text back
@@ -197,16 +198,20 @@ def test_rebuilt_outputs_equal_the_engines_and_keep_their_own_length():
         out = RequestOutput("r", "p", [1, 2], [CompletionOutput(
             index=0, text=texts[k], token_ids=list(range(1, k + 2)),
             finish_reason="stop" if done else None, stop_reason="cd" if done else None,
-            logprobs=lp[:k + 1], delta_text="" if done else texts[k][-1],
-            delta_token_ids=[k + 1])], done)
+            logprobs=lp[:k + 1] if with_logprobs else None,
+            delta_text="" if done else texts[k][-1], delta_token_ids=[k + 1])], done,
+            num_cached_tokens=16)
         sent.append(out)
-        rebuilt.append(rebuilder.rebuild(pickle.loads(pickle.dumps(wire.encode(out)))))
+        msg = wire.encode(out)
+        assert len(msg) == (3 if 0 < k < 4 and not with_logprobs else 6)
+        rebuilt.append(rebuilder.rebuild(pickle.loads(pickle.dumps(msg))))
     for a, b in zip(sent, rebuilt):  # compared once all have arrived: none grew after the fact
         (x,), (y,) = a.outputs, b.outputs
         assert (y.text, y.delta_text, y.delta_token_ids) == (x.text, x.delta_text,
                                                              x.delta_token_ids)
         assert isinstance(y.token_ids, Prefix) and y.token_ids == x.token_ids
-        assert len(y.token_ids) == len(x.token_ids) and list(y.logprobs) == x.logprobs
+        assert len(y.token_ids) == len(x.token_ids) and b.num_cached_tokens == 16
+        assert (y.logprobs is None) if x.logprobs is None else list(y.logprobs) == x.logprobs
         assert y.token_ids[-1] == x.token_ids[-1] and y.token_ids[1:] == x.token_ids[1:]
         assert (y.finish_reason, y.stop_reason, b.finished) == (x.finish_reason, x.stop_reason,
                                                                 a.finished)

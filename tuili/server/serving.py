@@ -15,14 +15,14 @@ from typing import Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from tuili.async_llm import AsyncLLM, RequestCancelled, RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
 from tuili.server.body import parse_body
-from tuili.server.errors import APIError, error_event
+from tuili.server.errors import BODY_SEND, APIError, error_event
 from tuili.server.limits import ServerLimits
 from tuili.server.metrics import Metrics
 from tuili.server.protocol import SamplingFields
@@ -205,10 +205,16 @@ class EventStream(StreamingResponse):
     def __init__(self, streams: list[RequestStream], writer: ChunkWriter, request_id: str):
         super().__init__((), media_type="text/event-stream")
         self.streams, self.writer, self.request_id = streams, writer, request_id
+        self.body_send: Send | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body_send = scope.get(BODY_SEND)
+        await super().__call__(scope, receive, send)
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
+        send = self.body_send or send  # the start went through every layer; the chunks need not
         writer, streams = self.writer, self.streams
         merged = None
         if len(streams) == 1:  # its outputs as they come, no merging generator
