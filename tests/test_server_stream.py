@@ -15,16 +15,19 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from tuili import SamplingParams  # noqa: E402
-from tuili.async_llm import EngineStats, RequestStream  # noqa: E402
+from tuili.async_llm import RequestStream  # noqa: E402
 from tuili.engine.request import Logprob  # noqa: E402
 from tuili.engine_process import Prefix, _Rebuilder, _Wire  # noqa: E402
 from tuili.outputs import CompletionOutput, RequestOutput  # noqa: E402
+
+from tests.server_process import StandInLLM  # noqa: E402
 
 WORDS = ["Once", " upon", " a", " time", ",", " there", " wé", "re", " \"quotes\"", "\n"]
 # engine times of a request's outputs, after its arrival: ITL 3 ms, 27 ms, 270 ms, 0.9 s, ...
 # (none near a bucket's bound, where float rounding would decide)
 OFFSETS = [0.5, 0.503, 0.53, 0.8, 1.7, 1.712, 1.747, 1.9, 1.97, 2.003]
+FAILS = 63  # a prompt starting with this token id fails in the engine after two outputs
+HOLDS = 62  # one starting with this one runs on after two outputs, until aborted
 
 
 def _tokenizer():
@@ -39,26 +42,14 @@ def _tokenizer():
     return Tokenizer(hf, bos_token=None, eos_token=None, chat_template=template)
 
 
-class _ScriptedLLM:
-    """Just enough of AsyncLLM for the app, with the real RequestStreams: each request's samples
-    get WORDS one token at a time, delivered on the loop with engine times arrival + OFFSETS."""
-    max_model_len, vocab_size, unstarted_sequences, unstarted_tokens = 256, 64, 0, 0
-    task = "generate"
+class _ScriptedLLM(StandInLLM):
+    """AsyncLLM's stand-in with the real RequestStreams: each request's samples get WORDS one
+    token at a time, delivered on the loop with engine times arrival + OFFSETS."""
+    max_model_len, vocab_size = 256, 64
 
     def __init__(self):
-        self.tokenizer, self.stats, self.aborted = _tokenizer(), EngineStats(), []
-
-    def default_sampling_params(self, **given):
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
-
-    def check_params(self, params) -> None:
-        pass
-
-    async def run_in_worker(self, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    def min_prompt_tokens(self, text: str) -> int:
-        return 0
+        super().__init__()
+        self.tokenizer, self.aborted = _tokenizer(), []
 
     def tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
         return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
@@ -83,9 +74,10 @@ class _ScriptedLLM:
             out = RequestOutput(request_id, None, prompt_ids, samples, k == n - 1)
             # each output on a later turn of the loop, as the engine's steps come
             inbox.loop.call_later(0.002 * k, inbox.put, (out, start + OFFSETS[k]))
-
-    def shutdown(self) -> None:
-        pass
+            if prompt_ids[0] in (FAILS, HOLDS) and k == 1:  # two outputs, then fail or hold
+                if prompt_ids[0] == FAILS:
+                    inbox.loop.call_later(0.002 * k + 0.001, inbox.put, ValueError("broken"))
+                break
 
 
 @pytest.fixture()
@@ -161,6 +153,15 @@ def test_completion_stream_of_two_prompts_merges_their_chunks(app):
     assert texts == {0: "".join(WORDS[:6]), 1: "".join(WORDS[:6])}
     assert events[-1]["usage"]["prompt_tokens"] == 5
     assert events[-1]["usage"]["completion_tokens"] == 12
+    assert app.state.tuili.llm.aborted == []  # closing finished streams aborts nothing
+
+
+def test_an_engine_error_mid_stream_ends_it_and_aborts_the_other_prompt(app):
+    body = {"prompt": [[FAILS, 2], [HOLDS, 4, 5]], "max_tokens": 8, "stream": True}
+    events = _events(_post(app, "/v1/completions", body))
+    assert events[-1]["error"]["type"] == "server_error"  # the 200 was sent: an error event
+    # the prompt still running is aborted (the failed one's abort is AsyncLLM's no-op)
+    assert [r[-2:] for r in app.state.tuili.llm.aborted] == ["-0", "-1"]
 
 
 def test_metrics_count_the_streamed_tokens_and_intervals(app):

@@ -214,16 +214,13 @@ class Inbox:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def take(self) -> list:
-        """Everything delivered so far, waiting for something if there is nothing."""
-        if not self.items:
-            self.waiter = waiter = self.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self.waiter = None
-        items, self.items = self.items, []
-        return items
+    async def wait(self) -> None:
+        """Until something is delivered."""
+        self.waiter = waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
 
 
 class RequestStream:
@@ -249,11 +246,14 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.done:
             raise StopAsyncIteration
-        try:
-            items = await self.inbox.take()
-        except BaseException:
-            self.close()
-            raise
+        inbox = self.inbox
+        if not inbox.items:
+            try:
+                await inbox.wait()
+            except BaseException:
+                self.close()
+                raise
+        items, inbox.items = inbox.items, []
         outs = []
         observe = self.observe
         for item in items:
@@ -264,7 +264,8 @@ class RequestStream:
             if observe is not None:
                 observe(out, t)
             outs.append(out)
-        self._mark_started()
+        if not self.started:
+            self._mark_started()
         out = outs[0] if len(outs) == 1 else _merge(outs)
         if out.finished:
             self.done = True
