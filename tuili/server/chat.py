@@ -80,7 +80,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                                  ", which constrains the output itself")
     params = await with_constraint(state, params, constraint or forced)
     state.admit(params.n, 0)  # a full queue refuses before any templating or tokenizing
-    ids = await state.tokenizing(_input_size(body), _prompt_ids, state, body, params, field)
+    ids = await state.llm.run_in_worker(_prompt_ids, state, body, params, field)
     state.admit(params.n, len(ids))
     rid = new_id("chatcmpl")
     stream = state.generate(rid, ids, params, arrival)
@@ -92,18 +92,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(final)))
 
 
-def _input_size(body: ChatCompletionRequest) -> int:
-    """The characters of the messages' text, or more than any bound when tools or content
-    parts come with them (what the template makes of those is not sized here)."""
-    if body.tools or any(not isinstance(m.content, str | None) for m in body.messages):
-        return 1 << 62
-    return sum(len(m.content or "") for m in body.messages)
-
-
 def _prompt_ids(state: ServerState, body: ChatCompletionRequest, params: SamplingParams,
                 field: str) -> list[int]:
-    """The conversation's token ids, checked against the context (in a worker thread unless
-    the input is small)."""
+    """The conversation's token ids, checked against the context (in a worker thread)."""
     text = render_text(state.llm.tokenizer, body.messages,
                        tools=body.tools if body.tool_choice != "none" else None,
                        add_generation_prompt=body.add_generation_prompt,

@@ -45,8 +45,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     params = await with_constraint(state, params, constraint_of(body))
     sequences = len(prompts) * params.n
     state.admit(sequences, 0)  # a full queue refuses before any tokenizing
-    ids = await state.tokenizing(sum(map(len, prompts)), state.encode_prompts, prompts, params,
-                                 "max_tokens")
+    ids = await state.llm.run_in_worker(state.encode_prompts, prompts, params, "max_tokens")
     state.admit(sequences, sum(map(len, ids)))
     rid = new_id("cmpl")
     streams = [state.generate(f"{rid}-{i}", p, params, arrival) for i, p in enumerate(ids)]

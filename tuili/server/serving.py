@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -28,12 +28,8 @@ from tuili.server.metrics import Metrics
 from tuili.server.protocol import SamplingFields
 
 M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
 
 RETRY_AFTER_S = 1
-# Inputs of at most this many characters (or token ids) are tokenized on the event loop: the
-# hop to a tokenizer thread and back costs the front more than a short prompt's tokenizing.
-INLINE_INPUT = 2048
 
 
 @dataclass
@@ -55,13 +51,6 @@ class ServerState:
         return await parse_body(request, model, max_bytes=self.limits.max_body_bytes,
                                 max_depth=self.limits.max_json_depth,
                                 run_in_worker=self.llm.run_in_worker)
-
-    async def tokenizing(self, size: int, fn: Callable[..., T], *args) -> T:
-        """fn(*args), work that grows with an input of `size` characters or token ids: on the
-        event loop when that is small, else in the tokenizer threads."""
-        if size <= INLINE_INPUT:
-            return fn(*args)
-        return await self.llm.run_in_worker(fn, *args)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -126,7 +115,7 @@ class ServerState:
                        prompt_param: str = "prompt", add_special_tokens: bool = True
                        ) -> list[list[int]]:
         """Token ids of each prompt, each checked against the context. It tokenizes: call it
-        through tokenizing(). A text whose bytes prove it too long is refused untokenized."""
+        through llm.run_in_worker. A text whose bytes prove it too long is refused untokenized."""
         for p in prompts:  # every bound first, so nothing is tokenized for a doomed call
             if isinstance(p, str):
                 self.check_length(self.llm.min_prompt_tokens(p), params, field, True, prompt_param)
