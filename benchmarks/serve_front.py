@@ -16,7 +16,8 @@ The clients run in another process (raw asyncio HTTP/1.1, cheap), so the front p
 time (getrusage of this process: event loop, reader thread, tokenizer threads) over a run,
 divided by the tokens streamed, is the front's CPU per token.
 
-Prints, per concurrency C: front CPU us/token, us/chunk, CPU per request, wall, and SSE chunks;
+Prints, per concurrency C: front CPU us/token, us/chunk, CPU per request, wall, SSE chunks, and
+the us/token of the event loop's thread and of the pipe's reader thread;
 then the intake of a burst: the spread from the first to the last of N requests reaching the
 engine queue (AsyncLLM._queue), N = --intake (256) prompts of --intake-len (512) token ids.
 
@@ -39,7 +40,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# this tree's tuili, unless PYTHONPATH names one (to run this script against another tree)
+sys.path.insert(len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(ROOT))
 
 import tuili.engine_process as engine_process  # noqa: E402
 
@@ -147,6 +149,19 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread of this process, by name (tokenizer workers summed)."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            s = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, TypeError):
+            continue
+        name = "tuili-tokenize" if t.name.startswith("tuili-tokenize") else t.name
+        out[name] = out.get(name, 0.0) + s
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +220,7 @@ def main() -> None:
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
                                            access_log=False, log_level="warning"))
-    loop_thread = threading.Thread(target=server.run, daemon=True)
+    loop_thread = threading.Thread(target=server.run, name="event-loop", daemon=True)
     loop_thread.start()
     while not server.started:
         time.sleep(0.05)
@@ -218,35 +233,39 @@ def main() -> None:
         proc.start()
         while not stamps:  # the clients' start-up is not the front's work
             time.sleep(0.001)
-        cpu0 = _cpu()
+        cpu0, threads0 = _cpu(), _thread_cpu()
         chunks, wall = result.get()
-        cpu = _cpu() - cpu0
+        cpu, threads1 = _cpu() - cpu0, _thread_cpu()
         proc.join()
         tokens = concurrency * max_tokens
+        by_thread = {k: (v - threads0.get(k, 0.0)) / tokens * 1e6 for k, v in threads1.items()}
         return {"concurrency": concurrency, "tokens": tokens, "chunks": chunks - concurrency,
                 "cpu_s": cpu, "wall_s": wall, "us_per_token": cpu / tokens * 1e6,
                 "ms_per_request": cpu / concurrency * 1e3,
-                "intake_ms": (stamps[-1] - stamps[0]) * 1e3 if len(stamps) > 1 else 0.0}
+                "intake_ms": (stamps[-1] - stamps[0]) * 1e3 if len(stamps) > 1 else 0.0,
+                "loop_us_per_token": by_thread.get(loop_thread.name, 0.0),
+                "reader_us_per_token": by_thread.get("tuili-engine-reader", 0.0)}
 
     run(4, "Hello", 4)  # warm-up: imports, first-call caches
     profiler = None
     if args.profile:  # the event loop's thread only (cProfile follows the thread enabling it)
         import cProfile
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)  # CPU time: no GIL waits counted
         asyncio.run_coroutine_threadsafe(_switch(profiler.enable), loops[0]).result()
     results = []
     print(f"front CPU ({args.engine} engine, step {args.step_ms:g} ms, {args.max_tokens} tokens "
           f"a request, prompt 'Hello'; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
     print(f"{'streams':>8} {'us/token':>9} {'us/chunk':>9} {'ms/req':>7} {'wall s':>7} "
-          f"{'chunks':>7}")
+          f"{'chunks':>7} {'loop':>6} {'reader':>6}")
     for _ in range(args.rounds):
         for c in map(int, args.concurrency.split(",")):
             r = run(c, "Hello", args.max_tokens)
             r["us_per_chunk"] = r["cpu_s"] / max(r["chunks"], 1) * 1e6
             results.append(r)
             print(f"{c:>8} {r['us_per_token']:>9.1f} {r['us_per_chunk']:>9.1f} "
-                  f"{r['ms_per_request']:>7.2f} {r['wall_s']:>7.2f} {r['chunks']:>7}", flush=True)
+                  f"{r['ms_per_request']:>7.2f} {r['wall_s']:>7.2f} {r['chunks']:>7} "
+                  f"{r['loop_us_per_token']:>6.1f} {r['reader_us_per_token']:>6.1f}", flush=True)
     intake = []
     if args.intake:
         for _ in range(args.rounds):

@@ -108,3 +108,32 @@ def accepts_connections(s: Server) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+class StandInLLM:
+    """Just enough of AsyncLLM for the app to run in-process (tests of the server's own code);
+    subclasses give generate() and whatever else they need."""
+    max_model_len, vocab_size, unstarted_sequences, unstarted_tokens = 64, 100, 0, 0
+    tokenizer, task = None, "generate"
+
+    def __init__(self):
+        from tuili.async_llm import EngineStats
+
+        self.stats = EngineStats()
+
+    def default_sampling_params(self, **given):
+        from tuili import SamplingParams
+
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+    def check_params(self, params) -> None:
+        pass
+
+    async def run_in_worker(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def min_prompt_tokens(self, text: str) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        pass

@@ -12,7 +12,8 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from tests.server_process import Server, Streamer, metrics, wait_for  # noqa: E402
+from tests.server_process import (Server, StandInLLM, Streamer, metrics,  # noqa: E402
+                                  wait_for)
 
 # The default context (8192: 600 KB of text is tokenized, 1 MB is refused by its bytes); one
 # sequence runs at a time and four may wait, with 600 prompt tokens among them.
@@ -208,29 +209,12 @@ def test_admission_counts_sequences_and_prompt_tokens(server, http):
 # No input makes the real server fail (that is the point of the tests above), so these run the
 # app in-process on a stand-in for AsyncLLM whose tokenizing or stream has a bug.
 
-class _BuggyLLM:
-    """Just enough of AsyncLLM for the app; tokenize() or the stream raises like a bug."""
-    max_model_len, vocab_size, unstarted_sequences, unstarted_tokens = 64, 100, 0, 0
-    tokenizer, task = None, "generate"
+class _BuggyLLM(StandInLLM):
+    """tokenize() or the stream raises like a bug."""
 
     def __init__(self, fail_in: str):
-        from tuili.async_llm import EngineStats
-
-        self.fail_in, self.stats = fail_in, EngineStats()
-
-    def default_sampling_params(self, **given):
-        from tuili import SamplingParams
-
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
-
-    def check_params(self, params) -> None:
-        pass
-
-    async def run_in_worker(self, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    def min_prompt_tokens(self, text: str) -> int:
-        return 0
+        super().__init__()
+        self.fail_in = fail_in
 
     def tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
         if self.fail_in == "tokenize":
@@ -239,9 +223,6 @@ class _BuggyLLM:
 
     def generate(self, *args, **kwargs):
         return _BrokenStream()
-
-    def shutdown(self) -> None:
-        pass
 
 
 class _BrokenStream:

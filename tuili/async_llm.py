@@ -49,7 +49,7 @@ class AsyncLLM:
         self.unstarted_sequences = 0  # n per request
         self.unstarted_tokens = 0  # prompt tokens, once per prompt (its n samples share them)
         # Each request's stream, by request id: registered when made, dropped at its end.
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, Inbox] = {}
         self.engine_process = _engine_process(config)
         if self.engine_process:
             from tuili.engine_process import ProcessCore
@@ -146,29 +146,32 @@ class AsyncLLM:
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     def _queue(self, request_id: str, prompt_ids: list[int],
-               params: SamplingParams | PoolingParams, sink: asyncio.Queue) -> None:
+               params: SamplingParams | PoolingParams, sink: Inbox) -> None:
         if not self._core.alive:
             raise EngineDied("the engine is not running (its process exited or a rank failed); "
                              "the server must be restarted")
-        self._sinks[request_id] = (asyncio.get_running_loop(), sink)
+        self._sinks[request_id] = sink
         self._core.send(Add(request_id, prompt_ids, params))
 
     # ---- what the engine loop reports (from its thread, or the pipe's reader) --------------
 
     def on_outputs(self, outputs: list, t: float) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        sinks, by_loop = self._sinks, {}
         for out in outputs:
-            target = self._sinks.pop(out.request_id, None) if out.finished else \
-                self._sinks.get(out.request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], (out, t)))
+            inbox = sinks.pop(out.request_id, None) if out.finished else \
+                sinks.get(out.request_id)
+            if inbox is not None:
+                items = by_loop.get(inbox.loop)
+                if items is None:
+                    items = by_loop[inbox.loop] = []
+                items.append((inbox, out))
         for loop, items in by_loop.items():  # one wake-up per loop per step
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(_deliver, items, t)
 
     def on_failed(self, request_id: str, error: BaseException) -> None:
-        target = self._sinks.pop(request_id, None)
-        if target is not None:
-            target[0].call_soon_threadsafe(target[1].put_nowait, error)
+        inbox = self._sinks.pop(request_id, None)
+        if inbox is not None:
+            inbox.loop.call_soon_threadsafe(inbox.put, error)
 
     def on_stats(self, stats: EngineStats) -> None:
         self.stats = stats
@@ -191,6 +194,35 @@ def _engine_process(config: EngineConfig) -> bool:
     return torch.cuda.is_available()
 
 
+class Inbox:
+    """What was delivered to one stream and not yet taken ((output, time) or an error), and the
+    future its consumer waits on when there is none: lighter than an asyncio.Queue, and however
+    many outputs pile up, a step wakes the consumer once. Used on its loop only."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until something is delivered."""
+        self.waiter = waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+
 class RequestStream:
     """One request's outputs as an async iterator. Outputs that piled up while the consumer was
     busy come merged into one (deltas joined). Closing it (or dropping it) before the end aborts
@@ -199,15 +231,12 @@ class RequestStream:
     def __init__(self, llm: AsyncLLM, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, observe: Observer | None):
         self.llm, self.request_id, self.observe = llm, request_id, observe
-        self.sink: asyncio.Queue = asyncio.Queue()
-        self.started = self.done = False
+        self.started = self.done = True  # until queued: nothing to count, nothing to abort
+        self.inbox = Inbox(asyncio.get_running_loop())
         # counted at once, so admission limits hold under bursts
         self.counts = (params.n, len(prompt_ids))
-        try:
-            llm._queue(request_id, prompt_ids, params, self.sink)
-        except BaseException:
-            self.started = self.done = True  # nothing to count, nothing to abort
-            raise
+        llm._queue(request_id, prompt_ids, params, self.inbox)
+        self.started = self.done = False
         llm.unstarted_sequences += params.n
         llm.unstarted_tokens += len(prompt_ids)
 
@@ -217,24 +246,27 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.done:
             raise StopAsyncIteration
-        try:
-            items = [await self.sink.get()]
-        except BaseException:
-            self.close()
-            raise
-        while not self.sink.empty():
-            items.append(self.sink.get_nowait())
+        inbox = self.inbox
+        if not inbox.items:
+            try:
+                await inbox.wait()
+            except BaseException:
+                self.close()
+                raise
+        items, inbox.items = inbox.items, []
         outs = []
+        observe = self.observe
         for item in items:
             if isinstance(item, BaseException):
                 self.close()
                 raise item
             out, t = item
-            if self.observe is not None:
-                self.observe(out, t)
+            if observe is not None:
+                observe(out, t)
             outs.append(out)
-        self._mark_started()
-        out = _merge(outs)
+        if not self.started:
+            self._mark_started()
+        out = outs[0] if len(outs) == 1 else _merge(outs)
         if out.finished:
             self.done = True
         return out
@@ -255,16 +287,14 @@ class RequestStream:
         self.close()
 
 
-def _deliver(items: list) -> None:
-    for sink, item in items:
-        sink.put_nowait(item)
+def _deliver(items: list, t: float) -> None:
+    for inbox, out in items:
+        inbox.put((out, t))
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:
     """The last output, with the deltas of all of them."""
     last = outs[-1]
-    if len(outs) == 1:
-        return last
     for i, sample in enumerate(last.outputs):
         sample.delta_text = "".join(o.outputs[i].delta_text for o in outs)
         sample.delta_token_ids = [t for o in outs for t in o.outputs[i].delta_token_ids]

@@ -16,7 +16,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from tuili.config import EngineConfig
 from tuili.engine_core import STOP, Abort, EngineFacts, EngineLoop, EngineStats, Events
@@ -196,13 +198,17 @@ def _picklable(error: BaseException) -> BaseException:
 @dataclass
 class _Sent:
     """A generation request's part of the wire: how much text and how many logprobs of each
-    sample have gone."""
+    sample have gone, and the cached-token count last sent."""
     text: list[int]
     logprobs: list[int]
+    num_cached: int = 0
 
 
 class _Wire:
-    """RequestOutputs as what is new in each (the engine side)."""
+    """RequestOutputs as what is new in each (the engine side). Most outputs are one running
+    sample's next token and text, with nothing else changed: those go as (request id, text,
+    token ids) alone, the rest as the whole record (it is the front's CPU per streamed token
+    that unpickling and rebuilding cost)."""
 
     def __init__(self):
         self.sent: dict[str, _Sent] = {}
@@ -210,16 +216,24 @@ class _Wire:
     def encode(self, out):
         if not isinstance(out, RequestOutput):  # a pooling output: one message, whole
             return out
-        first = out.request_id not in self.sent
+        sent = self.sent.get(out.request_id)
+        if sent is not None and len(out.outputs) == 1 and not out.finished \
+                and out.prompt_logprobs is None and out.num_cached_tokens == sent.num_cached:
+            o = out.outputs[0]
+            if o.logprobs is None and o.finish_reason is None and self._grown(o, sent, 0):
+                sent.text[0] = len(o.text)
+                return out.request_id, o.delta_text, o.delta_token_ids
+        first = sent is None
         n = len(out.outputs)
-        sent = self.sent.setdefault(out.request_id, _Sent([0] * n, [0] * n))
+        if first:
+            sent = self.sent[out.request_id] = _Sent([0] * n, [0] * n)
+        sent.num_cached = out.num_cached_tokens
         samples = []
         for i, o in enumerate(out.outputs):
             new_logprobs = None
             if o.logprobs is not None:
                 new_logprobs, sent.logprobs[i] = o.logprobs[sent.logprobs[i]:], len(o.logprobs)
-            # The text only when it is not what went before plus the delta (a stop string cut)
-            grown = len(o.text) == sent.text[i] + len(o.delta_text) and o.text.endswith(o.delta_text)
+            grown = self._grown(o, sent, i)
             sent.text[i] = len(o.text)
             samples.append((None if grown else o.text, o.delta_text, o.delta_token_ids,
                             o.finish_reason, o.stop_reason, new_logprobs))
@@ -229,8 +243,47 @@ class _Wire:
         return (out.request_id, head, samples, out.finished, out.prompt_logprobs,
                 out.num_cached_tokens)
 
+    @staticmethod
+    def _grown(o: CompletionOutput, sent: _Sent, i: int) -> bool:
+        """Whether the text is what went before plus the delta (not so when a stop string cut
+        it): then the text need not go."""
+        return len(o.text) == sent.text[i] + len(o.delta_text) and o.text.endswith(o.delta_text)
+
     def drop(self, request_id: str) -> None:
         self.sent.pop(request_id, None)
+
+
+class Prefix(Sequence):
+    """The first len(items) items of a list that later only grows at its end: what an output's
+    token ids (or logprobs) were when it was made, without copying them (a copy per output
+    grows with the output's length). Read-only; compares equal to the list it shows."""
+
+    __slots__ = ("items", "n")
+
+    def __init__(self, items: list):
+        self.items, self.n = items, len(items)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.items[slice(*i.indices(self.n))] if i.step is None or i.step > 0 \
+                else self.items[:self.n][i]
+        return self.items[range(self.n)[i]]
+
+    def __iter__(self):
+        return islice(self.items, self.n)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Prefix, list)):
+            return len(other) == self.n and self.items[:self.n] == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self.items[:self.n])
 
 
 @dataclass
@@ -240,6 +293,7 @@ class _Stream:
     texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[Logprob]] = field(default_factory=list)
+    num_cached: int = 0
 
 
 class _Rebuilder:
@@ -251,12 +305,24 @@ class _Rebuilder:
     def rebuild(self, msg):
         if not isinstance(msg, tuple):
             return msg
+        if len(msg) == 3:  # one running sample's next text and token ids, nothing else new
+            rid, delta, new_ids = msg
+            stream = self.streams.get(rid)
+            if stream is None:  # aborted here while its output was on the way
+                return None
+            text = stream.texts[0] = stream.texts[0] + delta
+            ids = stream.token_ids[0]
+            ids.extend(new_ids)
+            return RequestOutput(rid, stream.prompt, stream.prompt_token_ids, [CompletionOutput(
+                0, text, Prefix(ids), None, None, None, delta, new_ids)], False, None,
+                stream.num_cached)
         rid, head, samples, finished, prompt_logprobs, num_cached = msg
         stream = self.streams.get(rid)
         if stream is None:
             if head is None:  # aborted here while its output was on the way
                 return None
             stream = self.streams[rid] = _Stream(*head)
+        stream.num_cached = num_cached
         outputs = []
         for i, (text, delta, new_ids, reason, stop, new_logprobs) in enumerate(samples):
             if i == len(stream.token_ids):
@@ -264,13 +330,14 @@ class _Rebuilder:
                 stream.token_ids.append([])
                 stream.logprobs.append([])
             text = stream.texts[i] = stream.texts[i] + delta if text is None else text
-            stream.token_ids[i].extend(new_ids)
+            ids = stream.token_ids[i]
+            ids.extend(new_ids)
+            logprobs = None
             if new_logprobs is not None:
                 stream.logprobs[i].extend(new_logprobs)
-            outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(stream.token_ids[i]), finish_reason=reason,
-                stop_reason=stop, delta_text=delta, delta_token_ids=new_ids,
-                logprobs=list(stream.logprobs[i]) if new_logprobs is not None else None))
+                logprobs = Prefix(stream.logprobs[i])
+            outputs.append(CompletionOutput(i, text, Prefix(ids), reason, stop, logprobs, delta,
+                                            new_ids))
         if finished:
             del self.streams[rid]
         return RequestOutput(rid, stream.prompt, stream.prompt_token_ids, outputs, finished,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -26,6 +27,11 @@ from tuili.server.serving import ServerState
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # What start-up built (modules, the tokenizer, the app) lives as long as the server:
+        # frozen, the collector's full passes stop walking it (each took ~150 ms of the event
+        # loop, once every ~12k streamed tokens: BENCHMARKS.md, issue 19)
+        gc.collect()
+        gc.freeze()
         yield
         state.llm.shutdown()
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import jinja2
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from tuili.async_llm import RequestStream
 from tuili.errors import InvalidParameter
 from tuili.models.tokenizer import Tokenizer
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.sampling_params import SamplingParams
 from tuili.server.errors import request_id
 from tuili.server.protocol import ChatCompletionRequest, ChatMessage
-from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, new_id, now, sse,
-                                  sse_error, unless_disconnected, usage)
+from tuili.server.serving import (EventStream, ServerState, dumps, final_outputs, new_id, now,
+                                  quote, sse, sse_parts, unless_disconnected, usage)
 from tuili.server.structured import constraint_of, with_constraint
 from tuili.server.tool_parsers import StreamingToolCalls, final_calls, pick_parser
 from tuili.server.tools import tool_choice_mode, tool_constraint
@@ -86,10 +84,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.admit(params.n, len(ids))
     rid = new_id("chatcmpl")
     stream = state.generate(rid, ids, params, arrival)
-    writer = _Writer(state, rid, body, request_id(request),
-                     parser if tool_mode not in (None, "none") else None)
+    writer = _Writer(state, rid, body, parser if tool_mode not in (None, "none") else None)
     if body.stream:
-        return StreamingResponse(writer.stream(stream), media_type="text/event-stream")
+        writer.start_stream()
+        return EventStream([stream], writer, request_id(request))
     (final,) = await unless_disconnected(request, final_outputs([stream]))
     return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(final)))
 
@@ -105,13 +103,20 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest, params: Samplin
                                 add_special_tokens=False)[0]
 
 
+def _choice_json(index: int, delta: dict, finish: str | None) -> str:
+    """dumps() of a chunk's choice whose delta is {} or {"content": ...} and has no logprobs,
+    without building the dict."""
+    content = f'"content":{quote(delta["content"])}' if delta else ""
+    return (f'{{"index":{index},"delta":{{{content}}},"logprobs":null,"finish_reason":'
+            f'{"null" if finish is None else quote(finish)}}}')
+
+
 class _Writer:
     """Turns engine outputs into OpenAI chat.completion objects and chunks."""
 
     def __init__(self, state: ServerState, rid: str, body: ChatCompletionRequest,
-                 request_id: str, tool_parser: str | None):
+                 tool_parser: str | None):
         self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
-        self.request_id = request_id
         self.tool_parser = tool_parser  # None: the text is all content
         self.model, self.created = state.model_name, now()
 
@@ -136,45 +141,52 @@ class _Writer:
         return {**self._object("chat.completion", choices),
                 "usage": usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)}
 
-    async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
-        body, kind = self.body, "chat.completion.chunk"
-        extra = {"usage": None} if body.include_usage else {}
-        first = {"role": "assistant", "content": "", "refusal": None}
-        yield sse({**self._object(kind, [{"index": i, "delta": first, "logprobs": None,
-                                          "finish_reason": None} for i in range(body.n)]), **extra})
-        last, ended = None, set()  # ended: samples already sent with their finish_reason
-        calls = {i: StreamingToolCalls(self.tool_parser) for i in range(body.n)} \
+    def start_stream(self) -> None:
+        """Before first() / chunk() / last() (the ChunkWriter of a streamed response)."""
+        self.extra = {"usage": None} if self.body.include_usage else {}
+        kind = "chat.completion.chunk"
+        self.head, self.tail = sse_parts({**self._object(kind, []), **self.extra})
+        self.final: RequestOutput | None = None
+        self.ended: set[int] = set()  # samples already sent with their finish_reason
+        self.calls = {i: StreamingToolCalls(self.tool_parser) for i in range(self.body.n)} \
             if self.tool_parser else {}
-        try:
-            async for out in stream:
-                last = out
-                choices = []
-                for o in out.outputs:
-                    if o.index in ended:
-                        continue
-                    if o.finished:
-                        ended.add(o.index)
-                    n_new = len(o.delta_token_ids)
-                    if not (o.delta_text or o.finished or (n_new and body.logprobs)):
-                        continue
-                    end = len(o.token_ids)
-                    delta, finish = self._delta(calls.get(o.index), o)
-                    if not (delta or o.finished or (n_new and body.logprobs)):
-                        continue  # text held back: it may open a tool call
-                    choices.append({"index": o.index, "delta": delta,
-                                    "logprobs": self._logprobs(o, end - n_new, end),
-                                    "finish_reason": finish})
-                if choices:
-                    yield sse({**self._object(kind, choices), **extra})
-            if body.include_usage and last is not None:
-                n_out = sum(len(o.token_ids) for o in last.outputs)
-                yield sse({**self._object(kind, []), "usage": usage(
-                    len(last.prompt_token_ids), n_out, last.num_cached_tokens)})
-        except Exception as e:  # the 200 is sent: the error goes in the stream, then [DONE]
-            yield sse_error(e, self.request_id)
-        finally:
-            stream.close()
-        yield SSE_DONE
+
+    def first(self) -> str:
+        role = {"role": "assistant", "content": "", "refusal": None}
+        return sse({**self._object("chat.completion.chunk", [
+            {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+            for i in range(self.body.n)]), **self.extra})
+
+    def chunk(self, _: int, out: RequestOutput) -> str:
+        logprobs, ended = self.body.logprobs, self.ended
+        self.final = out
+        choices = []
+        for o in out.outputs:
+            if o.index in ended:
+                continue
+            if o.finished:
+                ended.add(o.index)
+            n_new = len(o.delta_token_ids)
+            if not (o.delta_text or o.finished or (n_new and logprobs)):
+                continue
+            end = len(o.token_ids)
+            delta, finish = self._delta(self.calls.get(o.index), o)
+            if not (delta or o.finished or (n_new and logprobs)):
+                continue  # text held back: it may open a tool call
+            lp = self._logprobs(o, end - n_new, end)
+            choices.append(_choice_json(o.index, delta, finish)
+                           if lp is None and delta.keys() <= {"content"} else
+                           dumps({"index": o.index, "delta": delta, "logprobs": lp,
+                                  "finish_reason": finish}))
+        return self.head + ",".join(choices) + self.tail if choices else ""
+
+    def last(self) -> str:
+        out = self.final
+        if not self.body.include_usage or out is None:
+            return ""
+        n_out = sum(len(o.token_ids) for o in out.outputs)
+        return sse({**self._object("chat.completion.chunk", []), "usage": usage(
+            len(out.prompt_token_ids), n_out, out.num_cached_tokens)})
 
     @staticmethod
     def _delta(calls: StreamingToolCalls | None, o: CompletionOutput) -> tuple[dict, str | None]:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from tuili.async_llm import RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import CompletionOutput, RequestOutput
 from tuili.server.errors import request_id
 from tuili.server.protocol import CompletionRequest
-from tuili.server.serving import (SSE_DONE, ServerState, final_outputs, merge_streams, new_id,
-                                  now, sse, sse_error, unless_disconnected, usage)
+from tuili.server.serving import (EventStream, ServerState, dumps, final_outputs, new_id, now,
+                                  quote, sse, sse_parts, unless_disconnected, usage)
 from tuili.server.structured import constraint_of, with_constraint
 
 
@@ -52,33 +49,26 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     state.admit(sequences, sum(map(len, ids)))
     rid = new_id("cmpl")
     streams = [state.generate(f"{rid}-{i}", p, params, arrival) for i, p in enumerate(ids)]
-    writer = _Writer(state, rid, body, request_id(request))
+    writer = _Writer(state, rid, body)
     if body.stream:
-        return StreamingResponse(writer.stream(streams), media_type="text/event-stream")
+        writer.start_stream()
+        return EventStream(streams, writer, request_id(request))
     finals = await unless_disconnected(request, final_outputs(streams))
     # building the body grows with the output (echo, logprobs): off the event loop too
     return await state.llm.run_in_worker(lambda: JSONResponse(writer.response(finals)))
 
 
-_quote = json.encoder.encode_basestring  # json.dumps(s, ensure_ascii=False) of one str
-
-
-def _dumps(data: dict) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
 def _choice_json(index: int, text: str, finish: str | None) -> str:
-    """_dumps(_Writer._choice(index, text, None, finish)), without building the dict."""
-    return (f'{{"index":{index},"text":{_quote(text)},"logprobs":null,"finish_reason":'
-            f'{"null" if finish is None else _quote(finish)}}}')
+    """dumps(_Writer._choice(index, text, None, finish)), without building the dict."""
+    return (f'{{"index":{index},"text":{quote(text)},"logprobs":null,"finish_reason":'
+            f'{"null" if finish is None else quote(finish)}}}')
 
 
 class _Writer:
     """Turns engine outputs into OpenAI completion objects and chunks."""
 
-    def __init__(self, state: ServerState, rid: str, body: CompletionRequest, request_id: str):
+    def __init__(self, state: ServerState, rid: str, body: CompletionRequest):
         self.tok, self.rid, self.body = state.llm.tokenizer, rid, body
-        self.request_id = request_id
         self.model, self.created = state.model_name, now()
 
     def _object(self, choices: list[dict]) -> dict:
@@ -103,51 +93,51 @@ class _Writer:
                 choices.append(self._choice(i * self.body.n + o.index, text, lp, o.finish_reason))
         return {**self._object(choices), "usage": usage(n_prompt, n_out, n_cached)}
 
-    async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
-        body, n = self.body, self.body.n
-        extra = {"usage": None} if body.include_usage else {}
-        n_prompt = n_out = n_cached = 0
-        offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
-        ended: set[int] = set()  # choices already sent with their finish_reason
-        # Every chunk is sse({**self._object(choices), **extra}); its fixed parts encoded once
-        # (a bare `"choices":[]` can only be the key: quotes inside JSON strings are escaped)
-        head, key, tail = sse({**self._object([]), **extra}).partition('"choices":[]')
-        head, tail = head + key[:-1], key[-1] + tail
-        try:
-            async for i, out in merge_streams(streams):
-                choices = []
-                for o in out.outputs:
-                    index = i * n + o.index
-                    if index in ended:  # a sample that finished before the rest of its group
-                        continue
-                    first = index not in offsets
-                    text = self.tok.decode(out.prompt_token_ids) if first and body.echo else ""
-                    if first:
-                        offsets[index] = 0
-                        n_prompt += len(out.prompt_token_ids) if o.index == 0 else 0
-                        n_cached += out.num_cached_tokens if o.index == 0 else 0
-                    text += o.delta_text
-                    n_new = len(o.delta_token_ids)
-                    n_out += n_new
-                    if not (text or o.finished or (n_new and body.logprobs is not None)):
-                        continue
-                    lp = None
-                    if body.logprobs is not None:
-                        start = len(o.token_ids) - n_new
-                        lp = self._logprobs(out, o, start, len(o.token_ids), first and body.echo,
-                                            offsets[index])
-                        offsets[index] += sum(len(t) for t in lp["tokens"])
-                    choices.append(_choice_json(index, text, o.finish_reason) if lp is None else
-                                   _dumps(self._choice(index, text, lp, o.finish_reason)))
-                    if o.finished:
-                        ended.add(index)
-                if choices:
-                    yield head + ",".join(choices) + tail
-            if body.include_usage:
-                yield sse({**self._object([]), "usage": usage(n_prompt, n_out, n_cached)})
-        except Exception as e:  # the 200 is sent: the error goes in the stream, then [DONE]
-            yield sse_error(e, self.request_id)
-        yield SSE_DONE
+    def start_stream(self) -> None:
+        """Before first() / chunk() / last() (the ChunkWriter of a streamed response)."""
+        extra = {"usage": None} if self.body.include_usage else {}
+        self.head, self.tail = sse_parts({**self._object([]), **extra})  # each chunk's fixed parts
+        self.n_prompt = self.n_out = self.n_cached = 0
+        self.offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
+        self.ended: set[int] = set()  # choices already sent with their finish_reason
+
+    def first(self) -> str:
+        return ""
+
+    def chunk(self, i: int, out: RequestOutput) -> str:
+        body, offsets, ended = self.body, self.offsets, self.ended
+        choices = []
+        for o in out.outputs:
+            index = i * body.n + o.index
+            if index in ended:  # a sample that finished before the rest of its group
+                continue
+            first = index not in offsets
+            text = self.tok.decode(out.prompt_token_ids) if first and body.echo else ""
+            if first:
+                offsets[index] = 0
+                self.n_prompt += len(out.prompt_token_ids) if o.index == 0 else 0
+                self.n_cached += out.num_cached_tokens if o.index == 0 else 0
+            text += o.delta_text
+            n_new = len(o.delta_token_ids)
+            self.n_out += n_new
+            if not (text or o.finished or (n_new and body.logprobs is not None)):
+                continue
+            lp = None
+            if body.logprobs is not None:
+                start = len(o.token_ids) - n_new
+                lp = self._logprobs(out, o, start, len(o.token_ids), first and body.echo,
+                                    offsets[index])
+                offsets[index] += sum(len(t) for t in lp["tokens"])
+            choices.append(_choice_json(index, text, o.finish_reason) if lp is None else
+                           dumps(self._choice(index, text, lp, o.finish_reason)))
+            if o.finished:
+                ended.add(index)
+        return self.head + ",".join(choices) + self.tail if choices else ""
+
+    def last(self) -> str:
+        if not self.body.include_usage:
+            return ""
+        return sse({**self._object([]), "usage": usage(self.n_prompt, self.n_out, self.n_cached)})
 
     def _logprobs(self, out: RequestOutput, o: CompletionOutput, start: int, end: int,
                   with_prompt: bool, offset: int) -> dict:

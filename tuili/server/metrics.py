@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from tuili.async_llm import EngineStats
 from tuili.outputs import RequestOutput
@@ -53,25 +58,79 @@ class _EngineCollector:
                                     "Phase profiler: " + name.split("_", 3)[-1], value=value)
 
 
+class _Histogram:
+    """A histogram kept in plain numbers, exported at scrape time: observing is a bisect and two
+    additions, where a prometheus_client Histogram takes a lock and several calls (its cost per
+    streamed token was the front's largest, BENCHMARKS.md issue 19). Observed and scraped on the
+    event loop."""
+
+    __slots__ = ("name", "doc", "bounds", "counts", "sum", "created")
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]):
+        self.name, self.doc, self.bounds = name, doc, bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value (le)
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self) -> HistogramMetricFamily:
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        f = HistogramMetricFamily(self.name, self.doc, sum_value=self.sum,
+                                  buckets=list(zip(les, accumulate(self.counts))))
+        f.samples.append(Sample(self.name + "_created", {}, self.created))
+        return f
+
+
+class _RequestCollector:
+    """The per-request histograms and counters, in the order and names of prometheus_client's own
+    Histogram and Counter (with their _created samples)."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def collect(self):
+        m = self.m
+        yield from (h.family() for h in (m.ttft, m.itl, m.tpot, m.e2e))
+        for name, doc, value in (("tuili:prompt_tokens", "Prompt tokens processed.",
+                                  m.prompt_tokens),
+                                 ("tuili:generation_tokens", "Tokens generated.",
+                                  m.generation_tokens)):
+            yield CounterMetricFamily(name, doc, value=value, created=m.created)
+        f = CounterMetricFamily("tuili:request_success", "Requests finished, by finish reason.",
+                                labels=["finished_reason"])
+        for reason, (count, created) in list(m.finished.items()):
+            f.add_metric([reason], count, created=created)
+        yield f
+
+
 class Metrics:
+    """What the server counts itself (the engine's gauges and counters are read from its stats)."""
+
     def __init__(self, stats: Callable[[], EngineStats],
                  gpu_readings: Callable[[], list[GpuReading]] | None = None):
         self.registry = r = CollectorRegistry()
         r.register(_EngineCollector(stats))
         r.register(GpuCollector(gpu_readings or gpu_readings_source()))
-        self.ttft = Histogram("tuili:time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY, registry=r)
-        self.itl = Histogram("tuili:inter_token_latency_seconds", "Time between output tokens.",
-                             buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("tuili:time_per_output_token_seconds",
-                              "Per request: (end - first token) / (output tokens - 1).",
-                              buckets=_LATENCY, registry=r)
-        self.e2e = Histogram("tuili:e2e_request_latency_seconds", "Arrival to last token.",
-                             buckets=_REQUEST, registry=r)
-        self.prompt_tokens = Counter("tuili:prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.generation_tokens = Counter("tuili:generation_tokens", "Tokens generated.", registry=r)
-        self.finished = Counter("tuili:request_success", "Requests finished, by finish reason.",
-                                ["finished_reason"], registry=r)
+        self.ttft = _Histogram("tuili:time_to_first_token_seconds", "Time to first token.",
+                               _LATENCY)
+        self.itl = _Histogram("tuili:inter_token_latency_seconds", "Time between output tokens.",
+                              _LATENCY)
+        self.tpot = _Histogram("tuili:time_per_output_token_seconds",
+                               "Per request: (end - first token) / (output tokens - 1).", _LATENCY)
+        self.e2e = _Histogram("tuili:e2e_request_latency_seconds", "Arrival to last token.",
+                              _REQUEST)
+        self.created = time.time()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished: dict[str, list] = {}  # finish reason -> [requests, created]
+        r.register(_RequestCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,9 +138,17 @@ class Metrics:
     def timer(self, arrival: float) -> RequestTimer:
         return RequestTimer(self, arrival)
 
+    def count_finished(self, reason: str) -> None:
+        entry = self.finished.get(reason)
+        if entry is None:
+            entry = self.finished[reason] = [0, time.time()]
+        entry[0] += 1
+
 
 class RequestTimer:
     """Observes one engine request's outputs (times from the engine thread's clock)."""
+
+    __slots__ = ("m", "arrival", "first", "last", "num_tokens")
 
     def __init__(self, metrics: Metrics, arrival: float):
         self.m, self.arrival = metrics, arrival
@@ -90,21 +157,24 @@ class RequestTimer:
         self.num_tokens = 0
 
     def __call__(self, out: RequestOutput, t: float) -> None:
-        new = sum(len(o.delta_token_ids) for o in out.outputs)
+        samples = out.outputs
+        new = len(samples[0].delta_token_ids) if len(samples) == 1 else \
+            sum(len(o.delta_token_ids) for o in samples)
+        m = self.m
         if new:
             if self.first is None:
                 self.first = t
-                self.m.ttft.observe(t - self.arrival)
-                self.m.prompt_tokens.inc(len(out.prompt_token_ids))
+                m.ttft.observe(t - self.arrival)
+                m.prompt_tokens += len(out.prompt_token_ids)
             else:
-                self.m.itl.observe(t - self.last)
+                m.itl.observe(t - self.last)
             self.last = t
             self.num_tokens += new
-            self.m.generation_tokens.inc(new)
+            m.generation_tokens += new
         if out.finished:
-            self.m.e2e.observe(t - self.arrival)
-            n = len(out.outputs)
+            m.e2e.observe(t - self.arrival)
+            n = len(samples)
             if self.first is not None and self.num_tokens > n:
-                self.m.tpot.observe((t - self.first) / (self.num_tokens / n - 1))
-            for o in out.outputs:
-                self.m.finished.labels(o.finish_reason).inc()
+                m.tpot.observe((t - self.first) / (self.num_tokens / n - 1))
+            for o in samples:
+                m.count_finished(o.finish_reason)

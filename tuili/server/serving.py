@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from tuili.async_llm import AsyncLLM, RequestCancelled, RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
 from tuili.server.body import parse_body
-from tuili.server.errors import APIError, error_event
+from tuili.server.errors import BODY_SEND, APIError, error_event
 from tuili.server.limits import ServerLimits
 from tuili.server.metrics import Metrics
 from tuili.server.protocol import SamplingFields
@@ -156,15 +159,99 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(data)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+quote = json.encoder.encode_basestring  # json.dumps(s, ensure_ascii=False) of one str
+
+
+def dumps(data) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse_parts(data: dict) -> tuple[str, str]:
+    """(head, tail) such that head + ",".join(each choice's dumps()) + tail is sse(data) with
+    those choices: a stream's fixed parts, encoded once (data["choices"] must be [], and a bare
+    `"choices":[]` can only be that key: quotes inside JSON strings are escaped)."""
+    head, key, tail = sse(data).partition('"choices":[]')
+    return head + key[:-1], key[-1] + tail
 
 
 def sse_error(e: Exception, request_id: str) -> str:
     """An error after the stream started: the 200 is already sent, so it goes in the stream."""
     return sse(error_event(e, request_id))
+
+
+class ChunkWriter(Protocol):
+    """A streamed response's SSE text: what goes first, what each output adds, what ends it."""
+
+    def first(self) -> str: ...
+
+    def chunk(self, i: int, out: RequestOutput) -> str: ...  # "" when the output adds nothing
+
+    def last(self) -> str: ...  # before [DONE]
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response of engine outputs, `writer` turning each prompt's outputs
+    (its RequestStream's, i = the prompt's index) into chunks. The request's streams are read
+    and the chunks sent in one coroutine: no async generators between the engine's outputs and
+    the socket (they cost the front CPU per streamed token, BENCHMARKS.md issue 19). Starlette's
+    StreamingResponse around it stops the stream when the client goes away; any end closes
+    (aborts) the streams. An error once the 200 is sent goes in the stream, then [DONE]."""
+
+    def __init__(self, streams: list[RequestStream], writer: ChunkWriter, request_id: str):
+        super().__init__((), media_type="text/event-stream")
+        self.streams, self.writer, self.request_id = streams, writer, request_id
+        self.body_send: Send | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body_send = scope.get(BODY_SEND)
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        send = self.body_send or send  # the start went through every layer; the chunks need not
+        writer, streams = self.writer, self.streams
+        merged = None
+        if len(streams) == 1:  # its outputs as they come, no merging generator
+            take, chunk = streams[0].__anext__, functools.partial(writer.chunk, 0)
+        else:
+            merged = merge_streams(streams)
+            take, chunk = merged.__anext__, lambda item: writer.chunk(*item)
+        first = writer.first
+        try:
+            while True:
+                try:  # the writer's and the engine's errors, not send's (the client gone)
+                    if first is not None:
+                        text, first = first(), None
+                    else:
+                        text = chunk(await take())
+                except StopAsyncIteration:
+                    text = self._last()
+                    break
+                except Exception as e:
+                    text = sse_error(e, self.request_id)
+                    break
+                if text:
+                    await send({"type": "http.response.body", "body": text.encode(),
+                                "more_body": True})
+        finally:
+            if merged is not None:
+                await merged.aclose()
+            for s in streams:
+                s.close()
+        await send({"type": "http.response.body", "body": (text + SSE_DONE).encode(),
+                    "more_body": False})
+
+    def _last(self) -> str:
+        try:
+            return self.writer.last()
+        except Exception as e:
+            return sse_error(e, self.request_id)
 
 
 async def merge_streams(streams: list[RequestStream]
