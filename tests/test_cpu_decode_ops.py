@@ -63,3 +63,34 @@ def test_int8_head_matches_its_dequantized_weight():
         assert (out.float() - ref).abs().max() <= 0.01 * ref.abs().max()
     x = torch.randn(Int8HeadMethod.MAX_ROWS + 1, hidden, generator=g).to(torch.bfloat16)
     assert torch.equal(head(x), F.linear(x, head.weight))  # large steps: the 16-bit weight
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4():
+    """The default CPU path: bfloat16, the GGUF's 4-bit layers packed, the int8 head."""
+    from tuili import LLM
+
+    llm = LLM("smollm2-135m", dtype="bfloat16", num_kv_blocks=64)
+    if llm.engine.runner.model.layers[0].mlp.down_proj.method.name != "int4":
+        pytest.skip("this torch has no int4 CPU kernel")
+    return llm
+
+
+def test_straight_line_decode_is_bitwise_the_module_path(smollm2_int4, monkeypatch):
+    """models/cpu_decode.py runs a single stream's decode steps with the modules' very ops:
+    the same tokens and the same logprobs, bit for bit, as the layer-by-layer path."""
+    from tuili import SamplingParams
+
+    model = smollm2_int4.engine.runner.model
+    fast = model.cpu_decode
+    assert fast is not None
+    calls = []
+    monkeypatch.setattr(fast, "run", lambda *a, run=fast.run: calls.append(1) or run(*a))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    prompt = "Once upon a time, in a land far away, there lived a dragon who"
+    ours = smollm2_int4.generate([prompt], params)[0].outputs[0]
+    assert len(calls) == 23  # every decode step (not the prefill)
+    monkeypatch.setattr(model, "cpu_decode", None)
+    ref = smollm2_int4.generate([prompt], params)[0].outputs[0]
+    assert ours.token_ids == ref.token_ids
+    assert [(p.logprob, p.top) for p in ours.logprobs] == [(p.logprob, p.top) for p in ref.logprobs]

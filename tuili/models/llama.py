@@ -20,6 +20,7 @@ from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
                                    VocabParallelEmbedding, qkv_shards)
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
+from tuili.models.cpu_decode import CpuDecode
 from tuili.quantization.int8 import int8_cpu_head
 
 
@@ -108,6 +109,7 @@ class LlamaForCausalLM(nn.Module):
         # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.tap: HiddenTap | None = None  # hidden states for an EAGLE head (None: none taken)
+        self.cpu_decode: CpuDecode | None = None  # a single stream's decode step (cpu_decode.py)
 
     def make_mlp(self, c: ModelConfig, layer: int, backend: Backend) -> nn.Module | None:
         """Layer `layer`'s feed-forward block; None: the dense LlamaMLP (families override this)."""
@@ -119,8 +121,12 @@ class LlamaForCausalLM(nn.Module):
         Given `rows`, only those tokens' states [len(rows), hidden]: every layer still stores every
         token's K/V, but the last one runs o_proj and its MLP on those rows alone (for a 32-layer
         prompt that is ~3% of the prefill's matmuls saved)."""
+        last, tap, fast = len(self.layers) - 1, self.tap, self.cpu_decode
+        if fast is not None and tap is None and fast.serves(input_ids, meta):
+            hidden = fast.run(input_ids, meta)  # its one row is the sampled one (rows)
+            self._final = (hidden, None)
+            return hidden
         stream = residual_stream(self.backend, self.embed_tokens(input_ids))
-        last, tap = len(self.layers) - 1, self.tap
         if tap is not None:
             return self._forward_tapped(stream, meta, rows, tap)
         for i, layer in enumerate(self.layers):
@@ -197,6 +203,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
         int8_cpu_head(self)  # the CPU int4 path's LM head in int8 (quantization/int8.py)
+        self.cpu_decode = CpuDecode.build(self, (LlamaDecoderLayer, LlamaMLP))
 
     def checkpoint_target(self, name: str) -> tuple[str, int | None]:
         """(our parameter, part of it) for a checkpoint tensor's name (without "model.");

@@ -1,0 +1,112 @@
+"""One decode token through a Llama-family model's packed int4 CPU layers, in straight-line torch.
+
+A single stream's decode step on the CPU is ~60 small ops a layer around four int4 GEMVs, and the
+module calls, residual-stream objects and backend dispatch between them cost about as much as the
+ops (BENCHMARKS.md, 2026-12-07, seventeenth session). This runs the very same ops in the same order
+(so the same bits) from per-layer tuples gathered once, with none of that in between. The model
+uses it only where every piece is what it stands in for (`CpuDecode.build`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuili.kernels import reference
+from tuili.layers.attention import AttentionMetadata, TorchAttention
+from tuili.layers.backend import TorchBackend
+from tuili.layers.linear import Int4CpuMethod
+
+_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+def _int4_args(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed, scales_zeros) of a bias-free layer on the int4 CPU method; None otherwise."""
+    m = layer.method
+    if type(m) is not Int4CpuMethod or layer.bias is not None or getattr(layer, "reduces", False):
+        return None
+    return m.packed, m.scales_zeros
+
+
+class CpuDecode:
+    """The layers' weights as plain tuples, and a `run` that decodes one token through them."""
+
+    def __init__(self, embed: torch.Tensor, layers: list[tuple], eps: float, nh: int, nkv: int,
+                 d: int):
+        self.embed, self.layers, self.eps = embed, layers, eps
+        self.nh, self.nkv, self.d = nh, nkv, d
+
+    @classmethod
+    def build(cls, model, plain: tuple[type, type]) -> CpuDecode | None:
+        """The fast path of a LlamaForCausalLM whose every layer is the plain Llama layer
+        (`plain`: its layer and MLP classes) on the torch backend with int4 CPU projections (no
+        biases, no q/k norms, no sliding windows, one rank); None where anything differs."""
+        if type(model.backend) is not TorchBackend or model.embed_tokens.tp.size != 1:
+            return None
+        layers, eps = [], model.norm.eps
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if (type(layer), type(mlp)) != plain:
+                return None
+            inner = attn.attn
+            if (attn.q_norm is not None or type(inner.backend) is not TorchAttention
+                    or inner.window or inner.local_rope or not inner.rotary
+                    or {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}):
+                return None
+            projections = [_int4_args(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                   mlp.down_proj)]
+            if None in projections:
+                return None
+            layers.append((layer.input_layernorm.weight, *projections[0], inner, *projections[1],
+                           layer.post_attention_layernorm.weight, *projections[2],
+                           *projections[3]))
+        first = model.layers[0].self_attn
+        return cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d)
+
+    def serves(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether the step is one sequence's one decode token that single_decode attends."""
+        if input_ids.shape[0] != 1 or meta.num_decodes != 1 or meta.prefills:
+            return False
+        inner = self.layers[0][3]
+        return TorchAttention.single_decode_slots(inner, meta) is not None
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """reference.rms_norm, the same ops."""
+        h = x.float()
+        h.mul_((h * h).mean(-1, keepdim=True).add_(self.eps).rsqrt_())
+        return weight * h.to(x.dtype)
+
+    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The hidden stream [1, hidden] after the last layer (before the final norm)."""
+        nh, nkv, d = self.nh, self.nkv, self.d
+        cos, sin = meta.folded_cos_sin
+        slot = meta.slot_mapping
+        inner = self.layers[0][3]
+        slots = TorchAttention.single_decode_slots(inner, meta)
+        half, qk_rows, group = d // 2, nh + nkv, nh // nkv
+        norm, eps = self._norm, self.eps
+        x = F.embedding(input_ids, self.embed)
+        residual = None
+        for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p,
+             down_s) in self.layers:
+            x = x if residual is None else x + residual
+            residual = x
+            qkv = _int4(norm(x, in_w), qkv_p, 32, qkv_s).view(1, nh + 2 * nkv, d)
+            qk = qkv[:, :qk_rows]
+            qk = qk * cos + qk.roll(half, -1) * sin
+            k_cache = attn.k_cache.view(-1, nkv, d)
+            v_cache = attn.v_cache.view(-1, nkv, d)
+            k_cache.index_copy_(0, slot, qk[:, nh:])
+            v_cache.index_copy_(0, slot, qkv[:, qk_rows:])
+            # reference.single_decode
+            k = k_cache.index_select(0, slots).float()
+            v = v_cache.index_select(0, slots).float()
+            scores = torch.bmm(qk[0, :nh].view(nkv, group, d).float(),
+                               k.permute(1, 2, 0)).mul_(attn.scale)
+            out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
+            x = _int4(out.view(1, nh * d).to(x.dtype), o_p, 32, o_s)
+            x = x + residual
+            residual = x
+            gu = _int4(norm(x, post_w), gu_p, 32, gu_s)
+            n = gu.shape[1] // 2
+            x = _int4(F.silu(gu[:, :n]) * gu[:, n:], down_p, 32, down_s)
+        return x + residual
