@@ -94,3 +94,29 @@ def test_straight_line_decode_is_bitwise_the_module_path(smollm2_int4, monkeypat
     ref = smollm2_int4.generate([prompt], params)[0].outputs[0]
     assert ours.token_ids == ref.token_ids
     assert [(p.logprob, p.top) for p in ours.logprobs] == [(p.logprob, p.top) for p in ref.logprobs]
+
+
+def test_quantize_lm_head_option(smollm2_int4, gguf_path):
+    """quantize_lm_head unset follows the file: SmolLM2's head (its tied token_embd) is stored
+    Q8_0, so the int4 path runs it in int8; false keeps it 16-bit (and the layers int4); the
+    flag parses as --quantize-lm-head / --no-quantize-lm-head, unset by default."""
+    import argparse
+
+    from gguf import GGMLQuantizationType as Q
+
+    from tuili.models import loader
+    from tuili.models.gguf_file import open_gguf
+    from tuili.options import add_engine_options, engine_options
+
+    gguf = open_gguf(gguf_path)
+    assert "output.weight" not in gguf.tensors
+    assert gguf.tensors["token_embd.weight"].tensor_type == Q.Q8_0 and gguf.head_is_quantized()
+    assert isinstance(smollm2_int4.engine.runner.model.lm_head.method, Int8HeadMethod)
+    model = loader.load("smollm2-135m", torch.bfloat16, torch.device("cpu"),
+                        quantization="auto", quantize_lm_head=False).model
+    assert model.lm_head.method.name == "none" and model.layers[0].mlp.down_proj.method.name == "int4"
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    for argv, want in (([], None), (["--quantize-lm-head"], True),
+                       (["--no-quantize-lm-head"], False)):
+        assert engine_options(parser.parse_args(argv))["quantize_lm_head"] is want

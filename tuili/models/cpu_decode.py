@@ -17,6 +17,7 @@ from tuili.layers.backend import TorchBackend
 from tuili.layers.linear import Int4CpuMethod
 
 _int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+SERIAL_ATTENTION = True  # the attention's small ops on one thread (see CpuDecode.run)
 
 
 def _int4_args(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -84,6 +85,11 @@ class CpuDecode:
         slots = TorchAttention.single_decode_slots(inner, meta)
         half, qk_rows, group = d // 2, nh + nkv, nh // nkv
         norm, eps = self._norm, self.eps
+        # More threads make the attention's bmm and softmax fork for a few microseconds of work
+        # (17 us against 11 for one bmm, 2-thread idle VM; far worse on a loaded one): those run
+        # on this thread alone, the same bits (checked in tests/test_cpu_decode_ops.py).
+        threads = torch.get_num_threads()
+        one = threads > 1 and SERIAL_ATTENTION
         x = F.embedding(input_ids, self.embed)
         residual = None
         for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p,
@@ -93,6 +99,8 @@ class CpuDecode:
             qkv = _int4(norm(x, in_w), qkv_p, 32, qkv_s).view(1, nh + 2 * nkv, d)
             qk = qkv[:, :qk_rows]
             qk = qk * cos + qk.roll(half, -1) * sin
+            if one:
+                torch.set_num_threads(1)
             k_cache = attn.k_cache.view(-1, nkv, d)
             v_cache = attn.v_cache.view(-1, nkv, d)
             k_cache.index_copy_(0, slot, qk[:, nh:])
@@ -103,6 +111,8 @@ class CpuDecode:
             scores = torch.bmm(qk[0, :nh].view(nkv, group, d).float(),
                                k.permute(1, 2, 0)).mul_(attn.scale)
             out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
+            if one:
+                torch.set_num_threads(threads)
             x = _int4(out.view(1, nh * d).to(x.dtype), o_p, 32, o_s)
             x = x + residual
             residual = x

@@ -21,7 +21,6 @@ from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
 from tuili.models.cpu_decode import CpuDecode
-from tuili.quantization.int8 import int8_cpu_head
 
 
 class LlamaAttention(nn.Module):
@@ -87,6 +86,7 @@ class LlamaForCausalLM(nn.Module):
     MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     supports_tensor_parallel = True
+    supports_int8_cpu_head = True  # its head may run in int8 on the CPU int4 path (loader.py)
 
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
@@ -202,7 +202,6 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
-        int8_cpu_head(self)  # the CPU int4 path's LM head in int8 (quantization/int8.py)
         self.cpu_decode = CpuDecode.build(self, (LlamaDecoderLayer, LlamaMLP))
 
     def checkpoint_target(self, name: str) -> tuple[str, int | None]:
