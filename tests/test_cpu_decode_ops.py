@@ -120,3 +120,19 @@ def test_quantize_lm_head_option(smollm2_int4, gguf_path):
     for argv, want in (([], None), (["--quantize-lm-head"], True),
                        (["--no-quantize-lm-head"], False)):
         assert engine_options(parser.parse_args(argv))["quantize_lm_head"] is want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_argmax_of_16_bit_logits_is_theirs(dtype):
+    """The sampler's CPU argmax of 16-bit logits goes through float32: the same index as the
+    16-bit argmax, ties (the first of equal values), -inf and NaN rows included."""
+    from tuili.engine.sampler import row_argmax
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 49152, generator=g) * 4).to(dtype)
+    x[1] = x[1].round()  # many ties at the top
+    x[2, 7], x[2, 9] = 100, 100
+    x[3, :100] = float("-inf")
+    x[4, 50], x[4, 60] = float("nan"), float("nan")
+    x[5] = float("-inf")
+    assert torch.equal(row_argmax(x), x.argmax(-1))

@@ -16,7 +16,7 @@ from tuili.layers.attention import AttentionMetadata, TorchAttention
 from tuili.layers.backend import TorchBackend
 from tuili.layers.linear import Int4CpuMethod
 
-_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SERIAL_ATTENTION = True  # the attention's small ops on one thread (see CpuDecode.run)
 
 
@@ -35,6 +35,8 @@ class CpuDecode:
                  d: int):
         self.embed, self.layers, self.eps = embed, layers, eps
         self.nh, self.nkv, self.d = nh, nkv, d
+        self._bound: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see _caches
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def build(cls, model, plain: tuple[type, type]) -> CpuDecode | None:
@@ -70,39 +72,45 @@ class CpuDecode:
         inner = self.layers[0][3]
         return TorchAttention.single_decode_slots(inner, meta) is not None
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """reference.rms_norm, the same ops."""
-        h = x.float()
-        h.mul_((h * h).mean(-1, keepdim=True).add_(self.eps).rsqrt_())
-        return weight * h.to(x.dtype)
+    def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's K and V caches as [slots, kv_heads, d] (made again if the runner binds
+        new ones)."""
+        bound = [(layer[3].k_cache, layer[3].v_cache) for layer in self.layers]
+        if self._bound is None or any(a is not b for pair, old in zip(bound, self._bound)
+                                      for a, b in zip(pair, old)):
+            self._bound = bound
+            self._views = [(k.view(-1, self.nkv, self.d), v.view(-1, self.nkv, self.d))
+                           for k, v in bound]
+        return self._views
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden stream [1, hidden] after the last layer (before the final norm)."""
-        nh, nkv, d = self.nh, self.nkv, self.d
+        nh, nkv, d, eps = self.nh, self.nkv, self.d, self.eps
         cos, sin = meta.folded_cos_sin
         slot = meta.slot_mapping
         inner = self.layers[0][3]
         slots = TorchAttention.single_decode_slots(inner, meta)
-        half, qk_rows, group = d // 2, nh + nkv, nh // nkv
-        norm, eps = self._norm, self.eps
+        half, qk_rows, group, width = d // 2, nh + nkv, nh // nkv, nh + 2 * nkv
         # More threads make the attention's bmm and softmax fork for a few microseconds of work
         # (17 us against 11 for one bmm, 2-thread idle VM; far worse on a loaded one): those run
         # on this thread alone, the same bits (checked in tests/test_cpu_decode_ops.py).
         threads = torch.get_num_threads()
         one = threads > 1 and SERIAL_ATTENTION
         x = F.embedding(input_ids, self.embed)
+        dtype = x.dtype
         residual = None
-        for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p,
-             down_s) in self.layers:
+        for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
+                (k_cache, v_cache) in zip(self.layers, self._caches()):
             x = x if residual is None else x + residual
             residual = x
-            qkv = _int4(norm(x, in_w), qkv_p, 32, qkv_s).view(1, nh + 2 * nkv, d)
+            # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
+            h = x.float()
+            h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
+            qkv = _int4(in_w * h.to(dtype), qkv_p, 32, qkv_s).view(1, width, d)
             qk = qkv[:, :qk_rows]
             qk = qk * cos + qk.roll(half, -1) * sin
             if one:
                 torch.set_num_threads(1)
-            k_cache = attn.k_cache.view(-1, nkv, d)
-            v_cache = attn.v_cache.view(-1, nkv, d)
             k_cache.index_copy_(0, slot, qk[:, nh:])
             v_cache.index_copy_(0, slot, qkv[:, qk_rows:])
             # reference.single_decode
@@ -113,10 +121,12 @@ class CpuDecode:
             out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
             if one:
                 torch.set_num_threads(threads)
-            x = _int4(out.view(1, nh * d).to(x.dtype), o_p, 32, o_s)
+            x = _int4(out.view(1, nh * d).to(dtype), o_p, 32, o_s)
             x = x + residual
             residual = x
-            gu = _int4(norm(x, post_w), gu_p, 32, gu_s)
+            h = x.float()
+            h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
+            gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
             n = gu.shape[1] // 2
             x = _int4(F.silu(gu[:, :n]) * gu[:, n:], down_p, 32, down_s)
         return x + residual
