@@ -78,22 +78,36 @@ def smollm2_int4():
 
 def test_straight_line_decode_is_bitwise_the_module_path(smollm2_int4, monkeypatch):
     """models/cpu_decode.py runs a single stream's decode steps with the modules' very ops:
-    the same tokens and the same logprobs, bit for bit, as the layer-by-layer path."""
+    the same tokens and the same logprobs, bit for bit, as the layer-by-layer path. Its kept
+    float32 keys start small here (so they grow), and must be dropped between sequences: one
+    prompt after another (the second in the first's freed blocks), then a batch of two whose
+    longer one decodes alone once the other stops."""
     from tuili import SamplingParams
+    from tuili.models import cpu_decode
 
     model = smollm2_int4.engine.runner.model
     fast = model.cpu_decode
     assert fast is not None
-    calls = []
-    monkeypatch.setattr(fast, "run", lambda *a, run=fast.run: calls.append(1) or run(*a))
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
-    prompt = "Once upon a time, in a land far away, there lived a dragon who"
-    ours = smollm2_int4.generate([prompt], params)[0].outputs[0]
-    assert len(calls) == 23  # every decode step (not the prefill)
+    monkeypatch.setattr(cpu_decode, "HISTORY_ROWS", 16)
+    calls = []  # per fast step: whether it found no kept keys (a sequence's first)
+    monkeypatch.setattr(fast, "run",
+                        lambda *a, run=fast.run: calls.append(fast._known is None) or run(*a))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    a = "Once upon a time, in a land far away, there lived a dragon who"
+    b = "List three colours:\n1."
+
+    def runs():
+        outs = [smollm2_int4.generate([p], params)[0] for p in (a, b)]
+        outs += smollm2_int4.generate([a, b], [short, params])
+        return [(o.outputs[0].token_ids, [(p.logprob, p.top) for p in o.outputs[0].logprobs])
+                for o in outs]
+
+    ours = runs()
+    assert len(calls) == 2 * 15 + (15 - 3)  # every lone decode step (not prefills, batches)
+    assert sum(calls) == 3  # each run's first fast step, after a prefill or a batch
     monkeypatch.setattr(model, "cpu_decode", None)
-    ref = smollm2_int4.generate([prompt], params)[0].outputs[0]
-    assert ours.token_ids == ref.token_ids
-    assert [(p.logprob, p.top) for p in ours.logprobs] == [(p.logprob, p.top) for p in ref.logprobs]
+    assert ours == runs()
 
 
 def test_quantize_lm_head_option(smollm2_int4, gguf_path):

@@ -18,6 +18,7 @@ from tuili.layers.linear import Int4CpuMethod
 
 _int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SERIAL_ATTENTION = True  # the attention's small ops on one thread (see CpuDecode.run)
+HISTORY_ROWS = 256  # the kept keys' first capacity per layer (doubled as a sequence grows)
 
 
 def _int4_args(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -32,11 +33,16 @@ class CpuDecode:
     """The layers' weights as plain tuples, and a `run` that decodes one token through them."""
 
     def __init__(self, embed: torch.Tensor, layers: list[tuple], eps: float, nh: int, nkv: int,
-                 d: int):
+                 d: int, intermediate: int):
         self.embed, self.layers, self.eps = embed, layers, eps
-        self.nh, self.nkv, self.d = nh, nkv, d
+        self.nh, self.nkv, self.d, self.intermediate = nh, nkv, d, intermediate
         self._bound: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see _caches
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The sequence's keys and values so far in float32, per layer [capacity, kv_heads, d]:
+        # what single_decode gathers from the cache and widens each step, kept from step to
+        # step (a step appends its own). _known: the cache slots they hold, None: none held.
+        self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._known: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model, plain: tuple[type, type]) -> CpuDecode | None:
@@ -63,7 +69,8 @@ class CpuDecode:
                            layer.post_attention_layernorm.weight, *projections[2],
                            *projections[3]))
         first = model.layers[0].self_attn
-        return cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d)
+        return cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d,
+                   model.layers[0].mlp.gate_up_proj.out_sizes[0])
 
     def serves(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether the step is one sequence's one decode token that single_decode attends."""
@@ -72,6 +79,29 @@ class CpuDecode:
         inner = self.layers[0][3]
         return TorchAttention.single_decode_slots(inner, meta) is not None
 
+    def forget(self) -> None:
+        """Drop the kept keys: the model ran another kind of step (another sequence's prefill,
+        a batch), after which the next single decode may be anyone's."""
+        self._known = None
+
+    def _kept(self, slots: torch.Tensor) -> bool:
+        """Whether the kept keys are those at all of `slots` but the new last one (then the
+        step appends its own); else make room to take them all again."""
+        n = slots.shape[0]
+        known = self._known
+        self._known = slots
+        if known is not None and known.shape[0] == n - 1 and torch.equal(known, slots[:-1]):
+            if n <= self._history[0][0].shape[0]:
+                return True
+            grown = [(_grow(k, n), _grow(v, n)) for k, v in self._history]
+            self._history = grown
+            return True
+        if not self._history or self._history[0][0].shape[0] < n:
+            size = (max(n, HISTORY_ROWS), self.nkv, self.d)
+            self._history = [(torch.empty(size, dtype=torch.float32),
+                              torch.empty(size, dtype=torch.float32)) for _ in self.layers]
+        return False
+
     def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's K and V caches as [slots, kv_heads, d] (made again if the runner binds
         new ones)."""
@@ -79,6 +109,7 @@ class CpuDecode:
         if self._bound is None or any(a is not b for pair, old in zip(bound, self._bound)
                                       for a, b in zip(pair, old)):
             self._bound = bound
+            self._known = None
             self._views = [(k.view(-1, self.nkv, self.d), v.view(-1, self.nkv, self.d))
                            for k, v in bound]
         return self._views
@@ -99,8 +130,11 @@ class CpuDecode:
         x = F.embedding(input_ids, self.embed)
         dtype = x.dtype
         residual = None
+        caches = self._caches()
+        n, inter = slots.shape[0], self.intermediate
+        kept = self._kept(slots)
         for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
-                (k_cache, v_cache) in zip(self.layers, self._caches()):
+                (k_cache, v_cache), (k_all, v_all) in zip(self.layers, caches, self._history):
             x = x if residual is None else x + residual
             residual = x
             # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
@@ -113,9 +147,14 @@ class CpuDecode:
                 torch.set_num_threads(1)
             k_cache.index_copy_(0, slot, qk[:, nh:])
             v_cache.index_copy_(0, slot, qkv[:, qk_rows:])
-            # reference.single_decode
-            k = k_cache.index_select(0, slots).float()
-            v = v_cache.index_select(0, slots).float()
+            # reference.single_decode, its gathered and widened keys kept from the last step
+            k, v = k_all[:n], v_all[:n]
+            if kept:
+                k[-1].copy_(qk[0, nh:])
+                v[-1].copy_(qkv[0, qk_rows:])
+            else:
+                k.copy_(k_cache.index_select(0, slots))
+                v.copy_(v_cache.index_select(0, slots))
             scores = torch.bmm(qk[0, :nh].view(nkv, group, d).float(),
                                k.permute(1, 2, 0)).mul_(attn.scale)
             out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
@@ -127,6 +166,12 @@ class CpuDecode:
             h = x.float()
             h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
             gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
-            n = gu.shape[1] // 2
-            x = _int4(F.silu(gu[:, :n]) * gu[:, n:], down_p, 32, down_s)
+            x = _int4(F.silu(gu[:, :inter]) * gu[:, inter:], down_p, 32, down_s)
         return x + residual
+
+
+def _grow(kept: torch.Tensor, need: int) -> torch.Tensor:
+    """`kept` in a buffer of twice its rows (at least `need`), its rows copied."""
+    out = kept.new_empty((max(need, 2 * kept.shape[0]), *kept.shape[1:]))
+    out[:kept.shape[0]].copy_(kept)
+    return out

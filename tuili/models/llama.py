@@ -126,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
             hidden = fast.run(input_ids, meta)  # its one row is the sampled one (rows)
             self._final = (hidden, None)
             return hidden
+        if fast is not None:
+            fast.forget()  # a step of another kind: the next single decode may be anyone's
         stream = residual_stream(self.backend, self.embed_tokens(input_ids))
         if tap is not None:
             return self._forward_tapped(stream, meta, rows, tap)
