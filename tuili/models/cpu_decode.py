@@ -133,40 +133,44 @@ class CpuDecode:
         caches = self._caches()
         n, inter = slots.shape[0], self.intermediate
         kept = self._kept(slots)
-        for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
-                (k_cache, v_cache), (k_all, v_all) in zip(self.layers, caches, self._history):
-            x = x if residual is None else x + residual
-            residual = x
-            # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
-            h = x.float()
-            h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-            qkv = _int4(in_w * h.to(dtype), qkv_p, 32, qkv_s).view(1, width, d)
-            qk = qkv[:, :qk_rows]
-            qk = qk * cos + qk.roll(half, -1) * sin
-            if one:
-                torch.set_num_threads(1)
-            k_cache.index_copy_(0, slot, qk[:, nh:])
-            v_cache.index_copy_(0, slot, qkv[:, qk_rows:])
-            # reference.single_decode, its gathered and widened keys kept from the last step
-            k, v = k_all[:n], v_all[:n]
-            if kept:
-                k[-1].copy_(qk[0, nh:])
-                v[-1].copy_(qkv[0, qk_rows:])
-            else:
-                k.copy_(k_cache.index_select(0, slots))
-                v.copy_(v_cache.index_select(0, slots))
-            scores = torch.bmm(qk[0, :nh].view(nkv, group, d).float(),
-                               k.permute(1, 2, 0)).mul_(attn.scale)
-            out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
+        try:
+            for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
+                    (k_cache, v_cache), (k_all, v_all) in zip(self.layers, caches, self._history):
+                x = x if residual is None else x + residual
+                residual = x
+                # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
+                h = x.float()
+                h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
+                qkv = _int4(in_w * h.to(dtype), qkv_p, 32, qkv_s).view(1, width, d)
+                qk = qkv[:, :qk_rows]
+                qk = qk * cos + qk.roll(half, -1) * sin
+                if one:
+                    torch.set_num_threads(1)
+                k_cache.index_copy_(0, slot, qk[:, nh:])
+                v_cache.index_copy_(0, slot, qkv[:, qk_rows:])
+                # reference.single_decode, its gathered and widened keys kept from the last step
+                k, v = k_all[:n], v_all[:n]
+                if kept:
+                    k[-1].copy_(qk[0, nh:])
+                    v[-1].copy_(qkv[0, qk_rows:])
+                else:
+                    k.copy_(k_cache.index_select(0, slots))
+                    v.copy_(v_cache.index_select(0, slots))
+                scores = torch.bmm(qk[0, :nh].view(nkv, group, d).float(),
+                                   k.permute(1, 2, 0)).mul_(attn.scale)
+                out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
+                if one:
+                    torch.set_num_threads(threads)
+                x = _int4(out.view(1, nh * d).to(dtype), o_p, 32, o_s)
+                x = x + residual
+                residual = x
+                h = x.float()
+                h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
+                gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
+                x = _int4(F.silu(gu[:, :inter]) * gu[:, inter:], down_p, 32, down_s)
+        finally:  # however the step ends, the threads it began with
             if one:
                 torch.set_num_threads(threads)
-            x = _int4(out.view(1, nh * d).to(dtype), o_p, 32, o_s)
-            x = x + residual
-            residual = x
-            h = x.float()
-            h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-            gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
-            x = _int4(F.silu(gu[:, :inter]) * gu[:, inter:], down_p, 32, down_s)
         return x + residual
 
 
