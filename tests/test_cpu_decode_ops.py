@@ -150,3 +150,22 @@ def test_row_argmax_of_16_bit_logits_is_theirs(dtype):
     x[4, 50], x[4, 60] = float("nan"), float("nan")
     x[5] = float("-inf")
     assert torch.equal(row_argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("length", [1, 80, 511, 4096])
+def test_attention_matmuls_same_bits_on_one_thread(length):
+    """CpuDecode runs the attention's bmm and softmax on one thread whatever torch's count:
+    the same bits as on two."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 3, 64, generator=g).bfloat16().float()
+    k, v = (torch.randn(length, 3, 64, generator=g).bfloat16().float() for _ in range(2))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p = torch.softmax(torch.bmm(q, k.permute(1, 2, 0)).mul_(0.125), -1)
+            outs.append((p, torch.bmm(p, v.transpose(0, 1))))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -124,7 +124,7 @@ class CpuDecode:
         half, qk_rows, group, width = d // 2, nh + nkv, nh // nkv, nh + 2 * nkv
         # More threads make the attention's bmm and softmax fork for a few microseconds of work
         # (17 us against 11 for one bmm, 2-thread idle VM; far worse on a loaded one): those run
-        # on this thread alone, the same bits (checked in tests/test_cpu_decode_ops.py).
+        # on this thread alone, the same bits (tests/test_cpu_decode_ops.py).
         threads = torch.get_num_threads()
         one = threads > 1 and SERIAL_ATTENTION
         x = F.embedding(input_ids, self.embed)
