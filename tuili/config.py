@@ -40,7 +40,12 @@ class EngineConfig:
                                        "fp8_e4m3 (float8 e4m3, half the bytes of bfloat16, with "
                                        "scales per layer and KV head: the checkpoint's k_scale / "
                                        "v_scale, else calibrated at start-up)")
-    quantize_lm_head: bool = _opt(False, "quantize the LM head too (default: it stays 16-bit)")
+    quantize_lm_head: bool | None = _opt(
+        None, "the LM head in fewer bits. Unset: as the checkpoint has it (a GPTQ/AWQ/FP8 "
+              "checkpoint's quantized head; a GGUF file whose head is stored quantized, as "
+              "SmolLM2's Q8_0 embedding, runs it in int8 where its 4-bit layers run packed on "
+              "CPU), else 16-bit; true: quantize it too (with fp8/int8/int4 at load, a GGUF's "
+              "blocks on the GPU, int8 on the CPU's int4 path); false: 16-bit")
     task: str = _opt("auto", "what the model serves: auto (from its architecture and "
                              "sentence-transformers files), generate, embed or score")
     pooling: str = _opt("auto", "embed/score: how token states become one vector: auto (the "

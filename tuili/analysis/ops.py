@@ -77,6 +77,9 @@ class Precision:
     head: str = "bf16"
     kv: str = "bf16"
     activations: str = "bf16"
+    # The LM head's matmul where it reads other bytes than the table the embedding looks up
+    # (the CPU int4 path's int8 copy of a tied head); None: the table's.
+    lm_head: str | None = None
 
     @classmethod
     def for_dtype(cls, dtype: str, kv: str | None = None) -> Precision:
@@ -154,7 +157,9 @@ def step_ops(c: ModelConfig, seqs: list[tuple[int, int]], sampled: int,
     mlp = Op("mlp", flops, params * wb + act_in * ab, act_out * ab, cd)
     attending = c.num_attention_layers
     layer_ops = [_times(op, attending) for op in (qkv, o)] + [mlp]
-    head = matmul("lm_head", sampled, h, c.vocab_size, hb, ab, compute_dtype(precision.head))
+    head_fmt = precision.lm_head or precision.head
+    head = matmul("lm_head", sampled, h, c.vocab_size, weight_bytes_per_param(head_fmt), ab,
+                  compute_dtype(head_fmt))
     mixers = _mixer_ops(c, seqs, t, wb, ab, cd, kvb) if c.mamba else []
     return [embedding_gather(t, h, hb, ab), layer_ops[0],
             attention(c, seqs, kvb, ab, "fp32" if ab == 4 else "bf16"),

@@ -9,7 +9,7 @@ so where the phase changes one step's time lands in its neighbour's phase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tuili.analysis import ops as opsmod
 from tuili.analysis import roofline
@@ -34,22 +34,26 @@ class PhaseProfiler:
     """Call record(...) once per step; read summary(), snapshot() or format()."""
 
     def __init__(self, config: ModelConfig, device: Device, precision: opsmod.Precision,
-                 small_step_precision: opsmod.Precision | None = None, small_step_tokens: int = 0):
+                 small_step_precision: opsmod.Precision | None = None, small_step_tokens: int = 0,
+                 small_head: str | None = None, small_head_rows: int = 0):
         self.config, self.device, self.precision = config, device, precision
-        # Steps of at most small_step_tokens tokens may read other weights (tuili's packed int4).
+        # Steps of at most small_step_tokens tokens may read other weights (tuili's packed int4),
+        # and of at most small_head_rows sampled rows another LM head (its int8 copy).
         self.small_precision = small_step_precision or precision
         self.small_tokens = small_step_tokens
+        self.small_head, self.small_head_rows = small_head, small_head_rows
         self.phases = {p: PhaseStats() for p in PHASES}
 
     @classmethod
     def for_run(cls, config: ModelConfig, dtype: str, device, int4_rows: int = 0,
                 weights: str | None = None, small_weights: str = "int4-g32",
-                kv: str | None = None) -> PhaseProfiler:
+                kv: str | None = None, int8_head_rows: int = 0) -> PhaseProfiler:
         """A profiler for a running engine: its model shape, dtype ("torch.bfloat16") and torch
         device; int4_rows: steps of up to so many tokens read the layers as small_weights
         (tuili's packed int4 on CPU by default; 0: none); weights: the layers' format in other
         steps (ops.WEIGHT_BITS), the head staying dtype; kv: the KV cache's format ("fp8";
-        default dtype's)."""
+        default dtype's); int8_head_rows: steps sampling up to so many rows read the LM head's
+        int8 copy (quantization/int8.py Int8HeadMethod; 0: none)."""
         from tuili.analysis.measure import for_torch_device
 
         precision = opsmod.Precision.for_dtype(TORCH_DTYPES[dtype], kv)
@@ -59,13 +63,16 @@ class PhaseProfiler:
         small = None
         if int4_rows:
             small = opsmod.Precision(small_weights, precision.head, precision.kv, precision.activations)
-        return cls(config, for_torch_device(device), precision, small, int4_rows)
+        return cls(config, for_torch_device(device), precision, small, int4_rows,
+                   "int8" if int8_head_rows else None, int8_head_rows)
 
     def record(self, seqs: list[tuple[int, int]], sampled: int, num_decodes: int,
                seconds: float) -> None:
         """One step: (new_tokens, context) per sequence, rows through the LM head, its seconds."""
         tokens = sum(n for n, _ in seqs)
         precision = self.small_precision if tokens <= self.small_tokens else self.precision
+        if self.small_head is not None and sampled <= self.small_head_rows:
+            precision = replace(precision, lm_head=self.small_head)
         placed = roofline.place_all(opsmod.step_ops(self.config, seqs, sampled, precision),
                                     self.device, "step")
         phase = "prefill" if num_decodes == 0 else "decode" if num_decodes == len(seqs) else "mixed"

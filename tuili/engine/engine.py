@@ -31,6 +31,7 @@ from tuili.layers import kv_quant
 from tuili.layers.linear import Int4CpuMethod
 from tuili.quantization import weight_format
 from tuili.quantization.gguf import PACKED_MAX_ROWS as GGUF_PACKED_ROWS
+from tuili.quantization.int8 import Int8HeadMethod
 from tuili.models import loader
 from tuili.models.pooler import Pooler
 from tuili.outputs import RequestOutput
@@ -195,9 +196,12 @@ class LLMEngine:
 
             int4_rows = Int4CpuMethod.MAX_ROWS if loaded.quantization == "int4" else 0
             kv = "fp8" if self.kv_dtype == kv_quant.FP8 else None  # the bytes attention reads
+            head = getattr(loaded.model, "lm_head", None)
+            head_rows = Int8HeadMethod.MAX_ROWS \
+                if isinstance(getattr(head, "method", None), Int8HeadMethod) else 0
             self.profiler = PhaseProfiler.for_run(self.model_config, str(self.dtype), self.device,
                                                   int4_rows, weight_format(loaded.quantization),
-                                                  kv=kv)
+                                                  kv=kv, int8_head_rows=head_rows)
             # GGUF blocks on the GPU: read packed by the GEMV and the tiled GEMM, dequantized
             # to 16 bits (written, then read by cuBLAS) in larger steps.
             if loaded.bits_per_weight and self.device.type == "cuda":

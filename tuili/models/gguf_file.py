@@ -171,6 +171,12 @@ class GGUFModel:
     def has_int4_weights(self) -> bool:
         return any(t.tensor_type in INT4_TYPES for t in self.reader.tensors)
 
+    def head_is_quantized(self) -> bool:
+        """Whether the file stores its LM head (output.weight, else the token_embd table it is
+        tied to) in blocks of fewer than 16 bits (SmolLM2-135M's Q4_1 file: a Q8_0 token_embd)."""
+        t = self.tensors.get("output.weight", self.tensors.get("token_embd.weight"))
+        return t is not None and t.tensor_type not in (Q.F32, Q.F16, Q.BF16)
+
     def packed_types(self) -> set[str]:
         """The block types among the layers' weights that GgufMethod keeps packed."""
         return {t.tensor_type.name for n, t in self.tensors.items() if n.startswith("blk.")

@@ -20,7 +20,7 @@ from tuili.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
                                    VocabParallelEmbedding, qkv_shards)
 from tuili.layers.residual import stream as residual_stream
 from tuili.models.config import ModelConfig
-from tuili.quantization.int8 import int8_cpu_head
+from tuili.models.cpu_decode import CpuDecode
 
 
 class LlamaAttention(nn.Module):
@@ -86,6 +86,7 @@ class LlamaForCausalLM(nn.Module):
     MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     supports_tensor_parallel = True
+    supports_int8_cpu_head = True  # its head may run in int8 on the CPU int4 path (loader.py)
 
     @staticmethod
     def config_from_hf(cfg: dict) -> ModelConfig:
@@ -108,6 +109,7 @@ class LlamaForCausalLM(nn.Module):
         # The last stream and its sums of squares (decode GEMVs), for the final norm in `logits`.
         self._final: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.tap: HiddenTap | None = None  # hidden states for an EAGLE head (None: none taken)
+        self.cpu_decode: CpuDecode | None = None  # a single stream's decode step (cpu_decode.py)
 
     def make_mlp(self, c: ModelConfig, layer: int, backend: Backend) -> nn.Module | None:
         """Layer `layer`'s feed-forward block; None: the dense LlamaMLP (families override this)."""
@@ -119,8 +121,14 @@ class LlamaForCausalLM(nn.Module):
         Given `rows`, only those tokens' states [len(rows), hidden]: every layer still stores every
         token's K/V, but the last one runs o_proj and its MLP on those rows alone (for a 32-layer
         prompt that is ~3% of the prefill's matmuls saved)."""
+        last, tap, fast = len(self.layers) - 1, self.tap, self.cpu_decode
+        if fast is not None and tap is None and fast.serves(input_ids, meta):
+            hidden = fast.run(input_ids, meta)  # its one row is the sampled one (rows)
+            self._final = (hidden, None)
+            return hidden
+        if fast is not None:
+            fast.forget()  # a step of another kind: the next single decode may be anyone's
         stream = residual_stream(self.backend, self.embed_tokens(input_ids))
-        last, tap = len(self.layers) - 1, self.tap
         if tap is not None:
             return self._forward_tapped(stream, meta, rows, tap)
         for i, layer in enumerate(self.layers):
@@ -196,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.process_weights_after_loading()
-        int8_cpu_head(self)  # the CPU int4 path's LM head in int8 (quantization/int8.py)
+        self.cpu_decode = CpuDecode.build(self, (LlamaDecoderLayer, LlamaMLP))
 
     def checkpoint_target(self, name: str) -> tuple[str, int | None]:
         """(our parameter, part of it) for a checkpoint tensor's name (without "model.");

@@ -25,6 +25,7 @@ from tuili.quantization import prepare as prepare_quantized
 from tuili.quantization.gguf import TYPES as GGUF_TYPES
 from tuili.quantization.gguf import gguf_bits, prepare_gguf
 from tuili.quantization import resolve as quantization_config
+from tuili.quantization.int8 import int8_cpu_head
 
 log = logging.getLogger("tuili")
 
@@ -89,11 +90,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | None = None,
-         quantization: str = "none", quantize_lm_head: bool = False,
+         quantization: str = "none", quantize_lm_head: bool | None = None,
          tp: TensorParallel = SINGLE) -> LoadedModel:
-    """The model (this rank's shard of it, under tensor parallelism `tp`) on device in dtype."""
+    """The model (this rank's shard of it, under tensor parallelism `tp`) on device in dtype.
+    quantize_lm_head: EngineConfig's (None: as the checkpoint has the head)."""
     path = resolve(name, revision)
-    int4 = blocks = False
+    int4 = blocks = int8_head = False
     if path.is_dir():
         if quantization == "gguf":
             raise InvalidParameter("quantization", f"gguf reads a GGUF file's blocks, and {path} "
@@ -114,12 +116,20 @@ def load(name: str, dtype: torch.dtype, device: torch.device, revision: str | No
                                    f"({', '.join(GGUF_TYPES)}); use auto or none")
         int4 = not blocks and _use_int4(quantization, dtype, device) and gguf.has_int4_weights()
         config, tokenizer, gen = gguf.config(), gguf.tokenizer(), {}
+        # The CPU int4 path's head in int8 (quantization/int8.py) where asked, or unasked where
+        # the file's own head is quantized: SmolLM2's Q8_0 table, 8 bits a weight there too.
+        int8_head = int4 and (gguf.head_is_quantized() if quantize_lm_head is None
+                              else quantize_lm_head)
+        quantize_lm_head = bool(quantize_lm_head)
         weights = gguf.weights(int4, blocks, head_blocks=blocks and quantize_lm_head,
                                lazy=tp.size > 1)
         hf_quant = None
-    qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(), quantize_lm_head)
+    qc = quantization_config(quantization, hf_quant, str(path), not path.is_dir(),
+                             bool(quantize_lm_head))
     model, kv_scales = build(config, weights, qc, dtype, device, tp, str(path), blocks,
-                             quantize_lm_head)
+                             bool(quantize_lm_head))
+    if int8_head:
+        int8_cpu_head(model)
     if blocks and device.type == "cuda":  # the float weights the planes replaced: give them back
         torch.cuda.empty_cache()
     if tp.size > 1:  # ranks load at their own pace; the model's collectives start together

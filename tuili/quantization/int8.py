@@ -48,11 +48,12 @@ class Int8Method(QuantMethod):
         return super().apply(layer, x)
 
 
-# The LM head of the CPU int4 path (a GGUF's 4-bit layers kept packed) in int8: on the 2-core
-# dev VM the int8 kernel reads SmolLM2's [49152, 576] head in 1.7 ms where the bf16 one takes
-# 3.6 ms (F.linear) to 8.3 ms (torch.mv), one thread (BENCHMARKS.md, 2026-12-07). False: the
-# head stays 16-bit. Read at load.
-CPU_INT8_HEAD = True
+# The LM head of the CPU int4 path (a GGUF's 4-bit layers kept packed) in int8, as the engine's
+# quantize_lm_head asks (unset: where the file stores its head quantized; the loader decides):
+# on the 2-core dev VM the int8 kernel reads SmolLM2's [49152, 576] head in 1.7 ms where the
+# bf16 one takes 3.6 ms (F.linear) to 8.3 ms (torch.mv), one thread (BENCHMARKS.md, 2026-12-07).
+# SmolLM2's file stores that table as Q8_0 (8 bits, a scale per 32 weights): the run reads 8-bit
+# weights too, re-quantized with a scale per row (the kernel's form) from their bf16 values.
 
 
 class Int8HeadMethod(LinearMethod):
@@ -81,9 +82,11 @@ class Int8HeadMethod(LinearMethod):
 
 def int8_cpu_head(model: nn.Module) -> bool:
     """Give `model.lm_head` Int8HeadMethod where its layers run the CPU int4 path (their 4-bit
-    weights kept packed) and the head is a 16-bit one (CPU_INT8_HEAD on). Returns whether it did."""
+    weights kept packed), the head is a 16-bit one and the family has been measured with it
+    (`supports_int8_cpu_head`: the Llama family's). Returns whether it did."""
     head = getattr(model, "lm_head", None)
-    if not (CPU_INT8_HEAD and CPU_KERNEL and isinstance(head, Linear)
+    if not (getattr(model, "supports_int8_cpu_head", False) and CPU_KERNEL
+            and isinstance(head, Linear)
             and head.method is UNQUANTIZED and head.weight.dtype == torch.bfloat16
             and head.weight.device.type == "cpu"
             and any(isinstance(m, Linear) and isinstance(m.method, Int4CpuMethod)
