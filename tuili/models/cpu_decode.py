@@ -49,7 +49,8 @@ class CpuDecode:
         """The fast path of a LlamaForCausalLM whose every layer is the plain Llama layer
         (`plain`: its layer and MLP classes) on the torch backend with int4 CPU projections (no
         biases, no q/k norms, no sliding windows, one rank); None where anything differs."""
-        if type(model.backend) is not TorchBackend or model.embed_tokens.tp.size != 1:
+        tp = getattr(model.embed_tokens, "tp", None)  # other families embed otherwise
+        if type(model.backend) is not TorchBackend or tp is None or tp.size != 1:
             return None
         layers, eps = [], model.norm.eps
         for layer in model.layers:
