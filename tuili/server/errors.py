@@ -71,6 +71,17 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "-")
 
 
+def assign_request_id(scope: Scope, send: Send) -> str:
+    """The request's id (the client's X-Request-Id when sane, else a new one), kept in the
+    scope's state, and `send` kept as the scope's BODY_SEND."""
+    given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode(
+        "latin-1")
+    rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = rid
+    scope[BODY_SEND] = send
+    return rid
+
+
 class FaultMiddleware:
     """Gives every HTTP request an id (the client's X-Request-Id when sane, else a new one),
     sends it back as X-Request-Id, and turns an exception nothing else handled (a fault of ours)
@@ -82,11 +93,7 @@ class FaultMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode(
-            "latin-1")
-        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        scope[BODY_SEND] = send
+        rid = assign_request_id(scope, send)
         started = False
 
         async def send_with_id(message: Message) -> None:
