@@ -552,16 +552,21 @@ def _m_pad(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
+def _output_tiles(n_out: int, block_n: int, gated: bool) -> int:
+    """Programs along the outputs: a gated one's BLOCK_N weight columns (rows) are half gates."""
+    if gated and block_n < 2:
+        raise ValueError(f"a gated GEMV needs block_n >= 2 (a gate and an up column), got {block_n}")
+    return triton.cdiv(n_out, block_n // 2 if gated else block_n)
+
+
 def _fusions(x: torch.Tensor, m_pad: int, n_out: int, programs: int, out: torch.Tensor,
              residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
-             sumsq: torch.Tensor | None, want_sumsq: bool, gated: bool, block_n: int,
+             sumsq: torch.Tensor | None, want_sumsq: bool, gated: bool,
              k_x: int) -> tuple[dict, torch.Tensor | None]:
     """The kernels' arguments for the bf16 GEMV's fusions (kernels/triton_gemv.py; `out`
     stands in for each absent tensor), and the output's sums of squares in parts, one a
     program, when want_sumsq."""
     m = x.shape[0]
-    if gated and block_n < 2:
-        raise ValueError(f"a gated GEMV needs block_n >= 2 (a gate and an up column), got {block_n}")
     if residual is not None and (residual.shape != (m, n_out) or residual.stride(1) != 1):
         raise ValueError(f"residual {tuple(residual.shape)} does not fit the output ({m}, {n_out})")
     if norm_weight is not None and norm_weight.shape != (k_x,):
@@ -615,7 +620,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of 8 (a word's rows)")
     # One group (per channel): every tile lies in it, whatever K (one compiled kernel for all).
     group = ONE_GROUP if group >= k else group
-    columns = triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n)
+    columns = _output_tiles(n_out, cfg.block_n, gated)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
     if columns > MAX_TICKETS:
@@ -623,7 +628,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     m_pad = max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m)
     fused, sumsq_out = _fusions(x, m_pad, n_out, columns, out, residual, norm_weight, eps,
-                                sumsq, want_sumsq, gated, cfg.block_n, k_x)
+                                sumsq, want_sumsq, gated, k_x)
     if m == 0:
         return (out, sumsq_out) if want_sumsq else out
     part = tickets = out
@@ -662,9 +667,9 @@ def scaled_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     cfg = config or scaled_config(m, n, k, gpu_traits(x.device))
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     m_pad = max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m)
-    programs = triton.cdiv(n_out, cfg.block_n // 2 if gated else cfg.block_n)
+    programs = _output_tiles(n_out, cfg.block_n, gated)
     fused, sumsq_out = _fusions(x, m_pad, n_out, programs, out, residual, norm_weight, eps,
-                                sumsq, want_sumsq, gated, cfg.block_n, k)
+                                sumsq, want_sumsq, gated, k)
     if m == 0:
         return (out, sumsq_out) if want_sumsq else out
     _scaled_gemv_kernel[(programs,)](

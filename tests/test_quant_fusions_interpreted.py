@@ -1,0 +1,178 @@
+"""The quantized decode GEMVs' fusions (kernels/triton_quant.py: the bf16 GEMV's RMSNorm prologue,
+silu(gate) * up, residual add and output sums of squares) on the CPU under Triton's interpreter,
+against reference ops (norm, dequantize -> matmul, silu_and_mul, add): int4 with groups of 32, 128,
+per channel and act-order's gathered runs, split K, int8 and FP8, odd shapes, 1..8 rows in the FMA
+and tensor-core forms. Skipped where Triton is not installed or a GPU is (tests/gpu runs them)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
+
+use_interpreter("tuili.kernels.triton_quant")
+pytestmark = IGNORE_SCALAR_READS
+
+from tuili.kernels import reference, reference_quant, triton_quant  # noqa: E402
+from tuili.quantization.fp8 import FP8, FP8_MAX, quantize_per_row  # noqa: E402
+from tuili.quantization.int4 import gptq_order, quantize_rtn  # noqa: E402
+from tuili.quantization.packing import pack_rows  # noqa: E402
+
+C = triton_quant.QuantGemvConfig
+EPS = 1e-5
+
+
+def unfused(x, linear, norm_w=None, sumsq=None, gated=False, residual=None):
+    """The reference ops one after another: norm (its scale from x), the linear, SiLU, add."""
+    h = x if norm_w is None else reference.rms_norm(x, norm_w, EPS)
+    y = linear(h)
+    y = reference.silu_and_mul(y) if gated else y
+    return y if residual is None else y + residual
+
+
+def parts_of_squares(x: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """x's sums of squares per row split in `parts` uneven column ranges, as a producer leaves."""
+    return torch.stack([c.pow(2).sum(1) for c in x.float().tensor_split(parts, 1)], 1)
+
+
+def act_order_weight(n: int, k: int, groups: int):
+    """A row-parallel act-order shard's form: k channels in groups of varying counts, sorted and
+    padded to one run length (gptq_order). (qweight, scales, zeros, run length, perm)."""
+    g_idx = torch.randint(0, groups, (k,))
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    padded, perm, run = gptq_order(q, g_idx, torch.bincount(g_idx, minlength=groups))
+    scales = torch.rand(groups, n) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (groups, n)).float()
+    return pack_rows(padded), scales, zeros, run, perm
+
+
+def int4_weight(n: int, k: int, group: int):
+    scales, zeros, q = quantize_rtn(torch.randn(n, k), group)
+    return pack_rows(q.t()), scales.t().contiguous(), zeros.t().contiguous(), group, None
+
+
+# (out columns, k, group, config): a split K (its last-arriving range runs the epilogue), groups
+# of 32 and 128, one group per channel (prefetch), act-order's padded runs in x's gathered order.
+INT4_CASES = {
+    "g32-split3": (20, 192, 32, C(32, 32, split_k=3)),
+    "g128-split2": (36, 256, 128, C(16, 128, split_k=2)),
+    "per-channel-prefetch": (12, 200, -1, C(16, 64, split_k=2, prefetch=True)),
+    "act-order": (20, 90, "act", C(32, 32, split_k=2)),
+}
+FORMS = [(1, False), (3, False), (8, True)]
+
+
+def _int4(case, gated):
+    n, k, group, cfg = INT4_CASES[case]
+    rows = 2 * n if gated else n
+    if group == "act":
+        return act_order_weight(rows, k, 4), k, n, cfg
+    return int4_weight(rows, k, k if group == -1 else group), k, n, cfg
+
+
+def _int4_reference(qweight, scales, zeros, group, perm):
+    def linear(h):
+        if perm is not None:  # the kernels' order; index k of perm: a zero (padding)
+            h = F.pad(h, (0, 1)).index_select(-1, perm)
+        return reference_quant.int4_linear(h, qweight, scales, zeros, group)
+    return linear
+
+
+@pytest.mark.parametrize("m,dot", FORMS, ids=["one-row", "rows", "dot"])
+@pytest.mark.parametrize("case", list(INT4_CASES))
+def test_int4_gemv_fusions(case, m, dot):
+    """Norm (from a pass over x, then from the producer's parts) with the gated epilogue; the
+    residual epilogue with the output's sums of squares."""
+    torch.manual_seed(m)
+    (qweight, scales, zeros, group, perm), k, n, cfg = _int4(case, gated=True)
+    if dot:
+        cfg = C(cfg.block_n, cfg.block_k, cfg.split_k, use_dot=True)
+    x, norm_w = torch.randn(m, k), torch.rand(k) + 0.5
+    linear = _int4_reference(qweight, scales, zeros, group, perm)
+    ref = unfused(x, linear, norm_w, gated=True)
+    for sumsq in (None, parts_of_squares(x)):
+        out = triton_quant.int4_gemv(x, qweight, scales, zeros, group, None, cfg, perm=perm,
+                                     norm_weight=norm_w, eps=EPS, gated=True, sumsq=sumsq)
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    (qweight, scales, zeros, group, perm), k, n, cfg_plain = _int4(case, gated=False)
+    x, residual, bias = torch.randn(m, k), torch.randn(m, n), torch.randn(n)
+    linear = _int4_reference(qweight, scales, zeros, group, perm)
+    ref = unfused(x, lambda h: linear(h) + bias, residual=residual)
+    out, sumsq = triton_quant.int4_gemv(x, qweight, scales, zeros, group, bias, cfg, perm=perm,
+                                        residual=residual, want_sumsq=True)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    assert sumsq.shape == (m, -(-n // cfg.block_n))
+    torch.testing.assert_close(sumsq.sum(1), out.pow(2).sum(1), atol=1e-3, rtol=1e-4)
+    if cfg.split_k > 1:  # the tickets went back to 0: a second launch runs the epilogue again
+        again = triton_quant.int4_gemv(x, qweight, scales, zeros, group, bias, cfg, perm=perm,
+                                       residual=residual)
+        torch.testing.assert_close(again, out, atol=1e-5, rtol=1e-5)
+
+
+def _scaled(kind: str, rows: int, k: int):
+    w = torch.randn(rows, k)
+    return (quantize_per_row(w, torch.int8, 127) if kind == "int8"
+            else quantize_per_row(w, FP8, FP8_MAX))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (3, C(2, 256, num_warps=8)),
+                                   (5, C(16, 64, use_dot=True)), (8, None)],
+                         ids=["one-row", "rows-one-tile", "dot", "default"])
+def test_scaled_gemv_fusions(kind, m, cfg):
+    torch.manual_seed(m)
+    n, k = 37, 200  # 37 outputs: the last tile padded; K = 200: not a multiple of the tile
+    q, scale = _scaled(kind, 2 * n, k)
+    x, norm_w, bias = torch.randn(m, k), torch.rand(k) + 0.5, torch.randn(2 * n)
+    ref = unfused(x, lambda h: reference_quant.scaled_linear(h, q, scale, bias), norm_w,
+                  gated=True)
+    for sumsq in (None, parts_of_squares(x, 5)):
+        out = triton_quant.scaled_gemv(x, q, scale, bias, cfg, norm_weight=norm_w, eps=EPS,
+                                       gated=True, sumsq=sumsq)
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    q, scale = _scaled(kind, n, k)
+    residual = torch.randn(m, n)
+    ref = unfused(x, lambda h: reference_quant.scaled_linear(h, q, scale), norm_w,
+                  residual=residual)
+    out, sumsq = triton_quant.scaled_gemv(x, q, scale, None, cfg, norm_weight=norm_w, eps=EPS,
+                                          residual=residual, want_sumsq=True)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(sumsq.sum(1), out.pow(2).sum(1), atol=1e-3, rtol=1e-4)
+
+
+def test_sums_of_squares_chain_across_formats():
+    """An int8 o_proj's residual epilogue leaves its sums; a 4-bit gate_up's norm takes them, and
+    its own sums feed an FP8 GEMV's norm: each equals the reference chain."""
+    torch.manual_seed(0)
+    m, d, inter = 2, 96, 40
+    x, stream = torch.randn(m, 64), torch.randn(m, d)
+    q8, s8 = _scaled("int8", d, 64)
+    h, sumsq = triton_quant.scaled_gemv(x, q8, s8, residual=stream, want_sumsq=True)
+    qweight, scales, zeros, group, _ = int4_weight(2 * inter, d, 32)
+    norm_w = torch.rand(d) + 0.5
+    out = triton_quant.int4_gemv(h, qweight, scales, zeros, group, None, C(16, 32, split_k=3),
+                                 norm_weight=norm_w, eps=EPS, gated=True, sumsq=sumsq)
+    h_ref = reference_quant.scaled_linear(x, q8, s8) + stream
+    torch.testing.assert_close(
+        out, unfused(h_ref, lambda v: reference_quant.int4_linear(v, qweight, scales, zeros, 32),
+                     norm_w, gated=True), atol=1e-3, rtol=1e-4)
+    qweight, scales, zeros, group, _ = int4_weight(d, d, 32)
+    h2, sumsq2 = triton_quant.int4_gemv(h, qweight, scales, zeros, group, None,
+                                        C(32, 32, split_k=2), residual=h, want_sumsq=True)
+    qf, sf = _scaled("fp8", 24, d)
+    out = triton_quant.scaled_gemv(h2, qf, sf, None, C(4, 64), norm_weight=norm_w, eps=EPS,
+                                   sumsq=sumsq2)
+    torch.testing.assert_close(out, unfused(h2, lambda v: reference_quant.scaled_linear(v, qf, sf),
+                                            norm_w), atol=1e-3, rtol=1e-4)
+
+
+def test_fusions_reject_bad_arguments():
+    qweight, scales, zeros, group, _ = int4_weight(16, 64, 32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="residual"):
+        triton_quant.int4_gemv(x, qweight, scales, zeros, group, residual=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="norm weight"):
+        triton_quant.int4_gemv(x, qweight, scales, zeros, group, norm_weight=torch.ones(32))
+    with pytest.raises(ValueError, match="block_n >= 2"):
+        triton_quant.scaled_gemv(x, torch.zeros(16, 64, dtype=torch.int8), torch.ones(16),
+                                 config=C(1, 64), gated=True)
