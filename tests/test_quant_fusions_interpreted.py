@@ -176,3 +176,78 @@ def test_fusions_reject_bad_arguments():
     with pytest.raises(ValueError, match="block_n >= 2"):
         triton_quant.scaled_gemv(x, torch.zeros(16, 64, dtype=torch.int8), torch.ones(16),
                                  config=C(1, 64), gated=True)
+
+
+@pytest.mark.parametrize("quantization,reduces", [("int4", False), ("fp8", True)],
+                         ids=["int4", "fp8-row-parallel-route"])
+def test_quantized_decode_step_fuses_like_bf16(quantization, reduces, monkeypatch):
+    """A quantized Llama's mixed step of 5 rows through the Triton backend matches the torch
+    path (dequantize -> matmul, each norm, SiLU and add its own op), and launches what a bf16
+    one does: each quantized projection one fused GEMV (norms, SiLU and the residual adds in
+    them), no norm or SiLU kernel. reduces: o_proj and down_proj take the row-parallel route
+    (the residual added after the all-reduce, here of one rank)."""
+    import tuili.layers.backend as backend
+    import tuili.models.llama as llama
+    from tuili.layers.linear import Linear
+    from tuili.layers.rotary import RotaryEmbedding
+    from tuili.models.config import ModelConfig
+    from tuili.quantization import prepare
+    from tuili.quantization.config import QuantConfig
+    from tests.attention_steps import mixed_step_meta
+
+    torch.manual_seed(0)
+    c = ModelConfig("LlamaForCausalLM", vocab_size=128, hidden_size=128, intermediate_size=96,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
+    model = llama.LlamaForCausalLM(c)
+    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
+    for p in model.parameters():
+        p.data.normal_(0, 0.08)
+    for m in model.modules():
+        if isinstance(m, llama.RMSNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+    gpu_model.load_state_dict(model.state_dict())
+    qc = QuantConfig(quantization, group_size=64 if quantization == "int4" else -1)
+    for net in (model, gpu_model):
+        quantized = prepare(net, qc)
+        for layer in net.modules():
+            if isinstance(layer, Linear):
+                layer.process_weights_after_loading()
+    assert len(quantized) == 4 * c.num_layers  # qkv, o, gate_up, down
+    for name, layer in gpu_model.named_modules():
+        if name in quantized:
+            layer.method.use_triton = True
+            layer.reduces = reduces and name.endswith(("o_proj", "down_proj"))
+    rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
+    start = [torch.randn(8, 4, 1, 64) for _ in range(2)]
+    meta = mixed_step_meta(rope)
+
+    def step(net):
+        for attn in net.attention_layers():
+            attn.k_cache, attn.v_cache = (t.clone() for t in start)
+        with torch.inference_mode():
+            return net.logits(net(torch.tensor([7, 100, 3, 50, 121]), meta))
+
+    expected = step(model)
+    gemvs, apart = [], []
+    kernel = "int4_gemv" if quantization == "int4" else "scaled_gemv"
+    gemv = getattr(triton_quant, kernel)
+    fusions = ("norm_weight", "sumsq", "gated", "residual", "want_sumsq")
+    monkeypatch.setattr(triton_quant, kernel, lambda *a, **k: gemvs.append(
+        [f for f in fusions if k.get(f) is not None and k.get(f) is not False]) or gemv(*a, **k))
+    for name in ("rms_norm", "silu_and_mul"):
+        monkeypatch.setattr(gpu_model.backend._fused, name,
+                            lambda *a, _f=getattr(gpu_model.backend._fused, name), **k:
+                            apart.append(_f.__name__) or _f(*a, **k))
+    monkeypatch.setattr(backend, "GEMV_DTYPES", (torch.float32,))  # the interpreter's dtype
+    torch.testing.assert_close(step(gpu_model), expected, atol=1e-4, rtol=1e-4)
+    assert not apart  # every norm and SiLU rode in a GEMV
+    add = [] if reduces else ["residual", "want_sumsq"]
+    normed = ["norm_weight"] if reduces else ["norm_weight", "sumsq"]  # the sums the add left
+    assert gemvs == [["norm_weight"], add, normed + ["gated"], add] + [
+        normed, add, normed + ["gated"], add] * (c.num_layers - 1)
+    if not reduces:
+        return
+    monkeypatch.setattr(backend, "QUANT_FUSIONS", False)  # each fusion its own op again
+    gemvs.clear()
+    torch.testing.assert_close(step(gpu_model), expected, atol=1e-4, rtol=1e-4)
+    assert gemvs == [[]] * 4 * c.num_layers and apart
