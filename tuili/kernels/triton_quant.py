@@ -346,6 +346,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
     # The norm's scale over the whole of x's row, in every split (as the bf16 GEMV's programs).
     rstd = _norm_rstd(x_ptr, stride_x, m, m_mask, sumsq_ptr, SUMSQ_PARTS, k_x, eps, HAS_NORM,
                       SUMSQ_IN, PARTS_BLOCK, NORM_BLOCK, M_PAD)
+    # One row's as a scalar: broadcast from a [1] tensor, it doubled the registers (sm_90).
+    rstd_one = tl.sum(rstd)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
         row_mask = rows < k_hi // 8
@@ -353,14 +355,14 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
             nxt = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows + KW, rows + KW < k_hi // 8, n,
                                  n_mask, N, k0 + BLOCK_K, GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
-                                 magic_bits, m_mask, norm_w_ptr, rstd, perm_ptr, k_x, GROUP,
+                                 magic_bits, m_mask, norm_w_ptr, rstd_one, perm_ptr, k_x, GROUP,
                                  TILE_IN_GROUP, KW, BLOCK_N, HAS_NORM, HAS_PERM)
             words, s, z = nxt
         elif one_row:
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
                                          GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
-                                 magic_bits, m_mask, norm_w_ptr, rstd, perm_ptr, k_x, GROUP,
+                                 magic_bits, m_mask, norm_w_ptr, rstd_one, perm_ptr, k_x, GROUP,
                                  TILE_IN_GROUP, KW, BLOCK_N, HAS_NORM, HAS_PERM)
         elif USE_DOT and KW >= 16:  # a dot a nibble: the dot's K is the tile's word rows
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
@@ -421,8 +423,8 @@ def _scaled_tile(w, x_ptr, x_off, kk, m_mask, K, nw_ptr, rstd, M_PAD: tl.constex
     """One K tile's products with its weights w: dot [BLOCK_N, M_PAD]; one row, unsummed
     [BLOCK_N, BLOCK_K] (summed across threads once, after the loop); several rows
     [M_PAD, BLOCK_N]."""
-    xv = _load_x(x_ptr, x_off, kk[None, :], (kk < K)[None, :], m_mask[:, None], nw_ptr,
-                 rstd[:, None], x_ptr, K, HAS_NORM, False)
+    xv = _load_x(x_ptr, x_off, kk[None, :], (kk < K)[None, :], m_mask[:, None], nw_ptr, rstd,
+                 x_ptr, K, HAS_NORM, False)
     if USE_DOT:
         out = tl.dot(w.to(xv.dtype), tl.trans(xv))
     elif M_PAD == 1:
@@ -459,6 +461,9 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, res_ptr, nor
         gdc_wait()
     rstd = _norm_rstd(x_ptr, stride_x, m, m_mask, sumsq_ptr, SUMSQ_PARTS, K, eps, HAS_NORM,
                       SUMSQ_IN, PARTS_BLOCK, NORM_BLOCK, M_PAD)
+    rstd = rstd[:, None]
+    if M_PAD == 1:  # a scalar: broadcast from a [1, 1] tensor, it takes more registers (sm_90)
+        rstd = tl.sum(tl.sum(rstd, axis=1), axis=0)
     acc = _scaled_tile(w, x_ptr, x_off, k, m_mask, K, norm_w_ptr, rstd, M_PAD, USE_DOT,
                        INT8_BITS, HAS_NORM)
     for k0 in range(BLOCK_K, K, BLOCK_K):
