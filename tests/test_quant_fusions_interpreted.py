@@ -6,49 +6,17 @@ and tensor-core forms. Skipped where Triton is not installed or a GPU is (tests/
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
 
 use_interpreter("tuili.kernels.triton_quant")
 pytestmark = IGNORE_SCALAR_READS
 
-from tuili.kernels import reference, reference_quant, triton_quant  # noqa: E402
-from tuili.quantization.fp8 import FP8, FP8_MAX, quantize_per_row  # noqa: E402
-from tuili.quantization.int4 import gptq_order, quantize_rtn  # noqa: E402
-from tuili.quantization.packing import pack_rows  # noqa: E402
+from tests.quant_fusions import (EPS, act_order_weight, int4_reference,  # noqa: E402
+                                 int4_weight, parts_of_squares, scaled_weight, unfused)
+from tuili.kernels import reference_quant, triton_quant  # noqa: E402
 
 C = triton_quant.QuantGemvConfig
-EPS = 1e-5
-
-
-def unfused(x, linear, norm_w=None, sumsq=None, gated=False, residual=None):
-    """The reference ops one after another: norm (its scale from x), the linear, SiLU, add."""
-    h = x if norm_w is None else reference.rms_norm(x, norm_w, EPS)
-    y = linear(h)
-    y = reference.silu_and_mul(y) if gated else y
-    return y if residual is None else y + residual
-
-
-def parts_of_squares(x: torch.Tensor, parts: int = 3) -> torch.Tensor:
-    """x's sums of squares per row split in `parts` uneven column ranges, as a producer leaves."""
-    return torch.stack([c.pow(2).sum(1) for c in x.float().tensor_split(parts, 1)], 1)
-
-
-def act_order_weight(n: int, k: int, groups: int):
-    """A row-parallel act-order shard's form: k channels in groups of varying counts, sorted and
-    padded to one run length (gptq_order). (qweight, scales, zeros, run length, perm)."""
-    g_idx = torch.randint(0, groups, (k,))
-    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
-    padded, perm, run = gptq_order(q, g_idx, torch.bincount(g_idx, minlength=groups))
-    scales = torch.rand(groups, n) * 0.1 + 0.01
-    zeros = torch.randint(0, 16, (groups, n)).float()
-    return pack_rows(padded), scales, zeros, run, perm
-
-
-def int4_weight(n: int, k: int, group: int):
-    scales, zeros, q = quantize_rtn(torch.randn(n, k), group)
-    return pack_rows(q.t()), scales.t().contiguous(), zeros.t().contiguous(), group, None
 
 
 # (out columns, k, group, config): a split K (its last-arriving range runs the epilogue), groups
@@ -70,14 +38,6 @@ def _int4(case, gated):
     return int4_weight(rows, k, k if group == -1 else group), k, n, cfg
 
 
-def _int4_reference(qweight, scales, zeros, group, perm):
-    def linear(h):
-        if perm is not None:  # the kernels' order; index k of perm: a zero (padding)
-            h = F.pad(h, (0, 1)).index_select(-1, perm)
-        return reference_quant.int4_linear(h, qweight, scales, zeros, group)
-    return linear
-
-
 @pytest.mark.parametrize("m,dot", FORMS, ids=["one-row", "rows", "dot"])
 @pytest.mark.parametrize("case", list(INT4_CASES))
 def test_int4_gemv_fusions(case, m, dot):
@@ -88,15 +48,15 @@ def test_int4_gemv_fusions(case, m, dot):
     if dot:
         cfg = C(cfg.block_n, cfg.block_k, cfg.split_k, use_dot=True)
     x, norm_w = torch.randn(m, k), torch.rand(k) + 0.5
-    linear = _int4_reference(qweight, scales, zeros, group, perm)
+    linear = int4_reference(qweight, scales, zeros, group, perm)
     ref = unfused(x, linear, norm_w, gated=True)
     for sumsq in (None, parts_of_squares(x)):
         out = triton_quant.int4_gemv(x, qweight, scales, zeros, group, None, cfg, perm=perm,
                                      norm_weight=norm_w, eps=EPS, gated=True, sumsq=sumsq)
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
-    (qweight, scales, zeros, group, perm), k, n, cfg_plain = _int4(case, gated=False)
+    (qweight, scales, zeros, group, perm), k, n, _ = _int4(case, gated=False)
     x, residual, bias = torch.randn(m, k), torch.randn(m, n), torch.randn(n)
-    linear = _int4_reference(qweight, scales, zeros, group, perm)
+    linear = int4_reference(qweight, scales, zeros, group, perm)
     ref = unfused(x, lambda h: linear(h) + bias, residual=residual)
     out, sumsq = triton_quant.int4_gemv(x, qweight, scales, zeros, group, bias, cfg, perm=perm,
                                         residual=residual, want_sumsq=True)
@@ -109,12 +69,6 @@ def test_int4_gemv_fusions(case, m, dot):
         torch.testing.assert_close(again, out, atol=1e-5, rtol=1e-5)
 
 
-def _scaled(kind: str, rows: int, k: int):
-    w = torch.randn(rows, k)
-    return (quantize_per_row(w, torch.int8, 127) if kind == "int8"
-            else quantize_per_row(w, FP8, FP8_MAX))
-
-
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (3, C(2, 256, num_warps=8)),
                                    (5, C(16, 64, use_dot=True)), (8, None)],
@@ -122,7 +76,7 @@ def _scaled(kind: str, rows: int, k: int):
 def test_scaled_gemv_fusions(kind, m, cfg):
     torch.manual_seed(m)
     n, k = 37, 200  # 37 outputs: the last tile padded; K = 200: not a multiple of the tile
-    q, scale = _scaled(kind, 2 * n, k)
+    q, scale = scaled_weight(kind, 2 * n, k)
     x, norm_w, bias = torch.randn(m, k), torch.rand(k) + 0.5, torch.randn(2 * n)
     ref = unfused(x, lambda h: reference_quant.scaled_linear(h, q, scale, bias), norm_w,
                   gated=True)
@@ -130,7 +84,7 @@ def test_scaled_gemv_fusions(kind, m, cfg):
         out = triton_quant.scaled_gemv(x, q, scale, bias, cfg, norm_weight=norm_w, eps=EPS,
                                        gated=True, sumsq=sumsq)
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
-    q, scale = _scaled(kind, n, k)
+    q, scale = scaled_weight(kind, n, k)
     residual = torch.randn(m, n)
     ref = unfused(x, lambda h: reference_quant.scaled_linear(h, q, scale), norm_w,
                   residual=residual)
@@ -146,7 +100,7 @@ def test_sums_of_squares_chain_across_formats():
     torch.manual_seed(0)
     m, d, inter = 2, 96, 40
     x, stream = torch.randn(m, 64), torch.randn(m, d)
-    q8, s8 = _scaled("int8", d, 64)
+    q8, s8 = scaled_weight("int8", d, 64)
     h, sumsq = triton_quant.scaled_gemv(x, q8, s8, residual=stream, want_sumsq=True)
     qweight, scales, zeros, group, _ = int4_weight(2 * inter, d, 32)
     norm_w = torch.rand(d) + 0.5
@@ -159,7 +113,7 @@ def test_sums_of_squares_chain_across_formats():
     qweight, scales, zeros, group, _ = int4_weight(d, d, 32)
     h2, sumsq2 = triton_quant.int4_gemv(h, qweight, scales, zeros, group, None,
                                         C(32, 32, split_k=2), residual=h, want_sumsq=True)
-    qf, sf = _scaled("fp8", 24, d)
+    qf, sf = scaled_weight("fp8", 24, d)
     out = triton_quant.scaled_gemv(h2, qf, sf, None, C(4, 64), norm_weight=norm_w, eps=EPS,
                                    sumsq=sumsq2)
     torch.testing.assert_close(out, unfused(h2, lambda v: reference_quant.scaled_linear(v, qf, sf),
