@@ -69,6 +69,29 @@ def test_int4_gemv_fusions(case, m, dot):
         torch.testing.assert_close(again, out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("m,cfg", [(1, C(32, 64, split_k=2)), (8, C(32, 128, use_dot=True))],
+                         ids=["one-row", "dot-a-nibble"])
+def test_int4_fusions_round_as_the_reference_ops_in_16_bits(m, cfg):
+    """float16 (the interpreter rounds it to nearest, as the GPU does; its bfloat16 truncates):
+    the fused norm, SiLU and add round where the reference ops do, so the fused GEMV equals the
+    plain one with those ops around it but where a float32 sum rounds the other way. The tile of
+    a nibble's dots (128-long, one group) unpacks whole in float16, whose range (q - zero) * 16^4
+    would overflow."""
+    torch.manual_seed(m)
+    n, k, dt = 40, 256, torch.float16
+    qweight, scales, zeros, group, _ = int4_weight(2 * n, k, 128, dtype=dt)
+    x, norm_w = torch.randn(m, k, dtype=dt), (torch.rand(k) + 0.5).to(dt)
+    residual = torch.randn(m, n, dtype=dt)
+    fused = triton_quant.int4_gemv(x, qweight, scales, zeros, group, None, cfg,
+                                   norm_weight=norm_w, eps=EPS, gated=True, residual=residual)
+    apart = unfused(x, lambda h: triton_quant.int4_gemv(h, qweight, scales, zeros, group, None,
+                                                        cfg), norm_w, True, residual)
+    assert not fused.isnan().any() and (fused == apart).float().mean() > 0.95
+    ref = unfused(x, lambda h: reference_quant.int4_linear(h, qweight, scales, zeros, group),
+                  norm_w, True, residual)
+    torch.testing.assert_close(fused, ref, atol=0.5, rtol=2e-2)
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("m,cfg", [(1, C(4, 64)), (3, C(2, 256, num_warps=8)),
                                    (5, C(16, 64, use_dot=True)), (8, None)],

@@ -315,7 +315,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
                       PREFETCH: tl.constexpr, PDL: tl.constexpr, HAS_NORM: tl.constexpr,
                       SUMSQ_IN: tl.constexpr, PARTS_BLOCK: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                      SUMSQ_OUT: tl.constexpr, HAS_PERM: tl.constexpr):
+                      SUMSQ_OUT: tl.constexpr, HAS_PERM: tl.constexpr,
+                      NIBBLE_DOTS: tl.constexpr):
     KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -364,7 +365,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
                                  magic_bits, m_mask, norm_w_ptr, rstd_one, perm_ptr, k_x, GROUP,
                                  TILE_IN_GROUP, KW, BLOCK_N, HAS_NORM, HAS_PERM)
-        elif USE_DOT and KW >= 16:  # a dot a nibble: the dot's K is the tile's word rows
+        elif USE_DOT and KW >= 16 and NIBBLE_DOTS:  # a dot a nibble: K is the word rows
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
                                          GROUP, TILE_IN_GROUP)
             acc = _int4_dot_nibbles(acc, words, s, z, x_ptr, x_off, m_mask, s_ptr, z_ptr, rows,
@@ -647,6 +648,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
         M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=splits > 1,
         USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, PDL=pdl(x), HAS_PERM=perm is not None,
+        # (q - zero) * 16^j overflows float16 (j = 4: up to 15 * 2^16): its tiles unpack whole.
+        NIBBLE_DOTS=x.dtype != torch.float16,
         **fused, launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, sumsq_out) if want_sumsq else out
 
