@@ -164,25 +164,17 @@ def test_quantized_decode_step_fuses_like_bf16(quantization, reduces, monkeypatc
     them), no norm or SiLU kernel. reduces: o_proj and down_proj take the row-parallel route
     (the residual added after the all-reduce, here of one rank)."""
     import tuili.layers.backend as backend
-    import tuili.models.llama as llama
     from tuili.layers.linear import Linear
     from tuili.layers.rotary import RotaryEmbedding
     from tuili.models.config import ModelConfig
     from tuili.quantization import prepare
     from tuili.quantization.config import QuantConfig
-    from tests.attention_steps import mixed_step_meta
+    from tests.attention_steps import mixed_step_meta, random_llamas
 
     torch.manual_seed(0)
     c = ModelConfig("LlamaForCausalLM", vocab_size=128, hidden_size=128, intermediate_size=96,
                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
-    model = llama.LlamaForCausalLM(c)
-    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
-    for p in model.parameters():
-        p.data.normal_(0, 0.08)
-    for m in model.modules():
-        if isinstance(m, llama.RMSNorm):
-            m.weight.data.uniform_(0.5, 1.5)
-    gpu_model.load_state_dict(model.state_dict())
+    model, gpu_model = random_llamas(c)
     qc = QuantConfig(quantization, group_size=64 if quantization == "int4" else -1)
     for net in (model, gpu_model):
         quantized = prepare(net, qc)
