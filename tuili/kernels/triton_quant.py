@@ -17,6 +17,14 @@ flight, wide coalesced loads, the x tile loaded once per K tile and shared by ev
   applied once per output. A program owns BLOCK_N rows; one row's products are summed once,
   after the loop.
 
+Both carry the bf16 decode GEMV's fusions (kernels/triton_gemv.py), so that a quantized decode
+layer launches what a bf16 one does: an RMSNorm prologue (its scale from the sums of squares the
+producer left in parts, or a pass over x), silu(gate) * up of a merged [gate | up] weight (a
+program's columns: half gates, then the matching ups), the residual add, and the output's sums of
+squares for the next norm; each rounded to the model dtype where kernels/reference.py rounds. In
+a split launch the epilogue runs once, in the last range to arrive, on the whole sum. The 4-bit
+GEMV reads an act-order layer's input in its order itself (no gather).
+
 Both launch with programmatic dependent launch (kernels.pdl): the first weight tile streams in
 while the kernel before drains; everything an earlier kernel writes is read after gdc_wait.
 
