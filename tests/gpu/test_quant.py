@@ -284,6 +284,28 @@ def test_int4_fused_split_in_a_cuda_graph():
         torch.testing.assert_close(sums.sum(1), out.float().pow(2).sum(1), rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("m", [1, 8])
+def test_fused_gemvs_same_with_and_without_programmatic_launch(m, monkeypatch):
+    """The fusions read x, the sums and the residual after gdc_wait: with programmatic dependent
+    launch behind a producer of them (the first GEMV), the same bits as without."""
+    torch.manual_seed(m)
+    d, n = 4096, 1536
+    qw, s, z = _int4(2 * n, d, 128)
+    q8, s8 = scaled_weight("int8", d, 2 * n, "cuda")
+    x = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
+    norm_w = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    stream = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        h, sums = triton_quant.scaled_gemv(x, q8, s8, residual=stream, want_sumsq=True)
+        return triton_quant.int4_gemv(h, qw, s, z, 128, norm_weight=norm_w, eps=EPS,
+                                      gated=True, sumsq=sums)
+
+    with_pdl = chain()
+    monkeypatch.setattr(triton_quant, "pdl", lambda t: False)
+    assert torch.equal(chain(), with_pdl)
+
+
 @pytest.mark.parametrize("quantization", ["int4", "int8", "fp8"])
 def test_backend_routes_quantized_layers_into_fused_gemvs(quantization, monkeypatch):
     """TritonBackend.linear: a quantized layer at <= 8 rows takes its format's fused GEMV with
