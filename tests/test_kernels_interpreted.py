@@ -18,7 +18,7 @@ from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
 use_interpreter("tuili.kernels.triton_gemv")
 pytestmark = IGNORE_SCALAR_READS
 
-from tests.attention_steps import mixed_step_meta  # noqa: E402
+from tests.attention_steps import mixed_step_meta, random_llamas  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_gemv, triton_rope  # noqa: E402
 from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 from tuili.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -296,19 +296,12 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     with every GPU-only branch taken (GEMVs with the norms, the rope kernel, Triton decode and
     prefill attention) matches the torch path: logits and the K/V written to the cache."""
     import tuili.layers.backend as backend
-    import tuili.models.llama as llama
     from tuili.models.config import ModelConfig
 
     torch.manual_seed(0)
     c = ModelConfig("LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=256,
                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, attention_bias=True)
-    model = llama.LlamaForCausalLM(c)
-    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
-    for p in model.parameters():
-        p.data.normal_(0, 0.08)
-    for m in model.modules():
-        if isinstance(m, llama.RMSNorm):
-            m.weight.data.uniform_(0.5, 1.5)
+    model, gpu_model = random_llamas(c)
     rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
     start = [torch.randn(8, 4, 2, 64) for _ in range(2)]
     meta = mixed_step_meta(rope)
@@ -321,7 +314,6 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
             return model.logits(model(ids, meta)), attn.k_cache, attn.v_cache
 
     expected = step(model)
-    gpu_model.load_state_dict(model.state_dict())
     calls = []
     gemv = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(a[1].shape) or gemv(*a, **k))

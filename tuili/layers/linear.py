@@ -39,6 +39,12 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, layer.weight, layer.bias)
 
+    def fused_gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        """A decode GEMV of this format with triton_gemv.gemv's fusions (residual, norm_weight,
+        eps, sumsq, gated, want_sumsq), or None where it has none (the backend runs them apart;
+        a fusable float weight takes the bf16 GEMV instead)."""
+        return None
+
     def process_weights_after_loading(self, layer: Linear) -> None:
         """Turn the loaded tensors into the form apply reads (quantized methods: quantization/)."""
 
