@@ -197,17 +197,22 @@ def _engine_process(config: EngineConfig) -> bool:
 class Inbox:
     """What was delivered to one stream and not yet taken ((output, time) or an error), and the
     future its consumer waits on when there is none: lighter than an asyncio.Queue, and however
-    many outputs pile up, a step wakes the consumer once. Used on its loop only."""
+    many outputs pile up, a step wakes the consumer once. A consumer may instead set `listener`,
+    called at each delivery (inside the step's one callback on the loop, so it must not raise):
+    then no task is woken per stream and step. Used on its loop only."""
 
-    __slots__ = ("loop", "items", "waiter")
+    __slots__ = ("loop", "items", "waiter", "listener")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: list = []
         self.waiter: asyncio.Future | None = None
+        self.listener: Callable[[], None] | None = None
 
     def put(self, item) -> None:
         self.items.append(item)
+        if self.listener is not None:
+            self.listener()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -246,13 +251,18 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.done:
             raise StopAsyncIteration
-        inbox = self.inbox
-        if not inbox.items:
+        if not self.inbox.items:
             try:
-                await inbox.wait()
+                await self.inbox.wait()
             except BaseException:
                 self.close()
                 raise
+        return self.take()
+
+    def take(self) -> RequestOutput:
+        """What was delivered and not yet taken, as one output (raising a delivered error); call
+        it only when something was (inbox.items), and not once the stream is done."""
+        inbox = self.inbox
         items, inbox.items = inbox.items, []
         outs = []
         observe = self.observe
