@@ -307,19 +307,16 @@ class RequestStream:
         it only when something was (inbox.items), and not once the stream is done."""
         inbox = self.inbox
         items, inbox.items = inbox.items, []
-        outs = []
         observe = self.observe
         for item in items:
             if isinstance(item, BaseException):
                 self.close()
                 raise item
-            out, t = item
             if observe is not None:
-                observe(out, t)
-            outs.append(out)
+                observe(*item)
         if not self.started:
             self._mark_started()
-        out = outs[0] if len(outs) == 1 else _merge(outs)
+        out = items[0][0] if len(items) == 1 else _merge([out for out, _ in items])
         if out.finished:
             self.done = True
         return out
