@@ -17,7 +17,7 @@ import tuili
 from tuili.router.proxy import Router
 from tuili.server.auth import bearer_check, key_error
 from tuili.server.body import INLINE_BYTES, parse_json, read_body
-from tuili.server.errors import (REQUEST_ID_HEADER, APIError, assign_request_id,
+from tuili.server.errors import (BODY_SEND, REQUEST_ID_HEADER, APIError, assign_request_id,
                                  install_handlers, internal_error)
 
 log = logging.getLogger("tuili")
@@ -76,7 +76,8 @@ class RelayFront:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in RELAYED or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        rid = assign_request_id(scope, send)
+        rid = assign_request_id(scope)
+        scope[BODY_SEND] = send  # the relay's chunks go straight here
         request = Request(scope, receive)
         try:
             response = await self._answer(request, rid)
