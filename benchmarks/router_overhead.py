@@ -130,10 +130,10 @@ def plan_cores(per_worker: int, router: int) -> dict[str, list[int] | None]:
     None everywhere where the machine has too few cores (then say so)."""
     cores = sorted(os.sched_getaffinity(0))
     need = 2 * per_worker + router + 1
-    if len(cores) == 2:  # a small machine: the workers on one core, the router and client on the other
-        print("2 cores: the workers share core 0 (the two-worker arm is then no measurement), the "
-              "router and this client core 1", flush=True)
-        return {"w0": cores[:1], "w1": cores[:1], "router": cores[1:], "client": cores[1:]}
+    if len(cores) == 2:  # a small machine: the router on a core of its own, as it is deployed
+        print("2 cores: the workers and this client share core 0 (the two-worker arm is then no "
+              "measurement), the router has core 1", flush=True)
+        return {"w0": cores[:1], "w1": cores[:1], "router": cores[1:], "client": cores[:1]}
     if len(cores) < need:
         print(f"only {len(cores)} cores (need {need} for disjoint sets): nothing pinned, the "
               "arms share the cores", flush=True)

@@ -98,4 +98,4 @@ class RelayFront:
             body = parse_json(raw, self.max_json_depth)
         else:  # a large prompt: parsed off the event loop
             body = await asyncio.to_thread(parse_json, raw, self.max_json_depth)
-        return await self.router.forward(request.url.path, body, raw, headers, rid)
+        return await self.router.forward(request.scope["path"], body, raw, headers, rid)

@@ -169,13 +169,18 @@ class Router:
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         metrics = self.metrics
 
-        async def relay(send: Send) -> None:
-            """The worker's bytes to the client as they come, each read passed on at once."""
+        async def relay(send: Send) -> bool:
+            """The worker's bytes to the client as they come, each read passed on at once; True
+            when the last of them ended the body."""
             try:
-                if first:
-                    await send({"type": "http.response.body", "body": first, "more_body": True})
-                while chunk := await resp.content.readany():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = first
+                while chunk:
+                    # a stream's last event ends the answer in the same write
+                    last = sse and chunk.endswith(b"data: [DONE]\n\n")
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    if last:
+                        return True
+                    chunk = await resp.content.readany()
             except _CLIENT_ERRORS as e:  # the worker went away mid-answer: no retry now
                 log.warning("router: %s failed mid-answer (%s: %s)", url, type(e).__name__, e)
                 self.pool.mark_down(url, f"failed mid-answer: {e}")
@@ -186,6 +191,7 @@ class Router:
                                      "param": None, "code": "worker_failed"}}
                     await send({"type": "http.response.body", "more_body": True,
                                 "body": f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()})
+            return False
 
         async def done() -> None:
             worker.in_flight -= 1
@@ -233,8 +239,8 @@ class Relay(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         body_send = self.body_send or send
-        await self.relay(body_send)
-        await body_send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not await self.relay(body_send):  # True: the relay ended the body itself
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def prompt_text(body: dict) -> str:
