@@ -358,20 +358,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     m_pad = triton.next_power_of_2(m)
     use_pdl = pdl(x)
     parts = sumsq.shape[1] if sumsq is not None else 1
-    if persistent:
-        _gemv_persistent_kernel[(grid,)](
-            x, weight, out, bias if bias is not None else out,
-            residual if residual is not None else out,
-            norm_weight if norm_weight is not None else out,
-            sumsq if sumsq is not None else out, sumsq_out if want_sumsq else out,
-            eps, m, n, k, parts, x.stride(0), residual.stride(0) if residual is not None else 0,
-            HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None, SUMSQ_OUT=want_sumsq,
-            PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=use_pdl, launch_pdl=use_pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return (out, sumsq_out) if want_sumsq else out
-    _gemv_kernel[(grid,)](
+    if persistent:  # released at its start; x loaded once, so no norm block
+        kernel, extra = _gemv_persistent_kernel, {}
+    else:
+        kernel, extra = _gemv_kernel, dict(
+            NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad),
+            EARLY_RELEASE=early_release(cfg, weight.numel(), grid, x.device))
+    kernel[(grid,)](
         x, weight, out, bias if bias is not None else out,
         residual if residual is not None else out,
         norm_weight if norm_weight is not None else out,
@@ -380,8 +373,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None, SUMSQ_OUT=want_sumsq,
         PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, M_PAD=m_pad,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NORM_BLOCK=min(triton.next_power_of_2(k), 8192 // m_pad), USE_DOT=cfg.use_dot, PDL=use_pdl,
-        EARLY_RELEASE=early_release(cfg, weight.numel(), grid, x.device),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=use_pdl, **extra,
         launch_pdl=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, sumsq_out) if want_sumsq else out

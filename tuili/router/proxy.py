@@ -11,15 +11,15 @@ import logging
 import time
 
 import aiohttp
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.background import BackgroundTask
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from tuili.router.balance import PrefixIndex, VersionPicker, choose_worker
 from tuili.router.config import ModelRoute, RouterConfig, Version
 from tuili.router.metrics import RouterMetrics
 from tuili.router.workers import WorkerPool
-from tuili.server.errors import BODY_SEND, APIError
+from tuili.server.errors import APIError, DirectBody
 
 log = logging.getLogger("tuili")
 
@@ -164,7 +164,7 @@ class Router:
                        headers={"Retry-After": "1"})
 
     def _relay(self, resp: aiohttp.ClientResponse, first: bytes, model: str, version: Version,
-               url: str, started: float) -> StreamingResponse:
+               url: str, started: float) -> Relay:
         worker = self.pool.workers[url]
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         metrics = self.metrics
@@ -222,23 +222,17 @@ class Router:
         return out
 
 
-class Relay(StreamingResponse):
+class Relay(DirectBody):
     """A worker's answer relayed: the start goes through every middleware, the body's chunks
-    straight to the send below them (BODY_SEND, as the server's EventStream does: each layer
-    between would cost a coroutine call per chunk)."""
+    straight to the send below them (each layer between would cost a coroutine call per
+    chunk)."""
 
     def __init__(self, relay, **kwargs):
         super().__init__((), **kwargs)
-        self.relay, self.body_send = relay, None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.body_send = scope.get(BODY_SEND)
-        await super().__call__(scope, receive, send)
+        self.relay = relay
 
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        body_send = self.body_send or send
+        body_send = await self.start(send)
         if not await self.relay(body_send):  # True: the relay ended the body itself
             await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -17,7 +17,7 @@ from tuili.sampling_params import shown
 from tuili.server.auth import bearer_check
 from tuili.server.chat import create_chat_completion, render_text
 from tuili.server.completions import create_completion
-from tuili.server.errors import BODY_SEND, APIError, install_handlers
+from tuili.server.errors import BODY_SEND, install_handlers
 from tuili.server.pooling import pooling_routes, require_task
 from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest)

@@ -7,7 +7,7 @@ import re
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,6 +66,23 @@ REQUEST_ID_HEADER = "x-request-id"
 # call per chunk (BENCHMARKS.md, issue 19). Set by the app (tuili.server.app).
 BODY_SEND = "tuili.body_send"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class DirectBody(StreamingResponse):
+    """A streamed response whose start goes through every layer and whose body chunks go
+    straight to the send kept as BODY_SEND (where the app set one)."""
+
+    body_send: Send | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body_send = scope.get(BODY_SEND)
+        await super().__call__(scope, receive, send)
+
+    async def start(self, send: Send) -> Send:
+        """Sends the response's start; returns the send for its body."""
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        return self.body_send or send
 
 
 def request_id(request: Request) -> str:

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from tuili.async_llm import AsyncLLM, RequestCancelled, RequestStream
 from tuili.errors import InvalidParameter
 from tuili.outputs import RequestOutput
 from tuili.sampling_params import SamplingParams
 from tuili.server.body import parse_body
-from tuili.server.errors import BODY_SEND, APIError, error_event
+from tuili.server.errors import APIError, DirectBody, error_event
 from tuili.server.limits import ServerLimits
 from tuili.server.metrics import Metrics
 from tuili.server.protocol import SamplingFields
@@ -194,7 +193,7 @@ class ChunkWriter(Protocol):
     def last(self) -> str: ...  # before [DONE]
 
 
-class EventStream(StreamingResponse):
+class EventStream(DirectBody):
     """A text/event-stream response of engine outputs, `writer` turning each prompt's outputs
     (its RequestStream's, i = the prompt's index) into chunks. A step's delivery hands each
     stream's outputs to `_ready`, which makes the chunk and sends it there and then, the ASGI
@@ -208,20 +207,13 @@ class EventStream(StreamingResponse):
     def __init__(self, streams: list[RequestStream], writer: ChunkWriter, request_id: str):
         super().__init__((), media_type="text/event-stream")
         self.streams, self.writer, self.request_id = streams, writer, request_id
-        self.body_send: Send | None = None
         self._left = len(streams)  # streams not yet done
         self._wake: asyncio.Future | None = None  # set while `_ready` may send
         self._send: Send | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.body_send = scope.get(BODY_SEND)
-        await super().__call__(scope, receive, send)
-
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        # the start went through every layer; the chunks need not
-        self._send = send = self.body_send or send
+        # the start goes through every layer; the chunks need not
+        self._send = send = await self.start(send)
         try:
             text = await self._chunks()
         finally:
