@@ -16,17 +16,16 @@ from tuili.layers.attention import AttentionMetadata, TorchAttention
 from tuili.layers.backend import TorchBackend
 from tuili.layers.linear import Int4CpuMethod
 
-_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SERIAL_ATTENTION = True  # the attention's small ops on one thread (see CpuDecode.run)
 HISTORY_ROWS = 256  # the kept keys' first capacity per layer (doubled as a sequence grows)
 
 
-def _int4_args(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed, scales_zeros) of a bias-free layer on the int4 CPU method; None otherwise."""
+def _int4_gemv(layer):
+    """The 4-bit GEMV (x -> y) of a bias-free layer on the int4 CPU method; None otherwise."""
     m = layer.method
     if type(m) is not Int4CpuMethod or layer.bias is not None or getattr(layer, "reduces", False):
         return None
-    return m.packed, m.scales_zeros
+    return m.gemv
 
 
 class CpuDecode:
@@ -62,13 +61,12 @@ class CpuDecode:
                     or inner.window or inner.local_rope or not inner.rotary
                     or {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}):
                 return None
-            projections = [_int4_args(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+            projections = [_int4_gemv(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                    mlp.down_proj)]
             if None in projections:
                 return None
-            layers.append((layer.input_layernorm.weight, *projections[0], inner, *projections[1],
-                           layer.post_attention_layernorm.weight, *projections[2],
-                           *projections[3]))
+            layers.append((layer.input_layernorm.weight, projections[0], inner, projections[1],
+                           layer.post_attention_layernorm.weight, *projections[2:]))
         first = model.layers[0].self_attn
         return cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d,
                    model.layers[0].mlp.gate_up_proj.out_sizes[0])
@@ -77,7 +75,7 @@ class CpuDecode:
         """Whether the step is one sequence's one decode token that single_decode attends."""
         if input_ids.shape[0] != 1 or meta.num_decodes != 1 or meta.prefills:
             return False
-        inner = self.layers[0][3]
+        inner = self.layers[0][2]
         return TorchAttention.single_decode_slots(inner, meta) is not None
 
     def forget(self) -> None:
@@ -106,7 +104,7 @@ class CpuDecode:
     def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's K and V caches as [slots, kv_heads, d] (made again if the runner binds
         new ones)."""
-        bound = [(layer[3].k_cache, layer[3].v_cache) for layer in self.layers]
+        bound = [(layer[2].k_cache, layer[2].v_cache) for layer in self.layers]
         if self._bound is None or any(a is not b for pair, old in zip(bound, self._bound)
                                       for a, b in zip(pair, old)):
             self._bound = bound
@@ -120,7 +118,7 @@ class CpuDecode:
         nh, nkv, d, eps = self.nh, self.nkv, self.d, self.eps
         cos, sin = meta.folded_cos_sin
         slot = meta.slot_mapping
-        inner = self.layers[0][3]
+        inner = self.layers[0][2]
         slots = TorchAttention.single_decode_slots(inner, meta)
         half, qk_rows, group, width = d // 2, nh + nkv, nh // nkv, nh + 2 * nkv
         # More threads make the attention's bmm and softmax fork for a few microseconds of work
@@ -135,14 +133,14 @@ class CpuDecode:
         n, inter = slots.shape[0], self.intermediate
         kept = self._kept(slots)
         try:
-            for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
+            for (in_w, qkv_proj, attn, o_proj, post_w, gate_up, down), \
                     (k_cache, v_cache), (k_all, v_all) in zip(self.layers, caches, self._history):
                 x = x if residual is None else x + residual
                 residual = x
                 # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
                 h = x.float()
                 h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-                qkv = _int4(in_w * h.to(dtype), qkv_p, 32, qkv_s).view(1, width, d)
+                qkv = qkv_proj(in_w * h.to(dtype)).view(1, width, d)
                 qk = qkv[:, :qk_rows]
                 qk = qk * cos + qk.roll(half, -1) * sin
                 if one:
@@ -162,13 +160,13 @@ class CpuDecode:
                 out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
                 if one:
                     torch.set_num_threads(threads)
-                x = _int4(out.view(1, nh * d).to(dtype), o_p, 32, o_s)
+                x = o_proj(out.view(1, nh * d).to(dtype))
                 x = x + residual
                 residual = x
                 h = x.float()
                 h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-                gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
-                x = _int4(F.silu(gu[:, :inter]) * gu[:, inter:], down_p, 32, down_s)
+                gu = gate_up(post_w * h.to(dtype))
+                x = down(F.silu(gu[:, :inter]) * gu[:, inter:])
         finally:  # however the step ends, the threads it began with
             if one:
                 torch.set_num_threads(threads)

@@ -1,0 +1,187 @@
+// Decode GEMVs on x86 CPUs with AVX512-VNNI: 4-bit and 8-bit weights times int8 activations,
+// integer dot products (vpdpbusd), as llama.cpp's Q4_1 x Q8 does. Built by cpu_vnni.py.
+//
+// The activation row is quantized here, per group of 32 inputs: xq = round(x / d), d = max|x|/127,
+// and X = the group's exact sum of x (for the weights' offsets).
+//
+// 4-bit weight [N, K] (N % 16 == 0, K % 32 == 0), w = d * q + m (q in 0..15): tiles of 16 rows, and
+// per tile and group of 32 inputs one 320-byte block: 256 bytes of nibbles, byte 64c + 4r + b =
+// q[r, 8c + b] | q[r, 8c + 4 + b] << 4 (c < 4, r < 16, b < 4), then d[16] and m[16] in fp16.
+//
+// 8-bit weight [N, K], w = s[n] * q (q in -127..127): tiles of 16 rows, per group one 512-byte
+// block, byte 64c + 4r + b = q[r, 4c + b] + 128 (c < 8), unsigned: vpdpbusd multiplies unsigned by
+// signed bytes, so the sum is taken over q + 128 and 128 * sum(xq) taken off.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int GROUP = 32;
+constexpr int TILE = 16;
+constexpr int Q4_BLOCK = 320;
+constexpr int Q8_BLOCK = 512;
+
+struct QuantRow {
+  std::vector<int8_t> q;  // K (groups of 32)
+  std::vector<float> d;   // a scale per group
+  std::vector<float> sum; // the group's sum of x (4-bit) or 128 * sum(xq) (8-bit)
+};
+
+template <typename T>
+float as_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+void quantize_row(const T* x, int64_t k, QuantRow& out, bool q_sum) {
+  const int64_t groups = k / GROUP;
+  out.q.resize(k);
+  out.d.resize(groups);
+  out.sum.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    float v[GROUP];
+    float amax = 0.f, s = 0.f;
+    for (int i = 0; i < GROUP; ++i) {
+      v[i] = as_float(x[g * GROUP + i]);
+      amax = std::fmax(amax, std::fabs(v[i]));
+      s += v[i];
+    }
+    const float d = amax / 127.f;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    int qs = 0;
+    for (int i = 0; i < GROUP; ++i) {
+      const int q = static_cast<int>(std::nearbyint(v[i] * id));
+      out.q[g * GROUP + i] = static_cast<int8_t>(q);
+      qs += q;
+    }
+    out.d[g] = d;
+    out.sum[g] = q_sum ? 128.f * qs : s;
+  }
+}
+
+template <typename T>
+std::vector<QuantRow> quantize_rows(const torch::Tensor& x, bool q_sum) {
+  const int64_t m = x.size(0), k = x.size(1);
+  std::vector<QuantRow> rows(m);
+  const T* p = x.data_ptr<T>();
+  for (int64_t i = 0; i < m; ++i) quantize_row(p + i * k, k, rows[i], q_sum);
+  return rows;
+}
+
+std::vector<QuantRow> quantize(const torch::Tensor& x, bool q_sum) {
+  if (x.scalar_type() == torch::kBFloat16) return quantize_rows<c10::BFloat16>(x, q_sum);
+  if (x.scalar_type() == torch::kHalf) return quantize_rows<c10::Half>(x, q_sum);
+  return quantize_rows<float>(x, q_sum);
+}
+
+void store(const torch::Tensor& out, int64_t row, int64_t col, __m512 v) {
+  const int64_t n = out.size(1);
+  if (out.scalar_type() == torch::kFloat) {
+    _mm512_storeu_ps(out.data_ptr<float>() + row * n + col, v);
+    return;
+  }
+  alignas(64) float tmp[TILE];
+  _mm512_store_ps(tmp, v);
+  if (out.scalar_type() == torch::kBFloat16) {
+    auto* o = out.data_ptr<c10::BFloat16>() + row * n + col;
+    for (int i = 0; i < TILE; ++i) o[i] = c10::BFloat16(tmp[i]);
+  } else {
+    auto* o = out.data_ptr<c10::Half>() + row * n + col;
+    for (int i = 0; i < TILE; ++i) o[i] = c10::Half(tmp[i]);
+  }
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w, int64_t n, int64_t block) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: a contiguous CPU [M, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf ||
+              x.scalar_type() == torch::kFloat, "x: bfloat16, float16 or float32");
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % GROUP == 0 && n % TILE == 0, "K ", k, " must be a multiple of 32 and N ", n,
+              " of 16");
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() &&
+              w.numel() == n / TILE * (k / GROUP) * block, "packed weight of ", w.numel(),
+              " bytes does not fit N ", n, " K ", k);
+}
+
+}  // namespace
+
+torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t n) {
+  check(x, w, n, Q4_BLOCK);
+  const int64_t m = x.size(0), k = x.size(1), groups = k / GROUP;
+  const auto rows = quantize(x, false);
+  auto out = torch::empty({m, n}, x.options());
+  const uint8_t* base = w.data_ptr<uint8_t>();
+  at::parallel_for(0, n / TILE, 1, [&](int64_t begin, int64_t end) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t r = 0; r < m; ++r) {
+        const QuantRow& row = rows[r];
+        const int32_t* xq = reinterpret_cast<const int32_t*>(row.q.data());
+        const uint8_t* p = base + t * groups * Q4_BLOCK;
+        __m512 acc = _mm512_setzero_ps(), acc_m = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g, p += Q4_BLOCK, xq += 8) {
+          __m512i dot_lo = _mm512_setzero_si512(), dot_hi = _mm512_setzero_si512();
+          for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * c);
+            dot_lo = _mm512_dpbusd_epi32(dot_lo, _mm512_and_si512(v, low),
+                                         _mm512_set1_epi32(xq[2 * c]));
+            dot_hi = _mm512_dpbusd_epi32(dot_hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                         _mm512_set1_epi32(xq[2 * c + 1]));
+          }
+          const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 256)));
+          const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 288)));
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot_lo, dot_hi));
+          acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(row.d[g])), dot, acc);
+          acc_m = _mm512_fmadd_ps(mn, _mm512_set1_ps(row.sum[g]), acc_m);
+        }
+        store(out, r, t * TILE, _mm512_add_ps(acc, acc_m));
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  const int64_t n = scale.numel();
+  check(x, w, n, Q8_BLOCK);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: float32 [N]");
+  const int64_t m = x.size(0), k = x.size(1), groups = k / GROUP;
+  const auto rows = quantize(x, true);
+  auto out = torch::empty({m, n}, x.options());
+  const uint8_t* base = w.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::parallel_for(0, n / TILE, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const __m512 row_scale = _mm512_loadu_ps(s + t * TILE);
+      for (int64_t r = 0; r < m; ++r) {
+        const QuantRow& row = rows[r];
+        const int32_t* xq = reinterpret_cast<const int32_t*>(row.q.data());
+        const uint8_t* p = base + t * groups * Q8_BLOCK;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g, p += Q8_BLOCK, xq += 8) {
+          __m512i dot_a = _mm512_setzero_si512(), dot_b = _mm512_setzero_si512();
+          for (int c = 0; c < 8; c += 2) {
+            dot_a = _mm512_dpbusd_epi32(dot_a, _mm512_loadu_si512(p + 64 * c),
+                                        _mm512_set1_epi32(xq[c]));
+            dot_b = _mm512_dpbusd_epi32(dot_b, _mm512_loadu_si512(p + 64 * c + 64),
+                                        _mm512_set1_epi32(xq[c + 1]));
+          }
+          const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(dot_a, dot_b),
+                                               _mm512_set1_epi32(static_cast<int32_t>(row.sum[g])));
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(row.d[g]), acc);
+        }
+        store(out, r, t * TILE, _mm512_mul_ps(acc, row_scale));
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_gemv", &int4_gemv, "x [M, K] @ a packed 4-bit weight [N, K]^T");
+  m.def("int8_gemv", &int8_gemv, "x [M, K] @ a packed 8-bit weight [N, K]^T, a scale per row");
+}
