@@ -109,12 +109,12 @@ void check(const torch::Tensor& x, const torch::Tensor& w, int64_t n, int64_t bl
 
 }  // namespace
 
-torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t n) {
-  check(x, w, n, Q4_BLOCK);
-  const int64_t m = x.size(0), k = x.size(1), groups = k / GROUP;
-  const auto rows = quantize(x, false);
-  auto out = torch::empty({m, n}, x.options());
-  const uint8_t* base = w.data_ptr<uint8_t>();
+namespace {
+
+// out[r, :] = rows[r] @ w.T for the 4-bit weight w [n, groups * 32], in float32.
+void q4_gemv(const std::vector<QuantRow>& rows, const uint8_t* base, int64_t n, int64_t groups,
+             float* out) {
+  const int64_t m = rows.size();
   at::parallel_for(0, n / TILE, 1, [&](int64_t begin, int64_t end) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int64_t t = begin; t < end; ++t) {
@@ -138,11 +138,29 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t 
           acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(row.d[g])), dot, acc);
           acc_m = _mm512_fmadd_ps(mn, _mm512_set1_ps(row.sum[g]), acc_m);
         }
-        store(out, r, t * TILE, _mm512_add_ps(acc, acc_m));
+        _mm512_storeu_ps(out + r * n + t * TILE, _mm512_add_ps(acc, acc_m));
       }
     }
   });
-  return out;
+}
+
+void copy_out(const std::vector<float>& src, const torch::Tensor& out) {
+  const int64_t n = out.size(1);
+  for (int64_t r = 0; r < out.size(0); ++r)
+    for (int64_t c = 0; c < n; c += TILE) store(out, r, c, _mm512_loadu_ps(src.data() + r * n + c));
+}
+
+}  // namespace
+
+torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t n) {
+  check(x, w, n, Q4_BLOCK);
+  const int64_t m = x.size(0), k = x.size(1);
+  const auto rows = quantize(x, false);
+  std::vector<float> out(m * n);
+  q4_gemv(rows, w.data_ptr<uint8_t>(), n, k / GROUP, out.data());
+  auto y = torch::empty({m, n}, x.options());
+  copy_out(out, y);
+  return y;
 }
 
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
@@ -181,7 +199,116 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, const to
   return out;
 }
 
+namespace {
+
+// a = x * rsqrt(mean(x^2) + eps) * w, quantized for the next GEMV.
+std::vector<QuantRow> normed(const float* x, const c10::BFloat16* w, int64_t h, double eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < h; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.f / std::sqrt(float(ss / h) + float(eps));
+  std::vector<float> a(h);
+  for (int64_t i = 0; i < h; ++i) a[i] = x[i] * r * float(w[i]);
+  std::vector<QuantRow> rows(1);
+  quantize_row(a.data(), h, rows[0], false);
+  return rows;
+}
+
+float dot(const float* a, const float* b, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+}  // namespace
+
+// One decode token through one Llama layer, in place on the residual stream x (float32 [H]):
+// x += o(attention(rope(qkv(norm(x))))), then x += down(silu(gate) * up) of norm(x). The new
+// key and value go to the 16-bit caches at `slot` and, widened from their 16-bit values (as a
+// gather from the cache would give them), to row n - 1 of the float32 histories k_all / v_all
+// [rows, kv_heads, d], whose rows 0..n-2 hold the sequence's earlier keys and values.
+void decode_layer(torch::Tensor x, const torch::Tensor& in_w, const torch::Tensor& post_w,
+                  double eps, const torch::Tensor& qkv_w, const torch::Tensor& o_w,
+                  const torch::Tensor& gu_w, const torch::Tensor& down_w,
+                  const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache,
+                  torch::Tensor v_cache, int64_t slot, torch::Tensor k_all, torch::Tensor v_all,
+                  int64_t n, double scale, int64_t nh, int64_t nkv, int64_t d, int64_t inter) {
+  const int64_t h = x.numel(), width = (nh + 2 * nkv) * d, group = nh / nkv;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: float32 [H]");
+  TORCH_CHECK(in_w.scalar_type() == torch::kBFloat16 && post_w.scalar_type() == torch::kBFloat16,
+              "norm weights: bfloat16");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16
+              && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: contiguous bfloat16");
+  TORCH_CHECK(k_all.scalar_type() == torch::kFloat && k_all.is_contiguous() && v_all.is_contiguous()
+              && n >= 1 && n <= k_all.size(0), "histories: float32 of at least n rows");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat &&
+              cos.numel() == d && sin.numel() == d && d % 16 == 0, "cos, sin: float32 [d]");
+  TORCH_CHECK(qkv_w.numel() == width / TILE * (h / GROUP) * Q4_BLOCK &&
+              o_w.numel() == h / TILE * (nh * d / GROUP) * Q4_BLOCK &&
+              gu_w.numel() == 2 * inter / TILE * (h / GROUP) * Q4_BLOCK &&
+              down_w.numel() == h / TILE * (inter / GROUP) * Q4_BLOCK, "packed weights' sizes");
+  float* xp = x.data_ptr<float>();
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+
+  std::vector<float> qkv(width);
+  q4_gemv(normed(xp, in_w.data_ptr<c10::BFloat16>(), h, eps), qkv_w.data_ptr<uint8_t>(), width,
+          h / GROUP, qkv.data());
+  // Rotary with sin folded (its sign per half): out[j] = x[j] cos[j] + x[(j + d/2) % d] sin[j].
+  float rolled[1024];
+  TORCH_CHECK(d <= 1024, "head_dim ", d, " over 1024");
+  for (int64_t head = 0; head < nh + nkv; ++head) {
+    float* v = qkv.data() + head * d;
+    for (int64_t j = 0; j < d; ++j) rolled[j] = v[(j + d / 2) % d];
+    for (int64_t j = 0; j < d; ++j) v[j] = v[j] * cs[j] + rolled[j] * sn[j];
+  }
+  const int64_t row = nkv * d;
+  auto* kc = k_cache.data_ptr<c10::BFloat16>() + slot * row;
+  auto* vc = v_cache.data_ptr<c10::BFloat16>() + slot * row;
+  float* kh = k_all.data_ptr<float>();
+  float* vh = v_all.data_ptr<float>();
+  for (int64_t j = 0; j < row; ++j) {
+    kc[j] = c10::BFloat16(qkv[nh * d + j]);
+    vc[j] = c10::BFloat16(qkv[nh * d + row + j]);
+    kh[(n - 1) * row + j] = float(kc[j]);
+    vh[(n - 1) * row + j] = float(vc[j]);
+  }
+  // One query per head over the n keys of its kv head: softmax(q k^T * scale) v.
+  std::vector<float> att(nh * d, 0.f), p(n);
+  for (int64_t head = 0; head < nh; ++head) {
+    const float* q = qkv.data() + head * d;
+    const int64_t kv = head / group;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      p[j] = dot(q, kh + j * row + kv * d, d) * float(scale);
+      top = std::fmax(top, p[j]);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+    float* o = att.data() + head * d;
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = p[j] / total;
+      const float* vj = vh + j * row + kv * d;
+      for (int64_t e = 0; e < d; ++e) o[e] += w * vj[e];
+    }
+  }
+  std::vector<QuantRow> rows(1);
+  quantize_row(att.data(), nh * d, rows[0], false);
+  std::vector<float> y(h);
+  q4_gemv(rows, o_w.data_ptr<uint8_t>(), h, nh * d / GROUP, y.data());
+  for (int64_t i = 0; i < h; ++i) xp[i] += y[i];
+
+  std::vector<float> gu(2 * inter);
+  q4_gemv(normed(xp, post_w.data_ptr<c10::BFloat16>(), h, eps), gu_w.data_ptr<uint8_t>(),
+          2 * inter, h / GROUP, gu.data());
+  for (int64_t i = 0; i < inter; ++i) gu[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[inter + i];
+  quantize_row(gu.data(), inter, rows[0], false);
+  q4_gemv(rows, down_w.data_ptr<uint8_t>(), h, inter / GROUP, y.data());
+  for (int64_t i = 0; i < h; ++i) xp[i] += y[i];
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "x [M, K] @ a packed 4-bit weight [N, K]^T");
   m.def("int8_gemv", &int8_gemv, "x [M, K] @ a packed 8-bit weight [N, K]^T, a scale per row");
+  m.def("decode_layer", &decode_layer, "one decode token through one Llama layer, in place");
 }

@@ -78,6 +78,8 @@ class Int8HeadMethod(LinearMethod):
             self.q, self.float_scale = cpu_vnni.pack_int8(q), self.scale.float()
         else:
             self.q = q
+        # The tensors the int8 kernel reads (their bytes are what a decode step reads).
+        self.tensors = (self.q, self.float_scale if self.vnni is not None else self.scale)
 
     def quantized(self, weight: torch.Tensor) -> torch.Tensor:
         """The int8 weights [N, K] the kernel reads (weight: the head's 16-bit table)."""
