@@ -108,7 +108,7 @@ def layer_reference(x, in_w, post_w, eps, ws, cos, sin, k_all, v_all, n, nh, nkv
 
 
 @needs_vnni
-@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("n", [1, 37, 300])  # 300: the heads over the threads
 def test_decode_layer_matches_its_steps_in_torch(n):
     """SmolLM2's shapes, random weights: the residual stream, the stored K/V (16-bit cache at
     the slot, widened into history row n - 1) as the torch ops give them."""
@@ -121,7 +121,7 @@ def test_decode_layer_matches_its_steps_in_torch(n):
     angle = torch.rand(d // 2, generator=g) * 6
     cos = torch.cat([angle.cos()] * 2)
     sin = torch.cat([-angle.sin(), angle.sin()])  # folded: the first half's sign flipped
-    k_all, v_all = (torch.randn(64, nkv, d, generator=g).bfloat16().float() for _ in range(2))
+    k_all, v_all = (torch.randn(320, nkv, d, generator=g).bfloat16().float() for _ in range(2))
     k_cache, v_cache = (torch.zeros(128, nkv, d, dtype=torch.bfloat16) for _ in range(2))
     x = torch.randn(hidden, generator=g)
     ref, k_new, v_new = layer_reference(x, in_w, post_w, eps, ws, cos, sin, k_all, v_all, n, nh,

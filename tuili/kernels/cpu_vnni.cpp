@@ -273,25 +273,29 @@ void decode_layer(torch::Tensor x, const torch::Tensor& in_w, const torch::Tenso
     kh[(n - 1) * row + j] = float(kc[j]);
     vh[(n - 1) * row + j] = float(vc[j]);
   }
-  // One query per head over the n keys of its kv head: softmax(q k^T * scale) v.
-  std::vector<float> att(nh * d, 0.f), p(n);
-  for (int64_t head = 0; head < nh; ++head) {
-    const float* q = qkv.data() + head * d;
-    const int64_t kv = head / group;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      p[j] = dot(q, kh + j * row + kv * d, d) * float(scale);
-      top = std::fmax(top, p[j]);
+  // One query per head over the n keys of its kv head: softmax(q k^T * scale) v, the heads
+  // spread over the threads where the keys are many (a few us of work each at ~100 keys).
+  std::vector<float> att(nh * d, 0.f);
+  at::parallel_for(0, nh, n >= 256 ? 1 : nh, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(n);
+    for (int64_t head = begin; head < end; ++head) {
+      const float* q = qkv.data() + head * d;
+      const int64_t kv = head / group;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(q, kh + j * row + kv * d, d) * float(scale);
+        top = std::fmax(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      float* o = att.data() + head * d;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j] / total;
+        const float* vj = vh + j * row + kv * d;
+        for (int64_t e = 0; e < d; ++e) o[e] += w * vj[e];
+      }
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-    float* o = att.data() + head * d;
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = p[j] / total;
-      const float* vj = vh + j * row + kv * d;
-      for (int64_t e = 0; e < d; ++e) o[e] += w * vj[e];
-    }
-  }
+  });
   std::vector<QuantRow> rows(1);
   quantize_row(att.data(), nh * d, rows[0], false);
   std::vector<float> y(h);
