@@ -21,14 +21,15 @@ needs_vnni = pytest.mark.skipif(cpu_vnni.module() is None,
 
 
 def quantized_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' int8 inputs per group of 32, dequantized [M, K], and each group's exact sum
-    [M, K/32] (float64). The rounding in float32 as the kernel does it (x times 1 / d): ties
-    of x / d fall the same way."""
-    g = x.float().reshape(x.shape[0], -1, 32)
+    """The kernels' int8 inputs (a scale per 16), dequantized [M, K], and each group of 32's
+    exact sum [M, K/32] (float64). The rounding in float32 as the kernel does it (x times
+    1 / d): ties of x / d fall the same way."""
+    g = x.float().reshape(x.shape[0], -1, 16)
     d = g.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
     xq = torch.round(g * inv)
-    return (xq.double() * d.double()).reshape(x.shape), g.double().sum(-1)
+    sums = g.double().reshape(x.shape[0], -1, 32).sum(-1)
+    return (xq.double() * d.double()).reshape(x.shape), sums
 
 
 def random_int4(n: int, k: int, seed: int = 0) -> Int4Weight:

@@ -1,8 +1,9 @@
 // Decode GEMVs on x86 CPUs with AVX512-VNNI: 4-bit and 8-bit weights times int8 activations,
 // integer dot products (vpdpbusd), as llama.cpp's Q4_1 x Q8 does. Built by cpu_vnni.py.
 //
-// The activation row is quantized here, per group of 32 inputs: xq = round(x / d), d = max|x|/127,
-// and X = the group's exact sum of x (for the weights' offsets).
+// The activation row is quantized here, per 16 inputs (half a weight group): xq = round(x / d),
+// d = max|x| / 127, and X = each group of 32's exact sum of x (for the weights' offsets). Scales
+// per 16 rather than llama.cpp's 32: SmolLM2's few outlier channels then coarsen fewer inputs.
 //
 // 4-bit weight [N, K] (N % 16 == 0, K % 32 == 0), w = d * q + m (q in 0..15): tiles of 16 rows, and
 // per tile and group of 32 inputs one 320-byte block: 256 bytes of nibbles, byte 64c + 4r + b =
@@ -27,10 +28,12 @@ constexpr int TILE = 16;
 constexpr int Q4_BLOCK = 320;
 constexpr int Q8_BLOCK = 512;
 
+constexpr int HALF = GROUP / 2;  // the inputs' scales are per 16 (two a weight group)
+
 struct QuantRow {
-  std::vector<int8_t> q;  // K (groups of 32)
-  std::vector<float> d;   // a scale per group
-  std::vector<float> sum; // the group's sum of x (4-bit) or 128 * sum(xq) (8-bit)
+  std::vector<int8_t> q;   // K
+  std::vector<float> d;    // a scale per 16 inputs
+  std::vector<float> sum;  // per 32 the sum of x (4-bit), or per 16 128 * sum(xq) (8-bit)
 };
 
 template <typename T>
@@ -38,28 +41,32 @@ float as_float(T v) { return static_cast<float>(v); }
 
 template <typename T>
 void quantize_row(const T* x, int64_t k, QuantRow& out, bool q_sum) {
-  const int64_t groups = k / GROUP;
   out.q.resize(k);
-  out.d.resize(groups);
-  out.sum.resize(groups);
-  for (int64_t g = 0; g < groups; ++g) {
-    float v[GROUP];
+  out.d.resize(k / HALF);
+  out.sum.resize(q_sum ? k / HALF : k / GROUP);
+  for (int64_t h = 0; h < k / HALF; ++h) {
+    float v[HALF];
     float amax = 0.f, s = 0.f;
-    for (int i = 0; i < GROUP; ++i) {
-      v[i] = as_float(x[g * GROUP + i]);
+    for (int i = 0; i < HALF; ++i) {
+      v[i] = as_float(x[h * HALF + i]);
       amax = std::fmax(amax, std::fabs(v[i]));
       s += v[i];
     }
     const float d = amax / 127.f;
     const float id = d > 0.f ? 1.f / d : 0.f;
     int qs = 0;
-    for (int i = 0; i < GROUP; ++i) {
+    for (int i = 0; i < HALF; ++i) {
       const int q = static_cast<int>(std::nearbyint(v[i] * id));
-      out.q[g * GROUP + i] = static_cast<int8_t>(q);
+      out.q[h * HALF + i] = static_cast<int8_t>(q);
       qs += q;
     }
-    out.d[g] = d;
-    out.sum[g] = q_sum ? 128.f * qs : s;
+    out.d[h] = d;
+    if (q_sum)
+      out.sum[h] = 128.f * qs;
+    else if (h % 2)
+      out.sum[h / 2] += s;
+    else
+      out.sum[h / 2] = s;
   }
 }
 
@@ -124,18 +131,29 @@ void q4_gemv(const std::vector<QuantRow>& rows, const uint8_t* base, int64_t n, 
         const uint8_t* p = base + t * groups * Q4_BLOCK;
         __m512 acc = _mm512_setzero_ps(), acc_m = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; ++g, p += Q4_BLOCK, xq += 8) {
-          __m512i dot_lo = _mm512_setzero_si512(), dot_hi = _mm512_setzero_si512();
-          for (int c = 0; c < 4; ++c) {
-            const __m512i v = _mm512_loadu_si512(p + 64 * c);
-            dot_lo = _mm512_dpbusd_epi32(dot_lo, _mm512_and_si512(v, low),
-                                         _mm512_set1_epi32(xq[2 * c]));
-            dot_hi = _mm512_dpbusd_epi32(dot_hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                         _mm512_set1_epi32(xq[2 * c + 1]));
+          // chunks 0, 1 hold inputs 0..15 of the group, chunks 2, 3 inputs 16..31
+          __m512i dot[2];
+          for (int half = 0; half < 2; ++half) {
+            const __m512i v0 = _mm512_loadu_si512(p + 128 * half);
+            const __m512i v1 = _mm512_loadu_si512(p + 128 * half + 64);
+            const int32_t* x4 = xq + 4 * half;
+            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, low),
+                                            _mm512_set1_epi32(x4[0]));
+            __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                            _mm512_and_si512(_mm512_srli_epi16(v0, 4), low),
+                                            _mm512_set1_epi32(x4[1]));
+            a = _mm512_dpbusd_epi32(a, _mm512_and_si512(v1, low), _mm512_set1_epi32(x4[2]));
+            b = _mm512_dpbusd_epi32(b, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low),
+                                    _mm512_set1_epi32(x4[3]));
+            dot[half] = _mm512_add_epi32(a, b);
           }
           const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 256)));
           const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 288)));
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot_lo, dot_hi));
-          acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(row.d[g])), dot, acc);
+          const __m512 xs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0]),
+                                            _mm512_set1_ps(row.d[2 * g]),
+                                            _mm512_mul_ps(_mm512_cvtepi32_ps(dot[1]),
+                                                          _mm512_set1_ps(row.d[2 * g + 1])));
+          acc = _mm512_fmadd_ps(d, xs, acc);
           acc_m = _mm512_fmadd_ps(mn, _mm512_set1_ps(row.sum[g]), acc_m);
         }
         _mm512_storeu_ps(out + r * n + t * TILE, _mm512_add_ps(acc, acc_m));
@@ -181,16 +199,20 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, const to
         const uint8_t* p = base + t * groups * Q8_BLOCK;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; ++g, p += Q8_BLOCK, xq += 8) {
-          __m512i dot_a = _mm512_setzero_si512(), dot_b = _mm512_setzero_si512();
-          for (int c = 0; c < 8; c += 2) {
-            dot_a = _mm512_dpbusd_epi32(dot_a, _mm512_loadu_si512(p + 64 * c),
-                                        _mm512_set1_epi32(xq[c]));
-            dot_b = _mm512_dpbusd_epi32(dot_b, _mm512_loadu_si512(p + 64 * c + 64),
-                                        _mm512_set1_epi32(xq[c + 1]));
+          for (int half = 0; half < 2; ++half) {  // chunks 4 half .. 4 half + 3: 16 inputs
+            const uint8_t* ph = p + 256 * half;
+            const int32_t* x4 = xq + 4 * half;
+            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(ph),
+                                            _mm512_set1_epi32(x4[0]));
+            __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(ph + 64),
+                                            _mm512_set1_epi32(x4[1]));
+            a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(ph + 128), _mm512_set1_epi32(x4[2]));
+            b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(ph + 192), _mm512_set1_epi32(x4[3]));
+            const int64_t i = 2 * g + half;
+            const __m512i dot = _mm512_sub_epi32(
+                _mm512_add_epi32(a, b), _mm512_set1_epi32(static_cast<int32_t>(row.sum[i])));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(row.d[i]), acc);
           }
-          const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(dot_a, dot_b),
-                                               _mm512_set1_epi32(static_cast<int32_t>(row.sum[g])));
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(row.d[g]), acc);
         }
         store(out, r, t * TILE, _mm512_mul_ps(acc, row_scale));
       }
