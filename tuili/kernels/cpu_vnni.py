@@ -1,7 +1,7 @@
 """Decode GEMVs on AVX512-VNNI CPUs (cpu_vnni.cpp): 4- and 8-bit weights times activations
-quantized to int8 per group of 32, integer dot products, as llama.cpp's Q4_1 x Q8 runs.
+quantized to int8 (a scale per 16 inputs), integer dot products, as llama.cpp's Q4_1 x Q8 runs.
 
-The C++ is compiled on first use by torch.utils.cpp_extension (a compiler and ninja needed; ~40 s
+The C++ is compiled on first use by torch.utils.cpp_extension (a compiler and ninja needed; 30-50 s
 once on 2 cores, then cached in torch's extensions folder). Where it cannot be built or the CPU
 lacks AVX512-VNNI, `module()` is None and the callers keep torch's kernels. TUILI_CPU_VNNI=0
 turns it off. The packing below is the layout the C++ reads (see its header)."""

@@ -51,7 +51,7 @@ class Int4CpuMethod(LinearMethod):
     """The weight also kept packed in 4 bits for steps of up to MAX_ROWS rows (decode); the float
     weight serves the rest (prefill, batches), as the 4-bit kernels do not reuse the weights
     across rows. On AVX512-VNNI CPUs the 4-bit GEMV is kernels/cpu_vnni's (activations quantized
-    to int8 per group of 32, as llama.cpp's Q4_1 x Q8; 2.3-3.4x torch's int4 kernel on SmolLM2's
+    to int8 with a scale per 16, as llama.cpp's Q4_1 x Q8; 2.3-3.4x torch's int4 kernel on SmolLM2's
     shapes, BENCHMARKS.md 2026-12-08), else torch's int4 kernel (activations in bf16)."""
 
     name = "int4"

@@ -72,7 +72,7 @@ class Int8HeadMethod(LinearMethod):
         self.scale = quantize_per_row(weight, torch.int8, 127)[1].to(weight.dtype)
         q = self.quantized(weight)
         # On AVX512-VNNI CPUs kernels/cpu_vnni reads the same int8 weights (its own layout) with
-        # the activations quantized to int8 per group of 32: 2.5x torch's kernel, one thread.
+        # the activations quantized to int8 (a scale per 16): 2.5x torch's kernel, one thread.
         self.vnni = cpu_vnni.module() if cpu_vnni.fits(*weight.shape) else None
         if self.vnni is not None:
             self.q, self.float_scale = cpu_vnni.pack_int8(q), self.scale.float()
