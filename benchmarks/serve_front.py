@@ -17,7 +17,8 @@ time (getrusage of this process: event loop, reader thread, tokenizer threads) o
 divided by the tokens streamed, is the front's CPU per token.
 
 Prints, per concurrency C: front CPU us/token, us/chunk, CPU per request, wall, SSE chunks, and
-the us/token of the event loop's thread and of the pipe's reader thread;
+the us/token of the event loop's thread and of the pipe's reader thread, and the part of the
+front's us/token spent in the kernel (sys: socket and pipe syscalls, wake-ups);
 then the intake of a burst: the spread from the first to the last of N requests reaching the
 engine queue (AsyncLLM._queue), N = --intake (256) prompts of --intake-len (512) token ids.
 
@@ -144,9 +145,10 @@ def _clients(port: int, concurrency: int, prompt, max_tokens: int, result) -> No
 
 # ---- the front (this process) ---------------------------------------------------------------
 
-def _cpu() -> float:
+def _cpu() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime, r.ru_stime
 
 
 def _thread_cpu() -> dict[str, float]:
@@ -235,12 +237,13 @@ def main() -> None:
             time.sleep(0.001)
         cpu0, threads0 = _cpu(), _thread_cpu()
         chunks, wall = result.get()
-        cpu, threads1 = _cpu() - cpu0, _thread_cpu()
+        (cpu1, sys1), threads1 = _cpu(), _thread_cpu()
+        cpu, sys_s = cpu1 - cpu0[0], sys1 - cpu0[1]
         proc.join()
         tokens = concurrency * max_tokens
         by_thread = {k: (v - threads0.get(k, 0.0)) / tokens * 1e6 for k, v in threads1.items()}
         return {"concurrency": concurrency, "tokens": tokens, "chunks": chunks - concurrency,
-                "cpu_s": cpu, "wall_s": wall, "us_per_token": cpu / tokens * 1e6,
+                "cpu_s": cpu, "sys_us_per_token": sys_s / tokens * 1e6, "wall_s": wall, "us_per_token": cpu / tokens * 1e6,
                 "ms_per_request": cpu / concurrency * 1e3,
                 "intake_ms": (stamps[-1] - stamps[0]) * 1e3 if len(stamps) > 1 else 0.0,
                 "loop_us_per_token": by_thread.get(loop_thread.name, 0.0),
@@ -257,7 +260,7 @@ def main() -> None:
     print(f"front CPU ({args.engine} engine, step {args.step_ms:g} ms, {args.max_tokens} tokens "
           f"a request, prompt 'Hello'; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
     print(f"{'streams':>8} {'us/token':>9} {'us/chunk':>9} {'ms/req':>7} {'wall s':>7} "
-          f"{'chunks':>7} {'loop':>6} {'reader':>6}")
+          f"{'chunks':>7} {'loop':>6} {'reader':>6} {'sys':>6}")
     for _ in range(args.rounds):
         for c in map(int, args.concurrency.split(",")):
             r = run(c, "Hello", args.max_tokens)
@@ -265,7 +268,8 @@ def main() -> None:
             results.append(r)
             print(f"{c:>8} {r['us_per_token']:>9.1f} {r['us_per_chunk']:>9.1f} "
                   f"{r['ms_per_request']:>7.2f} {r['wall_s']:>7.2f} {r['chunks']:>7} "
-                  f"{r['loop_us_per_token']:>6.1f} {r['reader_us_per_token']:>6.1f}", flush=True)
+                  f"{r['loop_us_per_token']:>6.1f} {r['reader_us_per_token']:>6.1f} "
+                  f"{r['sys_us_per_token']:>6.1f}", flush=True)
     intake = []
     if args.intake:
         for _ in range(args.rounds):

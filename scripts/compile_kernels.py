@@ -215,7 +215,9 @@ def fp8_kv_cache() -> None:
 
 def quantized_linears() -> None:
     """The quantized layers' kernels (kernels/triton_quant.py) on Llama-3.1-8B's gate_up and down
-    shapes: the decode GEMVs at 1 and 8 rows, and the 4-bit dequantize of larger steps."""
+    shapes: the decode GEMVs at 1 and 8 rows, plain and with the decode step's fusions (gate_up:
+    the norm from the sums of squares and SiLU; down: the residual add, leaving the sums), and
+    the 4-bit dequantize of larger steps."""
     from tuili.kernels import triton_quant
 
     bf = torch.bfloat16
@@ -223,15 +225,24 @@ def quantized_linears() -> None:
     for n, k in ((2 * inter, hidden), (hidden, inter)):
         qweight = torch.zeros(k // 8, n, dtype=torch.int32)
         scales = torch.zeros(k // 128, n, dtype=torch.float16)
+        gate_up = n == 2 * inter
         for m in (1, 8):
             x = torch.zeros(m, k, dtype=bf)
+            fused = (dict(norm_weight=torch.ones(k, dtype=bf), eps=1e-5, gated=True,
+                          sumsq=torch.zeros(m, 32)) if gate_up else
+                     dict(residual=torch.zeros(m, n, dtype=bf), want_sumsq=True))
+            label = "norm + SiLU" if gate_up else "residual + sums"
             WHERE.update(model=f"llama3-8b [{n}, {k}], {m} row{'s' if m > 1 else ''}",
                          launch="int4 GEMV (g128)")
             triton_quant.int4_gemv(x, qweight, scales, scales, 128)
+            WHERE["launch"] = f"int4 GEMV (g128), {label}"
+            triton_quant.int4_gemv(x, qweight, scales, scales, 128, **fused)
             for dtype in (torch.int8, torch.float8_e4m3fn):
                 WHERE["launch"] = f"{str(dtype).removeprefix('torch.')} GEMV"
-                triton_quant.scaled_gemv(x, torch.zeros(n, k, dtype=dtype),
-                                         torch.ones(n, dtype=bf))
+                w = torch.zeros(n, k, dtype=dtype)
+                triton_quant.scaled_gemv(x, w, torch.ones(n, dtype=bf))
+                WHERE["launch"] += f", {label}"
+                triton_quant.scaled_gemv(x, w, torch.ones(n, dtype=bf), **fused)
         WHERE.update(model=f"llama3-8b [{n}, {k}]", launch="int4 dequantize (large steps)")
         triton_quant.int4_dequantize(qweight, scales, scales, 128, bf)
 

@@ -16,3 +16,20 @@ def mixed_step_meta(rope) -> AttentionMetadata:
                              positions=positions, rope=rope, num_decodes=2, max_decode_len=9,
                              prefills=[(2, 3, 4)],
                              prefill_seqs=torch.tensor([[2], [3], [4]], dtype=torch.int32))
+
+
+def random_llamas(config):
+    """(a Llama of `config` on the torch backend, the same weights on the Triton one, CPU
+    tensors: under the interpreter), random weights, the norms' around 1."""
+    import tuili.layers.backend as backend
+    import tuili.models.llama as llama
+
+    model = llama.LlamaForCausalLM(config)
+    gpu_model = llama.LlamaForCausalLM(config, backend.TritonBackend(torch.device("cpu")))
+    for p in model.parameters():
+        p.data.normal_(0, 0.08)
+    for m in model.modules():
+        if isinstance(m, llama.RMSNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+    gpu_model.load_state_dict(model.state_dict())
+    return model, gpu_model

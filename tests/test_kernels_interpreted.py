@@ -18,7 +18,7 @@ from tests.interpreted import IGNORE_SCALAR_READS, use_interpreter
 use_interpreter("tuili.kernels.triton_gemv")
 pytestmark = IGNORE_SCALAR_READS
 
-from tests.attention_steps import mixed_step_meta  # noqa: E402
+from tests.attention_steps import mixed_step_meta, random_llamas  # noqa: E402
 from tuili.kernels import reference, triton_attention, triton_gemv, triton_rope  # noqa: E402
 from tuili.kernels.triton_gemv import GemvConfig  # noqa: E402
 from tuili.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -52,6 +52,41 @@ def test_gemv_fusions(m, fusion, config):
     ref = reference.silu_and_mul(ref) if gated else ref
     ref = ref + res if res is not None else ref
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("fusion", ["norm+sumsq_out", "norm+gated+sumsq", "bias+residual"])
+@pytest.mark.parametrize("use_dot", [False, True], ids=["fma", "dot"])
+def test_persistent_gemv(monkeypatch, m, fusion, use_dot):
+    """The resident-grid GEMV: 3 SMs x 2 programs over more column tiles, so each program
+    loops over several (and prefetches past the last one, a partial tile among them); its sum-of-squares parts, one per
+    program, add up to the output's."""
+    monkeypatch.setattr(triton_gemv, "num_sms", lambda device: 3)
+    torch.manual_seed(m + 7)
+    n, k = 46 if not use_dot else 200, 100  # 23 or 13 tiles over 6 programs
+    gated = "gated" in fusion
+    x = torch.randn(m, k)
+    w = torch.randn(2 * n if gated else n, k) * k ** -0.5
+    norm_w = torch.rand(k) + 0.5 if "norm" in fusion else None
+    bias = torch.randn(n) if "bias" in fusion else None
+    res = torch.randn(m, n) if "residual" in fusion else None
+    sumsq = x.pow(2).sum(1, keepdim=True) if "sumsq" in fusion and "out" not in fusion else None
+    config = GemvConfig(block_n=2 if not use_dot else 16, block_k=128, use_dot=use_dot,
+                        programs_per_sm=2)
+    out = nan(m, n)
+    got = triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config, out=out, sumsq=sumsq,
+                           want_sumsq="sumsq_out" in fusion)
+    ref = reference.rms_norm(x, norm_w, 1e-5) if norm_w is not None else x
+    ref = torch.nn.functional.linear(ref, w, bias)
+    ref = reference.silu_and_mul(ref) if gated else ref
+    ref = ref + res if res is not None else ref
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if "sumsq_out" in fusion:
+        parts = got[1]
+        assert parts.shape == (m, 6)
+        torch.testing.assert_close(parts.sum(1), ref.pow(2).sum(1), atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="block_k"):
+        triton_gemv.gemv(x, w, config=GemvConfig(2, 64, programs_per_sm=2), gated=gated)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -261,19 +296,12 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
     with every GPU-only branch taken (GEMVs with the norms, the rope kernel, Triton decode and
     prefill attention) matches the torch path: logits and the K/V written to the cache."""
     import tuili.layers.backend as backend
-    import tuili.models.llama as llama
     from tuili.models.config import ModelConfig
 
     torch.manual_seed(0)
     c = ModelConfig("LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=256,
                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, attention_bias=True)
-    model = llama.LlamaForCausalLM(c)
-    gpu_model = llama.LlamaForCausalLM(c, backend.TritonBackend(torch.device("cpu")))
-    for p in model.parameters():
-        p.data.normal_(0, 0.08)
-    for m in model.modules():
-        if isinstance(m, llama.RMSNorm):
-            m.weight.data.uniform_(0.5, 1.5)
+    model, gpu_model = random_llamas(c)
     rope = RotaryEmbedding(64, 64, 1e4, None, torch.float32, torch.device("cpu"))
     start = [torch.randn(8, 4, 2, 64) for _ in range(2)]
     meta = mixed_step_meta(rope)
@@ -286,7 +314,6 @@ def test_decode_step_through_the_gpu_code_path(monkeypatch):
             return model.logits(model(ids, meta)), attn.k_cache, attn.v_cache
 
     expected = step(model)
-    gpu_model.load_state_dict(model.state_dict())
     calls = []
     gemv = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(a[1].shape) or gemv(*a, **k))

@@ -226,10 +226,18 @@ class _BuggyLLM(StandInLLM):
 
 
 class _BrokenStream:
-    def __aiter__(self):
-        return self
+    """A RequestStream with an output delivered and a bug in taking it."""
+    done = False
 
-    async def __anext__(self):
+    def __init__(self):
+        import asyncio
+
+        from tuili.async_llm import Inbox
+
+        self.inbox = Inbox(asyncio.get_running_loop())
+        self.inbox.items.append(None)
+
+    def take(self):
         raise KeyError("a bug")
 
     def close(self) -> None:

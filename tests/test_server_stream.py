@@ -217,3 +217,63 @@ def test_rebuilt_outputs_equal_the_engines_and_keep_their_own_length(with_logpro
         assert (y.finish_reason, y.stop_reason, b.finished) == (x.finish_reason, x.stop_reason,
                                                                 a.finished)
     assert rebuilder.streams == {} and wire.sent == {}
+
+
+def _asgi(app, body: dict, send_waits, disconnect: asyncio.Event | None = None) -> list[dict]:
+    """POST /v1/completions straight through ASGI, with a send that awaits send_waits(message)
+    first (a client slow to read: the transport paused) and a receive that reports a disconnect
+    once `disconnect` is set. Returns the messages sent."""
+    sent = []
+
+    async def go():
+        data = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions",
+                 "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(data)).encode())],
+                 "client": ("t", 1), "server": ("t", 80)}
+        bodies = [{"type": "http.request", "body": data, "more_body": False}]
+
+        async def receive():
+            if bodies:
+                return bodies.pop()
+            await (disconnect or asyncio.Event()).wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await send_waits(message)
+            sent.append(message)
+
+        await app(scope, receive, send)
+    asyncio.run(go())
+    return sent
+
+
+def test_a_send_that_waits_gets_the_outputs_that_came_meanwhile_merged(app):
+    async def slow(message):  # every body chunk waits 5 ms: outputs come every 2 ms
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(0.005)
+    sent = _asgi(app, {"prompt": [7, 8, 9], "max_tokens": 10, "stream": True}, slow)
+    assert sent[0]["status"] == 200 and not sent[-1]["more_body"]
+    text = b"".join(m["body"] for m in sent[1:]).decode()
+    events = [json.loads(ln[6:]) for ln in text.split("\n\n") if ln and ln != "data: [DONE]"]
+    assert text.endswith("data: [DONE]\n\n")
+    assert "".join(c["text"] for e in events for c in e["choices"]) == "".join(WORDS)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(events) < len(WORDS)  # outputs piled up while a send waited, then went as one
+
+
+def test_a_client_gone_while_a_send_waits_aborts_the_request(app):
+    gone = asyncio.Event()
+
+    async def stuck(message):  # the second body chunk never gets out; then the client leaves
+        if message["type"] == "http.response.body" and message["body"]:
+            if stuck.chunks:
+                gone.set()
+                await asyncio.Event().wait()
+            stuck.chunks += 1
+    stuck.chunks = 0
+    sent = _asgi(app, {"prompt": [HOLDS, 8, 9], "max_tokens": 10, "stream": True}, stuck, gone)
+    assert len(sent) == 2  # the start and one chunk
+    assert [r[-2:] for r in app.state.tuili.llm.aborted] == ["-0"]

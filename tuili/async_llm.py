@@ -2,8 +2,9 @@
 
 The loop (engine_core.EngineLoop) runs in a thread of this process or, with `engine_process`
 (the default on GPU), in a process of its own, so that the HTTP side's Python never holds the
-engine's GIL. It takes commands (add, abort) and hands each step's outputs to the event loop in
-one call_soon_threadsafe. It never waits on the network; the HTTP side never waits on a step.
+engine's GIL. It takes commands (add, abort) and hands each step's outputs to the event loop
+through a Mailbox: one call_soon_threadsafe for whatever steps came since the loop last took
+them. It never waits on the network; the HTTP side never waits on a step.
 Work on the input that grows with its size (tokenizing, templates) runs in a small thread pool,
 `run_in_worker`, so a long prompt never holds up the event loop.
 """
@@ -11,6 +12,7 @@ Work on the input that grows with its size (tokenizing, templates) runs in a sma
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -50,6 +52,7 @@ class AsyncLLM:
         self.unstarted_tokens = 0  # prompt tokens, once per prompt (its n samples share them)
         # Each request's stream, by request id: registered when made, dropped at its end.
         self._sinks: dict[str, Inbox] = {}
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # what goes to each loop
         self.engine_process = _engine_process(config)
         if self.engine_process:
             from tuili.engine_process import ProcessCore
@@ -164,14 +167,20 @@ class AsyncLLM:
                 items = by_loop.get(inbox.loop)
                 if items is None:
                     items = by_loop[inbox.loop] = []
-                items.append((inbox, out))
-        for loop, items in by_loop.items():  # one wake-up per loop per step
-            loop.call_soon_threadsafe(_deliver, items, t)
+                items.append((inbox, (out, t)))
+        for loop, items in by_loop.items():
+            self._mailbox(loop).post(items)
 
     def on_failed(self, request_id: str, error: BaseException) -> None:
         inbox = self._sinks.pop(request_id, None)
         if inbox is not None:
-            inbox.loop.call_soon_threadsafe(inbox.put, error)
+            self._mailbox(inbox.loop).post([(inbox, error)])
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = Mailbox(loop)
+        return box
 
     def on_stats(self, stats: EngineStats) -> None:
         self.stats = stats
@@ -194,20 +203,59 @@ def _engine_process(config: EngineConfig) -> bool:
     return torch.cuda.is_available()
 
 
+class Mailbox:
+    """What the engine's side (its thread, or the pipe's reader) hands to one event loop: lists
+    of (inbox, item), taken on the loop in one callback however many came since the last. So a
+    loop that fell behind by several steps takes them at once, and each stream's listener or
+    consumer is told once: their outputs go out merged, as one chunk. The order is kept."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: collections.deque = collections.deque()
+        self.scheduled = False  # a take is on the loop's queue
+
+    def post(self, items: list) -> None:
+        """From any thread."""
+        self.pending.append(items)
+        if not self.scheduled:  # take() clears it before it looks, so none is missed
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.take)
+
+    def take(self) -> None:
+        self.scheduled = False
+        told: dict[Inbox, None] = {}  # in the order of their first item
+        pending = self.pending
+        while pending:
+            for inbox, item in pending.popleft():
+                inbox.items.append(item)
+                told[inbox] = None
+        for inbox in told:
+            inbox.tell()
+
+
 class Inbox:
     """What was delivered to one stream and not yet taken ((output, time) or an error), and the
     future its consumer waits on when there is none: lighter than an asyncio.Queue, and however
-    many outputs pile up, a step wakes the consumer once. Used on its loop only."""
+    many outputs pile up, a step wakes the consumer once. A consumer may instead set `listener`,
+    called at each delivery (inside the step's one callback on the loop, so it must not raise):
+    then no task is woken per stream and step. Used on its loop only."""
 
-    __slots__ = ("loop", "items", "waiter")
+    __slots__ = ("loop", "items", "waiter", "listener")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: list = []
         self.waiter: asyncio.Future | None = None
+        self.listener: Callable[[], None] | None = None
 
     def put(self, item) -> None:
         self.items.append(item)
+        self.tell()
+
+    def tell(self) -> None:
+        """That items came."""
+        if self.listener is not None:
+            self.listener()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -246,27 +294,29 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.done:
             raise StopAsyncIteration
-        inbox = self.inbox
-        if not inbox.items:
+        if not self.inbox.items:
             try:
-                await inbox.wait()
+                await self.inbox.wait()
             except BaseException:
                 self.close()
                 raise
+        return self.take()
+
+    def take(self) -> RequestOutput:
+        """What was delivered and not yet taken, as one output (raising a delivered error); call
+        it only when something was (inbox.items), and not once the stream is done."""
+        inbox = self.inbox
         items, inbox.items = inbox.items, []
-        outs = []
         observe = self.observe
         for item in items:
             if isinstance(item, BaseException):
                 self.close()
                 raise item
-            out, t = item
             if observe is not None:
-                observe(out, t)
-            outs.append(out)
+                observe(*item)
         if not self.started:
             self._mark_started()
-        out = outs[0] if len(outs) == 1 else _merge(outs)
+        out = items[0][0] if len(items) == 1 else _merge([out for out, _ in items])
         if out.finished:
             self.done = True
         return out
@@ -285,11 +335,6 @@ class RequestStream:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _deliver(items: list, t: float) -> None:
-    for inbox, out in items:
-        inbox.put((out, t))
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:

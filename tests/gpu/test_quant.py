@@ -1,7 +1,10 @@
 """The quantized linears compiled on the GPU: each kernel against its torch reference (the
 default tiles on either card's traits, every tile the sweep times, split K in a CUDA graph), and a
 random Qwen3-0.6B-shaped model quantized at load decoding through the kernels (eager and in CUDA
-graphs) as it does through the reference path (dequantize, then matmul) on the same weights."""
+graphs) as it does through the reference path (dequantize, then matmul) on the same weights.
+The decode GEMVs' fusions (norm, SiLU, residual add, sums of squares) against the reference chain
+and the unfused kernels, the backend's route into them, and a random Llama-3.1-8B-shaped model's
+greedy decode with and without them (int4, FP8)."""
 
 import functools
 
@@ -14,6 +17,8 @@ if not torch.cuda.is_available():
 
 from benchmarks.quant_gemv_sweep import INT4_TILES, SCALED_TILES  # noqa: E402
 from tests.gpu.random_models import build  # noqa: E402
+from tests.quant_fusions import (EPS, act_order_weight, int4_reference, int4_weight,  # noqa: E402
+                                 parts_of_squares, scaled_weight, unfused)
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.kernels import reference_quant, triton_quant  # noqa: E402
 from tuili.quantization.fp8 import FP8, FP8_MAX, quantize_per_row  # noqa: E402
@@ -170,3 +175,247 @@ def test_quantized_model_decodes_through_the_kernels(folder, quantization):
         agree = sum(x == y for x, y in zip(a, b)) / len(a)
         assert agree >= 0.75, (a, b)  # bf16 summation order only: near-ties may flip
         assert graphed.outputs[0].token_ids == a
+
+
+# The decode GEMVs' fusions (the bf16 GEMV's: RMSNorm prologue, silu(gate) * up, residual add,
+# the output's sums of squares for the next norm), compiled, in bf16.
+
+FUSION_SHAPES = [(37, 384), (1000, 3072), (4096, 4096)]  # (outputs, K): padded tiles, odd sizes
+FUSIONS = ["norm+gated", "sumsq-norm+gated", "bias+residual+sums", "norm+residual"]
+
+
+def _fused_kwargs(fusion, x, n):
+    kw = {}
+    if "norm" in fusion:
+        kw.update(norm_weight=torch.rand(x.shape[1], device="cuda", dtype=torch.bfloat16) + 0.5,
+                  eps=EPS)
+    if "sumsq" in fusion:
+        kw["sumsq"] = parts_of_squares(x, 5)
+    if "gated" in fusion:
+        kw["gated"] = True
+    if "residual" in fusion:
+        kw["residual"] = torch.randn(x.shape[0], n, device="cuda", dtype=torch.bfloat16)
+    if "sums" in fusion:
+        kw["want_sumsq"] = True
+    return kw
+
+
+def _check_fused(fused, x, kw, linear, kernel_alone):
+    """The fused GEMV against the reference chain in bf16 (dequantize -> cuBLAS), and against
+    the same kernel unfused with the reference norm, SiLU and add around it: one summation
+    order, so equal but where the norm's float32 sum of squares rounds a value the other way."""
+    out = fused[0] if kw.get("want_sumsq") else fused
+    args = (x, linear, kw.get("norm_weight"), kw.get("gated", False), kw.get("residual"))
+    _close(out, unfused(*args).float())
+    apart = unfused(x, kernel_alone, *args[2:])
+    assert (out == apart).float().mean() > 0.95
+    if kw.get("want_sumsq"):
+        torch.testing.assert_close(fused[1].sum(1), out.float().pow(2).sum(1), rtol=1e-4,
+                                   atol=1e-2)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("group", [32, 128, -1, "act-order"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", FUSION_SHAPES)
+def test_int4_fusions_match_reference(n, k, m, group, fusion):
+    torch.manual_seed(m + n + k)
+    rows = 2 * n if "gated" in fusion else n
+    qw, s, z, g, perm = (act_order_weight(rows, k - 24, 8, "cuda", torch.float16)
+                         if group == "act-order" else
+                         int4_weight(rows, k, k if group == -1 else group, "cuda", torch.float16))
+    x = torch.randn(m, k - 24 if perm is not None else k, device="cuda", dtype=torch.bfloat16)
+    kw = _fused_kwargs(fusion, x, n)
+    bias = (torch.randn(rows, device="cuda", dtype=torch.bfloat16) if "bias" in fusion
+            else None)
+    linear = int4_reference(qw, s, z, g, perm)
+    plain = (lambda h: linear(h) + bias) if bias is not None else linear
+    fused = triton_quant.int4_gemv(x, qw, s, z, g, bias, perm=perm, **kw)
+    _check_fused(fused, x, kw, plain,
+                 lambda h: triton_quant.int4_gemv(h, qw, s, z, g, bias, perm=perm))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", FUSION_SHAPES)
+def test_scaled_fusions_match_reference(n, k, m, kind, fusion):
+    torch.manual_seed(m + n + k)
+    rows = 2 * n if "gated" in fusion else n
+    q, scale = scaled_weight(kind, rows, k, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    kw = _fused_kwargs(fusion, x, n)
+    bias = (torch.randn(rows, device="cuda", dtype=torch.bfloat16) if "bias" in fusion
+            else None)
+    fused = triton_quant.scaled_gemv(x, q, scale, bias, **kw)
+    _check_fused(fused, x, kw, lambda h: reference_quant.scaled_linear(h, q, scale, bias),
+                 lambda h: triton_quant.scaled_gemv(h, q, scale, bias))
+
+
+def test_int4_fused_split_in_a_cuda_graph():
+    """A split GEMV's last-arriving range runs the epilogue (norm from the sums, SiLU; then the
+    residual add leaving the sums) in each replay of a captured pair."""
+    torch.manual_seed(0)
+    d, inter, group = 4096, 2048, 128
+    gate_up = _int4(2 * inter, d, group)
+    down = _int4(d, inter, group)
+    x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    norm_w = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    sumsq = parts_of_squares(x)
+
+    def pair():
+        h = triton_quant.int4_gemv(x, *gate_up, group, norm_weight=norm_w, eps=EPS, gated=True,
+                                   sumsq=sumsq)
+        return triton_quant.int4_gemv(h, *down, group, residual=x, want_sumsq=True)
+
+    assert triton_quant.int4_config(1, 2 * inter, d, group).split_k > 1
+    pair()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, sums = pair()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        sumsq.copy_(parts_of_squares(x))
+        graph.replay()
+        h = unfused(x, lambda v: reference_quant.int4_linear(v, gate_up[0], *gate_up[1:], group),
+                    norm_w, gated=True)
+        ref = reference_quant.int4_linear(h, down[0], *down[1:], group) + x
+        _close(out, ref.float())
+        torch.testing.assert_close(sums.sum(1), out.float().pow(2).sum(1), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_fused_gemvs_same_with_and_without_programmatic_launch(m, monkeypatch):
+    """The fusions read x, the sums and the residual after gdc_wait: with programmatic dependent
+    launch behind a producer of them (the first GEMV), the same bits as without."""
+    torch.manual_seed(m)
+    d, n = 4096, 1536
+    qw, s, z = _int4(2 * n, d, 128)
+    q8, s8 = scaled_weight("int8", d, 2 * n, "cuda")
+    x = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
+    norm_w = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    stream = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        h, sums = triton_quant.scaled_gemv(x, q8, s8, residual=stream, want_sumsq=True)
+        return triton_quant.int4_gemv(h, qw, s, z, 128, norm_weight=norm_w, eps=EPS,
+                                      gated=True, sumsq=sums)
+
+    with_pdl = chain()
+    monkeypatch.setattr(triton_quant, "pdl", lambda t: False)
+    assert torch.equal(chain(), with_pdl)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8", "fp8"])
+def test_backend_routes_quantized_layers_into_fused_gemvs(quantization, monkeypatch):
+    """TritonBackend.linear: a quantized layer at <= 8 rows takes its format's fused GEMV with
+    the norm, SiLU and add (one launch, and the sums of squares), equal to the same calls with
+    the fusions off (norm kernel, the plain GEMV, SiLU kernel, add) and to 9 rows (no GEMV)."""
+    import tuili.layers.backend as backend
+    from tuili.layers.linear import Linear
+    from tuili.layers.norm import RMSNorm
+    from tuili.quantization import method_class
+    from tuili.quantization.config import QuantConfig
+
+    torch.manual_seed(0)
+    k, inter = 1024, 1536
+    tb = backend.TritonBackend(torch.device("cuda"))
+    norm = RMSNorm(k, EPS, tb).cuda().to(torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    layers = []
+    for sizes, k_in in (([inter, inter], k), ([k], inter)):
+        layer = Linear(k_in, sizes).cuda().to(torch.bfloat16)
+        layer.weight.data.normal_(0, k_in ** -0.5)
+        layer.params_dtype, layer.params_device = torch.bfloat16, layer.weight.device
+        qc = QuantConfig(quantization, group_size=128 if quantization == "int4" else -1)
+        layer.method = method_class(qc)(qc, layer)
+        layer.method.use_triton = True
+        layer.method.create_weights(layer)
+        layer.process_weights_after_loading()
+        layers.append(layer)
+    gate_up, down = layers
+    x = torch.randn(9, k, device="cuda", dtype=torch.bfloat16)
+
+    def mlp(rows):
+        h = tb.linear(x[:rows], gate_up, norm=norm, gated=True)
+        return tb.linear(h, down, residual=x[:rows], want_sumsq=True)
+
+    fused, sums = mlp(8)
+    assert sums is not None
+    torch.testing.assert_close(sums.sum(1), fused.float().pow(2).sum(1), rtol=1e-4, atol=1e-2)
+    wide, none = mlp(9)
+    assert none is None
+    monkeypatch.setattr(backend, "QUANT_FUSIONS", False)
+    apart, none = mlp(8)
+    assert none is None
+    assert (fused == apart).float().mean() > 0.95
+    _close(fused, wide[:8].float())
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A random Llama-3.1-8B-shaped model of 2 layers (every real projection shape and tile; the
+    branches scaled down so that a bf16 rounding rarely flips a greedy token)."""
+    path = tmp_path_factory.mktemp("llama3-quant")
+    hf = build("llama3-8b", path, num_layers=2, branch_scale=0.5)
+    del hf
+    torch.cuda.empty_cache()
+    return path
+
+
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_llama_decodes_the_same_with_the_fusions(llama_folder, quantization,
+                                                           monkeypatch):
+    """The whole model: decode steps of 1..8 rows through the fused quantized GEMVs (eager and in
+    CUDA graphs) give the greedy tokens and logprobs of the unfused path (the plain GEMV with the
+    norm, SiLU and add kernels apart: QUANT_FUSIONS off), on the same quantized weights; and the
+    fused GEMVs did run (norm, SiLU and residual in them)."""
+    import gc
+
+    import tuili.layers.backend as backend
+
+    prompts = [list(range(5 + i, 5 + i + n)) for i, n in enumerate((3, 17, 40, 9, 130, 5, 66, 12))]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    options = dict(dtype="bfloat16", device="cuda", kv_cache_memory_gb=2, max_num_seqs=8,
+                   max_model_len=512, quantization=quantization)
+    kernel = "int4_gemv" if quantization == "int4" else "scaled_gemv"
+    seen = set()
+    gemv = getattr(triton_quant, kernel)
+
+    def recording(*args, **kw):
+        seen.update(f for f in ("norm_weight", "sumsq", "gated", "residual", "want_sumsq")
+                    if kw.get(f) is not None and kw.get(f) is not False)
+        return gemv(*args, **kw)
+
+    monkeypatch.setattr(triton_quant, kernel, recording)
+    eager = LLM(str(llama_folder), enforce_eager=True, **options)
+    fused = eager.generate(prompts, greedy)
+    assert seen == {"norm_weight", "sumsq", "gated", "residual", "want_sumsq"}
+    monkeypatch.setattr(backend, "QUANT_FUSIONS", False)
+    apart = eager.generate(prompts, greedy)
+    monkeypatch.setattr(backend, "QUANT_FUSIONS", True)
+    del eager
+    gc.collect()
+    torch.cuda.empty_cache()
+    graphs = LLM(str(llama_folder), **options)
+    in_graphs = graphs.generate(prompts, greedy)
+    del graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    for other in (apart, in_graphs):
+        assert _agreement(fused, other) >= 0.9  # a rounding may flip a near tie, then diverge
+
+
+def _agreement(outs, others) -> float:
+    """The share of greedy tokens two runs agree on before they first differ; up to there each
+    token's logprob within 0.05 (a bf16 rounding of the logits or the stream, not a bug)."""
+    agree = total = 0
+    for ours, ref in zip(outs, others):
+        a, b = ours.outputs[0], ref.outputs[0]
+        same = 0
+        while same < len(a.token_ids) and a.token_ids[same] == b.token_ids[same]:
+            same += 1
+        agree, total = agree + same, total + len(a.token_ids)
+        for lp, lp_ref in zip(a.logprobs[:same], b.logprobs[:same]):
+            assert abs(lp.logprob - lp_ref.logprob) < 0.05, (lp, lp_ref)
+    return agree / total

@@ -143,6 +143,96 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr
                  mask=m_mask)
 
 
+@triton.jit
+def _gemv_persistent_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, norm_w_ptr, sumsq_ptr,
+                            sumsq_out_ptr, eps, M, N, K, SUMSQ_PARTS, stride_x, stride_r,
+                            HAS_NORM: tl.constexpr, SUMSQ_IN: tl.constexpr,
+                            SUMSQ_OUT: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, M_PAD: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                            PDL: tl.constexpr):
+    """_gemv_kernel's work on a grid that is all resident at once: each program takes column
+    tiles pid, pid + programs, ... (BLOCK_K covers the whole row, so x is loaded and normalised
+    once), the next tile's weight rows loaded before this tile's sum. Being resident, it lets the
+    next kernel launch at its start (PDL): that kernel's programs take the SM room this one leaves
+    and load their first weights while this one streams, so no kernel boundary drains the
+    memory system."""
+    if PDL:
+        gdc_launch_dependents()
+    m = tl.arange(0, M_PAD)
+    m_mask = m < M
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles = tl.cdiv(N, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    x_rows = x_ptr + m[:, None] * stride_x
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_mask = (n < N)[:, None] & k_mask[None, :]
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=w_mask, other=0.0)
+    if GATED:
+        u = tl.load(w_ptr + (n[:, None] + N).to(tl.int64) * K + k[None, :], mask=w_mask,
+                    other=0.0)
+    if PDL:
+        gdc_wait()
+    rstd = tl.zeros([M_PAD], tl.float32)
+    if HAS_NORM and SUMSQ_IN:
+        p = tl.arange(0, PARTS_BLOCK)
+        parts = tl.load(sumsq_ptr + m[:, None] * SUMSQ_PARTS + p[None, :],
+                        mask=m_mask[:, None] & (p < SUMSQ_PARTS)[None, :], other=0.0)
+        rstd = tl.rsqrt(tl.sum(parts, axis=1) / K + eps)
+    elif HAS_NORM:
+        v = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(v * v, axis=1) / K + eps)
+    xv = _x_tile(x_rows, norm_w_ptr, k, k_mask, m_mask, rstd, HAS_NORM)
+    squares = tl.zeros([M_PAD], tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    for t in range(pid, tiles, programs):
+        # the next tile's rows stream in while this one is summed
+        n_next = (t + programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+        next_mask = (n_next < N)[:, None] & k_mask[None, :]
+        w_next = tl.load(w_ptr + n_next[:, None].to(tl.int64) * K + k[None, :], mask=next_mask,
+                         other=0.0)
+        if GATED:
+            u_next = tl.load(w_ptr + (n_next[:, None] + N).to(tl.int64) * K + k[None, :],
+                             mask=next_mask, other=0.0)
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        if USE_DOT:
+            acc = tl.trans(_accumulate(tl.zeros([BLOCK_N, M_PAD], tl.float32), w, xv, USE_DOT))
+        else:
+            acc = _accumulate(tl.zeros([M_PAD, BLOCK_N], tl.float32), w, xv, USE_DOT)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(dtype)
+        if GATED:
+            if USE_DOT:
+                acc_up = tl.trans(_accumulate(tl.zeros([BLOCK_N, M_PAD], tl.float32), u, xv,
+                                              USE_DOT))
+            else:
+                acc_up = _accumulate(tl.zeros([M_PAD, BLOCK_N], tl.float32), u, xv, USE_DOT)
+            if HAS_BIAS:
+                up_bias = tl.load(bias_ptr + N + n, mask=n_mask, other=0.0)
+                acc_up += up_bias.to(tl.float32)[None, :]
+            g = y.to(tl.float32)
+            act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(dtype)
+            y = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+            u = u_next
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + m[:, None] * stride_r + n[None, :], mask=mask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=mask)
+        if SUMSQ_OUT:
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            squares += tl.sum(yf * yf, axis=1)
+        w = w_next
+    if SUMSQ_OUT:  # this program's part of each row's sum of squares, for the next RMSNorm
+        tl.store(sumsq_out_ptr + m * programs + pid, squares, mask=m_mask)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int
@@ -151,6 +241,9 @@ class GemvConfig:
     num_stages: int = 1
     use_dot: bool = False  # tensor-core dot (rows padded by Triton), else FMA and a reduction
     early_release: bool | None = None  # PDL: release the next kernel at the start; None: the rule
+    # > 0: a resident grid of this many programs per SM, each looping over column tiles
+    # (_gemv_persistent_kernel; block_k must cover the whole row), released at its start
+    programs_per_sm: int = 0
 
 
 # _fast_memory_config's answer where cuBLAS (and separate norm / SiLU / add kernels) wins.
@@ -256,10 +349,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if sumsq is not None:
         assert sumsq.shape[0] == m and sumsq.dtype == torch.float32 and sumsq.is_contiguous()
     grid = triton.cdiv(n, cfg.block_n)
+    persistent = cfg.programs_per_sm > 0
+    if persistent:
+        if cfg.block_k < k:
+            raise ValueError(f"a persistent GEMV needs block_k >= k ({cfg.block_k} < {k})")
+        grid = min(grid, cfg.programs_per_sm * num_sms(x.device))
     sumsq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if want_sumsq else None
     m_pad = triton.next_power_of_2(m)
     use_pdl = pdl(x)
     parts = sumsq.shape[1] if sumsq is not None else 1
+    if persistent:
+        _gemv_persistent_kernel[(grid,)](
+            x, weight, out, bias if bias is not None else out,
+            residual if residual is not None else out,
+            norm_weight if norm_weight is not None else out,
+            sumsq if sumsq is not None else out, sumsq_out if want_sumsq else out,
+            eps, m, n, k, parts, x.stride(0), residual.stride(0) if residual is not None else 0,
+            HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None, SUMSQ_OUT=want_sumsq,
+            PARTS_BLOCK=triton.next_power_of_2(parts), GATED=gated, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return (out, sumsq_out) if want_sumsq else out
     _gemv_kernel[(grid,)](
         x, weight, out, bias if bias is not None else out,
         residual if residual is not None else out,

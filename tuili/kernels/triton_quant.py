@@ -17,6 +17,14 @@ flight, wide coalesced loads, the x tile loaded once per K tile and shared by ev
   applied once per output. A program owns BLOCK_N rows; one row's products are summed once,
   after the loop.
 
+Both carry the bf16 decode GEMV's fusions (kernels/triton_gemv.py), so that a quantized decode
+layer launches what a bf16 one does: an RMSNorm prologue (its scale from the sums of squares the
+producer left in parts, or a pass over x), silu(gate) * up of a merged [gate | up] weight (a
+program's columns: half gates, then the matching ups), the residual add, and the output's sums of
+squares for the next norm; each rounded to the model dtype where kernels/reference.py rounds. In
+a split launch the epilogue runs once, in the last range to arrive, on the whole sum. The 4-bit
+GEMV reads an act-order layer's input in its order itself (no gather).
+
 Both launch with programmatic dependent launch (kernels.pdl): the first weight tile streams in
 while the kernel before drains; everything an earlier kernel writes is read after gdc_wait.
 
@@ -54,6 +62,92 @@ class QuantGemvConfig:
     use_dot: bool = False  # tensor-core dot (rows padded to 16), else FMA
     prefetch: bool = False  # int4, one row: load the next K tile before summing this one
     int8_bits: bool = True  # int8, one row: weights to floats by their bits, not a conversion
+
+
+@triton.jit
+def _columns(pid, N_OUT, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """A program's weight columns (int4) or rows (int8/FP8) and their mask: BLOCK_N outputs, or
+    for a merged [gate | up] weight BLOCK_N / 2 gate columns then the matching up ones, N_OUT
+    further on (two runs of consecutive columns: the loads stay vectorised)."""
+    i = tl.arange(0, BLOCK_N)
+    if GATED:
+        o = pid * (BLOCK_N // 2) + i % (BLOCK_N // 2)
+        n = o + (i // (BLOCK_N // 2)) * N_OUT
+    else:
+        o = pid * BLOCK_N + i
+        n = o
+    return n, o < N_OUT
+
+
+@triton.jit
+def _norm_rstd(x_ptr, stride_x, m, m_mask, sumsq_ptr, SUMSQ_PARTS, norm_k, eps,
+               HAS_NORM: tl.constexpr, SUMSQ_IN: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+               NORM_BLOCK: tl.constexpr, M_PAD: tl.constexpr):
+    """Each row's 1 / rms of x (its norm_k channels) for the RMSNorm prologue: from the sums of
+    squares the producer left in parts (SUMSQ_IN), else from a pass over x."""
+    rstd = tl.zeros([M_PAD], tl.float32)
+    if HAS_NORM and SUMSQ_IN:
+        p = tl.arange(0, PARTS_BLOCK)
+        parts = tl.load(sumsq_ptr + m[:, None] * SUMSQ_PARTS + p[None, :],
+                        mask=m_mask[:, None] & (p < SUMSQ_PARTS)[None, :], other=0.0)
+        rstd = tl.rsqrt(tl.sum(parts, axis=1) / norm_k + eps)
+    elif HAS_NORM:
+        kn = tl.arange(0, NORM_BLOCK)
+        squares = tl.zeros([M_PAD, NORM_BLOCK], tl.float32)
+        for k0 in range(0, norm_k, NORM_BLOCK):
+            v = tl.load(x_ptr + m[:, None] * stride_x + (k0 + kn)[None, :],
+                        mask=m_mask[:, None] & (k0 + kn < norm_k)[None, :], other=0.0)
+            squares += v.to(tl.float32) * v.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / norm_k + eps)
+    return rstd
+
+
+@triton.jit
+def _load_x(x_ptr, row_off, idx, k_mask, m_mask, nw_ptr, rstd, perm_ptr, k_x,
+            HAS_NORM: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x's channels idx (row_off, m_mask and rstd broadcast against them): the layer's input
+    channel perm[idx] where HAS_PERM (act-order's order; k_x, past x's end, is padding: a zero),
+    RMS-normalised where HAS_NORM, rounded as reference.rms_norm rounds."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + idx, mask=k_mask, other=0)
+        k_mask = k_mask & (src < k_x)
+    else:
+        src = idx
+    xv = tl.load(x_ptr + row_off + src, mask=m_mask & k_mask, other=0.0)
+    if HAS_NORM:
+        nw = tl.load(nw_ptr + src, mask=k_mask, other=0.0)
+        h = (xv.to(tl.float32) * rstd).to(xv.dtype)
+        xv = (nw.to(tl.float32) * h.to(tl.float32)).to(xv.dtype)
+    return xv
+
+
+@triton.jit
+def _epilogue(y, m, m_mask, pid, out_ptr, res_ptr, stride_r, sumsq_out_ptr, N_OUT,
+              GATED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
+              M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y [M_PAD, BLOCK_N] float32 (_columns' order, bias added) rounded to out's dtype; if GATED
+    silu(gate) * up, + residual, each rounded where reference.silu_and_mul and a separate add
+    round (as triton_gemv's epilogues); stored, and with SUMSQ_OUT this program's part of each
+    row's sum of squares (for the next RMSNorm)."""
+    dtype = out_ptr.dtype.element_ty
+    y = y.to(dtype)
+    if GATED:
+        o = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        gate, up = tl.split(tl.permute(tl.reshape(y, [M_PAD, 2, BLOCK_N // 2]), (0, 2, 1)))
+        g = gate.to(tl.float32)
+        act = tl.fdiv(g, 1.0 + tl.exp(-g)).to(dtype)  # 2 ulp of float32 vanish in the rounding
+        y = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
+    else:
+        o = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = m_mask[:, None] & (o < N_OUT)[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + m[:, None] * stride_r + o[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + m[:, None] * N_OUT + o[None, :], y, mask=mask)
+    if SUMSQ_OUT:
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_out_ptr + m * tl.num_programs(0) + pid, tl.sum(yf * yf, axis=1),
+                 mask=m_mask)
 
 
 @triton.jit
@@ -116,8 +210,9 @@ def _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
 
 @triton.jit
 def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, magic_bits,
+                  m_mask, nw_ptr, rstd, perm_ptr, k_x,
                   GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, KW: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr, HAS_PERM: tl.constexpr):
     """One row of x times the words of word rows `rows`: [KW, BLOCK_N] float32 products, summed
     over each word's 8 rows. All 2-D in the words' own layout (each thread's x values serve
     every column it holds): no layout conversion.
@@ -132,7 +227,8 @@ def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N
     x_sum = tl.zeros([KW], tl.float32)  # each word row's x: its zero's share, once a column
     for j in tl.static_range(8):
         at = j if j < 5 else j - 5  # the nibble's place in words (j < 5) or in high
-        xj = tl.load(x_ptr + rows * 8 + j, mask=row_mask, other=0.0).to(tl.float32)
+        xj = _load_x(x_ptr, 0, rows * 8 + j, row_mask, m_mask, nw_ptr, rstd, perm_ptr, k_x,
+                     HAS_NORM, HAS_PERM).to(tl.float32)
         x_sum += xj
         xj = (xj * (1.0 / (1 << (4 * at))))[:, None]
         src = words if j < 5 else high
@@ -151,8 +247,10 @@ def _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N
 
 
 @triton.jit
-def _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows, row_mask, n, n_mask,
-                      N, k0, magic_bits, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+def _int4_dot_nibbles(acc, words, s, z, x_ptr, x_off, m_mask, s_ptr, z_ptr, rows, row_mask, n,
+                      n_mask, N, k0, magic_bits, nw_ptr, rstd, perm_ptr, k_x,
+                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_PERM: tl.constexpr):
     """acc [M_PAD, BLOCK_N] plus several rows of x times one tile of words, a tensor-core dot for
     each nibble j: x's columns 8r + j (scaled by 16^-j, exact) times [KW, BLOCK_N] weights
     unpacked in the words' own layout as in _int4_one_row. In one group, (q - zero) * 16^j is
@@ -162,8 +260,8 @@ def _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows, row_
     tile = tl.zeros_like(acc)
     for j in tl.static_range(8):
         at = j if j < 5 else j - 5
-        xj = tl.load(x_rows[:, None] + (rows * 8 + j)[None, :],
-                     mask=m_mask[:, None] & row_mask[None, :], other=0.0)
+        xj = _load_x(x_ptr, x_off[:, None], (rows * 8 + j)[None, :], row_mask[None, :],
+                     m_mask[:, None], nw_ptr, rstd[:, None], perm_ptr, k_x, HAS_NORM, HAS_PERM)
         xj = (xj.to(tl.float32) * (1.0 / (1 << (4 * at)))).to(xj.dtype)
         src = words if j < 5 else high
         q = ((src & (0xF << (4 * at))) | magic_bits).to(tl.float32, bitcast=True)
@@ -185,17 +283,18 @@ def _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows, row_
 
 
 @triton.jit
-def _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n, n_mask, N, k0,
-               k_hi, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
+def _int4_rows(acc, x_ptr, x_off, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n, n_mask,
+               N, k0, k_hi, nw_ptr, rstd, perm_ptr, k_x, GROUP: tl.constexpr,
+               TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               USE_DOT: tl.constexpr, HAS_NORM: tl.constexpr, HAS_PERM: tl.constexpr):
     """acc plus several rows of x times one tile: a tensor-core dot (acc [M_PAD, BLOCK_N]) or
     FMA products summed over each word's rows (acc [M_PAD, KW, BLOCK_N])."""
     d, s = _int4_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, j, n, n_mask, N, k0, GROUP,
                       TILE_IN_GROUP)
     if USE_DOT:
         kk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_rows[:, None] + kk[None, :], mask=m_mask[:, None] & (kk < k_hi)[None, :],
-                     other=0.0)
+        xv = _load_x(x_ptr, x_off[:, None], kk[None, :], (kk < k_hi)[None, :], m_mask[:, None],
+                     nw_ptr, rstd[:, None], perm_ptr, k_x, HAS_NORM, HAS_PERM)
         w = tl.reshape(d, [BLOCK_K, BLOCK_N]).to(xv.dtype)
         if TILE_IN_GROUP:
             acc += tl.dot(xv, w) * s[None, :]
@@ -203,8 +302,9 @@ def _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, 
             acc += tl.dot(xv, w)
     else:
         kk = k0 + r[:, None] * 8 + j[None, :]  # [KW, 8]: row 8r + j of the tile
-        xv = tl.load(x_rows[:, None, None] + kk[None, :, :],
-                     mask=m_mask[:, None, None] & (kk < k_hi)[None, :, :], other=0.0)
+        xv = _load_x(x_ptr, x_off[:, None, None], kk[None, :, :], (kk < k_hi)[None, :, :],
+                     m_mask[:, None, None], nw_ptr, rstd[:, None, None], perm_ptr, k_x,
+                     HAS_NORM, HAS_PERM)
         part = tl.sum(xv.to(tl.float32)[:, :, :, None] * d[None, :, :, :], axis=2)
         if TILE_IN_GROUP:
             acc += part * s[None, None, :]
@@ -215,23 +315,27 @@ def _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, 
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_ptr, out_ptr,
-                      M, N, K, stride_x, K_SPLIT, SPLITS, magic_bits,
-                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                      PDL: tl.constexpr):
+                      res_ptr, norm_w_ptr, sumsq_ptr, sumsq_out_ptr, perm_ptr,
+                      M, N, N_OUT, K, stride_x, stride_r, K_SPLIT, SPLITS, magic_bits, k_x, eps,
+                      SUMSQ_PARTS, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+                      PREFETCH: tl.constexpr, PDL: tl.constexpr, HAS_NORM: tl.constexpr,
+                      SUMSQ_IN: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+                      NORM_BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      SUMSQ_OUT: tl.constexpr, HAS_PERM: tl.constexpr,
+                      NIBBLE_DOTS: tl.constexpr):
     KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
+    n, n_mask = _columns(pid_n, N_OUT, BLOCK_N, GATED)  # N: the weight's columns
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     r = tl.arange(0, KW)
     j = tl.arange(0, 8)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)  # K and K_SPLIT are multiples of 8
-    x_rows = x_ptr + m * stride_x
+    x_off = m * stride_x
     if USE_DOT:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     elif M_PAD == 1:
@@ -244,10 +348,15 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
         words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, rows < k_hi // 8, n, n_mask,
                                      N, k_lo, GROUP, TILE_IN_GROUP)
     # Programmatic dependent launch (kernels.pdl): weights depend on no earlier kernel, x, the
-    # parts and the tickets do: the wait comes after the first tile's words (prefetch), before
-    # anything else.
+    # sums of squares, the residual, the parts and the tickets do: the wait comes after the
+    # first tile's words (prefetch), before anything else.
     if PDL:
         gdc_wait()
+    # The norm's scale over the whole of x's row, in every split (as the bf16 GEMV's programs).
+    rstd = _norm_rstd(x_ptr, stride_x, m, m_mask, sumsq_ptr, SUMSQ_PARTS, k_x, eps, HAS_NORM,
+                      SUMSQ_IN, PARTS_BLOCK, NORM_BLOCK, M_PAD)
+    # One row's as a scalar: broadcast from a [1] tensor, it doubled the registers (sm_90).
+    rstd_one = tl.sum(rstd)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 // 8 + r
         row_mask = rows < k_hi // 8
@@ -255,21 +364,25 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
             nxt = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows + KW, rows + KW < k_hi // 8, n,
                                  n_mask, N, k0 + BLOCK_K, GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
-                                 magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
+                                 magic_bits, m_mask, norm_w_ptr, rstd_one, perm_ptr, k_x, GROUP,
+                                 TILE_IN_GROUP, KW, BLOCK_N, HAS_NORM, HAS_PERM)
             words, s, z = nxt
         elif one_row:
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
                                          GROUP, TILE_IN_GROUP)
             acc += _int4_one_row(words, s, z, x_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N,
-                                 magic_bits, GROUP, TILE_IN_GROUP, KW, BLOCK_N)
-        elif USE_DOT and KW >= 16:  # a dot a nibble: the dot's K is the tile's word rows
+                                 magic_bits, m_mask, norm_w_ptr, rstd_one, perm_ptr, k_x, GROUP,
+                                 TILE_IN_GROUP, KW, BLOCK_N, HAS_NORM, HAS_PERM)
+        elif USE_DOT and KW >= 16 and NIBBLE_DOTS:  # a dot a nibble: K is the word rows
             words, s, z = _int4_row_load(qw_ptr, s_ptr, z_ptr, rows, row_mask, n, n_mask, N, k0,
                                          GROUP, TILE_IN_GROUP)
-            acc = _int4_dot_nibbles(acc, words, s, z, x_rows, m_mask, s_ptr, z_ptr, rows,
-                                    row_mask, n, n_mask, N, k0, magic_bits, GROUP, TILE_IN_GROUP)
+            acc = _int4_dot_nibbles(acc, words, s, z, x_ptr, x_off, m_mask, s_ptr, z_ptr, rows,
+                                    row_mask, n, n_mask, N, k0, magic_bits, norm_w_ptr, rstd,
+                                    perm_ptr, k_x, GROUP, TILE_IN_GROUP, HAS_NORM, HAS_PERM)
         else:
-            acc = _int4_rows(acc, x_rows, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r, j, n,
-                             n_mask, N, k0, k_hi, GROUP, TILE_IN_GROUP, BLOCK_K, BLOCK_N, USE_DOT)
+            acc = _int4_rows(acc, x_ptr, x_off, m_mask, qw_ptr, s_ptr, z_ptr, rows, row_mask, r,
+                             j, n, n_mask, N, k0, k_hi, norm_w_ptr, rstd, perm_ptr, k_x, GROUP,
+                             TILE_IN_GROUP, BLOCK_K, BLOCK_N, USE_DOT, HAS_NORM, HAS_PERM)
     if PDL:  # the next kernel may start loading its weights; it waits for this one's outputs
         gdc_launch_dependents()
     if USE_DOT:
@@ -281,9 +394,9 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         tl.store(part_ptr + (pid_k * M + m)[:, None] * N + n[None, :], y, mask=mask)
-        # The split that arrives last adds the parts: every thread's stores above come before
-        # the release of the ticket (barrier, then an acq_rel add); it leaves the ticket at 0
-        # for the next launch (or graph replay).
+        # The split that arrives last adds the parts and alone runs the epilogue, on the whole
+        # sum: every thread's stores above come before the release of the ticket (barrier,
+        # then an acq_rel add); it leaves the ticket at 0 for the next launch (or graph replay).
         tl.debug_barrier()
         if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
             y = tl.zeros([M_PAD, BLOCK_N], tl.float32)
@@ -292,13 +405,14 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, part_ptr, ticket_pt
                              other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=mask)
+            _epilogue(y, m, m_mask, pid_n, out_ptr, res_ptr, stride_r, sumsq_out_ptr, N_OUT,
+                      GATED, HAS_RESIDUAL, SUMSQ_OUT, M_PAD, BLOCK_N)
             tl.store(ticket_ptr + pid_n, 0)
     else:
         if HAS_BIAS:
             y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        _epilogue(y, m, m_mask, pid_n, out_ptr, res_ptr, stride_r, sumsq_out_ptr, N_OUT,
+                  GATED, HAS_RESIDUAL, SUMSQ_OUT, M_PAD, BLOCK_N)
 
 
 @triton.jit
@@ -313,12 +427,13 @@ def _weights_f32(w, INT8_BITS: tl.constexpr):
 
 
 @triton.jit
-def _scaled_tile(w, x_rows, kk, m_mask, K, M_PAD: tl.constexpr, USE_DOT: tl.constexpr,
-                 INT8_BITS: tl.constexpr):
+def _scaled_tile(w, x_ptr, x_off, kk, m_mask, K, nw_ptr, rstd, M_PAD: tl.constexpr,
+                 USE_DOT: tl.constexpr, INT8_BITS: tl.constexpr, HAS_NORM: tl.constexpr):
     """One K tile's products with its weights w: dot [BLOCK_N, M_PAD]; one row, unsummed
     [BLOCK_N, BLOCK_K] (summed across threads once, after the loop); several rows
     [M_PAD, BLOCK_N]."""
-    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+    xv = _load_x(x_ptr, x_off, kk[None, :], (kk < K)[None, :], m_mask[:, None], nw_ptr, rstd,
+                 x_ptr, K, HAS_NORM, False)
     if USE_DOT:
         out = tl.dot(w.to(xv.dtype), tl.trans(xv))
     elif M_PAD == 1:
@@ -329,18 +444,21 @@ def _scaled_tile(w, x_rows, kk, m_mask, K, M_PAD: tl.constexpr, USE_DOT: tl.cons
 
 
 @triton.jit
-def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
-                        HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
-                        INT8_BITS: tl.constexpr):
+def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, res_ptr, norm_w_ptr,
+                        sumsq_ptr, sumsq_out_ptr, M, N_OUT, K, stride_x, stride_r, eps,
+                        SUMSQ_PARTS, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                        PDL: tl.constexpr, INT8_BITS: tl.constexpr, HAS_NORM: tl.constexpr,
+                        SUMSQ_IN: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+                        NORM_BLOCK: tl.constexpr, GATED: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr):
     pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
+    n, n_mask = _columns(pid, N_OUT, BLOCK_N, GATED)  # the weight's rows
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    x_rows = x_ptr + m[:, None] * stride_x
+    x_off = m[:, None] * stride_x
     # The first tile's products start the sum, so that the sum keeps their layout (started
     # from zeros, it took x's, and each tile's products went through shared memory).
     # The weights' offsets read as runs of 8 (the same values): loaded 8 bytes a thread, as x's
@@ -350,11 +468,18 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
     if PDL:  # the first weight tile depends on no earlier kernel: it streams in before the wait
         gdc_wait()
-    acc = _scaled_tile(w, x_rows, k, m_mask, K, M_PAD, USE_DOT, INT8_BITS)
+    rstd = _norm_rstd(x_ptr, stride_x, m, m_mask, sumsq_ptr, SUMSQ_PARTS, K, eps, HAS_NORM,
+                      SUMSQ_IN, PARTS_BLOCK, NORM_BLOCK, M_PAD)
+    rstd = rstd[:, None]
+    if M_PAD == 1:  # a scalar: broadcast from a [1, 1] tensor, it takes more registers (sm_90)
+        rstd = tl.sum(tl.sum(rstd, axis=1), axis=0)
+    acc = _scaled_tile(w, x_ptr, x_off, k, m_mask, K, norm_w_ptr, rstd, M_PAD, USE_DOT,
+                       INT8_BITS, HAS_NORM)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = tl.load(w_rows + (k0 + kw)[None, :], mask=n_mask[:, None] & (k0 + k < K)[None, :],
                     other=0.0)
-        acc += _scaled_tile(w, x_rows, k0 + k, m_mask, K, M_PAD, USE_DOT, INT8_BITS)
+        acc += _scaled_tile(w, x_ptr, x_off, k0 + k, m_mask, K, norm_w_ptr, rstd, M_PAD,
+                            USE_DOT, INT8_BITS, HAS_NORM)
     if PDL:
         gdc_launch_dependents()
     if USE_DOT:
@@ -364,8 +489,8 @@ def _scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, str
     acc *= tl.load(scale_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _epilogue(acc, m, m_mask, pid, out_ptr, res_ptr, stride_r, sumsq_out_ptr, N_OUT, GATED,
+              HAS_RESIDUAL, SUMSQ_OUT, M_PAD, BLOCK_N)
 
 
 @triton.jit
@@ -441,17 +566,67 @@ def _m_pad(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
+def _output_tiles(n_out: int, block_n: int, gated: bool) -> int:
+    """Programs along the outputs: a gated one's BLOCK_N weight columns (rows) are half gates."""
+    if gated and block_n < 2:
+        raise ValueError(f"a gated GEMV needs block_n >= 2 (a gate and an up column), got {block_n}")
+    return triton.cdiv(n_out, block_n // 2 if gated else block_n)
+
+
+def _fusions(x: torch.Tensor, m_pad: int, n_out: int, programs: int, out: torch.Tensor,
+             residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+             sumsq: torch.Tensor | None, want_sumsq: bool, gated: bool,
+             k_x: int) -> tuple[dict, torch.Tensor | None]:
+    """The kernels' arguments for the bf16 GEMV's fusions (kernels/triton_gemv.py; `out`
+    stands in for each absent tensor), and the output's sums of squares in parts, one a
+    program, when want_sumsq."""
+    m = x.shape[0]
+    if residual is not None and (residual.shape != (m, n_out) or residual.stride(1) != 1):
+        raise ValueError(f"residual {tuple(residual.shape)} does not fit the output ({m}, {n_out})")
+    if norm_weight is not None and norm_weight.shape != (k_x,):
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} does not fit x's {k_x} channels")
+    if sumsq is not None and (sumsq.shape[0] != m or sumsq.dtype != torch.float32
+                              or not sumsq.is_contiguous()):
+        raise ValueError(f"sumsq must be contiguous float32 [{m}, parts], got "
+                         f"{tuple(sumsq.shape)} {sumsq.dtype}")
+    sumsq_out = (torch.empty(m, programs, dtype=torch.float32, device=x.device) if want_sumsq
+                 else None)
+    parts = sumsq.shape[1] if sumsq is not None else 1
+    args = dict(
+        res_ptr=out if residual is None else residual,
+        norm_w_ptr=out if norm_weight is None else norm_weight,
+        sumsq_ptr=out if sumsq is None else sumsq,
+        sumsq_out_ptr=out if sumsq_out is None else sumsq_out,
+        stride_r=0 if residual is None else residual.stride(0), eps=eps, SUMSQ_PARTS=parts,
+        HAS_NORM=norm_weight is not None, SUMSQ_IN=sumsq is not None,
+        PARTS_BLOCK=triton.next_power_of_2(parts),
+        NORM_BLOCK=min(triton.next_power_of_2(k_x), 8192 // m_pad), GATED=gated,
+        HAS_RESIDUAL=residual is not None, SUMSQ_OUT=want_sumsq)
+    return args, sumsq_out
+
+
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               group: int, bias: torch.Tensor | None = None,
-              config: QuantGemvConfig | None = None) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] @ the 4-bit weight's dequantized [N, K].T (+ bias) -> [M, N].
-    config: tiles, int4_config's when None."""
-    m, k = x.shape
-    n = qweight.shape[1]
+              config: QuantGemvConfig | None = None, *, residual: torch.Tensor | None = None,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+              sumsq: torch.Tensor | None = None, want_sumsq: bool = False,
+              perm: torch.Tensor | None = None):
+    """x [M <= MAX_ROWS, K] @ the 4-bit weight's dequantized [N, K].T (+ bias) -> [M, N], with
+    triton_gemv.gemv's fusions: rmsnorm(x; norm_weight, eps) first (its scale from `sumsq`, the
+    producer's parts, when given); silu(gate) * up of a merged [gate | up] weight if gated
+    ([M, N / 2]); + residual; want_sumsq: (out, the output's sums of squares in parts).
+    perm: act-order's input order (Int4Method.gathered), read in the kernel. config: tiles,
+    int4_config's when None."""
+    m, k_x = x.shape
+    n, k = qweight.shape[1], qweight.shape[0] * 8
+    n_out = n // 2 if gated else n
     if m > MAX_ROWS:
         raise ValueError(f"int4_gemv serves up to {MAX_ROWS} rows, got {m}")
-    if qweight.shape[0] * 8 != k:
-        raise ValueError(f"x {tuple(x.shape)} does not fit 4-bit words {tuple(qweight.shape)}")
+    if (k_x != k) if perm is None else (perm.shape != (k,) or k_x > k):
+        raise ValueError(f"x {tuple(x.shape)} does not fit 4-bit words {tuple(qweight.shape)}"
+                         + ("" if perm is None else f" and perm {tuple(perm.shape)}"))
+    if gated and n % 2:
+        raise ValueError(f"a gated weight has an even number of columns, got {n}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or int4_config(m, n, k, group, gpu_traits(x.device))
@@ -459,52 +634,66 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of 8 (a word's rows)")
     # One group (per channel): every tile lies in it, whatever K (one compiled kernel for all).
     group = ONE_GROUP if group >= k else group
-    columns = triton.cdiv(n, cfg.block_n)
+    columns = _output_tiles(n_out, cfg.block_n, gated)
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
     if columns > MAX_TICKETS:
         splits, k_split = 1, k
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    m_pad = max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m)
+    fused, sumsq_out = _fusions(x, m_pad, n_out, columns, out, residual, norm_weight, eps,
+                                sumsq, want_sumsq, gated, k_x)
     if m == 0:
-        return out
+        return (out, sumsq_out) if want_sumsq else out
     part = tickets = out
     if splits > 1:
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         tickets = arrival_counters(x.device, "int4_gemv", MAX_TICKETS)
     _int4_gemv_kernel[(columns, splits)](
         x, qweight, scales, zeros, bias if bias is not None else out, part, tickets, out,
-        m, n, k, x.stride(0), k_split, splits, 0x4B000000,
+        perm_ptr=perm if perm is not None else out, M=m, N=n, N_OUT=n_out, K=k,
+        stride_x=x.stride(0), K_SPLIT=k_split, SPLITS=splits, magic_bits=0x4B000000, k_x=k_x,
         GROUP=group, TILE_IN_GROUP=group % cfg.block_k == 0, HAS_BIAS=bias is not None,
-        M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, SPLIT=splits > 1, USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch,
-        PDL=pdl(x), launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=splits > 1,
+        USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, PDL=pdl(x), HAS_PERM=perm is not None,
+        # (q - zero) * 16^j overflows float16 (j = 4: up to 15 * 2^16): its tiles unpack whole.
+        NIBBLE_DOTS=x.dtype != torch.float16,
+        **fused, launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (out, sumsq_out) if want_sumsq else out
 
 
 def scaled_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None,
-                config: QuantGemvConfig | None = None) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] @ (weight * scale[:, None]).T (+ bias): int8 or FP8 weight [N, K].
-    config: tiles, scaled_config's when None."""
+                config: QuantGemvConfig | None = None, *, residual: torch.Tensor | None = None,
+                norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+                sumsq: torch.Tensor | None = None, want_sumsq: bool = False):
+    """x [M <= MAX_ROWS, K] @ (weight * scale[:, None]).T (+ bias): int8 or FP8 weight [N, K],
+    with int4_gemv's (triton_gemv.gemv's) fusions. config: tiles, scaled_config's when None."""
     m, k = x.shape
     n = weight.shape[0]
+    n_out = n // 2 if gated else n
     if m > MAX_ROWS:
         raise ValueError(f"scaled_gemv serves up to {MAX_ROWS} rows, got {m}")
     if weight.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    if gated and n % 2:
+        raise ValueError(f"a gated weight has an even number of rows, got {n}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or scaled_config(m, n, k, gpu_traits(x.device))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    m_pad = max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m)
+    programs = _output_tiles(n_out, cfg.block_n, gated)
+    fused, sumsq_out = _fusions(x, m_pad, n_out, programs, out, residual, norm_weight, eps,
+                                sumsq, want_sumsq, gated, k)
     if m == 0:
-        return out
-    _scaled_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, scale, bias if bias is not None else x, out, m, n, k, x.stride(0),
-        HAS_BIAS=bias is not None, M_PAD=max(16, _m_pad(m)) if cfg.use_dot else _m_pad(m),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=pdl(x),
-        INT8_BITS=cfg.int8_bits, launch_pdl=pdl(x), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    return out
+        return (out, sumsq_out) if want_sumsq else out
+    _scaled_gemv_kernel[(programs,)](
+        x, weight, scale, bias if bias is not None else x, out, M=m, N_OUT=n_out, K=k,
+        stride_x=x.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot, PDL=pdl(x), INT8_BITS=cfg.int8_bits, **fused,
+        launch_pdl=pdl(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (out, sumsq_out) if want_sumsq else out
 
 
 def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,

@@ -15,6 +15,9 @@ from tuili.layers.linear import Linear
 # (BENCHMARKS.md; benchmarks/gpu_decode_graph.py sets this to compare). Read at each call.
 GEMV_MAX_ROWS = 8
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# Quantized layers' decode GEMVs take the norms, SiLU and residual adds too (off: each its own
+# kernel around the plain GEMV, for comparisons: tests/gpu/test_quant.py). Read at each call.
+QUANT_FUSIONS = True
 
 
 class TorchBackend:
@@ -57,7 +60,8 @@ class TorchBackend:
 
 class TritonBackend(TorchBackend):
     """Triton's kernels; at decode (`fuses`: <= GEMV_MAX_ROWS rows of 16-bit floats) each norm,
-    SiLU and residual add rides in a projection's GEMV as its prologue or epilogue."""
+    SiLU and residual add rides in a projection's GEMV as its prologue or epilogue: the bf16
+    GEMV's (kernels/triton_gemv.py) or a quantized format's (its method's fused_gemv)."""
 
     name = "triton"
 
@@ -83,6 +87,10 @@ class TritonBackend(TorchBackend):
     def linear(self, x: torch.Tensor, layer: Linear, *, norm=None,
                norm_sumsq: torch.Tensor | None = None, gated: bool = False,
                residual: torch.Tensor | None = None, want_sumsq: bool = False):
+        if not layer.method.fusable and self.fuses(x):
+            out = self._quantized(x, layer, norm, norm_sumsq, gated, residual, want_sumsq)
+            if out is not None:
+                return out
         if layer.method.fusable and self.fuses(x):
             weight = layer.weight
             n = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -100,6 +108,26 @@ class TritonBackend(TorchBackend):
                     sumsq=norm_sumsq if norm is not None else None, want_sumsq=want_sumsq)
         return super().linear(x, layer, norm=norm, gated=gated, residual=residual,
                               want_sumsq=want_sumsq)
+
+    def _quantized(self, x: torch.Tensor, layer: Linear, norm, norm_sumsq, gated, residual,
+                   want_sumsq):
+        """A quantized layer's decode GEMV with the fusions (`method.fused_gemv`), as the bf16
+        GEMV takes them; None where its format has none at these rows."""
+        if not QUANT_FUSIONS:
+            return None
+        if layer.reduces:  # a shard's partial sum: the residual joins the all-reduced output
+            if norm is not None or gated:
+                return None  # (normed or gated, a layer's whole output: never a row shard's)
+            out = layer.method.fused_gemv(layer, x)
+            if out is None:
+                return None
+            out = layer.tp.all_reduce(out)
+            out = out if residual is None else out + residual
+            return (out, None) if want_sumsq else out
+        return layer.method.fused_gemv(
+            layer, x, residual=residual, norm_weight=None if norm is None else norm.weight,
+            eps=0.0 if norm is None else norm.eps, gated=gated,
+            sumsq=None if norm is None else norm_sumsq, want_sumsq=want_sumsq)
 
 
 Backend = TorchBackend  # the interface; TritonBackend implements it too

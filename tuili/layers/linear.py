@@ -40,6 +40,12 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, layer.weight, layer.bias)
 
+    def fused_gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        """A decode GEMV of this format with triton_gemv.gemv's fusions (residual, norm_weight,
+        eps, sumsq, gated, want_sumsq), or None where it has none (the backend runs them apart;
+        a fusable float weight takes the bf16 GEMV instead)."""
+        return None
+
     def process_weights_after_loading(self, layer: Linear) -> None:
         """Turn the loaded tensors into the form apply reads (quantized methods: quantization/)."""
 
@@ -51,8 +57,8 @@ class Int4CpuMethod(LinearMethod):
     """The weight also kept packed in 4 bits for steps of up to MAX_ROWS rows (decode); the float
     weight serves the rest (prefill, batches), as the 4-bit kernels do not reuse the weights
     across rows. On AVX512-VNNI CPUs the 4-bit GEMV is kernels/cpu_vnni's (activations quantized
-    to int8 with a scale per 16, as llama.cpp's Q4_1 x Q8; 2.3-3.4x torch's int4 kernel on SmolLM2's
-    shapes, BENCHMARKS.md 2026-12-08), else torch's int4 kernel (activations in bf16)."""
+    to int8 with a scale per 16, as llama.cpp's Q4_1 x Q8; 2.3-3.4x torch's int4 kernel on
+    SmolLM2's shapes, BENCHMARKS.md 2026-12-08), else torch's int4 kernel (bf16 activations)."""
 
     name = "int4"
     MAX_ROWS = 4

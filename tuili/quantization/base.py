@@ -15,6 +15,10 @@ from torch import nn
 from tuili.layers.linear import Linear, LinearMethod, matmul
 
 
+# Rows up to which a quantized layer's GPU path is its decode GEMV (kernels/triton_quant.py).
+GEMV_MAX_ROWS = 8
+
+
 class QuantMethod(LinearMethod):
     fusable = False  # the float decode GEMV cannot read packed weights
     use_triton = False  # the device path, chosen once by quantization.prepare
@@ -31,12 +35,24 @@ class QuantMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton:
-            return self.apply_triton(layer, x)
+            out = self.fused_gemv(layer, x)
+            return self.apply_triton(layer, x) if out is None else out
         return matmul(x, self.cpu_weight(layer, x.dtype), layer.bias)
 
     def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        """The GPU path (kernels/triton_quant.py); this default dequantizes at every call."""
+        """The GPU path where the decode GEMV (fused_gemv) does not serve; this default
+        dequantizes at every call."""
         return matmul(x, self.dequantize(layer).to(x.dtype), layer.bias)
+
+    def fused_gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        if not (self.use_triton and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS):
+            return None
+        return self.gemv(layer, x, **fusions)
+
+    def gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        """The format's decode GEMV (kernels/triton_quant.py) of 1..GEMV_MAX_ROWS rows with
+        fused_gemv's fusions, or None where it has none (this default)."""
+        return None
 
     def cpu_weight(self, layer: Linear, dtype: torch.dtype, make=None) -> torch.Tensor:
         """The dequantized weight for a device without a kernel for the format, made once: the

@@ -20,7 +20,6 @@ log = logging.getLogger("tuili")
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-GEMV_MAX_ROWS = 8
 
 
 def quantize_per_row(w: torch.Tensor, dtype: torch.dtype, qmax: float,
@@ -81,10 +80,13 @@ class Fp8Method(QuantMethod):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.weight.float() * self.scales(layer)
 
+    def gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        if self.block is not None:  # block scales: no GEMV reads them yet
+            return None
+        return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
+                                                         layer.bias, **fusions)
+
     def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.block is None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
-            return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
-                                                             layer.bias)
         if self.tensor_cores:
             return fp8_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias)
         return super().apply_triton(layer, x)

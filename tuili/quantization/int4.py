@@ -101,7 +101,15 @@ class Int4Method(QuantMethod):
             x = torch.nn.functional.pad(x, (0, 1))
         return x.index_select(-1, layer.perm)
 
+    def gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        """The 4-bit GEMV, reading x in act-order's order itself (no gather)."""
+        return triton_module("triton_quant").int4_gemv(
+            x, layer.qweight, layer.scales, layer.zeros, self.group, layer.bias, perm=layer.perm,
+            **fusions)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if (out := self.fused_gemv(layer, x)) is not None:
+            return out
         x = self.gathered(layer, x)
         if self.use_triton:
             return triton_module("triton_quant").int4_linear(

@@ -11,7 +11,7 @@ from tuili.kernels import cpu_vnni, triton_module
 from tuili.layers.linear import UNQUANTIZED, Int4CpuMethod, Linear, LinearMethod, matmul
 from tuili.quantization.base import QuantMethod, add_param
 from tuili.quantization.config import QuantConfig
-from tuili.quantization.fp8 import GEMV_MAX_ROWS, quantize_per_row
+from tuili.quantization.fp8 import quantize_per_row
 
 CPU_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -33,11 +33,9 @@ class Int8Method(QuantMethod):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.weight.float() * layer.weight_scale.float()[:, None]
 
-    def apply_triton(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
-            return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
-                                                             layer.bias)
-        return super().apply_triton(layer, x)
+    def gemv(self, layer: Linear, x: torch.Tensor, **fusions):
+        return triton_module("triton_quant").scaled_gemv(x, layer.weight, layer.weight_scale,
+                                                         layer.bias, **fusions)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         # The CPU kernel is slower than dequantize + matmul for float32 batches (BENCHMARKS.md).

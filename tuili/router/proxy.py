@@ -5,19 +5,21 @@ reached the client nothing is retried."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
-import httpx
+import aiohttp
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from tuili.router.balance import PrefixIndex, VersionPicker, choose_worker
 from tuili.router.config import ModelRoute, RouterConfig, Version
 from tuili.router.metrics import RouterMetrics
 from tuili.router.workers import WorkerPool
-from tuili.server.errors import APIError
+from tuili.server.errors import BODY_SEND, APIError
 
 log = logging.getLogger("tuili")
 
@@ -27,19 +29,34 @@ WORKER_HEADER = "x-tuili-worker"
 _PASSED_BACK = ("content-type", "retry-after", "cache-control")
 
 
+# No limit on a whole answer (a stream runs as long as it generates); 5 s to connect.
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0)
+_CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
 class Router:
-    def __init__(self, config: RouterConfig, client: httpx.AsyncClient | None = None):
+    def __init__(self, config: RouterConfig):
         self.config = config
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
-        self.pool = WorkerPool(config.workers, self.client, config.health_interval,
-                               config.worker_api_key)
+        # aiohttp's client, made at start (it belongs to the serving event loop): its C parser
+        # costs the router about half the CPU a request that httpx's did (BENCHMARKS.md, issue 24)
+        self.client: aiohttp.ClientSession | None = None
+        self.pool = WorkerPool(config.workers, config.health_interval, config.worker_api_key)
         self.index = PrefixIndex(config.prefix_chars, config.max_prefix_chunks)
         self.pool.on_down = self.index.forget
         self.pickers = {name: VersionPicker(r.versions) for name, r in config.models.items()}
         self.metrics = RouterMetrics()
         self._turn = 0
+
+    async def start(self) -> None:
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        await self.pool.start(self.client)
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        if self.client is not None:
+            await self.client.close()
 
     # ---- what is served where ---------------------------------------------------------------
 
@@ -106,41 +123,39 @@ class Router:
             worker = self.pool.workers[url]
             name = model if model in worker.models else worker.models[0]
             content = raw if name == model else json.dumps({**body, "model": name}).encode()
-            req = self.client.build_request("POST", url + path, content=content,
-                                            headers=self._upstream_headers(headers, request_id))
             started = time.perf_counter()
             worker.in_flight += 1
             resp = None
             try:
-                resp = await self.client.send(req, stream=True)
+                resp = await self.client.post(url + path, data=content,
+                                              headers=self._upstream_headers(headers, request_id))
                 # The body's first bytes are awaited here, not in the relay: until they come (a
                 # stream's headers alone say nothing yet) the request may still move elsewhere.
-                rest = resp.aiter_raw()
-                first = await anext(rest, b"")
-            except httpx.TransportError as e:
+                first = await resp.content.readany()
+            except _CLIENT_ERRORS as e:
                 worker.in_flight -= 1
                 if resp is not None:
-                    await resp.aclose()
+                    resp.close()
                 why = f"{url}: {type(e).__name__}: {e}"
                 self.pool.mark_down(url, why)
                 self.metrics.error(model, url, "connect" if resp is None else "before_first_byte")
                 continue
-            if resp.status_code >= 500 and attempt == 0:
+            if resp.status >= 500 and attempt == 0:
                 try:
-                    content = first + b"".join([chunk async for chunk in rest])
-                except httpx.TransportError:
+                    content = first + await resp.content.read()
+                except _CLIENT_ERRORS:
                     content = first
-                await resp.aclose()
+                resp.close()
                 worker.in_flight -= 1
-                self.metrics.error(model, url, f"status_{resp.status_code}")
-                why = f"{url} answered {resp.status_code}"
-                failure = Response(content, resp.status_code,
+                self.metrics.error(model, url, f"status_{resp.status}")
+                why = f"{url} answered {resp.status}"
+                failure = Response(content, resp.status,
                                    headers=self._answer_headers(resp, version, url))
                 continue
             if attempt:
                 self.metrics.retries.labels(model).inc()
             self.metrics.first_byte.labels(model, url).observe(time.perf_counter() - started)
-            return self._relay(resp, first, rest, model, version, url, started)
+            return self._relay(resp, first, model, version, url, started)
         if failure is not None:  # nowhere else to try: the worker's own answer
             return failure
         raise APIError(503 if not tried else 502,
@@ -148,19 +163,20 @@ class Router:
                        type="server_error", code="no_worker_available",
                        headers={"Retry-After": "1"})
 
-    def _relay(self, resp: httpx.Response, first: bytes, rest, model: str, version: Version,
+    def _relay(self, resp: aiohttp.ClientResponse, first: bytes, model: str, version: Version,
                url: str, started: float) -> StreamingResponse:
         worker = self.pool.workers[url]
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         metrics = self.metrics
 
-        async def chunks():
+        async def relay(send: Send) -> None:
+            """The worker's bytes to the client as they come, each read passed on at once."""
             try:
                 if first:
-                    yield first
-                async for chunk in rest:
-                    yield chunk
-            except httpx.TransportError as e:  # the worker went away mid-answer: no retry now
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                while chunk := await resp.content.readany():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except _CLIENT_ERRORS as e:  # the worker went away mid-answer: no retry now
                 log.warning("router: %s failed mid-answer (%s: %s)", url, type(e).__name__, e)
                 self.pool.mark_down(url, f"failed mid-answer: {e}")
                 metrics.error(model, url, "mid_stream")
@@ -168,17 +184,21 @@ class Router:
                     err = {"error": {"message": f"the worker serving this stream failed "
                                                 f"({type(e).__name__})", "type": "server_error",
                                      "param": None, "code": "worker_failed"}}
-                    yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()})
 
         async def done() -> None:
             worker.in_flight -= 1
-            await resp.aclose()
-            metrics.finished(model, version.name, url, resp.status_code,
+            if resp.content.at_eof():
+                resp.release()  # the connection back to the pool
+            else:
+                resp.close()  # the client left first: closing tells the worker to stop
+            metrics.finished(model, version.name, url, resp.status,
                              time.perf_counter() - started)
 
-        return StreamingResponse(chunks(), status_code=resp.status_code,
-                                 headers=self._answer_headers(resp, version, url),
-                                 background=BackgroundTask(done))
+        return Relay(relay, status_code=resp.status,
+                     headers=self._answer_headers(resp, version, url),
+                     background=BackgroundTask(done))
 
     def _upstream_headers(self, headers, request_id: str) -> dict[str, str]:
         out = {"content-type": "application/json", "x-request-id": request_id,
@@ -188,11 +208,33 @@ class Router:
         return out
 
     @staticmethod
-    def _answer_headers(resp: httpx.Response, version: Version, url: str) -> dict[str, str]:
+    def _answer_headers(resp: aiohttp.ClientResponse, version: Version,
+                        url: str) -> dict[str, str]:
         out = {k: resp.headers[k] for k in _PASSED_BACK if k in resp.headers}
         out[VERSION_HEADER] = version.name
         out[WORKER_HEADER] = url
         return out
+
+
+class Relay(StreamingResponse):
+    """A worker's answer relayed: the start goes through every middleware, the body's chunks
+    straight to the send below them (BODY_SEND, as the server's EventStream does: each layer
+    between would cost a coroutine call per chunk)."""
+
+    def __init__(self, relay, **kwargs):
+        super().__init__((), **kwargs)
+        self.relay, self.body_send = relay, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body_send = scope.get(BODY_SEND)
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        body_send = self.body_send or send
+        await self.relay(body_send)
+        await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def prompt_text(body: dict) -> str:

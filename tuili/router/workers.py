@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger("tuili")
@@ -42,15 +42,16 @@ class WorkerPool:
     """Polls every worker every `interval` seconds; `mark_down` takes one out at once (a failed
     request), until a poll finds it answering again."""
 
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, interval: float,
-                 api_key: str | None = None):
+    def __init__(self, urls: list[str], interval: float, api_key: str | None = None):
         self.workers = {url: Worker(url) for url in urls}
-        self.client, self.interval = client, interval
+        self.interval = interval
+        self.client: aiohttp.ClientSession | None = None  # the router's, given at start
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._task: asyncio.Task | None = None
         self.on_down = lambda url: None  # the balancer forgets what a lost worker cached
 
-    async def start(self) -> None:
+    async def start(self, client: aiohttp.ClientSession) -> None:
+        self.client = client
         await self.poll_all()
         self._task = asyncio.create_task(self._loop())
 
@@ -67,21 +68,23 @@ class WorkerPool:
         await asyncio.gather(*(self.poll(w) for w in self.workers.values()))
 
     async def poll(self, w: Worker) -> None:
-        timeout = httpx.Timeout(max(2.0, self.interval))
+        timeout = aiohttp.ClientTimeout(total=max(2.0, self.interval))
+        get = self.client.get
         try:
-            health = await self.client.get(f"{w.url}/health", timeout=timeout)
-            if health.status_code != 200:
-                self._set(w, DRAINING if health.status_code == 503 else DOWN,
-                          f"/health answered {health.status_code}")
+            async with get(f"{w.url}/health", timeout=timeout) as health:
+                await health.read()
+            if health.status != 200:
+                self._set(w, DRAINING if health.status == 503 else DOWN,
+                          f"/health answered {health.status}")
                 return
             if not w.models:
-                models = await self.client.get(f"{w.url}/v1/models", headers=self.headers,
-                                               timeout=timeout)
-                models.raise_for_status()
-                w.models = [m["id"] for m in models.json()["data"]]
-            metrics = await self.client.get(f"{w.url}/metrics", timeout=timeout)
-            w.reported, w.kv_cache_usage = _load_from(metrics.text)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                async with get(f"{w.url}/v1/models", headers=self.headers,
+                               timeout=timeout) as models:
+                    models.raise_for_status()
+                    w.models = [m["id"] for m in (await models.json())["data"]]
+            async with get(f"{w.url}/metrics", timeout=timeout) as metrics:
+                w.reported, w.kv_cache_usage = _load_from(await metrics.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
             self._set(w, DOWN, f"{type(e).__name__}: {e}")
             return
         w.checked_at = time.monotonic()

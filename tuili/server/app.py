@@ -17,11 +17,25 @@ from tuili.sampling_params import shown
 from tuili.server.auth import bearer_check
 from tuili.server.chat import create_chat_completion, render_text
 from tuili.server.completions import create_completion
-from tuili.server.errors import APIError, install_handlers
+from tuili.server.errors import BODY_SEND, APIError, install_handlers
 from tuili.server.pooling import pooling_routes, require_task
 from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest)
 from tuili.server.serving import ServerState
+
+# Young-generation collections once per this many new container objects, not 700: streaming
+# makes a few short-lived ones per token, and each pass walks every young object still alive
+# (the streams' state), so at 700 the passes cost the front microseconds per token (BENCHMARKS.md,
+# issue 19). Older generations keep Python's ratios.
+_GC_YOUNG = 50_000
+
+
+class _App(FastAPI):
+    """FastAPI, keeping the server's own send in the scope (BODY_SEND)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope[BODY_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -32,11 +46,14 @@ def build_app(state: ServerState) -> FastAPI:
         # loop, once every ~12k streamed tokens: BENCHMARKS.md, issue 19)
         gc.collect()
         gc.freeze()
+        thresholds = gc.get_threshold()
+        gc.set_threshold(_GC_YOUNG, *thresholds[1:])
         yield
+        gc.set_threshold(*thresholds)
         state.llm.shutdown()
 
-    app = FastAPI(title="tuili", version=tuili.__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = _App(title="tuili", version=tuili.__version__, lifespan=lifespan, docs_url=None,
+               redoc_url=None, openapi_url=None)
     app.state.tuili = state
     install_handlers(app)
     app.include_router(_public_routes(state))

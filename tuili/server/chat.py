@@ -103,10 +103,10 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest, params: Samplin
                                 add_special_tokens=False)[0]
 
 
-def _choice_json(index: int, delta: dict, finish: str | None) -> str:
-    """dumps() of a chunk's choice whose delta is {} or {"content": ...} and has no logprobs,
-    without building the dict."""
-    content = f'"content":{quote(delta["content"])}' if delta else ""
+def _choice_json(index: int, content: str, finish: str | None) -> str:
+    """dumps() of a chunk's choice whose delta is {"content": content} ({} when it is "") and
+    has no logprobs, without building the dict."""
+    content = f'"content":{quote(content)}' if content else ""
     return (f'{{"index":{index},"delta":{{{content}}},"logprobs":null,"finish_reason":'
             f'{"null" if finish is None else quote(finish)}}}')
 
@@ -150,6 +150,7 @@ class _Writer:
         self.ended: set[int] = set()  # samples already sent with their finish_reason
         self.calls = {i: StreamingToolCalls(self.tool_parser) for i in range(self.body.n)} \
             if self.tool_parser else {}
+        self.plain = not self.calls and not self.body.logprobs  # chunks are content alone
 
     def first(self) -> str:
         role = {"role": "assistant", "content": "", "refusal": None}
@@ -160,6 +161,16 @@ class _Writer:
     def chunk(self, _: int, out: RequestOutput) -> str:
         logprobs, ended = self.body.logprobs, self.ended
         self.final = out
+        if len(out.outputs) == 1 and self.plain:  # most chunks: one sample's content alone
+            o = out.outputs[0]
+            if o.index in ended:
+                return ""
+            finish = o.finish_reason
+            if finish is not None:
+                ended.add(o.index)
+            elif not o.delta_text:
+                return ""
+            return f"{self.head}{_choice_json(o.index, o.delta_text, finish)}{self.tail}"
         choices = []
         for o in out.outputs:
             if o.index in ended:
@@ -174,7 +185,7 @@ class _Writer:
             if not (delta or o.finished or (n_new and logprobs)):
                 continue  # text held back: it may open a tool call
             lp = self._logprobs(o, end - n_new, end)
-            choices.append(_choice_json(o.index, delta, finish)
+            choices.append(_choice_json(o.index, delta.get("content", ""), finish)
                            if lp is None and delta.keys() <= {"content"} else
                            dumps({"index": o.index, "delta": delta, "logprobs": lp,
                                   "finish_reason": finish}))

@@ -100,12 +100,24 @@ class _Writer:
         self.n_prompt = self.n_out = self.n_cached = 0
         self.offsets: dict[int, int] = {}  # choice index -> text offset (for text_offset)
         self.ended: set[int] = set()  # choices already sent with their finish_reason
+        self.plain = not self.body.echo and self.body.logprobs is None  # chunks are text alone
 
     def first(self) -> str:
         return ""
 
     def chunk(self, i: int, out: RequestOutput) -> str:
         body, offsets, ended = self.body, self.offsets, self.ended
+        if len(out.outputs) == 1 and self.plain:  # most chunks: one sample's text, no logprobs
+            o = out.outputs[0]
+            index = i * body.n + o.index
+            if index in offsets and index not in ended:  # neither its first chunk nor past its end
+                self.n_out += len(o.delta_token_ids)
+                finish = o.finish_reason
+                if finish is not None:
+                    ended.add(index)
+                elif not o.delta_text:
+                    return ""
+                return f"{self.head}{_choice_json(index, o.delta_text, finish)}{self.tail}"
         choices = []
         for o in out.outputs:
             index = i * body.n + o.index

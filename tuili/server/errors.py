@@ -60,15 +60,26 @@ def internal_error(e: BaseException, request_id: str) -> APIError:
 
 
 REQUEST_ID_HEADER = "x-request-id"
-# The send below this middleware, kept in the scope for a streamed body's chunks (EventStream):
-# the layers between (this one, Starlette's exception handling, routing) only watch for the
-# response's start, and each costs a coroutine call per chunk (BENCHMARKS.md, issue 19).
+# The server's own send (the app's, below every middleware), kept in the scope for a streamed
+# body's chunks (EventStream): the layers between (Starlette's error and exception handling,
+# FaultMiddleware, routing) only watch for the response's start, and each costs a coroutine
+# call per chunk (BENCHMARKS.md, issue 19). Set by the app (tuili.server.app).
 BODY_SEND = "tuili.body_send"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "-")
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The request's id (the client's X-Request-Id when sane, else a new one), kept in the
+    scope's state."""
+    given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode(
+        "latin-1")
+    rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = rid
+    return rid
 
 
 class FaultMiddleware:
@@ -82,11 +93,7 @@ class FaultMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode(
-            "latin-1")
-        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        scope[BODY_SEND] = send
+        rid = assign_request_id(scope)
         started = False
 
         async def send_with_id(message: Message) -> None:

@@ -196,16 +196,22 @@ class ChunkWriter(Protocol):
 
 class EventStream(StreamingResponse):
     """A text/event-stream response of engine outputs, `writer` turning each prompt's outputs
-    (its RequestStream's, i = the prompt's index) into chunks. The request's streams are read
-    and the chunks sent in one coroutine: no async generators between the engine's outputs and
-    the socket (they cost the front CPU per streamed token, BENCHMARKS.md issue 19). Starlette's
-    StreamingResponse around it stops the stream when the client goes away; any end closes
-    (aborts) the streams. An error once the 200 is sent goes in the stream, then [DONE]."""
+    (its RequestStream's, i = the prompt's index) into chunks. A step's delivery hands each
+    stream's outputs to `_ready`, which makes the chunk and sends it there and then, the ASGI
+    send run by hand: no task wakes per stream and step, and no async generator stands between
+    the engine's outputs and the socket (each cost the front CPU per streamed token,
+    BENCHMARKS.md issue 19). A send that cannot finish at once (a paused transport), the end
+    and errors go back to the response's coroutine. Starlette's StreamingResponse around it
+    stops the stream when the client goes away; any end closes (aborts) the streams. An error
+    once the 200 is sent goes in the stream, then [DONE]."""
 
     def __init__(self, streams: list[RequestStream], writer: ChunkWriter, request_id: str):
         super().__init__((), media_type="text/event-stream")
         self.streams, self.writer, self.request_id = streams, writer, request_id
         self.body_send: Send | None = None
+        self._left = len(streams)  # streams not yet done
+        self._wake: asyncio.Future | None = None  # set while `_ready` may send
+        self._send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.body_send = scope.get(BODY_SEND)
@@ -214,44 +220,116 @@ class EventStream(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        send = self.body_send or send  # the start went through every layer; the chunks need not
-        writer, streams = self.writer, self.streams
-        merged = None
-        if len(streams) == 1:  # its outputs as they come, no merging generator
-            take, chunk = streams[0].__anext__, functools.partial(writer.chunk, 0)
-        else:
-            merged = merge_streams(streams)
-            take, chunk = merged.__anext__, lambda item: writer.chunk(*item)
-        first = writer.first
+        # the start went through every layer; the chunks need not
+        self._send = send = self.body_send or send
         try:
-            while True:
-                try:  # the writer's and the engine's errors, not send's (the client gone)
-                    if first is not None:
-                        text, first = first(), None
-                    else:
-                        text = chunk(await take())
-                except StopAsyncIteration:
-                    text = self._last()
-                    break
-                except Exception as e:
-                    text = sse_error(e, self.request_id)
-                    break
-                if text:
-                    await send({"type": "http.response.body", "body": text.encode(),
-                                "more_body": True})
+            text = await self._chunks()
         finally:
-            if merged is not None:
-                await merged.aclose()
-            for s in streams:
+            self._wake = None
+            for s in self.streams:
+                s.inbox.listener = None
                 s.close()
         await send({"type": "http.response.body", "body": (text + SSE_DONE).encode(),
                     "more_body": False})
+
+    async def _chunks(self) -> str:
+        """Sends the chunks; returns the text that ends the stream (before [DONE])."""
+        try:
+            text = self.writer.first()
+        except Exception as e:
+            return sse_error(e, self.request_id)
+        if text:
+            await self._send(_body(text))
+        streams, loop = self.streams, asyncio.get_running_loop()
+        for i, s in enumerate(streams):
+            s.inbox.listener = functools.partial(self._ready, i)
+        while True:
+            i = next((i for i, s in enumerate(streams) if s.inbox.items and not s.done), None)
+            if i is not None:  # what came while no `_ready` could send
+                text, end = self._take(i)
+                if end:
+                    return text
+                if text:
+                    await self._send(_body(text))
+                continue
+            self._wake = wake = loop.create_future()
+            try:
+                kind, value = await wake
+            finally:
+                self._wake = None
+            if kind == "end":
+                return value
+            if kind == "raise":
+                raise value
+            await _Resumed(*value)  # a send that did not finish at once
+
+    def _ready(self, i: int) -> None:
+        """Stream i got outputs (called on the loop, inside a step's delivery)."""
+        wake = self._wake
+        if wake is None or wake.done():  # the coroutine is busy: it takes them
+            return
+        text, end = self._take(i)
+        if end:
+            wake.set_result(("end", text))
+        elif text:
+            send = self._send(_body(text))
+            try:
+                waiting = send.send(None)
+            except StopIteration:
+                return
+            except Exception as e:  # the client is gone
+                wake.set_result(("raise", e))
+                return
+            wake.set_result(("send", (send, waiting)))
+
+    def _take(self, i: int) -> tuple[str, bool]:
+        """Stream i's next chunk, and whether it ends the response (with last() then)."""
+        stream = self.streams[i]
+        try:
+            text = self.writer.chunk(i, stream.take())
+        except Exception as e:  # the writer's and the engine's errors
+            return sse_error(e, self.request_id), True
+        if stream.done:
+            self._left -= 1
+            if not self._left:
+                return text + self._last(), True
+        return text, False
 
     def _last(self) -> str:
         try:
             return self.writer.last()
         except Exception as e:
             return sse_error(e, self.request_id)
+
+
+def _body(text: str) -> dict:
+    return {"type": "http.response.body", "body": text.encode(), "more_body": True}
+
+
+class _Resumed:
+    """Awaits a coroutine that was started by hand and stopped at `waiting` (what it awaits):
+    the rest of its run, as a task would have run it."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro, waiting):
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self):
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                yield waiting
+            except BaseException as e:  # cancelled (the client went away) while it waited
+                try:
+                    waiting = coro.throw(e)
+                except StopIteration:
+                    return
+                continue
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return
 
 
 async def merge_streams(streams: list[RequestStream]
