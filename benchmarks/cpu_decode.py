@@ -150,10 +150,13 @@ def decode_weight_bytes(model) -> int:
     for m in model.modules():
         if not isinstance(m, Linear):
             continue
-        if isinstance(m.method, Int4CpuMethod):
-            total += m.method.packed.nbytes + m.method.scales_zeros.nbytes
-        elif isinstance(m.method, Int8HeadMethod):
-            total += m.method.q.nbytes + m.method.scale.nbytes
+        held = getattr(m.method, "tensors", None)  # trees before 2026-12-08: packed, q
+        if held is None and isinstance(m.method, Int4CpuMethod):
+            held = (m.method.packed, m.method.scales_zeros)
+        elif held is None and isinstance(m.method, Int8HeadMethod):
+            held = (m.method.q, m.method.scale)
+        if held is not None:
+            total += sum(t.nbytes for t in held)
         else:
             total += m.weight.nbytes
     return total

@@ -268,8 +268,7 @@ def test_profiler_reports_mbu_of_a_real_run(profiled_llm):
     # (~2% here); the 16-bit head (56.6 MB where int8 reads 28.4) would not fit the bound.
     model = profiled_llm.engine.runner.model
     held = sum(t.nbytes for m in model.modules() if isinstance(m, Linear)
-               for t in ((m.method.packed, m.method.scales_zeros) if m.method.name == "int4"
-                         else (m.method.q, m.method.scale)))
+               for t in m.method.tensors)
     assert model.lm_head.method.name == "int8" and held > 0.106e9 * 5 / 8 + 28.3e6
     per_step = s["decode"]["bytes"] / s["decode"]["steps"]
     assert held < per_step < held * 1.03, (per_step, held)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.kernels import cpu_vnni
 from tuili.layers.int4 import Int4Weight, int4_linear, pack
 
 
@@ -53,21 +54,32 @@ UNQUANTIZED = LinearMethod()
 
 
 class Int4CpuMethod(LinearMethod):
-    """The weight also kept packed in 4 bits: torch's int4 CPU kernel reads a quarter of the bytes
-    but does not reuse them across rows, so it serves up to MAX_ROWS rows (decode) and the float
-    weight serves the rest (prefill, batches)."""
+    """The weight also kept packed in 4 bits for steps of up to MAX_ROWS rows (decode); the float
+    weight serves the rest (prefill, batches), as the 4-bit kernels do not reuse the weights
+    across rows. On AVX512-VNNI CPUs the 4-bit GEMV is kernels/cpu_vnni's (activations quantized
+    to int8 with a scale per 16, as llama.cpp's Q4_1 x Q8; 2.3-3.4x torch's int4 kernel on
+    SmolLM2's shapes, BENCHMARKS.md 2026-12-08), else torch's int4 kernel (bf16 activations)."""
 
     name = "int4"
     MAX_ROWS = 4
     fusable = False
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor):
-        self.packed, self.scales_zeros = packed, scales_zeros
+    def __init__(self, w: Int4Weight):
+        self.n, k = w.shape
+        self.vnni = cpu_vnni.module() if cpu_vnni.fits(self.n, k) else None
+        # The tensors the 4-bit kernel reads (their bytes are what a decode step reads).
+        self.tensors = (cpu_vnni.pack_int4(w.q, w.scale, w.zero),) if self.vnni else pack(w)
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M <= MAX_ROWS, K] (bf16) @ the 4-bit weight.T, bias-free."""
+        if self.vnni is not None:
+            return self.vnni.int4_gemv(x.contiguous(), self.tensors[0], self.n)
+        return int4_linear(x, *self.tensors)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.MAX_ROWS:
             return matmul(x, layer.weight, layer.bias)
-        out = int4_linear(x, self.packed, self.scales_zeros)
+        out = self.gemv(x)
         return out if layer.bias is None else out + layer.bias
 
 
@@ -132,7 +144,7 @@ class Linear(nn.Module):
         parts = self._int4_parts
         self._int4_parts = {}
         if parts and len(parts) == len(self.out_sizes):
-            self.method = Int4CpuMethod(*pack(Int4Weight.cat([parts[i] for i in sorted(parts)])))
+            self.method = Int4CpuMethod(Int4Weight.cat([parts[i] for i in sorted(parts)]))
         for part, w in parts.items():
             start = sum(self.out_sizes[:part])
             self.weight.data[start:start + self.out_sizes[part]].copy_(w.dequantize())

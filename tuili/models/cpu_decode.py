@@ -11,22 +11,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuili.kernels import reference
+from tuili.kernels import cpu_vnni, reference
 from tuili.layers.attention import AttentionMetadata, TorchAttention
 from tuili.layers.backend import TorchBackend
 from tuili.layers.linear import Int4CpuMethod
 
-_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 SERIAL_ATTENTION = True  # the attention's small ops on one thread (see CpuDecode.run)
 HISTORY_ROWS = 256  # the kept keys' first capacity per layer (doubled as a sequence grows)
 
 
-def _int4_args(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed, scales_zeros) of a bias-free layer on the int4 CPU method; None otherwise."""
+def _int4_gemv(layer):
+    """The 4-bit GEMV (x -> y) of a bias-free layer on the int4 CPU method; None otherwise."""
     m = layer.method
     if type(m) is not Int4CpuMethod or layer.bias is not None or getattr(layer, "reduces", False):
         return None
-    return m.packed, m.scales_zeros
+    return m.gemv
 
 
 class CpuDecode:
@@ -43,6 +42,9 @@ class CpuDecode:
         # step (a step appends its own). _known: the cache slots they hold, None: none held.
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._known: torch.Tensor | None = None
+        # Per layer (norm weights, packed qkv, o, gate_up, down) for kernels/cpu_vnni's
+        # decode_layer, where every projection is on its 4-bit kernel; None: the torch ops below.
+        self.fused: list[tuple] | None = None
 
     @classmethod
     def build(cls, model, plain: tuple[type, type]) -> CpuDecode | None:
@@ -52,7 +54,7 @@ class CpuDecode:
         tp = getattr(model.embed_tokens, "tp", None)  # other families embed otherwise
         if type(model.backend) is not TorchBackend or tp is None or tp.size != 1:
             return None
-        layers, eps = [], model.norm.eps
+        layers, fused, eps = [], [], model.norm.eps
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (type(layer), type(mlp)) != plain:
@@ -62,22 +64,29 @@ class CpuDecode:
                     or inner.window or inner.local_rope or not inner.rotary
                     or {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}):
                 return None
-            projections = [_int4_args(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+            projections = [_int4_gemv(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                    mlp.down_proj)]
             if None in projections:
                 return None
-            layers.append((layer.input_layernorm.weight, *projections[0], inner, *projections[1],
-                           layer.post_attention_layernorm.weight, *projections[2],
-                           *projections[3]))
+            layers.append((layer.input_layernorm.weight, projections[0], inner, projections[1],
+                           layer.post_attention_layernorm.weight, *projections[2:]))
+            methods = [p.method for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                          mlp.down_proj)]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if all(m.vnni is not None for m in methods) and \
+                    all(w.dtype == torch.bfloat16 for w in norms):
+                fused.append((*norms, *(m.tensors[0] for m in methods)))
         first = model.layers[0].self_attn
-        return cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d,
+        fast = cls(model.embed_tokens.weight, layers, eps, first.nh, first.nkv, first.d,
                    model.layers[0].mlp.gate_up_proj.out_sizes[0])
+        fast.fused = fused if len(fused) == len(layers) else None
+        return fast
 
     def serves(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether the step is one sequence's one decode token that single_decode attends."""
         if input_ids.shape[0] != 1 or meta.num_decodes != 1 or meta.prefills:
             return False
-        inner = self.layers[0][3]
+        inner = self.layers[0][2]
         return TorchAttention.single_decode_slots(inner, meta) is not None
 
     def forget(self) -> None:
@@ -106,7 +115,7 @@ class CpuDecode:
     def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's K and V caches as [slots, kv_heads, d] (made again if the runner binds
         new ones)."""
-        bound = [(layer[3].k_cache, layer[3].v_cache) for layer in self.layers]
+        bound = [(layer[2].k_cache, layer[2].v_cache) for layer in self.layers]
         if self._bound is None or any(a is not b for pair, old in zip(bound, self._bound)
                                       for a, b in zip(pair, old)):
             self._bound = bound
@@ -117,10 +126,38 @@ class CpuDecode:
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden stream [1, hidden] after the last layer (before the final norm)."""
+        caches = self._caches()
+        if self.fused is not None and caches[0][0].dtype == torch.bfloat16:
+            return self._run_fused(input_ids, meta, caches)
+        return self._run_ops(input_ids, meta, caches)
+
+    def _run_fused(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                   caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The step as one C++ call a layer (kernels/cpu_vnni.cpp decode_layer): ~50 torch ops a
+        layer fewer. Its residual stream is float32 (the ops' is 16-bit), its GEMVs' inputs int8."""
+        slots = TorchAttention.single_decode_slots(self.layers[0][2], meta)
+        n = slots.shape[0]
+        if not self._kept(slots):  # the earlier keys from the cache; the step adds its own
+            for (k_cache, v_cache), (k_all, v_all) in zip(caches, self._history):
+                k_all[:n - 1].copy_(k_cache.index_select(0, slots[:-1]))
+                v_all[:n - 1].copy_(v_cache.index_select(0, slots[:-1]))
+        cos, sin = (t.reshape(-1).float() for t in meta.folded_cos_sin)
+        slot, scale = int(meta.slot_mapping[0]), self.layers[0][2].scale
+        layer_step = cpu_vnni.module().decode_layer
+        x = F.embedding(input_ids, self.embed)[0].float()
+        nh, nkv, d, eps, inter = self.nh, self.nkv, self.d, self.eps, self.intermediate
+        for (in_w, post_w, qkv, o, gate_up, down), (k_cache, v_cache), (k_all, v_all) in zip(
+                self.fused, caches, self._history):
+            layer_step(x, in_w, post_w, eps, qkv, o, gate_up, down, cos, sin, k_cache, v_cache,
+                       slot, k_all, v_all, n, scale, nh, nkv, d, inter)
+        return x.to(self.embed.dtype)[None]
+
+    def _run_ops(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         nh, nkv, d, eps = self.nh, self.nkv, self.d, self.eps
         cos, sin = meta.folded_cos_sin
         slot = meta.slot_mapping
-        inner = self.layers[0][3]
+        inner = self.layers[0][2]
         slots = TorchAttention.single_decode_slots(inner, meta)
         half, qk_rows, group, width = d // 2, nh + nkv, nh // nkv, nh + 2 * nkv
         # More threads make the attention's bmm and softmax fork for a few microseconds of work
@@ -131,18 +168,17 @@ class CpuDecode:
         x = F.embedding(input_ids, self.embed)
         dtype = x.dtype
         residual = None
-        caches = self._caches()
         n, inter = slots.shape[0], self.intermediate
         kept = self._kept(slots)
         try:
-            for (in_w, qkv_p, qkv_s, attn, o_p, o_s, post_w, gu_p, gu_s, down_p, down_s), \
+            for (in_w, qkv_proj, attn, o_proj, post_w, gate_up, down), \
                     (k_cache, v_cache), (k_all, v_all) in zip(self.layers, caches, self._history):
                 x = x if residual is None else x + residual
                 residual = x
                 # reference.rms_norm's ops (its mean is a sum and a division, as aten's is)
                 h = x.float()
                 h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-                qkv = _int4(in_w * h.to(dtype), qkv_p, 32, qkv_s).view(1, width, d)
+                qkv = qkv_proj(in_w * h.to(dtype)).view(1, width, d)
                 qk = qkv[:, :qk_rows]
                 qk = qk * cos + qk.roll(half, -1) * sin
                 if one:
@@ -162,13 +198,13 @@ class CpuDecode:
                 out = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
                 if one:
                     torch.set_num_threads(threads)
-                x = _int4(out.view(1, nh * d).to(dtype), o_p, 32, o_s)
+                x = o_proj(out.view(1, nh * d).to(dtype))
                 x = x + residual
                 residual = x
                 h = x.float()
                 h.mul_((h * h).sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_())
-                gu = _int4(post_w * h.to(dtype), gu_p, 32, gu_s)
-                x = _int4(F.silu(gu[:, :inter]) * gu[:, inter:], down_p, 32, down_s)
+                gu = gate_up(post_w * h.to(dtype))
+                x = down(F.silu(gu[:, :inter]) * gu[:, inter:])
         finally:  # however the step ends, the threads it began with
             if one:
                 torch.set_num_threads(threads)
