@@ -79,10 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_launched_rank(args: argparse.Namespace) -> bool:
     """Under torchrun (RANK set), ranks > 0 of a tensor-parallel engine serve rank 0's steps
     instead of running the command; True once such a rank is done."""
+    if getattr(args, "tensor_parallel_size", 1) <= 1:
+        return False  # no engine of several ranks (the router, say): torch is not imported
     from tuili.distributed.launch import env_rank
 
     launched = env_rank()
-    if launched is None or launched[0] == 0 or getattr(args, "tensor_parallel_size", 1) <= 1:
+    if launched is None or launched[0] == 0:
         return False
     from tuili.config import EngineConfig
     from tuili.distributed.worker import launched_rank_main

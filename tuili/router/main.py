@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 
@@ -58,5 +59,8 @@ def run(args: argparse.Namespace) -> None:
     router = Router(config)
     log.info("router on http://%s:%d over %d workers (%s); API key %s", args.host, args.port,
              len(config.workers), ", ".join(config.workers), "required" if keys else "off")
-    uvicorn.run(build_app(router, keys, args.max_body_bytes), host=args.host, port=args.port,
+    app = build_app(router, keys, args.max_body_bytes)
+    gc.collect()
+    gc.freeze()  # what start-up built is never garbage: collections skip it (as the server's do)
+    uvicorn.run(app, host=args.host, port=args.port,
                 log_level="info", access_log=False)
