@@ -32,25 +32,31 @@ def nan(*shape):
     return torch.full(shape, float("nan"))
 
 
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("fusion", ["norm", "norm+gated+sumsq", "bias+residual"])
-@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
-def test_gemv_fusions(m, fusion, config):
-    torch.manual_seed(m)
-    n, k = 48, 100
+def fusion_case(m: int, n: int, k: int, fusion: str):
+    """(x, w, bias, residual, norm weight, the producer's sums or None, gated) for the fusions
+    named in `fusion`, and the torch reference of the fused GEMV."""
     gated = "gated" in fusion
     x = torch.randn(m, k)
     w = torch.randn(2 * n if gated else n, k) * k ** -0.5
     norm_w = torch.rand(k) + 0.5 if "norm" in fusion else None
     bias = torch.randn(n) if "bias" in fusion else None
     res = torch.randn(m, n) if "residual" in fusion else None
-    sumsq = x.pow(2).sum(1, keepdim=True) if "sumsq" in fusion else None
-    out = nan(m, n)
-    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config, out=out, sumsq=sumsq)
+    sumsq = x.pow(2).sum(1, keepdim=True) if "sumsq" in fusion and "out" not in fusion else None
     ref = reference.rms_norm(x, norm_w, 1e-5) if norm_w is not None else x
     ref = torch.nn.functional.linear(ref, w, bias)
     ref = reference.silu_and_mul(ref) if gated else ref
     ref = ref + res if res is not None else ref
+    return (x, w, bias, res, norm_w, sumsq, gated), ref
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("fusion", ["norm", "norm+gated+sumsq", "bias+residual"])
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_gemv_fusions(m, fusion, config):
+    torch.manual_seed(m)
+    (x, w, bias, res, norm_w, sumsq, gated), ref = fusion_case(m, 48, 100, fusion)
+    out = nan(m, 48)
+    triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config, out=out, sumsq=sumsq)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -63,23 +69,13 @@ def test_persistent_gemv(monkeypatch, m, fusion, use_dot):
     program, add up to the output's."""
     monkeypatch.setattr(triton_gemv, "num_sms", lambda device: 3)
     torch.manual_seed(m + 7)
-    n, k = 46 if not use_dot else 200, 100  # 23 or 13 tiles over 6 programs
-    gated = "gated" in fusion
-    x = torch.randn(m, k)
-    w = torch.randn(2 * n if gated else n, k) * k ** -0.5
-    norm_w = torch.rand(k) + 0.5 if "norm" in fusion else None
-    bias = torch.randn(n) if "bias" in fusion else None
-    res = torch.randn(m, n) if "residual" in fusion else None
-    sumsq = x.pow(2).sum(1, keepdim=True) if "sumsq" in fusion and "out" not in fusion else None
+    n = 46 if not use_dot else 200  # 23 or 13 tiles over 6 programs
+    (x, w, bias, res, norm_w, sumsq, gated), ref = fusion_case(m, n, 100, fusion)
     config = GemvConfig(block_n=2 if not use_dot else 16, block_k=128, use_dot=use_dot,
                         programs_per_sm=2)
     out = nan(m, n)
     got = triton_gemv.gemv(x, w, bias, res, norm_w, 1e-5, gated, config, out=out, sumsq=sumsq,
                            want_sumsq="sumsq_out" in fusion)
-    ref = reference.rms_norm(x, norm_w, 1e-5) if norm_w is not None else x
-    ref = torch.nn.functional.linear(ref, w, bias)
-    ref = reference.silu_and_mul(ref) if gated else ref
-    ref = ref + res if res is not None else ref
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     if "sumsq_out" in fusion:
         parts = got[1]
